@@ -1,0 +1,219 @@
+//! Database connection, migrations and the few helpers that let one SQL text
+//! run on both backends.
+//!
+//! The services keep their SQL as plain text with `?` placeholders. Where the
+//! two dialects agree (most statements), the same text runs on both pools via
+//! [`on_db!`]; the body is compiled once per backend, so every type used in it
+//! must encode and decode on both.
+
+use std::{path::Path, str::FromStr, time::Duration};
+
+use anyhow::Context as _;
+use sqlx::{
+    MySql, Pool, Sqlite, Transaction,
+    mysql::{MySqlConnectOptions, MySqlPoolOptions, MySqlQueryResult},
+    sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteQueryResult},
+};
+
+/// The default store: a SQLite file created on first start.
+pub const DEFAULT_DATABASE_URL: &str = "sqlite://storegate-data/storegate.db";
+
+static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+static MYSQL_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/mysql");
+
+/// A connection pool on one of the two supported backends.
+#[derive(Clone, Debug)]
+pub enum Db {
+    Sqlite(Pool<Sqlite>),
+    MySql(Pool<MySql>),
+}
+
+/// Runs `$body` with `$pool` bound to the backend's typed pool.
+///
+/// ```ignore
+/// let n: i64 = on_db!(&self.db, pool => sqlx::query_scalar("SELECT COUNT(*) FROM products").fetch_one(pool).await)?;
+/// ```
+#[macro_export]
+macro_rules! on_db {
+    ($db:expr, $pool:ident => $body:expr) => {
+        match $db {
+            $crate::db::Db::Sqlite($pool) => $body,
+            $crate::db::Db::MySql($pool) => $body,
+        }
+    };
+}
+
+/// Which SQL dialect a [`Db`] speaks, for the few statements that differ.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    MySql,
+}
+
+impl Db {
+    pub fn backend(&self) -> Backend {
+        match self {
+            Db::Sqlite(_) => Backend::Sqlite,
+            Db::MySql(_) => Backend::MySql,
+        }
+    }
+
+    /// Opens a pool for `url` (`sqlite://…` or `mysql://…`), creating the
+    /// SQLite file and its folder if needed. Does not migrate.
+    pub async fn connect(url: &str) -> anyhow::Result<Db> {
+        if url.starts_with("sqlite:") {
+            let options = SqliteConnectOptions::from_str(url)
+                .context("DATABASE_URL is not a valid sqlite URL")?
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                // Both services may write the same file; wait for the lock
+                // instead of failing at once.
+                .busy_timeout(Duration::from_secs(10))
+                .foreign_keys(true);
+            if let Some(folder) = options.get_filename().parent() {
+                if !folder.as_os_str().is_empty() {
+                    std::fs::create_dir_all(folder).with_context(|| {
+                        format!("cannot create the database folder {}", folder.display())
+                    })?;
+                }
+            }
+            let pool = SqlitePoolOptions::new()
+                .max_connections(8)
+                .acquire_timeout(Duration::from_secs(10))
+                .connect_with(options)
+                .await
+                .context("cannot open the SQLite database")?;
+            Ok(Db::Sqlite(pool))
+        } else if url.starts_with("mysql:") || url.starts_with("mariadb:") {
+            let url = url.replacen("mariadb:", "mysql:", 1);
+            let options = MySqlConnectOptions::from_str(&url)
+                .context("DATABASE_URL is not a valid mysql URL")?
+                .charset("utf8mb4");
+            let pool = MySqlPoolOptions::new()
+                .max_connections(16)
+                .acquire_timeout(Duration::from_secs(5))
+                .connect_with(options)
+                .await
+                .context("cannot connect to MySQL")?;
+            Ok(Db::MySql(pool))
+        } else {
+            anyhow::bail!("DATABASE_URL must start with sqlite:// or mysql://")
+        }
+    }
+
+    /// Brings the schema up to date. Safe when several processes start at
+    /// once: MySQL migrations hold a server-side lock, SQLite ones an
+    /// exclusive lock on a file beside the database.
+    pub async fn migrate(&self) -> anyhow::Result<()> {
+        match self {
+            Db::MySql(pool) => MYSQL_MIGRATIONS.run(pool).await?,
+            Db::Sqlite(pool) => {
+                let lock = self.sqlite_lock_file().await?;
+                let result = SQLITE_MIGRATIONS.run(pool).await;
+                drop(lock);
+                result?
+            }
+        }
+        Ok(())
+    }
+
+    /// The SQLite file's path, if this is a file-backed SQLite database.
+    pub async fn sqlite_path(&self) -> Option<std::path::PathBuf> {
+        let Db::Sqlite(pool) = self else { return None };
+        let path: String = sqlx::query_scalar("SELECT file FROM pragma_database_list WHERE name = 'main'")
+            .fetch_one(pool)
+            .await
+            .ok()?;
+        (!path.is_empty()).then(|| path.into())
+    }
+
+    async fn sqlite_lock_file(&self) -> anyhow::Result<Option<std::fs::File>> {
+        let Some(path) = self.sqlite_path().await else { return Ok(None) };
+        let lock_path = path.with_extension("migrate.lock");
+        tokio::task::spawn_blocking(move || -> anyhow::Result<Option<std::fs::File>> {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&lock_path)
+                .with_context(|| format!("cannot open {}", lock_path.display()))?;
+            file.lock().context("cannot lock the migration lock file")?;
+            Ok(Some(file))
+        })
+        .await?
+    }
+
+    /// Opens and migrates: what every service does at start-up.
+    pub async fn open(url: &str) -> anyhow::Result<Db> {
+        let db = Db::connect(url).await?;
+        db.migrate().await.context("database migration failed")?;
+        Ok(db)
+    }
+
+    pub async fn close(&self) {
+        on_db!(self, pool => pool.close().await)
+    }
+}
+
+/// Starting a transaction that will write. SQLite's default `BEGIN` takes the
+/// write lock only at the first write, and a reader that later writes can fail
+/// at once with SQLITE_BUSY; `BEGIN IMMEDIATE` waits for the lock up front.
+pub trait BeginWrite {
+    type Database: sqlx::Database;
+    fn begin_write(
+        &self,
+    ) -> impl Future<Output = Result<Transaction<'static, Self::Database>, sqlx::Error>> + Send;
+}
+
+impl BeginWrite for Pool<Sqlite> {
+    type Database = Sqlite;
+    async fn begin_write(&self) -> Result<Transaction<'static, Sqlite>, sqlx::Error> {
+        self.begin_with("BEGIN IMMEDIATE").await
+    }
+}
+
+impl BeginWrite for Pool<MySql> {
+    type Database = MySql;
+    async fn begin_write(&self) -> Result<Transaction<'static, MySql>, sqlx::Error> {
+        self.begin().await
+    }
+}
+
+/// The id an INSERT assigned, the same way on both backends (MySQL has no
+/// `RETURNING`).
+pub trait InsertId {
+    fn insert_id(&self) -> i64;
+}
+
+impl InsertId for SqliteQueryResult {
+    fn insert_id(&self) -> i64 {
+        self.last_insert_rowid()
+    }
+}
+
+impl InsertId for MySqlQueryResult {
+    fn insert_id(&self) -> i64 {
+        // AUTO_INCREMENT ids are BIGINT columns, so this always fits.
+        i64::try_from(self.last_insert_id()).unwrap_or(i64::MAX)
+    }
+}
+
+/// True when `err` is a unique-key violation (MySQL does not fill in the
+/// constraint name, so callers cannot rely on it).
+pub fn is_unique_violation(err: &sqlx::Error) -> bool {
+    err.as_database_error()
+        .is_some_and(|e| e.is_unique_violation())
+}
+
+/// True when `url` names the embedded SQLite backend.
+pub fn is_sqlite_url(url: &str) -> bool {
+    url.starts_with("sqlite:")
+}
+
+/// The folder beside the SQLite database, where dev-only files (such as a
+/// generated master key) are kept.
+pub fn sqlite_data_dir(url: &str) -> Option<std::path::PathBuf> {
+    let options = SqliteConnectOptions::from_str(url).ok()?;
+    let parent = options.get_filename().parent()?;
+    Some(if parent.as_os_str().is_empty() { Path::new(".").to_path_buf() } else { parent.to_path_buf() })
+}

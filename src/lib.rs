@@ -1,0 +1,32 @@
+//! storegate's root library: the generated gRPC stubs, and the code both
+//! services share (token claims and verification, database access, errors,
+//! server plumbing, configuration and telemetry).
+
+pub mod config;
+pub mod db;
+pub mod error;
+mod redact;
+pub mod server;
+pub mod telemetry;
+pub mod token;
+
+/// Generated code for `proto/storegate/**`.
+pub mod pb {
+    pub mod auth {
+        pub mod v1 {
+            tonic::include_proto!("storegate.auth.v1");
+        }
+    }
+    pub mod product {
+        pub mod v1 {
+            tonic::include_proto!("storegate.product.v1");
+        }
+    }
+
+    /// Every storegate .proto file and its imports, for server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/storegate_descriptor.bin"));
+}
+
+pub use db::Db;
+pub use error::ApiError;

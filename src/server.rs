@@ -1,0 +1,113 @@
+//! What every storegate server has besides its own service: health checks,
+//! server reflection (v1 and v1alpha), gRPC-Web with CORS, and graceful
+//! shutdown on a signal.
+
+use std::future::Future;
+
+use http::{HeaderName, HeaderValue, Method};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::service::{Routes, RoutesBuilder};
+use tonic_health::server::HealthReporter;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+
+use crate::pb::FILE_DESCRIPTOR_SET;
+
+/// The routes every server starts from: health and reflection. The caller
+/// adds its own service and marks it serving on the returned reporter.
+pub fn base_routes() -> anyhow::Result<(RoutesBuilder, HealthReporter)> {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+    let mut routes = Routes::builder();
+    routes.add_service(health).add_service(reflection_v1).add_service(reflection_v1alpha);
+    Ok((routes, reporter))
+}
+
+/// The CORS policy for gRPC-Web callers: only the configured origins (none
+/// by default), only POST, and the headers gRPC-Web needs.
+fn cors_layer(allowed_origins: &[String]) -> CorsLayer {
+    let origins: Vec<HeaderValue> = allowed_origins
+        .iter()
+        .map(|o| o.trim())
+        .filter(|o| !o.is_empty() && *o != "*")
+        .filter_map(|o| HeaderValue::from_str(o).ok())
+        .collect();
+    let allow_origin = if allowed_origins.iter().any(|o| o.trim() == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins)
+    };
+    let header = HeaderName::from_static;
+    CorsLayer::new()
+        .allow_origin(allow_origin)
+        .allow_methods([Method::POST, Method::OPTIONS])
+        .allow_headers([
+            header("content-type"),
+            header("authorization"),
+            header("x-grpc-web"),
+            header("x-user-agent"),
+            header("grpc-timeout"),
+        ])
+        .expose_headers([
+            header("grpc-status"),
+            header("grpc-message"),
+            header("grpc-status-details-bin"),
+        ])
+        .max_age(std::time::Duration::from_secs(24 * 60 * 60))
+}
+
+/// Serves `routes` on `listener` (gRPC over HTTP/2, gRPC-Web over HTTP/1.1)
+/// until `shutdown` completes, then lets in-flight calls finish.
+pub async fn serve(
+    routes: RoutesBuilder,
+    listener: TcpListener,
+    cors_allowed_origins: &[String],
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    tonic::transport::Server::builder()
+        .accept_http1(true)
+        .layer(cors_layer(cors_allowed_origins))
+        .layer(tonic_web::GrpcWebLayer::new())
+        .add_routes(routes.routes())
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await?;
+    Ok(())
+}
+
+/// Completes on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+    tracing::info!("shutdown signal received; finishing in-flight calls");
+}
+
+/// Binds `addr`, with the address in the error when it is taken.
+pub async fn bind(addr: &str) -> anyhow::Result<TcpListener> {
+    use anyhow::Context as _;
+    TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))
+}
