@@ -1,1 +1,109 @@
+//! auth-service: accounts, argon2id passwords, TOTP two-factor login and the
+//! EdDSA access tokens it issues. `main.rs` only parses flags and calls
+//! [`run`] or one of the admin commands.
 
+pub mod config;
+pub mod crypto;
+pub mod domain;
+pub mod keys;
+pub mod password;
+pub mod service;
+pub mod store;
+pub mod totp;
+
+use std::{future::Future, time::Duration};
+
+use anyhow::Context as _;
+use storegate::{Db, db, pb::auth::v1::auth_service_server::AuthServiceServer};
+use tokio::net::TcpListener;
+
+pub use config::AuthConfig;
+use crypto::MasterKey;
+use keys::SigningKeys;
+use password::PasswordHasher;
+use service::{AuthApi, AuthState};
+use store::AuthStore;
+
+/// Largest request accepted: far above any legitimate auth call, far below
+/// what could cost memory.
+const MAX_REQUEST_BYTES: usize = 64 * 1024;
+const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Opens the database (migrating it), the master key and the signing keys.
+pub async fn open_state(config: &AuthConfig) -> anyhow::Result<AuthState> {
+    let url = &config.common.database_url;
+    let db = Db::open(url).await?;
+    let dev_key_dir = if db::is_sqlite_url(url) { db::sqlite_data_dir(url) } else { None };
+    let master_key = MasterKey::load(config.master_key.as_ref(), dev_key_dir.as_deref())?;
+    let store = AuthStore::new(db);
+    let keys = SigningKeys::load(store.clone(), master_key.clone()).await?;
+    let hasher = tokio::task::spawn_blocking(PasswordHasher::new).await??;
+    Ok(AuthState {
+        store,
+        hasher,
+        keys,
+        master_key,
+        issuer: config.common.jwt_issuer.clone(),
+        audience: config.common.jwt_audience.clone(),
+        totp_issuer: config.totp_issuer.clone(),
+    })
+}
+
+/// Serves AuthService (with health, reflection and gRPC-Web) on `listener`
+/// until `shutdown` completes.
+pub async fn run(
+    config: AuthConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    let state = open_state(&config).await?;
+    let sweeper = tokio::spawn(sweep_expired(state.store.clone()));
+
+    let (mut routes, health) = storegate::server::base_routes()?;
+    routes.add_service(
+        AuthServiceServer::new(AuthApi::new(state.clone())).max_decoding_message_size(MAX_REQUEST_BYTES),
+    );
+    health.set_serving::<AuthServiceServer<AuthApi>>().await;
+    tracing::info!(addr = %listener.local_addr()?, "auth-service listening");
+    let served = storegate::server::serve(routes, listener, &config.common.cors_allowed_origins, shutdown).await;
+
+    sweeper.abort();
+    state.store.db().close().await;
+    served
+}
+
+/// Deletes expired tickets and refresh tokens now and then; correctness
+/// never depends on it (every query checks expiry), only table size.
+async fn sweep_expired(store: AuthStore) {
+    let mut interval = tokio::time::interval(SWEEP_INTERVAL);
+    loop {
+        interval.tick().await;
+        if let Err(e) = store.sweep_expired(chrono::Utc::now()).await {
+            tracing::warn!(error = %e, "sweeping expired tickets failed");
+        }
+    }
+}
+
+/// `auth-service grant-role <username> <role>`.
+pub async fn grant_role(config: &AuthConfig, username: &str, role: &str) -> anyhow::Result<()> {
+    let role = role.trim();
+    anyhow::ensure!(
+        !role.is_empty() && role.len() <= 32 && role.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-'),
+        "a role is 1 to 32 characters of a-z, 0-9, '_' and '-'"
+    );
+    let username = domain::Username::parse(username).map_err(|v| anyhow::anyhow!("username {}", v.description))?;
+    let store = AuthStore::new(Db::open(&config.common.database_url).await?);
+    let user_id = store
+        .user_id_by_name(username.as_str())
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .with_context(|| format!("no user named {}", username.as_str()))?;
+    let granted = store.grant_role(user_id, role).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    if granted {
+        println!("granted role {role} to {}; it is in their next access token", username.as_str());
+    } else {
+        println!("{} already has role {role}", username.as_str());
+    }
+    store.db().close().await;
+    Ok(())
+}

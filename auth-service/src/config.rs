@@ -1,0 +1,39 @@
+//! auth-service settings: flags with environment fallbacks.
+
+use secrecy::SecretString;
+use storegate::config::CommonConfig;
+
+pub const DEFAULT_LISTEN_ADDR: &str = "127.0.0.1:50051";
+
+/// Deliberately not `Debug`: it holds the master key and the database URL.
+#[derive(clap::Args, Clone)]
+pub struct AuthConfig {
+    #[command(flatten)]
+    pub common: CommonConfig,
+
+    /// Where the gRPC (and gRPC-Web) server listens.
+    #[arg(long, env = "AUTH_LISTEN_ADDR", default_value = DEFAULT_LISTEN_ADDR)]
+    pub listen_addr: String,
+
+    /// base64 of 32 random bytes; encrypts TOTP secrets and signing keys at
+    /// rest. Required with MySQL; with SQLite a development key is created
+    /// beside the database when it is missing.
+    #[arg(long, env = "STOREGATE_MASTER_KEY", hide_env_values = true)]
+    pub master_key: Option<SecretString>,
+
+    /// The issuer name authenticator apps show next to the account.
+    #[arg(long, env = "TOTP_ISSUER", default_value = "storegate")]
+    pub totp_issuer: String,
+}
+
+impl AuthConfig {
+    /// Defaults on the given database (for tests and embedding).
+    pub fn with_database_url(database_url: impl Into<String>) -> Self {
+        AuthConfig {
+            common: CommonConfig::with_database_url(database_url),
+            listen_addr: DEFAULT_LISTEN_ADDR.to_owned(),
+            master_key: None,
+            totp_issuer: "storegate".to_owned(),
+        }
+    }
+}

@@ -1,0 +1,177 @@
+//! Secrets at rest: AES-256-GCM under the master key, and the random values
+//! (tickets, refresh tokens) the service hands out.
+
+use std::path::Path;
+
+use aes_gcm::{
+    Aes256Gcm, KeyInit as _, Nonce,
+    aead::{Aead as _, Payload},
+};
+use anyhow::{Context as _, bail};
+use base64::{Engine as _, engine::general_purpose::STANDARD, engine::general_purpose::URL_SAFE_NO_PAD};
+use rand::RngCore as _;
+use secrecy::{ExposeSecret as _, SecretString};
+use sha2::{Digest as _, Sha256};
+
+const NONCE_LEN: usize = 12;
+
+/// The key that encrypts TOTP secrets and private signing keys.
+#[derive(Clone)]
+pub struct MasterKey {
+    cipher: Aes256Gcm,
+}
+
+impl std::fmt::Debug for MasterKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MasterKey(<redacted>)")
+    }
+}
+
+impl MasterKey {
+    /// Parses base64 of exactly 32 bytes.
+    pub fn from_base64(encoded: &str) -> anyhow::Result<Self> {
+        let bytes = STANDARD
+            .decode(encoded.trim())
+            .context("STOREGATE_MASTER_KEY is not valid base64")?;
+        if bytes.len() != 32 {
+            bail!("STOREGATE_MASTER_KEY must be base64 of exactly 32 bytes, got {}", bytes.len());
+        }
+        Ok(MasterKey { cipher: Aes256Gcm::new_from_slice(&bytes)? })
+    }
+
+    /// A fresh random key, base64 encoded.
+    pub fn generate_base64() -> String {
+        STANDARD.encode(random_bytes::<32>())
+    }
+
+    /// The configured key, or for the SQLite development default, the key in
+    /// `master.key` beside the database (created on first start).
+    pub fn load(configured: Option<&SecretString>, dev_key_dir: Option<&Path>) -> anyhow::Result<Self> {
+        if let Some(key) = configured {
+            return Self::from_base64(key.expose_secret());
+        }
+        let Some(dir) = dev_key_dir else {
+            bail!(
+                "STOREGATE_MASTER_KEY is required with MySQL: set it to base64 of 32 random \
+                 bytes (e.g. `openssl rand -base64 32`) and keep it safe"
+            );
+        };
+        let path = dir.join("master.key");
+        if path.exists() {
+            let encoded = std::fs::read_to_string(&path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            return Self::from_base64(&encoded)
+                .with_context(|| format!("{} is not a valid master key", path.display()));
+        }
+        std::fs::create_dir_all(dir)?;
+        let encoded = Self::generate_base64();
+        write_private_file(&path, encoded.as_bytes())?;
+        tracing::warn!(
+            path = %path.display(),
+            "no STOREGATE_MASTER_KEY configured: created a development master key; \
+             set STOREGATE_MASTER_KEY for anything beyond local use"
+        );
+        Self::from_base64(&encoded)
+    }
+
+    /// nonce || ciphertext || tag; `context` binds the ciphertext to its row
+    /// so that it cannot be moved to another one.
+    pub fn encrypt(&self, plaintext: &[u8], context: &str) -> anyhow::Result<Vec<u8>> {
+        let nonce_bytes = random_bytes::<NONCE_LEN>();
+        let ciphertext = self
+            .cipher
+            .encrypt(Nonce::from_slice(&nonce_bytes), Payload { msg: plaintext, aad: context.as_bytes() })
+            .map_err(|_| anyhow::anyhow!("encryption failed"))?;
+        let mut sealed = nonce_bytes.to_vec();
+        sealed.extend_from_slice(&ciphertext);
+        Ok(sealed)
+    }
+
+    pub fn decrypt(&self, sealed: &[u8], context: &str) -> Result<Vec<u8>, WrongKey> {
+        if sealed.len() < NONCE_LEN {
+            return Err(WrongKey);
+        }
+        let (nonce, ciphertext) = sealed.split_at(NONCE_LEN);
+        self.cipher
+            .decrypt(Nonce::from_slice(nonce), Payload { msg: ciphertext, aad: context.as_bytes() })
+            .map_err(|_| WrongKey)
+    }
+}
+
+/// A ciphertext did not open: the master key differs from the one that
+/// sealed it, or the data was changed.
+#[derive(Debug, thiserror::Error)]
+#[error("stored secret cannot be decrypted with the configured master key")]
+pub struct WrongKey;
+
+fn write_private_file(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        options.mode(0o600);
+    }
+    let mut file = options.open(path).with_context(|| format!("cannot create {}", path.display()))?;
+    file.write_all(contents)?;
+    Ok(())
+}
+
+pub fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut bytes = [0u8; N];
+    rand::rngs::OsRng.fill_bytes(&mut bytes);
+    bytes
+}
+
+/// A random opaque token (256 bits, base64url) for tickets and refresh tokens.
+pub fn random_token() -> String {
+    URL_SAFE_NO_PAD.encode(random_bytes::<32>())
+}
+
+/// How tickets and refresh tokens are stored: only their SHA-256, so a
+/// database dump does not hand out live credentials. The tokens are 256-bit
+/// random values, so a fast hash is enough.
+pub fn token_hash(token: &str) -> Vec<u8> {
+    Sha256::digest(token.as_bytes()).to_vec()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sealed_secrets_open_only_with_the_same_key_and_context() {
+        let key = MasterKey::from_base64(&MasterKey::generate_base64()).unwrap();
+        let sealed = key.encrypt(b"secret bytes", "totp:1").unwrap();
+        assert!(!sealed.windows(12).any(|w| w == b"secret bytes"));
+        assert_eq!(key.decrypt(&sealed, "totp:1").unwrap(), b"secret bytes");
+        assert!(key.decrypt(&sealed, "totp:2").is_err(), "moved to another row");
+        let other = MasterKey::from_base64(&MasterKey::generate_base64()).unwrap();
+        assert!(other.decrypt(&sealed, "totp:1").is_err(), "another master key");
+    }
+
+    #[test]
+    fn master_keys_must_be_32_bytes_of_base64() {
+        assert!(MasterKey::from_base64("not base64!").is_err());
+        assert!(MasterKey::from_base64(&STANDARD.encode([0u8; 16])).is_err());
+        assert!(MasterKey::from_base64(&STANDARD.encode([0u8; 32])).is_ok());
+    }
+
+    #[test]
+    fn without_a_configured_key_mysql_refuses_and_sqlite_creates_one_once() {
+        assert!(MasterKey::load(None, None).is_err());
+        let dir = std::env::temp_dir().join(format!("storegate-key-{}", random_token()));
+        let first = MasterKey::load(None, Some(&dir)).unwrap();
+        let second = MasterKey::load(None, Some(&dir)).unwrap();
+        let sealed = first.encrypt(b"x", "c").unwrap();
+        assert_eq!(second.decrypt(&sealed, "c").unwrap(), b"x");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            let mode = std::fs::metadata(dir.join("master.key")).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

@@ -1,0 +1,134 @@
+//! The Ed25519 keys that sign access tokens.
+//!
+//! Keys live in the database (private halves sealed with the master key), so
+//! every replica signs with the same key and publishes the same set. The
+//! first start creates one. Key ids are RFC 7638 thumbprints of the public key.
+
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
+use chrono::{DateTime, Utc};
+use ed25519_dalek::{SigningKey, pkcs8::EncodePrivateKey as _};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use sha2::{Digest as _, Sha256};
+use storegate::token::{ACCESS_TOKEN_TYPE, Claims, Jwks, PublicJwk};
+use tokio::sync::RwLock;
+
+use crate::crypto::MasterKey;
+use crate::store::{AuthStore, StoredSigningKey};
+
+/// A key that signs tokens.
+struct Signer {
+    kid: String,
+    key: EncodingKey,
+}
+
+/// The signing key in use, and the published set.
+#[derive(Clone)]
+pub struct SigningKeys {
+    store: AuthStore,
+    master_key: MasterKey,
+    signer: Arc<RwLock<Arc<Signer>>>,
+}
+
+fn seal_context(kid: &str) -> String {
+    format!("signing_key:{kid}")
+}
+
+/// The RFC 7638 thumbprint of an Ed25519 public key.
+fn thumbprint(public_key: &[u8; 32]) -> String {
+    let canonical = format!(
+        r#"{{"crv":"Ed25519","kty":"OKP","x":"{}"}}"#,
+        URL_SAFE_NO_PAD.encode(public_key)
+    );
+    URL_SAFE_NO_PAD.encode(Sha256::digest(canonical.as_bytes()))
+}
+
+fn public_key_bytes(stored: &StoredSigningKey) -> Option<[u8; 32]> {
+    stored.public_key.as_slice().try_into().ok()
+}
+
+impl SigningKeys {
+    /// Loads the signing key, creating the first one if the database has
+    /// none. Fails clearly when the master key cannot open it.
+    pub async fn load(store: AuthStore, master_key: MasterKey) -> anyhow::Result<Self> {
+        let now = Utc::now();
+        let stored = match store.current_signing_key(now).await? {
+            Some(stored) => stored,
+            None => {
+                Self::create_key(&store, &master_key, now, now).await?;
+                store
+                    .current_signing_key(now)
+                    .await?
+                    .context("the new signing key was not found after it was stored")?
+            }
+        };
+        let signer = Self::open(&master_key, &stored)?;
+        Ok(SigningKeys { store, master_key, signer: Arc::new(RwLock::new(Arc::new(signer))) })
+    }
+
+    /// Generates a key pair and stores it, usable for signing from `active_at`.
+    pub async fn create_key(
+        store: &AuthStore,
+        master_key: &MasterKey,
+        now: DateTime<Utc>,
+        active_at: DateTime<Utc>,
+    ) -> anyhow::Result<String> {
+        let signing_key = SigningKey::generate(&mut rand::rngs::OsRng);
+        let public_key = signing_key.verifying_key().to_bytes();
+        let kid = thumbprint(&public_key);
+        let pkcs8 = signing_key.to_pkcs8_der().context("cannot encode the signing key")?;
+        let sealed = master_key.encrypt(pkcs8.as_bytes(), &seal_context(&kid))?;
+        store
+            .insert_signing_key(&StoredSigningKey { kid: kid.clone(), public_key: public_key.to_vec(), private_key: sealed }, now, active_at)
+            .await?;
+        tracing::info!(kid, "created a signing key");
+        Ok(kid)
+    }
+
+    fn open(master_key: &MasterKey, stored: &StoredSigningKey) -> anyhow::Result<Signer> {
+        let pkcs8 = master_key.decrypt(&stored.private_key, &seal_context(&stored.kid)).context(
+            "the signing key in the database cannot be decrypted: STOREGATE_MASTER_KEY is not \
+             the key this database was set up with",
+        )?;
+        Ok(Signer { kid: stored.kid.clone(), key: EncodingKey::from_ed_der(&pkcs8) })
+    }
+
+    /// Signs `claims` as an access token with the current key.
+    pub async fn sign(&self, claims: &Claims) -> anyhow::Result<String> {
+        let signer = self.signer.read().await.clone();
+        let mut header = Header::new(Algorithm::EdDSA);
+        header.typ = Some(ACCESS_TOKEN_TYPE.to_owned());
+        header.kid = Some(signer.kid.clone());
+        jsonwebtoken::encode(&header, claims, &signer.key).context("cannot sign the access token")
+    }
+
+    /// The published public keys as a JWK Set.
+    pub async fn jwks(&self) -> Result<Jwks, sqlx::Error> {
+        let keys = self.store.published_signing_keys(Utc::now()).await?;
+        Ok(Jwks {
+            keys: keys
+                .iter()
+                .filter_map(|k| Some(PublicJwk::ed25519(&k.kid, &public_key_bytes(k)?)))
+                .collect(),
+        })
+    }
+
+    pub fn master_key(&self) -> &MasterKey {
+        &self.master_key
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thumbprints_follow_rfc_7638() {
+        // RFC 8037 Appendix A.3: the thumbprint of the A.2 public key.
+        let x = URL_SAFE_NO_PAD.decode("11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo").unwrap();
+        let x: [u8; 32] = x.try_into().unwrap();
+        assert_eq!(thumbprint(&x), "kPrK_qmxVWaYVA9wwBF6Iuo3vVzz7TxHCTwXBygrS4k");
+    }
+}

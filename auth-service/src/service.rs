@@ -1,0 +1,229 @@
+//! The AuthService gRPC API: validate → store → map.
+
+use chrono::{Duration, Utc};
+use storegate::{
+    ApiError,
+    pb::auth::v1::{
+        BeginLoginRequest, BeginLoginResponse, CompleteLoginRequest, CompleteLoginResponse,
+        GetJwksRequest, GetJwksResponse, RegisterRequest, RegisterResponse, TotpEnrollment,
+        auth_service_server::AuthService,
+    },
+    token::{ACCESS_TOKEN_TTL_SECS, Claims},
+};
+use tonic::{Request, Response, Status};
+
+use crate::{
+    crypto::{MasterKey, random_bytes, random_token, token_hash},
+    domain::{Username, check_new_password, password_length_ok},
+    keys::SigningKeys,
+    password::PasswordHasher,
+    store::{AuthStore, CompleteLoginRefused, NewRefreshToken},
+    totp,
+};
+
+/// How long a login ticket may wait for its code.
+pub const TICKET_TTL_SECS: i64 = 5 * 60;
+/// How long a refresh token lives.
+pub const REFRESH_TOKEN_TTL_DAYS: i64 = 30;
+
+const BAD_CREDENTIALS: &str = "invalid username or password";
+const BAD_TICKET: &str = "login ticket is invalid or expired; start the login again";
+const BAD_CODE: &str = "invalid code";
+/// Longest ticket or code we bother hashing; anything longer is not ours.
+const MAX_OPAQUE_LEN: usize = 256;
+
+/// Everything the handlers share; cheap to clone.
+#[derive(Clone)]
+pub struct AuthState {
+    pub store: AuthStore,
+    pub hasher: PasswordHasher,
+    pub keys: SigningKeys,
+    pub master_key: MasterKey,
+    pub issuer: String,
+    pub audience: String,
+    pub totp_issuer: String,
+}
+
+pub struct AuthApi {
+    state: AuthState,
+}
+
+impl AuthApi {
+    pub fn new(state: AuthState) -> Self {
+        AuthApi { state }
+    }
+}
+
+fn totp_seal_context(user_id: i64) -> String {
+    format!("totp_secret:user:{user_id}")
+}
+
+impl AuthState {
+    fn open_totp_secret(&self, user_id: i64, sealed: &[u8]) -> Result<Vec<u8>, ApiError> {
+        self.master_key
+            .decrypt(sealed, &totp_seal_context(user_id))
+            .map_err(|e| ApiError::Internal(anyhow::Error::new(e).context(format!("TOTP secret of user {user_id}"))))
+    }
+
+    async fn register(&self, req: RegisterRequest) -> Result<RegisterResponse, ApiError> {
+        let username = Username::parse(&req.username);
+        let password = check_new_password(&req.password);
+        ApiError::check([username.clone().err(), password.err()].into_iter().flatten().collect())?;
+        let username = username.map_err(|v| ApiError::InvalidArgument(vec![v]))?;
+
+        let password_hash = self.hasher.hash(req.password).await?;
+        let secret = totp::new_secret();
+        let user_id = self
+            .store
+            .create_user(
+                username.as_str(),
+                &password_hash,
+                |id| self.master_key.encrypt(&secret, &totp_seal_context(id)),
+                Utc::now(),
+            )
+            .await?;
+        tracing::info!(user_id, "registered a user");
+        Ok(RegisterResponse { user_id })
+    }
+
+    async fn begin_login(&self, req: BeginLoginRequest) -> Result<BeginLoginResponse, ApiError> {
+        // Refused before any hashing: it says nothing about the account.
+        if !password_length_ok(&req.password) {
+            return Err(ApiError::Unauthenticated(BAD_CREDENTIALS));
+        }
+        let user = match Username::parse(&req.username) {
+            Ok(name) => self.store.find_login_user(name.as_str()).await?,
+            Err(_) => None,
+        };
+        // Unknown users are checked against a dummy hash: same answer, same time.
+        let (user_id, stored_hash) = match user {
+            Some(u) => (Some(u.id), Some(u.password_hash)),
+            None => (None, None),
+        };
+        let password_ok = self.hasher.verify(req.password, stored_hash).await?;
+        let Some(user_id) = user_id.filter(|_| password_ok) else {
+            return Err(ApiError::Unauthenticated(BAD_CREDENTIALS));
+        };
+
+        let now = Utc::now();
+        let ticket = random_token();
+        let expires_at = now + Duration::seconds(TICKET_TTL_SECS);
+        self.store.create_ticket(&token_hash(&ticket), user_id, expires_at, now).await?;
+
+        let totp_state = self
+            .store
+            .totp_state(user_id)
+            .await?
+            .ok_or(ApiError::Unauthenticated(BAD_CREDENTIALS))?;
+        // The secret goes out only after a correct password and only until
+        // the first code confirms it.
+        let enrollment = match totp_state.totp_confirmed_at {
+            Some(_) => None,
+            None => {
+                let secret = self.open_totp_secret(user_id, &totp_state.totp_secret)?;
+                let e = totp::enrollment(&secret, &self.totp_issuer, &totp_state.username)?;
+                Some(TotpEnrollment { otpauth_uri: e.otpauth_uri, qr_png: e.qr_png, secret: e.secret_base32 })
+            }
+        };
+        tracing::info!(user_id, enrolling = enrollment.is_some(), "password accepted; ticket issued");
+        Ok(BeginLoginResponse {
+            login_ticket: ticket,
+            ticket_expire_time: Some(prost_types::Timestamp { seconds: expires_at.timestamp(), nanos: 0 }),
+            enrollment,
+        })
+    }
+
+    async fn complete_login(&self, req: CompleteLoginRequest) -> Result<CompleteLoginResponse, ApiError> {
+        if req.login_ticket.is_empty() || req.login_ticket.len() > MAX_OPAQUE_LEN {
+            return Err(ApiError::Unauthenticated(BAD_TICKET));
+        }
+        let now = Utc::now();
+        let ticket_hash = token_hash(&req.login_ticket);
+        let ticket = self
+            .store
+            .live_ticket(&ticket_hash, now)
+            .await?
+            .ok_or(ApiError::Unauthenticated(BAD_TICKET))?;
+        let user_id = ticket.user_id;
+        let totp_state = self.store.totp_state(user_id).await?.ok_or(ApiError::Unauthenticated(BAD_TICKET))?;
+        let secret = self.open_totp_secret(user_id, &totp_state.totp_secret)?;
+
+        let now_step = totp::step_at(u64::try_from(now.timestamp()).unwrap_or(0));
+        let Some(step) = totp::matching_step(&secret, &req.code, now_step, totp_state.totp_last_step) else {
+            self.store.record_wrong_code(&ticket_hash).await?;
+            return Err(ApiError::Unauthenticated(BAD_CODE));
+        };
+
+        let refresh_token = random_token();
+        let refresh = NewRefreshToken {
+            token_hash: token_hash(&refresh_token),
+            family: random_bytes::<16>().to_vec(),
+            expires_at: now + Duration::days(REFRESH_TOKEN_TTL_DAYS),
+        };
+        match self.store.complete_login(&ticket_hash, user_id, step, &refresh, now).await? {
+            Ok(()) => {}
+            Err(CompleteLoginRefused::TicketInvalid) => return Err(ApiError::Unauthenticated(BAD_TICKET)),
+            Err(CompleteLoginRefused::StepUsed) => {
+                self.store.record_wrong_code(&ticket_hash).await?;
+                return Err(ApiError::Unauthenticated(BAD_CODE));
+            }
+        }
+
+        let access_token = self.issue_access_token(user_id, &totp_state.username).await?;
+        tracing::info!(user_id, confirmed_enrollment = totp_state.totp_confirmed_at.is_none(), "login completed");
+        Ok(CompleteLoginResponse {
+            access_token,
+            refresh_token,
+            token_type: "Bearer".to_owned(),
+            expires_in: ACCESS_TOKEN_TTL_SECS,
+        })
+    }
+
+    async fn issue_access_token(&self, user_id: i64, username: &str) -> Result<String, ApiError> {
+        let now = Utc::now().timestamp();
+        let claims = Claims {
+            iss: self.issuer.clone(),
+            sub: user_id.to_string(),
+            aud: self.audience.clone(),
+            exp: now + ACCESS_TOKEN_TTL_SECS,
+            iat: now,
+            nbf: Some(now),
+            jti: random_token(),
+            roles: self.store.roles(user_id).await?,
+            preferred_username: Some(username.to_owned()),
+        };
+        Ok(self.keys.sign(&claims).await?)
+    }
+
+    async fn get_jwks(&self) -> Result<GetJwksResponse, ApiError> {
+        let jwks = self.keys.jwks().await?;
+        let jwks_json = serde_json::to_string(&jwks).map_err(anyhow::Error::new)?;
+        Ok(GetJwksResponse { jwks_json })
+    }
+}
+
+#[tonic::async_trait]
+impl AuthService for AuthApi {
+    #[tracing::instrument(name = "Register", skip_all)]
+    async fn register(&self, request: Request<RegisterRequest>) -> Result<Response<RegisterResponse>, Status> {
+        Ok(Response::new(self.state.register(request.into_inner()).await?))
+    }
+
+    #[tracing::instrument(name = "BeginLogin", skip_all)]
+    async fn begin_login(&self, request: Request<BeginLoginRequest>) -> Result<Response<BeginLoginResponse>, Status> {
+        Ok(Response::new(self.state.begin_login(request.into_inner()).await?))
+    }
+
+    #[tracing::instrument(name = "CompleteLogin", skip_all)]
+    async fn complete_login(
+        &self,
+        request: Request<CompleteLoginRequest>,
+    ) -> Result<Response<CompleteLoginResponse>, Status> {
+        Ok(Response::new(self.state.complete_login(request.into_inner()).await?))
+    }
+
+    #[tracing::instrument(name = "GetJwks", skip_all)]
+    async fn get_jwks(&self, _request: Request<GetJwksRequest>) -> Result<Response<GetJwksResponse>, Status> {
+        Ok(Response::new(self.state.get_jwks().await?))
+    }
+}
