@@ -1,5 +1,8 @@
 -- storegate schema, MySQL / MariaDB variant. migrations/sqlite/ holds the same
 -- schema for SQLite; change both together.
+-- Text columns use utf8mb4_unicode_ci: a _bin collation marks result columns
+-- BINARY, which clients then refuse to read as text. Every value compared by
+-- equality here is case-normalised or case-insensitive by nature.
 
 CREATE TABLE users (
     id                BIGINT       NOT NULL AUTO_INCREMENT PRIMARY KEY,
@@ -13,14 +16,14 @@ CREATE TABLE users (
     totp_last_step    BIGINT       NULL,
     created_at        DATETIME(6)  NOT NULL,
     UNIQUE KEY users_username (username)
-) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci;
 
 CREATE TABLE user_roles (
     user_id BIGINT      NOT NULL,
     role    VARCHAR(32) NOT NULL,
     PRIMARY KEY (user_id, role),
     CONSTRAINT user_roles_user FOREIGN KEY (user_id) REFERENCES users (id) ON DELETE CASCADE
-) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci;
 
 CREATE TABLE login_tickets (
     -- SHA-256 of the ticket; the ticket itself is never stored.
@@ -31,7 +34,7 @@ CREATE TABLE login_tickets (
     created_at   DATETIME(6) NOT NULL,
     KEY login_tickets_expires (expires_at),
     CONSTRAINT login_tickets_user FOREIGN KEY (user_id) REFERENCES users (id) ON DELETE CASCADE
-) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci;
 
 CREATE TABLE refresh_tokens (
     id          BIGINT      NOT NULL AUTO_INCREMENT PRIMARY KEY,
@@ -47,7 +50,7 @@ CREATE TABLE refresh_tokens (
     UNIQUE KEY refresh_tokens_hash (token_hash),
     KEY refresh_tokens_family (family),
     CONSTRAINT refresh_tokens_user FOREIGN KEY (user_id) REFERENCES users (id) ON DELETE CASCADE
-) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci;
 
 CREATE TABLE signing_keys (
     kid          VARCHAR(64)    NOT NULL PRIMARY KEY,
@@ -59,7 +62,7 @@ CREATE TABLE signing_keys (
     active_at    DATETIME(6)    NOT NULL,
     -- No longer used for signing; published until its tokens have expired.
     retired_at   DATETIME(6)    NULL
-) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci;
 
 CREATE TABLE products (
     id          BIGINT        NOT NULL AUTO_INCREMENT PRIMARY KEY,
@@ -79,4 +82,4 @@ CREATE TABLE products (
     UNIQUE KEY products_request_id (request_id),
     CONSTRAINT products_price_not_negative CHECK (price >= 0),
     CONSTRAINT products_stock_not_negative CHECK (stock >= 0)
-) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci;

@@ -1,1 +1,65 @@
+//! product-service: the product catalogue, every call authenticated by an
+//! access token from auth-service. `main.rs` only parses flags and calls
+//! [`run`].
 
+pub mod auth;
+pub mod config;
+pub mod domain;
+pub mod keys;
+pub mod service;
+pub mod store;
+
+use std::{future::Future, time::Duration};
+
+use storegate::{Db, pb::product::v1::product_service_server::ProductServiceServer, token::TokenVerifier};
+use tokio::net::TcpListener;
+
+pub use config::ProductConfig;
+use keys::{JwksCache, KeySource};
+
+/// Largest request accepted: a product with a 5000-character description
+/// fits many times over.
+const MAX_REQUEST_BYTES: usize = 256 * 1024;
+/// How long start-up waits for the first key set before serving anyway
+/// (calls then get UNAVAILABLE until the keys arrive).
+const FIRST_KEYS_WAIT: Duration = Duration::from_secs(10);
+
+/// Serves ProductService (with health, reflection and gRPC-Web) on
+/// `listener` until `shutdown` completes.
+pub async fn run(
+    config: ProductConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    let db = Db::open(&config.common.database_url).await?;
+    let source = match &config.jwks_file {
+        Some(path) => KeySource::File(path.clone()),
+        None => KeySource::auth(&config.auth_service_url)?,
+    };
+    let keys = JwksCache::default();
+    let refresher = tokio::spawn(
+        keys.clone().keep_fresh(source, Duration::from_secs(config.jwks_refresh_interval_secs.max(1))),
+    );
+    if !keys.wait_loaded(FIRST_KEYS_WAIT).await {
+        tracing::warn!("no signing keys yet; serving anyway and retrying in the background");
+    }
+
+    let verifier = TokenVerifier::new(&config.common.jwt_issuer, &config.common.jwt_audience);
+    let api = service::ProductApi::new(store::ProductStore::new(db.clone()));
+    let product_server = tonic::service::interceptor::InterceptedService::new(
+        ProductServiceServer::new(api).max_decoding_message_size(MAX_REQUEST_BYTES),
+        auth::JwtAuth::new(keys, verifier),
+    );
+
+    let (mut routes, health) = storegate::server::base_routes()?;
+    routes.add_service(product_server);
+    health
+        .set_serving::<ProductServiceServer<service::ProductApi>>()
+        .await;
+    tracing::info!(addr = %listener.local_addr()?, "product-service listening");
+    let served = storegate::server::serve(routes, listener, &config.common.cors_allowed_origins, shutdown).await;
+
+    refresher.abort();
+    db.close().await;
+    served
+}

@@ -1,0 +1,45 @@
+//! product-service settings: flags with environment fallbacks.
+
+use std::path::PathBuf;
+
+use storegate::config::CommonConfig;
+
+pub const DEFAULT_LISTEN_ADDR: &str = "127.0.0.1:50052";
+pub const DEFAULT_AUTH_SERVICE_URL: &str = "http://127.0.0.1:50051";
+
+/// Deliberately not `Debug`: the database URL may hold a password.
+#[derive(clap::Args, Clone)]
+pub struct ProductConfig {
+    #[command(flatten)]
+    pub common: CommonConfig,
+
+    /// Where the gRPC (and gRPC-Web) server listens.
+    #[arg(long, env = "PRODUCT_LISTEN_ADDR", default_value = DEFAULT_LISTEN_ADDR)]
+    pub listen_addr: String,
+
+    /// auth-service, whose GetJwks publishes the keys that verify access tokens.
+    #[arg(long, env = "AUTH_SERVICE_URL", default_value = DEFAULT_AUTH_SERVICE_URL)]
+    pub auth_service_url: String,
+
+    /// Read the JWK Set from this file instead of asking auth-service
+    /// (re-read on the same schedule).
+    #[arg(long, env = "JWKS_FILE")]
+    pub jwks_file: Option<PathBuf>,
+
+    /// How often the key set is refreshed even when nothing asks for it.
+    #[arg(long, env = "JWKS_REFRESH_INTERVAL_SECS", default_value_t = 300)]
+    pub jwks_refresh_interval_secs: u64,
+}
+
+impl ProductConfig {
+    /// Defaults on the given database (for tests and embedding).
+    pub fn with_database_url(database_url: impl Into<String>) -> Self {
+        ProductConfig {
+            common: CommonConfig::with_database_url(database_url),
+            listen_addr: DEFAULT_LISTEN_ADDR.to_owned(),
+            auth_service_url: DEFAULT_AUTH_SERVICE_URL.to_owned(),
+            jwks_file: None,
+            jwks_refresh_interval_secs: 300,
+        }
+    }
+}

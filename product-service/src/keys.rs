@@ -1,0 +1,132 @@
+//! The public keys that verify access tokens, kept fresh in the background.
+//!
+//! The interceptor is synchronous and must never wait on the network, so it
+//! only reads the cached [`KeySet`]. A background task refreshes it on a
+//! timer, and sooner when a token names a kid the cache does not know (at
+//! most once per [`MIN_REFETCH_GAP`], so a flood of made-up kids cannot
+//! hammer auth-service). A failed refresh keeps the cached keys: tokens keep
+//! verifying while auth-service is down.
+
+use std::{
+    path::PathBuf,
+    sync::{Arc, RwLock},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use storegate::{
+    pb::auth::v1::{GetJwksRequest, auth_service_client::AuthServiceClient},
+    token::KeySet,
+};
+use tokio::sync::{Notify, watch};
+use tonic::transport::{Channel, Endpoint};
+
+pub const MIN_REFETCH_GAP: Duration = Duration::from_secs(5);
+const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+const FIRST_RETRY: Duration = Duration::from_millis(250);
+
+/// Where the JWK Set comes from.
+#[derive(Clone)]
+pub enum KeySource {
+    /// auth-service's GetJwks.
+    Auth(AuthServiceClient<Channel>),
+    /// A JWK Set file, for deployments that distribute keys themselves.
+    File(PathBuf),
+}
+
+impl KeySource {
+    pub fn auth(url: &str) -> anyhow::Result<Self> {
+        let endpoint = Endpoint::from_shared(url.to_owned())
+            .context("AUTH_SERVICE_URL is not a valid URL")?
+            .connect_timeout(FETCH_TIMEOUT)
+            .timeout(FETCH_TIMEOUT);
+        Ok(KeySource::Auth(AuthServiceClient::new(endpoint.connect_lazy())))
+    }
+
+    async fn fetch(&self) -> anyhow::Result<KeySet> {
+        let json = match self {
+            KeySource::Auth(client) => {
+                client.clone().get_jwks(GetJwksRequest {}).await.context("GetJwks failed")?.into_inner().jwks_json
+            }
+            KeySource::File(path) => tokio::fs::read_to_string(path)
+                .await
+                .with_context(|| format!("cannot read JWKS_FILE {}", path.display()))?,
+        };
+        KeySet::parse_jwks_json(&json).context("the JWK Set is not valid JSON")
+    }
+}
+
+/// The cached key set, shared by the interceptor and the refresher.
+#[derive(Clone)]
+pub struct JwksCache {
+    keys: Arc<RwLock<Arc<KeySet>>>,
+    refresh_wanted: Arc<Notify>,
+    loaded: watch::Sender<bool>,
+}
+
+impl Default for JwksCache {
+    fn default() -> Self {
+        JwksCache {
+            keys: Arc::default(),
+            refresh_wanted: Arc::new(Notify::new()),
+            loaded: watch::Sender::new(false),
+        }
+    }
+}
+
+impl JwksCache {
+    pub fn current(&self) -> Arc<KeySet> {
+        // A poisoned lock only means a writer panicked mid-swap of an Arc;
+        // the value inside is still whole.
+        self.keys.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn replace(&self, keys: KeySet) {
+        *self.keys.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(keys);
+        self.loaded.send_replace(true);
+    }
+
+    /// Asks the refresher to fetch now (a token named an unknown kid).
+    pub fn request_refresh(&self) {
+        self.refresh_wanted.notify_one();
+    }
+
+    /// Waits until the first key set has arrived, or `timeout` passes.
+    pub async fn wait_loaded(&self, timeout: Duration) -> bool {
+        let mut loaded = self.loaded.subscribe();
+        tokio::time::timeout(timeout, loaded.wait_for(|l| *l)).await.is_ok_and(|r| r.is_ok())
+    }
+
+    /// Refreshes forever: every `interval`, on request (rate-limited), and
+    /// with growing retries until the first fetch succeeds.
+    pub async fn keep_fresh(self, source: KeySource, interval: Duration) {
+        let mut retry = FIRST_RETRY;
+        loop {
+            let fetched_at = tokio::time::Instant::now();
+            let wait = match source.fetch().await {
+                Ok(keys) => {
+                    if keys.is_empty() {
+                        tracing::warn!("the JWK Set has no usable Ed25519 key");
+                    }
+                    tracing::debug!(keys = keys.len(), "signing keys refreshed");
+                    self.replace(keys);
+                    retry = FIRST_RETRY;
+                    interval
+                }
+                Err(e) => {
+                    tracing::warn!(error = format!("{e:#}"), "cannot refresh signing keys; keeping the cached ones");
+                    let wait = retry;
+                    retry = (retry * 2).min(interval);
+                    wait
+                }
+            };
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                () = self.refresh_wanted.notified() => {
+                    // Requested early: still leave a gap since the last fetch.
+                    tokio::time::sleep_until(fetched_at + MIN_REFETCH_GAP.min(wait)).await;
+                }
+            }
+        }
+    }
+}

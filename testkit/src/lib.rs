@@ -1,0 +1,359 @@
+//! Test harness for storegate: starts the real servers on port 0 against a
+//! fresh database and hands out typed clients.
+//!
+//! Every store behaviour is tested on both backends: [`backend_tests!`]
+//! turns each `async fn name(backend: Backend)` into a SQLite test and a
+//! MySQL test. The MySQL one needs `STOREGATE_TEST_MYSQL_URL` (a server URL
+//! such as `mysql://root@127.0.0.1:3306`); each test gets its own database.
+//! Without the variable the MySQL tests are skipped, except under CI (`CI`
+//! set), where a missing database is a failure.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use auth_service::AuthConfig;
+use product_service::ProductConfig;
+use secrecy::SecretString;
+use storegate::{
+    Db,
+    pb::{
+        auth::v1::{
+            BeginLoginRequest, BeginLoginResponse, CompleteLoginRequest, CompleteLoginResponse,
+            RegisterRequest, auth_service_client::AuthServiceClient,
+        },
+        product::v1::product_service_client::ProductServiceClient,
+    },
+};
+use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
+use tonic::transport::Channel;
+
+pub const MYSQL_URL_VAR: &str = "STOREGATE_TEST_MYSQL_URL";
+
+/// Generates a `sqlite` and a `mysql` test module calling each named
+/// `async fn(Backend)` of the enclosing module.
+#[macro_export]
+macro_rules! backend_tests {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    super::$name($crate::Backend::Sqlite).await
+                }
+            )*
+        }
+        mod mysql {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    if let Some(backend) = $crate::Backend::mysql_from_env() {
+                        super::$name(backend).await
+                    }
+                }
+            )*
+        }
+    };
+}
+
+#[derive(Clone, Debug)]
+pub enum Backend {
+    Sqlite,
+    /// A MySQL server URL, without a database.
+    MySql(String),
+}
+
+impl Backend {
+    /// The MySQL backend from `STOREGATE_TEST_MYSQL_URL`; None (skip) when
+    /// it is unset outside CI.
+    pub fn mysql_from_env() -> Option<Backend> {
+        match std::env::var(MYSQL_URL_VAR) {
+            Ok(url) if !url.is_empty() => Some(Backend::MySql(url)),
+            _ if std::env::var_os("CI").is_some() => panic!("{MYSQL_URL_VAR} must be set in CI"),
+            _ => {
+                eprintln!("skipped: set {MYSQL_URL_VAR} to run this test on MySQL");
+                None
+            }
+        }
+    }
+}
+
+fn unique_name() -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().subsec_nanos();
+    format!("sg_test_{}_{}_{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed), nanos)
+}
+
+/// `mysql://user:pass@host:port` with any path or query replaced by `/db`.
+fn mysql_url_with_database(server_url: &str, database: &str) -> String {
+    let (scheme, rest) = server_url.split_once("://").unwrap_or(("mysql", server_url));
+    let authority = rest.split(['/', '?']).next().unwrap_or(rest);
+    format!("{scheme}://{authority}/{database}")
+}
+
+/// A fresh, empty database, removed again on drop.
+pub struct TestDb {
+    pub url: String,
+    pub backend: Backend,
+    cleanup: Cleanup,
+}
+
+enum Cleanup {
+    Dir(PathBuf),
+    MySqlDatabase { server_url: String, name: String },
+}
+
+impl TestDb {
+    pub async fn new(backend: &Backend) -> TestDb {
+        match backend {
+            Backend::Sqlite => {
+                let dir = std::env::temp_dir().join(unique_name());
+                std::fs::create_dir_all(&dir).expect("temp dir");
+                TestDb {
+                    url: format!("sqlite://{}/storegate.db", dir.display()),
+                    backend: backend.clone(),
+                    cleanup: Cleanup::Dir(dir),
+                }
+            }
+            Backend::MySql(server_url) => {
+                let name = unique_name();
+                let server = Db::connect(&mysql_url_with_database(server_url, ""))
+                    .await
+                    .expect("cannot connect to the MySQL test server");
+                storegate::on_db!(&server, pool => {
+                    sqlx::query(&format!("CREATE DATABASE `{name}` CHARACTER SET utf8mb4"))
+                        .execute(pool)
+                        .await
+                        .map(drop)
+                })
+                .expect("cannot create the test database");
+                server.close().await;
+                TestDb {
+                    url: mysql_url_with_database(server_url, &name),
+                    backend: backend.clone(),
+                    cleanup: Cleanup::MySqlDatabase { server_url: server_url.clone(), name },
+                }
+            }
+        }
+    }
+
+    /// A pool on the test database, for asserting on its state.
+    pub async fn open(&self) -> Db {
+        Db::open(&self.url).await.expect("open the test database")
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        match &self.cleanup {
+            Cleanup::Dir(dir) => {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+            Cleanup::MySqlDatabase { server_url, name } => {
+                // Drop runs inside the test's runtime: clean up on a thread
+                // with its own.
+                let (url, name) = (mysql_url_with_database(server_url, ""), name.clone());
+                let _ = std::thread::spawn(move || {
+                    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+                    rt.block_on(async {
+                        let server = Db::connect(&url).await.ok()?;
+                        let dropped = storegate::on_db!(&server, pool => {
+                            sqlx::query(&format!("DROP DATABASE IF EXISTS `{name}`")).execute(pool).await.map(drop)
+                        });
+                        server.close().await;
+                        dropped.ok()
+                    })
+                })
+                .join();
+            }
+        }
+    }
+}
+
+/// A fixed master key for tests (the services refuse MySQL without one).
+pub fn test_master_key() -> SecretString {
+    SecretString::from("c3RvcmVnYXRlLXRlc3QtbWFzdGVyLWtleS0zMi1ieXQ=".to_owned())
+}
+
+/// Both services running on port 0 against one fresh database.
+pub struct TestStack {
+    pub db: TestDb,
+    pub auth_addr: SocketAddr,
+    pub product_addr: Option<SocketAddr>,
+    shutdown: watch::Sender<bool>,
+    servers: Vec<JoinHandle<anyhow::Result<()>>>,
+}
+
+fn shutdown_future(rx: &watch::Sender<bool>) -> impl std::future::Future<Output = ()> + Send + 'static {
+    let mut rx = rx.subscribe();
+    async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    }
+}
+
+impl TestStack {
+    pub fn auth_config(db: &TestDb) -> AuthConfig {
+        let mut config = AuthConfig::with_database_url(&db.url);
+        config.master_key = Some(test_master_key());
+        config
+    }
+
+    /// auth-service only.
+    pub async fn start_auth(backend: Backend) -> TestStack {
+        let db = TestDb::new(&backend).await;
+        let (shutdown, _) = watch::channel(false);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let auth_addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(auth_service::run(Self::auth_config(&db), listener, shutdown_future(&shutdown)));
+        let stack = TestStack { db, auth_addr, product_addr: None, shutdown, servers: vec![server] };
+        stack.wait_ready(auth_addr).await;
+        stack
+    }
+
+    /// auth-service and product-service; product gets its keys from auth.
+    pub async fn start(backend: Backend) -> TestStack {
+        let mut stack = Self::start_auth(backend).await;
+        let mut config = ProductConfig::with_database_url(&stack.db.url);
+        config.auth_service_url = format!("http://{}", stack.auth_addr);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let product_addr = listener.local_addr().unwrap();
+        stack.servers.push(tokio::spawn(product_service::run(config, listener, shutdown_future(&stack.shutdown))));
+        stack.product_addr = Some(product_addr);
+        stack.wait_ready(product_addr).await;
+        stack
+    }
+
+    /// Waits until the server answers health checks (or has failed).
+    async fn wait_ready(&self, addr: SocketAddr) {
+        use tonic_health_client::*;
+        for _ in 0..200 {
+            if let Some(failed) = self.servers.iter().find(|s| s.is_finished()) {
+                panic!("a server stopped during start-up: {failed:?}");
+            }
+            if health_serving(addr).await {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("server on {addr} did not become ready");
+    }
+
+    pub async fn channel(addr: SocketAddr) -> Channel {
+        Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.expect("connect")
+    }
+
+    pub async fn auth(&self) -> AuthServiceClient<Channel> {
+        AuthServiceClient::new(Self::channel(self.auth_addr).await)
+    }
+
+    pub async fn products(&self) -> ProductServiceClient<Channel> {
+        ProductServiceClient::new(Self::channel(self.product_addr.expect("product-service is running")).await)
+    }
+
+    pub async fn register(&self, username: &str, password: &str) -> i64 {
+        self.auth()
+            .await
+            .register(RegisterRequest { username: username.into(), password: password.into() })
+            .await
+            .expect("register")
+            .into_inner()
+            .user_id
+    }
+
+    pub async fn begin_login(&self, username: &str, password: &str) -> BeginLoginResponse {
+        self.auth()
+            .await
+            .begin_login(BeginLoginRequest { username: username.into(), password: password.into() })
+            .await
+            .expect("begin login")
+            .into_inner()
+    }
+
+    /// Registers `username` and logs in through both steps, computing the
+    /// TOTP code from the enrollment secret. Returns the tokens and secret.
+    pub async fn register_and_login(&self, username: &str, password: &str) -> (CompleteLoginResponse, String) {
+        self.register(username, password).await;
+        let begun = self.begin_login(username, password).await;
+        let secret = begun.enrollment.expect("enrollment on first login").secret;
+        let tokens = self
+            .auth()
+            .await
+            .complete_login(CompleteLoginRequest { login_ticket: begun.login_ticket, code: totp_code(&secret, 0) })
+            .await
+            .expect("complete login")
+            .into_inner();
+        (tokens, secret)
+    }
+
+    /// An admin's access token: registers, grants admin, logs in.
+    pub async fn admin_token(&self, username: &str) -> String {
+        self.register(username, "correct horse battery").await;
+        auth_service::grant_role(&Self::auth_config(&self.db), username, "admin").await.expect("grant admin");
+        let begun = self.begin_login(username, "correct horse battery").await;
+        let secret = begun.enrollment.expect("enrollment").secret;
+        self.auth()
+            .await
+            .complete_login(CompleteLoginRequest { login_ticket: begun.login_ticket, code: totp_code(&secret, 0) })
+            .await
+            .expect("complete login")
+            .into_inner()
+            .access_token
+    }
+
+    /// Stops the servers and waits until they have finished.
+    pub async fn stop(mut self) {
+        self.shutdown.send_replace(true);
+        for server in self.servers.drain(..) {
+            server.await.expect("server task").expect("server result");
+        }
+    }
+}
+
+impl Drop for TestStack {
+    fn drop(&mut self) {
+        self.shutdown.send_replace(true);
+    }
+}
+
+/// The TOTP code for the current time step plus `step_offset` steps, from a
+/// base32 secret, as an authenticator app would compute it.
+pub fn totp_code(secret_base32: &str, step_offset: i64) -> String {
+    let secret = totp_rs::Secret::Encoded(secret_base32.to_owned()).to_bytes().expect("base32 secret");
+    let totp = totp_rs::TOTP::new(totp_rs::Algorithm::SHA1, 6, 0, 30, secret, None, "test".into()).expect("totp");
+    let now = chrono::Utc::now().timestamp() + step_offset * 30;
+    totp.generate(now as u64)
+}
+
+/// A 6-digit code that is none of the codes accepted right now.
+pub fn wrong_totp_code(secret_base32: &str) -> String {
+    let accepted: Vec<String> = (-1..=1).map(|o| totp_code(secret_base32, o)).collect();
+    (0..)
+        .map(|n: u32| format!("{:06}", (n * 7919) % 1_000_000))
+        .find(|c| !accepted.contains(c))
+        .expect("some code is wrong")
+}
+
+/// Attaches `authorization: Bearer <token>` to a request.
+pub fn bearer<T>(message: T, token: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().expect("ascii token"));
+    request
+}
+
+mod tonic_health_client {
+    use std::net::SocketAddr;
+
+    /// True when the server's grpc.health.v1 answers SERVING for "".
+    pub async fn health_serving(addr: SocketAddr) -> bool {
+        let Ok(channel) = tonic::transport::Channel::from_shared(format!("http://{addr}")).unwrap().connect().await
+        else {
+            return false;
+        };
+        let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
+        client
+            .check(tonic_health::pb::HealthCheckRequest { service: String::new() })
+            .await
+            .is_ok_and(|r| r.into_inner().status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32)
+    }
+}
