@@ -70,12 +70,12 @@ impl Db {
                 // instead of failing at once.
                 .busy_timeout(Duration::from_secs(10))
                 .foreign_keys(true);
-            if let Some(folder) = options.get_filename().parent() {
-                if !folder.as_os_str().is_empty() {
-                    std::fs::create_dir_all(folder).with_context(|| {
-                        format!("cannot create the database folder {}", folder.display())
-                    })?;
-                }
+            if let Some(folder) = options.get_filename().parent()
+                && !folder.as_os_str().is_empty()
+            {
+                std::fs::create_dir_all(folder).with_context(|| {
+                    format!("cannot create the database folder {}", folder.display())
+                })?;
             }
             let pool = SqlitePoolOptions::new()
                 .max_connections(8)
@@ -120,15 +120,18 @@ impl Db {
     /// The SQLite file's path, if this is a file-backed SQLite database.
     pub async fn sqlite_path(&self) -> Option<std::path::PathBuf> {
         let Db::Sqlite(pool) = self else { return None };
-        let path: String = sqlx::query_scalar("SELECT file FROM pragma_database_list WHERE name = 'main'")
-            .fetch_one(pool)
-            .await
-            .ok()?;
+        let path: String =
+            sqlx::query_scalar("SELECT file FROM pragma_database_list WHERE name = 'main'")
+                .fetch_one(pool)
+                .await
+                .ok()?;
         (!path.is_empty()).then(|| path.into())
     }
 
     async fn sqlite_lock_file(&self) -> anyhow::Result<Option<std::fs::File>> {
-        let Some(path) = self.sqlite_path().await else { return Ok(None) };
+        let Some(path) = self.sqlite_path().await else {
+            return Ok(None);
+        };
         let lock_path = path.with_extension("migrate.lock");
         tokio::task::spawn_blocking(move || -> anyhow::Result<Option<std::fs::File>> {
             let file = std::fs::OpenOptions::new()
@@ -215,5 +218,18 @@ pub fn is_sqlite_url(url: &str) -> bool {
 pub fn sqlite_data_dir(url: &str) -> Option<std::path::PathBuf> {
     let options = SqliteConnectOptions::from_str(url).ok()?;
     let parent = options.get_filename().parent()?;
-    Some(if parent.as_os_str().is_empty() { Path::new(".").to_path_buf() } else { parent.to_path_buf() })
+    Some(if parent.as_os_str().is_empty() {
+        Path::new(".").to_path_buf()
+    } else {
+        parent.to_path_buf()
+    })
+}
+
+/// The current time as the database keeps it: UTC, whole microseconds
+/// (MySQL's DATETIME(6) would otherwise round what SQLite keeps exactly).
+pub fn now() -> chrono::DateTime<chrono::Utc> {
+    use chrono::Timelike as _;
+    let t = chrono::Utc::now();
+    t.with_nanosecond(t.nanosecond() / 1_000 * 1_000)
+        .unwrap_or(t)
 }

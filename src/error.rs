@@ -19,7 +19,10 @@ pub struct FieldViolation {
 
 impl FieldViolation {
     pub fn new(field: impl Into<String>, description: impl Into<String>) -> Self {
-        FieldViolation { field: field.into(), description: description.into() }
+        FieldViolation {
+            field: field.into(),
+            description: description.into(),
+        }
     }
 }
 
@@ -40,7 +43,10 @@ pub enum ApiError {
     #[error("{0}")]
     FailedPrecondition(String),
     #[error("{message}")]
-    ResourceExhausted { message: &'static str, retry_after: Option<Duration> },
+    ResourceExhausted {
+        message: &'static str,
+        retry_after: Option<Duration>,
+    },
     #[error("{0}")]
     Unavailable(&'static str),
     #[error(transparent)]
@@ -55,7 +61,11 @@ impl ApiError {
 
     /// Ok if no violation was collected, else INVALID_ARGUMENT with all of them.
     pub fn check(violations: Vec<FieldViolation>) -> Result<(), ApiError> {
-        if violations.is_empty() { Ok(()) } else { Err(ApiError::InvalidArgument(violations)) }
+        if violations.is_empty() {
+            Ok(())
+        } else {
+            Err(ApiError::InvalidArgument(violations))
+        }
     }
 }
 
@@ -99,7 +109,10 @@ impl From<ApiError> for Status {
             ApiError::AlreadyExists(m) => Status::already_exists(m),
             ApiError::Aborted(m) => Status::aborted(m),
             ApiError::FailedPrecondition(m) => Status::failed_precondition(m),
-            ApiError::ResourceExhausted { message, retry_after } => match retry_after {
+            ApiError::ResourceExhausted {
+                message,
+                retry_after,
+            } => match retry_after {
                 Some(delay) => Status::with_error_details(
                     Code::ResourceExhausted,
                     message,
@@ -129,8 +142,13 @@ mod tests {
         .into();
         assert_eq!(status.code(), Code::InvalidArgument);
         let details = status.get_error_details();
-        let fields: Vec<_> =
-            details.bad_request().unwrap().field_violations.iter().map(|v| v.field.as_str()).collect();
+        let fields: Vec<_> = details
+            .bad_request()
+            .unwrap()
+            .field_violations
+            .iter()
+            .map(|v| v.field.as_str())
+            .collect();
         assert_eq!(fields, ["product.name", "product.price"]);
     }
 

@@ -77,8 +77,14 @@ mod tests {
     fn debug_output_hides_passwords_codes_and_tokens() {
         let printed = format!(
             "{:?} {:?} {:?} {:?}",
-            RegisterRequest { username: "alice".into(), password: "hunter2-secret".into() },
-            CompleteLoginRequest { login_ticket: "ticket-xyz".into(), code: "123456".into() },
+            RegisterRequest {
+                username: "alice".into(),
+                password: "hunter2-secret".into()
+            },
+            CompleteLoginRequest {
+                login_ticket: "ticket-xyz".into(),
+                code: "123456".into()
+            },
             CompleteLoginResponse {
                 access_token: "eyJ.access".into(),
                 refresh_token: "refresh-abc".into(),
@@ -92,7 +98,14 @@ mod tests {
             },
         );
         assert!(printed.contains("alice"));
-        for secret in ["hunter2-secret", "ticket-xyz", "123456", "eyJ.access", "refresh-abc", "JBSWY3DP"] {
+        for secret in [
+            "hunter2-secret",
+            "ticket-xyz",
+            "123456",
+            "eyJ.access",
+            "refresh-abc",
+            "JBSWY3DP",
+        ] {
             assert!(!printed.contains(secret), "{secret} leaked into {printed}");
         }
     }

@@ -26,7 +26,10 @@ pub fn base_routes() -> anyhow::Result<(RoutesBuilder, HealthReporter)> {
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
     let mut routes = Routes::builder();
-    routes.add_service(health).add_service(reflection_v1).add_service(reflection_v1alpha);
+    routes
+        .add_service(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha);
     Ok((routes, reporter))
 }
 
@@ -109,5 +112,7 @@ pub async fn shutdown_signal() {
 /// Binds `addr`, with the address in the error when it is taken.
 pub async fn bind(addr: &str) -> anyhow::Result<TcpListener> {
     use anyhow::Context as _;
-    TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr}"))
 }

@@ -8,7 +8,9 @@ use aes_gcm::{
     aead::{Aead as _, Payload},
 };
 use anyhow::{Context as _, bail};
-use base64::{Engine as _, engine::general_purpose::STANDARD, engine::general_purpose::URL_SAFE_NO_PAD};
+use base64::{
+    Engine as _, engine::general_purpose::STANDARD, engine::general_purpose::URL_SAFE_NO_PAD,
+};
 use rand::RngCore as _;
 use secrecy::{ExposeSecret as _, SecretString};
 use sha2::{Digest as _, Sha256};
@@ -34,9 +36,14 @@ impl MasterKey {
             .decode(encoded.trim())
             .context("STOREGATE_MASTER_KEY is not valid base64")?;
         if bytes.len() != 32 {
-            bail!("STOREGATE_MASTER_KEY must be base64 of exactly 32 bytes, got {}", bytes.len());
+            bail!(
+                "STOREGATE_MASTER_KEY must be base64 of exactly 32 bytes, got {}",
+                bytes.len()
+            );
         }
-        Ok(MasterKey { cipher: Aes256Gcm::new_from_slice(&bytes)? })
+        Ok(MasterKey {
+            cipher: Aes256Gcm::new_from_slice(&bytes)?,
+        })
     }
 
     /// A fresh random key, base64 encoded.
@@ -46,7 +53,10 @@ impl MasterKey {
 
     /// The configured key, or for the SQLite development default, the key in
     /// `master.key` beside the database (created on first start).
-    pub fn load(configured: Option<&SecretString>, dev_key_dir: Option<&Path>) -> anyhow::Result<Self> {
+    pub fn load(
+        configured: Option<&SecretString>,
+        dev_key_dir: Option<&Path>,
+    ) -> anyhow::Result<Self> {
         if let Some(key) = configured {
             return Self::from_base64(key.expose_secret());
         }
@@ -80,7 +90,13 @@ impl MasterKey {
         let nonce_bytes = random_bytes::<NONCE_LEN>();
         let ciphertext = self
             .cipher
-            .encrypt(Nonce::from_slice(&nonce_bytes), Payload { msg: plaintext, aad: context.as_bytes() })
+            .encrypt(
+                Nonce::from_slice(&nonce_bytes),
+                Payload {
+                    msg: plaintext,
+                    aad: context.as_bytes(),
+                },
+            )
             .map_err(|_| anyhow::anyhow!("encryption failed"))?;
         let mut sealed = nonce_bytes.to_vec();
         sealed.extend_from_slice(&ciphertext);
@@ -93,7 +109,13 @@ impl MasterKey {
         }
         let (nonce, ciphertext) = sealed.split_at(NONCE_LEN);
         self.cipher
-            .decrypt(Nonce::from_slice(nonce), Payload { msg: ciphertext, aad: context.as_bytes() })
+            .decrypt(
+                Nonce::from_slice(nonce),
+                Payload {
+                    msg: ciphertext,
+                    aad: context.as_bytes(),
+                },
+            )
             .map_err(|_| WrongKey)
     }
 }
@@ -113,7 +135,9 @@ fn write_private_file(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
         use std::os::unix::fs::OpenOptionsExt as _;
         options.mode(0o600);
     }
-    let mut file = options.open(path).with_context(|| format!("cannot create {}", path.display()))?;
+    let mut file = options
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
     file.write_all(contents)?;
     Ok(())
 }
@@ -146,9 +170,15 @@ mod tests {
         let sealed = key.encrypt(b"secret bytes", "totp:1").unwrap();
         assert!(!sealed.windows(12).any(|w| w == b"secret bytes"));
         assert_eq!(key.decrypt(&sealed, "totp:1").unwrap(), b"secret bytes");
-        assert!(key.decrypt(&sealed, "totp:2").is_err(), "moved to another row");
+        assert!(
+            key.decrypt(&sealed, "totp:2").is_err(),
+            "moved to another row"
+        );
         let other = MasterKey::from_base64(&MasterKey::generate_base64()).unwrap();
-        assert!(other.decrypt(&sealed, "totp:1").is_err(), "another master key");
+        assert!(
+            other.decrypt(&sealed, "totp:1").is_err(),
+            "another master key"
+        );
     }
 
     #[test]
@@ -169,7 +199,10 @@ mod tests {
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt as _;
-            let mode = std::fs::metadata(dir.join("master.key")).unwrap().permissions().mode();
+            let mode = std::fs::metadata(dir.join("master.key"))
+                .unwrap()
+                .permissions()
+                .mode();
             assert_eq!(mode & 0o777, 0o600);
         }
         std::fs::remove_dir_all(dir).unwrap();

@@ -24,8 +24,13 @@ impl Username {
         if !(USERNAME_MIN..=USERNAME_MAX).contains(&len) {
             return Err(invalid("must be 3 to 64 characters"));
         }
-        if !normalised.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "._-".contains(c)) {
-            return Err(invalid("may contain only letters a-z, digits, '.', '_' and '-'"));
+        if !normalised
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "._-".contains(c))
+        {
+            return Err(invalid(
+                "may contain only letters a-z, digits, '.', '_' and '-'",
+            ));
         }
         Ok(Username(normalised))
     }
@@ -39,7 +44,10 @@ impl Username {
 /// exactly as given: no trimming, no truncation, no composition rules.
 pub fn check_new_password(password: &str) -> Result<(), FieldViolation> {
     if !password_length_ok(password) {
-        return Err(FieldViolation::new("password", "must be 8 to 128 characters"));
+        return Err(FieldViolation::new(
+            "password",
+            "must be 8 to 128 characters",
+        ));
     }
     Ok(())
 }
@@ -47,7 +55,8 @@ pub fn check_new_password(password: &str) -> Result<(), FieldViolation> {
 /// Length bounds in code points; byte length is checked first so that an
 /// oversized input costs nothing.
 pub fn password_length_ok(password: &str) -> bool {
-    password.len() <= PASSWORD_MAX * 4 && (PASSWORD_MIN..=PASSWORD_MAX).contains(&password.chars().count())
+    password.len() <= PASSWORD_MAX * 4
+        && (PASSWORD_MIN..=PASSWORD_MAX).contains(&password.chars().count())
 }
 
 #[cfg(test)]
@@ -56,9 +65,23 @@ mod tests {
 
     #[test]
     fn usernames_are_lower_cased_and_limited_to_a_safe_alphabet() {
-        assert_eq!(Username::parse("Alice.Smith_1-x").unwrap().as_str(), "alice.smith_1-x");
-        assert_eq!(Username::parse("BOB").unwrap(), Username::parse("bob").unwrap());
-        for bad in ["ab", "", "has space", "semi;colon", "a'b", "zoë", &"a".repeat(65)] {
+        assert_eq!(
+            Username::parse("Alice.Smith_1-x").unwrap().as_str(),
+            "alice.smith_1-x"
+        );
+        assert_eq!(
+            Username::parse("BOB").unwrap(),
+            Username::parse("bob").unwrap()
+        );
+        for bad in [
+            "ab",
+            "",
+            "has space",
+            "semi;colon",
+            "a'b",
+            "zoë",
+            &"a".repeat(65),
+        ] {
             assert!(Username::parse(bad).is_err(), "{bad:?} accepted");
         }
         assert!(Username::parse(&"a".repeat(64)).is_ok());

@@ -53,7 +53,7 @@ impl SigningKeys {
     /// Loads the signing key, creating the first one if the database has
     /// none. Fails clearly when the master key cannot open it.
     pub async fn load(store: AuthStore, master_key: MasterKey) -> anyhow::Result<Self> {
-        let now = Utc::now();
+        let now = storegate::db::now();
         let stored = match store.current_signing_key(now).await? {
             Some(stored) => stored,
             None => {
@@ -65,7 +65,11 @@ impl SigningKeys {
             }
         };
         let signer = Self::open(&master_key, &stored)?;
-        Ok(SigningKeys { store, master_key, signer: Arc::new(RwLock::new(Arc::new(signer))) })
+        Ok(SigningKeys {
+            store,
+            master_key,
+            signer: Arc::new(RwLock::new(Arc::new(signer))),
+        })
     }
 
     /// Generates a key pair and stores it, usable for signing from `active_at`.
@@ -78,21 +82,36 @@ impl SigningKeys {
         let signing_key = SigningKey::generate(&mut rand::rngs::OsRng);
         let public_key = signing_key.verifying_key().to_bytes();
         let kid = thumbprint(&public_key);
-        let pkcs8 = signing_key.to_pkcs8_der().context("cannot encode the signing key")?;
+        let pkcs8 = signing_key
+            .to_pkcs8_der()
+            .context("cannot encode the signing key")?;
         let sealed = master_key.encrypt(pkcs8.as_bytes(), &seal_context(&kid))?;
         store
-            .insert_signing_key(&StoredSigningKey { kid: kid.clone(), public_key: public_key.to_vec(), private_key: sealed }, now, active_at)
+            .insert_signing_key(
+                &StoredSigningKey {
+                    kid: kid.clone(),
+                    public_key: public_key.to_vec(),
+                    private_key: sealed,
+                },
+                now,
+                active_at,
+            )
             .await?;
         tracing::info!(kid, "created a signing key");
         Ok(kid)
     }
 
     fn open(master_key: &MasterKey, stored: &StoredSigningKey) -> anyhow::Result<Signer> {
-        let pkcs8 = master_key.decrypt(&stored.private_key, &seal_context(&stored.kid)).context(
-            "the signing key in the database cannot be decrypted: STOREGATE_MASTER_KEY is not \
+        let pkcs8 = master_key
+            .decrypt(&stored.private_key, &seal_context(&stored.kid))
+            .context(
+                "the signing key in the database cannot be decrypted: STOREGATE_MASTER_KEY is not \
              the key this database was set up with",
-        )?;
-        Ok(Signer { kid: stored.kid.clone(), key: EncodingKey::from_ed_der(&pkcs8) })
+            )?;
+        Ok(Signer {
+            kid: stored.kid.clone(),
+            key: EncodingKey::from_ed_der(&pkcs8),
+        })
     }
 
     /// Signs `claims` as an access token with the current key.
@@ -106,7 +125,10 @@ impl SigningKeys {
 
     /// The published public keys as a JWK Set.
     pub async fn jwks(&self) -> Result<Jwks, sqlx::Error> {
-        let keys = self.store.published_signing_keys(Utc::now()).await?;
+        let keys = self
+            .store
+            .published_signing_keys(storegate::db::now())
+            .await?;
         Ok(Jwks {
             keys: keys
                 .iter()
@@ -127,8 +149,13 @@ mod tests {
     #[test]
     fn thumbprints_follow_rfc_7638() {
         // RFC 8037 Appendix A.3: the thumbprint of the A.2 public key.
-        let x = URL_SAFE_NO_PAD.decode("11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo").unwrap();
+        let x = URL_SAFE_NO_PAD
+            .decode("11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo")
+            .unwrap();
         let x: [u8; 32] = x.try_into().unwrap();
-        assert_eq!(thumbprint(&x), "kPrK_qmxVWaYVA9wwBF6Iuo3vVzz7TxHCTwXBygrS4k");
+        assert_eq!(
+            thumbprint(&x),
+            "kPrK_qmxVWaYVA9wwBF6Iuo3vVzz7TxHCTwXBygrS4k"
+        );
     }
 }

@@ -4,7 +4,11 @@ use auth_service::AuthConfig;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "auth-service", version, about = "storegate accounts, two-factor login and tokens")]
+#[command(
+    name = "auth-service",
+    version,
+    about = "storegate accounts, two-factor login and tokens"
+)]
 struct Cli {
     #[command(flatten)]
     config: AuthConfig,
@@ -29,6 +33,8 @@ async fn main() -> anyhow::Result<()> {
             let listener = storegate::server::bind(&cli.config.listen_addr).await?;
             auth_service::run(cli.config, listener, storegate::server::shutdown_signal()).await
         }
-        Command::GrantRole { username, role } => auth_service::grant_role(&cli.config, &username, &role).await,
+        Command::GrantRole { username, role } => {
+            auth_service::grant_role(&cli.config, &username, &role).await
+        }
     }
 }

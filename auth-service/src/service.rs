@@ -1,6 +1,6 @@
 //! The AuthService gRPC API: validate → store → map.
 
-use chrono::{Duration, Utc};
+use chrono::Duration;
 use storegate::{
     ApiError,
     pb::auth::v1::{
@@ -62,13 +62,22 @@ impl AuthState {
     fn open_totp_secret(&self, user_id: i64, sealed: &[u8]) -> Result<Vec<u8>, ApiError> {
         self.master_key
             .decrypt(sealed, &totp_seal_context(user_id))
-            .map_err(|e| ApiError::Internal(anyhow::Error::new(e).context(format!("TOTP secret of user {user_id}"))))
+            .map_err(|e| {
+                ApiError::Internal(
+                    anyhow::Error::new(e).context(format!("TOTP secret of user {user_id}")),
+                )
+            })
     }
 
     async fn register(&self, req: RegisterRequest) -> Result<RegisterResponse, ApiError> {
         let username = Username::parse(&req.username);
         let password = check_new_password(&req.password);
-        ApiError::check([username.clone().err(), password.err()].into_iter().flatten().collect())?;
+        ApiError::check(
+            [username.clone().err(), password.err()]
+                .into_iter()
+                .flatten()
+                .collect(),
+        )?;
         let username = username.map_err(|v| ApiError::InvalidArgument(vec![v]))?;
 
         let password_hash = self.hasher.hash(req.password).await?;
@@ -79,7 +88,7 @@ impl AuthState {
                 username.as_str(),
                 &password_hash,
                 |id| self.master_key.encrypt(&secret, &totp_seal_context(id)),
-                Utc::now(),
+                storegate::db::now(),
             )
             .await?;
         tracing::info!(user_id, "registered a user");
@@ -105,10 +114,12 @@ impl AuthState {
             return Err(ApiError::Unauthenticated(BAD_CREDENTIALS));
         };
 
-        let now = Utc::now();
+        let now = storegate::db::now();
         let ticket = random_token();
         let expires_at = now + Duration::seconds(TICKET_TTL_SECS);
-        self.store.create_ticket(&token_hash(&ticket), user_id, expires_at, now).await?;
+        self.store
+            .create_ticket(&token_hash(&ticket), user_id, expires_at, now)
+            .await?;
 
         let totp_state = self
             .store
@@ -122,22 +133,36 @@ impl AuthState {
             None => {
                 let secret = self.open_totp_secret(user_id, &totp_state.totp_secret)?;
                 let e = totp::enrollment(&secret, &self.totp_issuer, &totp_state.username)?;
-                Some(TotpEnrollment { otpauth_uri: e.otpauth_uri, qr_png: e.qr_png, secret: e.secret_base32 })
+                Some(TotpEnrollment {
+                    otpauth_uri: e.otpauth_uri,
+                    qr_png: e.qr_png,
+                    secret: e.secret_base32,
+                })
             }
         };
-        tracing::info!(user_id, enrolling = enrollment.is_some(), "password accepted; ticket issued");
+        tracing::info!(
+            user_id,
+            enrolling = enrollment.is_some(),
+            "password accepted; ticket issued"
+        );
         Ok(BeginLoginResponse {
             login_ticket: ticket,
-            ticket_expire_time: Some(prost_types::Timestamp { seconds: expires_at.timestamp(), nanos: 0 }),
+            ticket_expire_time: Some(prost_types::Timestamp {
+                seconds: expires_at.timestamp(),
+                nanos: 0,
+            }),
             enrollment,
         })
     }
 
-    async fn complete_login(&self, req: CompleteLoginRequest) -> Result<CompleteLoginResponse, ApiError> {
+    async fn complete_login(
+        &self,
+        req: CompleteLoginRequest,
+    ) -> Result<CompleteLoginResponse, ApiError> {
         if req.login_ticket.is_empty() || req.login_ticket.len() > MAX_OPAQUE_LEN {
             return Err(ApiError::Unauthenticated(BAD_TICKET));
         }
-        let now = Utc::now();
+        let now = storegate::db::now();
         let ticket_hash = token_hash(&req.login_ticket);
         let ticket = self
             .store
@@ -145,11 +170,17 @@ impl AuthState {
             .await?
             .ok_or(ApiError::Unauthenticated(BAD_TICKET))?;
         let user_id = ticket.user_id;
-        let totp_state = self.store.totp_state(user_id).await?.ok_or(ApiError::Unauthenticated(BAD_TICKET))?;
+        let totp_state = self
+            .store
+            .totp_state(user_id)
+            .await?
+            .ok_or(ApiError::Unauthenticated(BAD_TICKET))?;
         let secret = self.open_totp_secret(user_id, &totp_state.totp_secret)?;
 
         let now_step = totp::step_at(u64::try_from(now.timestamp()).unwrap_or(0));
-        let Some(step) = totp::matching_step(&secret, &req.code, now_step, totp_state.totp_last_step) else {
+        let Some(step) =
+            totp::matching_step(&secret, &req.code, now_step, totp_state.totp_last_step)
+        else {
             self.store.record_wrong_code(&ticket_hash).await?;
             return Err(ApiError::Unauthenticated(BAD_CODE));
         };
@@ -160,17 +191,29 @@ impl AuthState {
             family: random_bytes::<16>().to_vec(),
             expires_at: now + Duration::days(REFRESH_TOKEN_TTL_DAYS),
         };
-        match self.store.complete_login(&ticket_hash, user_id, step, &refresh, now).await? {
+        match self
+            .store
+            .complete_login(&ticket_hash, user_id, step, &refresh, now)
+            .await?
+        {
             Ok(()) => {}
-            Err(CompleteLoginRefused::TicketInvalid) => return Err(ApiError::Unauthenticated(BAD_TICKET)),
+            Err(CompleteLoginRefused::TicketInvalid) => {
+                return Err(ApiError::Unauthenticated(BAD_TICKET));
+            }
             Err(CompleteLoginRefused::StepUsed) => {
                 self.store.record_wrong_code(&ticket_hash).await?;
                 return Err(ApiError::Unauthenticated(BAD_CODE));
             }
         }
 
-        let access_token = self.issue_access_token(user_id, &totp_state.username).await?;
-        tracing::info!(user_id, confirmed_enrollment = totp_state.totp_confirmed_at.is_none(), "login completed");
+        let access_token = self
+            .issue_access_token(user_id, &totp_state.username)
+            .await?;
+        tracing::info!(
+            user_id,
+            confirmed_enrollment = totp_state.totp_confirmed_at.is_none(),
+            "login completed"
+        );
         Ok(CompleteLoginResponse {
             access_token,
             refresh_token,
@@ -180,7 +223,7 @@ impl AuthState {
     }
 
     async fn issue_access_token(&self, user_id: i64, username: &str) -> Result<String, ApiError> {
-        let now = Utc::now().timestamp();
+        let now = storegate::db::now().timestamp();
         let claims = Claims {
             iss: self.issuer.clone(),
             sub: user_id.to_string(),
@@ -205,13 +248,23 @@ impl AuthState {
 #[tonic::async_trait]
 impl AuthService for AuthApi {
     #[tracing::instrument(name = "Register", skip_all)]
-    async fn register(&self, request: Request<RegisterRequest>) -> Result<Response<RegisterResponse>, Status> {
-        Ok(Response::new(self.state.register(request.into_inner()).await?))
+    async fn register(
+        &self,
+        request: Request<RegisterRequest>,
+    ) -> Result<Response<RegisterResponse>, Status> {
+        Ok(Response::new(
+            self.state.register(request.into_inner()).await?,
+        ))
     }
 
     #[tracing::instrument(name = "BeginLogin", skip_all)]
-    async fn begin_login(&self, request: Request<BeginLoginRequest>) -> Result<Response<BeginLoginResponse>, Status> {
-        Ok(Response::new(self.state.begin_login(request.into_inner()).await?))
+    async fn begin_login(
+        &self,
+        request: Request<BeginLoginRequest>,
+    ) -> Result<Response<BeginLoginResponse>, Status> {
+        Ok(Response::new(
+            self.state.begin_login(request.into_inner()).await?,
+        ))
     }
 
     #[tracing::instrument(name = "CompleteLogin", skip_all)]
@@ -219,11 +272,16 @@ impl AuthService for AuthApi {
         &self,
         request: Request<CompleteLoginRequest>,
     ) -> Result<Response<CompleteLoginResponse>, Status> {
-        Ok(Response::new(self.state.complete_login(request.into_inner()).await?))
+        Ok(Response::new(
+            self.state.complete_login(request.into_inner()).await?,
+        ))
     }
 
     #[tracing::instrument(name = "GetJwks", skip_all)]
-    async fn get_jwks(&self, _request: Request<GetJwksRequest>) -> Result<Response<GetJwksResponse>, Status> {
+    async fn get_jwks(
+        &self,
+        _request: Request<GetJwksRequest>,
+    ) -> Result<Response<GetJwksResponse>, Status> {
         Ok(Response::new(self.state.get_jwks().await?))
     }
 }

@@ -184,7 +184,11 @@ impl AuthStore {
     }
 
     /// A ticket that may still be used: known, not expired, attempts left.
-    pub async fn live_ticket(&self, ticket_hash: &[u8], now: DateTime<Utc>) -> Result<Option<Ticket>, ApiError> {
+    pub async fn live_ticket(
+        &self,
+        ticket_hash: &[u8],
+        now: DateTime<Utc>,
+    ) -> Result<Option<Ticket>, ApiError> {
         Ok(on_db!(&self.db, pool => {
             sqlx::query_as(
                 "SELECT user_id FROM login_tickets WHERE ticket_hash = ? AND expires_at > ? AND failed_codes < ?",
@@ -308,7 +312,10 @@ impl AuthStore {
 
     /// The key to sign with now: the newest active one that is not retired.
     /// Every replica picks the same one.
-    pub async fn current_signing_key(&self, now: DateTime<Utc>) -> Result<Option<StoredSigningKey>, ApiError> {
+    pub async fn current_signing_key(
+        &self,
+        now: DateTime<Utc>,
+    ) -> Result<Option<StoredSigningKey>, ApiError> {
         Ok(on_db!(&self.db, pool => {
             sqlx::query_as(
                 "SELECT kid, public_key, private_key FROM signing_keys \
@@ -322,10 +329,14 @@ impl AuthStore {
 
     /// Keys to publish: every key not retired, and retired keys whose tokens
     /// may still be alive.
-    pub async fn published_signing_keys(&self, now: DateTime<Utc>) -> Result<Vec<StoredSigningKey>, sqlx::Error> {
+    pub async fn published_signing_keys(
+        &self,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<StoredSigningKey>, sqlx::Error> {
         let tokens_dead_before = now
             - chrono::Duration::seconds(
-                storegate::token::ACCESS_TOKEN_TTL_SECS + storegate::token::CLOCK_LEEWAY_SECS as i64,
+                storegate::token::ACCESS_TOKEN_TTL_SECS
+                    + storegate::token::CLOCK_LEEWAY_SECS as i64,
             );
         on_db!(&self.db, pool => {
             sqlx::query_as(

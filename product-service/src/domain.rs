@@ -38,8 +38,14 @@ impl Price {
         if whole.len() > PRICE_MAX_INTEGER_DIGITS {
             return Err("must be below 10000000000");
         }
-        let whole: i64 = if whole.is_empty() { 0 } else { whole.parse().map_err(|_| "is not a number")? };
-        let cents: i64 = format!("{fraction:0<2}").parse().map_err(|_| "is not a number")?;
+        let whole: i64 = if whole.is_empty() {
+            0
+        } else {
+            whole.parse().map_err(|_| "is not a number")?
+        };
+        let cents: i64 = format!("{fraction:0<2}")
+            .parse()
+            .map_err(|_| "is not a number")?;
         Ok(Price(whole * 100 + cents))
     }
 
@@ -78,8 +84,15 @@ pub fn check_stock(stock: i64, field: &str) -> Option<FieldViolation> {
 /// A client's idempotency key: up to 64 characters of letters, digits, '-' and '_'.
 pub fn check_request_id(request_id: &str) -> Option<FieldViolation> {
     let ok = request_id.len() <= REQUEST_ID_MAX_LEN
-        && request_id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-    (!ok).then(|| FieldViolation::new("request_id", "must be at most 64 characters of letters, digits, '-' and '_'"))
+        && request_id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    (!ok).then(|| {
+        FieldViolation::new(
+            "request_id",
+            "must be at most 64 characters of letters, digits, '-' and '_'",
+        )
+    })
 }
 
 /// The product's etag for a row version. Opaque to clients.
@@ -117,8 +130,21 @@ mod tests {
     #[test]
     fn malformed_negative_or_oversized_prices_are_refused() {
         for text in [
-            "", "-1", "-0.01", "1.234", "1e3", " 1", "1 ", "1,50", "abc", ".5", "5.", "+5", "NaN",
-            "10000000000", "99999999999.99",
+            "",
+            "-1",
+            "-0.01",
+            "1.234",
+            "1e3",
+            " 1",
+            "1 ",
+            "1,50",
+            "abc",
+            ".5",
+            "5.",
+            "+5",
+            "NaN",
+            "10000000000",
+            "99999999999.99",
         ] {
             assert!(Price::parse(text).is_err(), "{text:?} accepted");
         }

@@ -40,13 +40,21 @@ impl KeySource {
             .context("AUTH_SERVICE_URL is not a valid URL")?
             .connect_timeout(FETCH_TIMEOUT)
             .timeout(FETCH_TIMEOUT);
-        Ok(KeySource::Auth(AuthServiceClient::new(endpoint.connect_lazy())))
+        Ok(KeySource::Auth(AuthServiceClient::new(
+            endpoint.connect_lazy(),
+        )))
     }
 
     async fn fetch(&self) -> anyhow::Result<KeySet> {
         let json = match self {
             KeySource::Auth(client) => {
-                client.clone().get_jwks(GetJwksRequest {}).await.context("GetJwks failed")?.into_inner().jwks_json
+                client
+                    .clone()
+                    .get_jwks(GetJwksRequest {})
+                    .await
+                    .context("GetJwks failed")?
+                    .into_inner()
+                    .jwks_json
             }
             KeySource::File(path) => tokio::fs::read_to_string(path)
                 .await
@@ -94,7 +102,9 @@ impl JwksCache {
     /// Waits until the first key set has arrived, or `timeout` passes.
     pub async fn wait_loaded(&self, timeout: Duration) -> bool {
         let mut loaded = self.loaded.subscribe();
-        tokio::time::timeout(timeout, loaded.wait_for(|l| *l)).await.is_ok_and(|r| r.is_ok())
+        tokio::time::timeout(timeout, loaded.wait_for(|l| *l))
+            .await
+            .is_ok_and(|r| r.is_ok())
     }
 
     /// Refreshes forever: every `interval`, on request (rate-limited), and
@@ -114,7 +124,10 @@ impl JwksCache {
                     interval
                 }
                 Err(e) => {
-                    tracing::warn!(error = format!("{e:#}"), "cannot refresh signing keys; keeping the cached ones");
+                    tracing::warn!(
+                        error = format!("{e:#}"),
+                        "cannot refresh signing keys; keeping the cached ones"
+                    );
                     let wait = retry;
                     retry = (retry * 2).min(interval);
                     wait
