@@ -57,7 +57,8 @@ impl MasterKey {
         configured: Option<&SecretString>,
         dev_key_dir: Option<&Path>,
     ) -> anyhow::Result<Self> {
-        if let Some(key) = configured {
+        // An empty variable (as compose files pass through) means "not set".
+        if let Some(key) = configured.filter(|k| !k.expose_secret().trim().is_empty()) {
             return Self::from_base64(key.expose_secret());
         }
         let Some(dir) = dev_key_dir else {
