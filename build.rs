@@ -6,10 +6,7 @@ use std::{env, fs, path::PathBuf};
 
 use prost::Message as _;
 
-const PROTOS: &[&str] = &[
-    "proto/storegate/auth/v1/auth.proto",
-    "proto/storegate/product/v1/product.proto",
-];
+const PROTOS: &[&str] = &["proto/storegate/auth/v1/auth.proto", "proto/storegate/product/v1/product.proto"];
 
 /// Messages that carry passwords, codes, tickets or tokens: their Debug is
 /// written by hand (redacted) so that no log line can print them.
@@ -28,10 +25,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // compile_fds neither writes the descriptor set nor tells cargo what to
     // watch, so both happen here.
-    fs::write(
-        out_dir.join("storegate_descriptor.bin"),
-        descriptors.encode_to_vec(),
-    )?;
+    fs::write(out_dir.join("storegate_descriptor.bin"), descriptors.encode_to_vec())?;
     println!("cargo:rerun-if-changed=proto");
     // sqlx::migrate! embeds these at compile time.
     println!("cargo:rerun-if-changed=migrations");

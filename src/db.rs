@@ -10,7 +10,7 @@ use std::{path::Path, str::FromStr, time::Duration};
 
 use anyhow::Context as _;
 use sqlx::{
-    MySql, Pool, Sqlite, Transaction,
+    ConnectOptions as _, MySql, Pool, Sqlite, Transaction,
     mysql::{MySqlConnectOptions, MySqlPoolOptions, MySqlQueryResult},
     sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteQueryResult},
 };
@@ -69,13 +69,15 @@ impl Db {
                 // Both services may write the same file; wait for the lock
                 // instead of failing at once.
                 .busy_timeout(Duration::from_secs(10))
-                .foreign_keys(true);
+                .foreign_keys(true)
+                // Statement logs carry SQL text; errors are logged where
+                // they are handled, without it.
+                .disable_statement_logging();
             if let Some(folder) = options.get_filename().parent()
                 && !folder.as_os_str().is_empty()
             {
-                std::fs::create_dir_all(folder).with_context(|| {
-                    format!("cannot create the database folder {}", folder.display())
-                })?;
+                std::fs::create_dir_all(folder)
+                    .with_context(|| format!("cannot create the database folder {}", folder.display()))?;
             }
             let pool = SqlitePoolOptions::new()
                 .max_connections(8)
@@ -88,7 +90,8 @@ impl Db {
             let url = url.replacen("mariadb:", "mysql:", 1);
             let options = MySqlConnectOptions::from_str(&url)
                 .context("DATABASE_URL is not a valid mysql URL")?
-                .charset("utf8mb4");
+                .charset("utf8mb4")
+                .disable_statement_logging();
             let pool = MySqlPoolOptions::new()
                 .max_connections(16)
                 .acquire_timeout(Duration::from_secs(5))
@@ -120,11 +123,10 @@ impl Db {
     /// The SQLite file's path, if this is a file-backed SQLite database.
     pub async fn sqlite_path(&self) -> Option<std::path::PathBuf> {
         let Db::Sqlite(pool) = self else { return None };
-        let path: String =
-            sqlx::query_scalar("SELECT file FROM pragma_database_list WHERE name = 'main'")
-                .fetch_one(pool)
-                .await
-                .ok()?;
+        let path: String = sqlx::query_scalar("SELECT file FROM pragma_database_list WHERE name = 'main'")
+            .fetch_one(pool)
+            .await
+            .ok()?;
         (!path.is_empty()).then(|| path.into())
     }
 
@@ -204,8 +206,7 @@ impl InsertId for MySqlQueryResult {
 /// True when `err` is a unique-key violation (MySQL does not fill in the
 /// constraint name, so callers cannot rely on it).
 pub fn is_unique_violation(err: &sqlx::Error) -> bool {
-    err.as_database_error()
-        .is_some_and(|e| e.is_unique_violation())
+    err.as_database_error().is_some_and(|e| e.is_unique_violation())
 }
 
 /// True when `url` names the embedded SQLite backend.
@@ -218,11 +219,7 @@ pub fn is_sqlite_url(url: &str) -> bool {
 pub fn sqlite_data_dir(url: &str) -> Option<std::path::PathBuf> {
     let options = SqliteConnectOptions::from_str(url).ok()?;
     let parent = options.get_filename().parent()?;
-    Some(if parent.as_os_str().is_empty() {
-        Path::new(".").to_path_buf()
-    } else {
-        parent.to_path_buf()
-    })
+    Some(if parent.as_os_str().is_empty() { Path::new(".").to_path_buf() } else { parent.to_path_buf() })
 }
 
 /// The current time as the database keeps it: UTC, whole microseconds
@@ -230,6 +227,5 @@ pub fn sqlite_data_dir(url: &str) -> Option<std::path::PathBuf> {
 pub fn now() -> chrono::DateTime<chrono::Utc> {
     use chrono::Timelike as _;
     let t = chrono::Utc::now();
-    t.with_nanosecond(t.nanosecond() / 1_000 * 1_000)
-        .unwrap_or(t)
+    t.with_nanosecond(t.nanosecond() / 1_000 * 1_000).unwrap_or(t)
 }

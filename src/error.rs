@@ -19,10 +19,7 @@ pub struct FieldViolation {
 
 impl FieldViolation {
     pub fn new(field: impl Into<String>, description: impl Into<String>) -> Self {
-        FieldViolation {
-            field: field.into(),
-            description: description.into(),
-        }
+        FieldViolation { field: field.into(), description: description.into() }
     }
 }
 
@@ -43,10 +40,7 @@ pub enum ApiError {
     #[error("{0}")]
     FailedPrecondition(String),
     #[error("{message}")]
-    ResourceExhausted {
-        message: &'static str,
-        retry_after: Option<Duration>,
-    },
+    ResourceExhausted { message: &'static str, retry_after: Option<Duration> },
     #[error("{0}")]
     Unavailable(&'static str),
     #[error(transparent)]
@@ -61,11 +55,7 @@ impl ApiError {
 
     /// Ok if no violation was collected, else INVALID_ARGUMENT with all of them.
     pub fn check(violations: Vec<FieldViolation>) -> Result<(), ApiError> {
-        if violations.is_empty() {
-            Ok(())
-        } else {
-            Err(ApiError::InvalidArgument(violations))
-        }
+        if violations.is_empty() { Ok(()) } else { Err(ApiError::InvalidArgument(violations)) }
     }
 }
 
@@ -109,10 +99,7 @@ impl From<ApiError> for Status {
             ApiError::AlreadyExists(m) => Status::already_exists(m),
             ApiError::Aborted(m) => Status::aborted(m),
             ApiError::FailedPrecondition(m) => Status::failed_precondition(m),
-            ApiError::ResourceExhausted {
-                message,
-                retry_after,
-            } => match retry_after {
+            ApiError::ResourceExhausted { message, retry_after } => match retry_after {
                 Some(delay) => Status::with_error_details(
                     Code::ResourceExhausted,
                     message,
@@ -142,20 +129,14 @@ mod tests {
         .into();
         assert_eq!(status.code(), Code::InvalidArgument);
         let details = status.get_error_details();
-        let fields: Vec<_> = details
-            .bad_request()
-            .unwrap()
-            .field_violations
-            .iter()
-            .map(|v| v.field.as_str())
-            .collect();
+        let fields: Vec<_> =
+            details.bad_request().unwrap().field_violations.iter().map(|v| v.field.as_str()).collect();
         assert_eq!(fields, ["product.name", "product.price"]);
     }
 
     #[test]
     fn internal_errors_send_a_fixed_message() {
-        let status: Status =
-            ApiError::Internal(anyhow::anyhow!("SELECT secret FROM users failed")).into();
+        let status: Status = ApiError::Internal(anyhow::anyhow!("SELECT secret FROM users failed")).into();
         assert_eq!(status.code(), Code::Internal);
         assert_eq!(status.message(), "internal error");
     }

@@ -5,8 +5,8 @@
 use std::fmt;
 
 use crate::pb::auth::v1::{
-    BeginLoginRequest, BeginLoginResponse, CompleteLoginRequest, CompleteLoginResponse,
-    RegisterRequest, TotpEnrollment,
+    BeginLoginRequest, BeginLoginResponse, CompleteLoginRequest, CompleteLoginResponse, RegisterRequest,
+    TotpEnrollment,
 };
 
 const HIDDEN: &str = "<redacted>";
@@ -51,10 +51,7 @@ impl fmt::Debug for TotpEnrollment {
 
 impl fmt::Debug for CompleteLoginRequest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("CompleteLoginRequest")
-            .field("login_ticket", &HIDDEN)
-            .field("code", &HIDDEN)
-            .finish()
+        f.debug_struct("CompleteLoginRequest").field("login_ticket", &HIDDEN).field("code", &HIDDEN).finish()
     }
 }
 
@@ -65,6 +62,7 @@ impl fmt::Debug for CompleteLoginResponse {
             .field("refresh_token", &HIDDEN)
             .field("token_type", &self.token_type)
             .field("expires_in", &self.expires_in)
+            .field("recovery_codes", &format_args!("<{} redacted>", self.recovery_codes.len()))
             .finish()
     }
 }
@@ -77,19 +75,14 @@ mod tests {
     fn debug_output_hides_passwords_codes_and_tokens() {
         let printed = format!(
             "{:?} {:?} {:?} {:?}",
-            RegisterRequest {
-                username: "alice".into(),
-                password: "hunter2-secret".into()
-            },
-            CompleteLoginRequest {
-                login_ticket: "ticket-xyz".into(),
-                code: "123456".into()
-            },
+            RegisterRequest { username: "alice".into(), password: "hunter2-secret".into() },
+            CompleteLoginRequest { login_ticket: "ticket-xyz".into(), code: "123456".into() },
             CompleteLoginResponse {
                 access_token: "eyJ.access".into(),
                 refresh_token: "refresh-abc".into(),
                 token_type: "Bearer".into(),
                 expires_in: 900,
+                recovery_codes: vec!["ABCD-EFGH-JKLM".into()],
             },
             TotpEnrollment {
                 otpauth_uri: "otpauth://totp/x?secret=JBSWY3DP".into(),
@@ -98,14 +91,7 @@ mod tests {
             },
         );
         assert!(printed.contains("alice"));
-        for secret in [
-            "hunter2-secret",
-            "ticket-xyz",
-            "123456",
-            "eyJ.access",
-            "refresh-abc",
-            "JBSWY3DP",
-        ] {
+        for secret in ["hunter2-secret", "ticket-xyz", "123456", "eyJ.access", "refresh-abc", "JBSWY3DP"] {
             assert!(!printed.contains(secret), "{secret} leaked into {printed}");
         }
     }

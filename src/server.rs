@@ -26,10 +26,7 @@ pub fn base_routes() -> anyhow::Result<(RoutesBuilder, HealthReporter)> {
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
     let mut routes = Routes::builder();
-    routes
-        .add_service(health)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha);
+    routes.add_service(health).add_service(reflection_v1).add_service(reflection_v1alpha);
     Ok((routes, reporter))
 }
 
@@ -58,11 +55,7 @@ fn cors_layer(allowed_origins: &[String]) -> CorsLayer {
             header("x-user-agent"),
             header("grpc-timeout"),
         ])
-        .expose_headers([
-            header("grpc-status"),
-            header("grpc-message"),
-            header("grpc-status-details-bin"),
-        ])
+        .expose_headers([header("grpc-status"), header("grpc-message"), header("grpc-status-details-bin")])
         .max_age(std::time::Duration::from_secs(24 * 60 * 60))
 }
 
@@ -112,7 +105,5 @@ pub async fn shutdown_signal() {
 /// Binds `addr`, with the address in the error when it is taken.
 pub async fn bind(addr: &str) -> anyhow::Result<TcpListener> {
     use anyhow::Context as _;
-    TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("cannot listen on {addr}"))
+    TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))
 }

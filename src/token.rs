@@ -164,8 +164,7 @@ impl TokenVerifier {
         }
         // RFC 9068 allows the media type spelled out in full.
         let typ_ok = header.typ.as_deref().is_some_and(|t| {
-            t.eq_ignore_ascii_case(ACCESS_TOKEN_TYPE)
-                || t.eq_ignore_ascii_case("application/at+jwt")
+            t.eq_ignore_ascii_case(ACCESS_TOKEN_TYPE) || t.eq_ignore_ascii_case("application/at+jwt")
         });
         if !typ_ok {
             return Err(VerifyError::Malformed);
@@ -176,8 +175,8 @@ impl TokenVerifier {
     pub fn verify(&self, keys: &KeySet, token: &str) -> Result<Claims, VerifyError> {
         let kid = Self::key_id(token)?;
         let key = keys.keys.get(&kid).ok_or(VerifyError::UnknownKey)?;
-        let data = jsonwebtoken::decode::<Claims>(token, key, &self.validation)
-            .map_err(|_| VerifyError::Invalid)?;
+        let data =
+            jsonwebtoken::decode::<Claims>(token, key, &self.validation).map_err(|_| VerifyError::Invalid)?;
         Ok(data.claims)
     }
 }
@@ -190,9 +189,8 @@ mod tests {
     // RFC 8032 §7.1 test 1 key pair, as PKCS#8 DER (private) and raw bytes (public).
     const PKCS8: &str = "MC4CAQAwBQYDK2VwBCIEIJ1hsZ3v/VpguoRK9JLsLMREScVpezJpGXA7rAMcrn9g";
     const PUBLIC: [u8; 32] = [
-        0xd7, 0x5a, 0x98, 0x01, 0x82, 0xb1, 0x0a, 0xb7, 0xd5, 0x4b, 0xfe, 0xd3, 0xc9, 0x64, 0x07,
-        0x3a, 0x0e, 0xe1, 0x72, 0xf3, 0xda, 0xa6, 0x23, 0x25, 0xaf, 0x02, 0x1a, 0x68, 0xf7, 0x07,
-        0x51, 0x1a,
+        0xd7, 0x5a, 0x98, 0x01, 0x82, 0xb1, 0x0a, 0xb7, 0xd5, 0x4b, 0xfe, 0xd3, 0xc9, 0x64, 0x07, 0x3a, 0x0e,
+        0xe1, 0x72, 0xf3, 0xda, 0xa6, 0x23, 0x25, 0xaf, 0x02, 0x1a, 0x68, 0xf7, 0x07, 0x51, 0x1a,
     ];
 
     fn encoding_key() -> EncodingKey {
@@ -222,25 +220,18 @@ mod tests {
     }
 
     fn keys() -> KeySet {
-        KeySet::from_jwks(&Jwks {
-            keys: vec![PublicJwk::ed25519("k1", &PUBLIC)],
-        })
+        KeySet::from_jwks(&Jwks { keys: vec![PublicJwk::ed25519("k1", &PUBLIC)] })
     }
 
     fn now() -> i64 {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs() as i64
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
     }
 
     #[test]
     fn a_well_formed_token_verifies_and_yields_its_claims() {
         let verifier = TokenVerifier::new(DEFAULT_ISSUER, DEFAULT_AUDIENCE);
         let c = claims(now());
-        let got = verifier
-            .verify(&keys(), &sign(&c, "k1", ACCESS_TOKEN_TYPE))
-            .unwrap();
+        let got = verifier.verify(&keys(), &sign(&c, "k1", ACCESS_TOKEN_TYPE)).unwrap();
         assert_eq!(got, c);
         assert_eq!(got.user_id(), Some(42));
         assert!(got.has_role(ADMIN_ROLE));
@@ -250,36 +241,21 @@ mod tests {
     fn wrong_typ_unknown_kid_issuer_audience_and_expiry_are_refused() {
         let verifier = TokenVerifier::new(DEFAULT_ISSUER, DEFAULT_AUDIENCE);
         let n = now();
-        assert_eq!(
-            verifier.verify(&keys(), &sign(&claims(n), "k1", "JWT")),
-            Err(VerifyError::Malformed)
-        );
+        assert_eq!(verifier.verify(&keys(), &sign(&claims(n), "k1", "JWT")), Err(VerifyError::Malformed));
         assert_eq!(
             verifier.verify(&keys(), &sign(&claims(n), "k2", ACCESS_TOKEN_TYPE)),
             Err(VerifyError::UnknownKey)
         );
         let mut c = claims(n);
         c.iss = "someone-else".into();
-        assert_eq!(
-            verifier.verify(&keys(), &sign(&c, "k1", ACCESS_TOKEN_TYPE)),
-            Err(VerifyError::Invalid)
-        );
+        assert_eq!(verifier.verify(&keys(), &sign(&c, "k1", ACCESS_TOKEN_TYPE)), Err(VerifyError::Invalid));
         let mut c = claims(n);
         c.aud = "other-api".into();
-        assert_eq!(
-            verifier.verify(&keys(), &sign(&c, "k1", ACCESS_TOKEN_TYPE)),
-            Err(VerifyError::Invalid)
-        );
+        assert_eq!(verifier.verify(&keys(), &sign(&c, "k1", ACCESS_TOKEN_TYPE)), Err(VerifyError::Invalid));
         let mut c = claims(n - 3600);
         c.exp = n - 61;
-        assert_eq!(
-            verifier.verify(&keys(), &sign(&c, "k1", ACCESS_TOKEN_TYPE)),
-            Err(VerifyError::Invalid)
-        );
-        assert_eq!(
-            verifier.verify(&keys(), "not-a-jwt"),
-            Err(VerifyError::Malformed)
-        );
+        assert_eq!(verifier.verify(&keys(), &sign(&c, "k1", ACCESS_TOKEN_TYPE)), Err(VerifyError::Invalid));
+        assert_eq!(verifier.verify(&keys(), "not-a-jwt"), Err(VerifyError::Malformed));
     }
 
     #[test]
@@ -291,10 +267,7 @@ mod tests {
             serde_json::from_slice(&URL_SAFE_NO_PAD.decode(&parts[1]).unwrap()).unwrap();
         payload["roles"] = serde_json::json!(["admin", "superuser"]);
         parts[1] = URL_SAFE_NO_PAD.encode(payload.to_string());
-        assert_eq!(
-            verifier.verify(&keys(), &parts.join(".")),
-            Err(VerifyError::Invalid)
-        );
+        assert_eq!(verifier.verify(&keys(), &parts.join(".")), Err(VerifyError::Invalid));
     }
 
     #[test]
@@ -303,9 +276,7 @@ mod tests {
         short.x = URL_SAFE_NO_PAD.encode([1u8; 16]);
         let mut rsa = PublicJwk::ed25519("rsa", &PUBLIC);
         rsa.kty = "RSA".into();
-        let set = KeySet::from_jwks(&Jwks {
-            keys: vec![short, rsa, PublicJwk::ed25519("ok", &PUBLIC)],
-        });
+        let set = KeySet::from_jwks(&Jwks { keys: vec![short, rsa, PublicJwk::ed25519("ok", &PUBLIC)] });
         assert_eq!(set.len(), 1);
         assert!(set.contains("ok"));
     }

@@ -8,19 +8,21 @@ use aes_gcm::{
     aead::{Aead as _, Payload},
 };
 use anyhow::{Context as _, bail};
-use base64::{
-    Engine as _, engine::general_purpose::STANDARD, engine::general_purpose::URL_SAFE_NO_PAD,
-};
+use base64::{Engine as _, engine::general_purpose::STANDARD, engine::general_purpose::URL_SAFE_NO_PAD};
 use rand::RngCore as _;
 use secrecy::{ExposeSecret as _, SecretString};
 use sha2::{Digest as _, Sha256};
 
 const NONCE_LEN: usize = 12;
 
-/// The key that encrypts TOTP secrets and private signing keys.
+/// The key that encrypts TOTP secrets and private signing keys, and keys
+/// the hashes of recovery codes.
 #[derive(Clone)]
 pub struct MasterKey {
     cipher: Aes256Gcm,
+    /// A separate key derived from the master key, so the same key bytes are
+    /// never used for two algorithms.
+    mac_key: [u8; 32],
 }
 
 impl std::fmt::Debug for MasterKey {
@@ -32,18 +34,13 @@ impl std::fmt::Debug for MasterKey {
 impl MasterKey {
     /// Parses base64 of exactly 32 bytes.
     pub fn from_base64(encoded: &str) -> anyhow::Result<Self> {
-        let bytes = STANDARD
-            .decode(encoded.trim())
-            .context("STOREGATE_MASTER_KEY is not valid base64")?;
+        let bytes = STANDARD.decode(encoded.trim()).context("STOREGATE_MASTER_KEY is not valid base64")?;
         if bytes.len() != 32 {
-            bail!(
-                "STOREGATE_MASTER_KEY must be base64 of exactly 32 bytes, got {}",
-                bytes.len()
-            );
+            bail!("STOREGATE_MASTER_KEY must be base64 of exactly 32 bytes, got {}", bytes.len());
         }
-        Ok(MasterKey {
-            cipher: Aes256Gcm::new_from_slice(&bytes)?,
-        })
+        let mac_key =
+            Sha256::new_with_prefix(b"storegate keyed-hash key v1\0").chain_update(&bytes).finalize().into();
+        Ok(MasterKey { cipher: Aes256Gcm::new_from_slice(&bytes)?, mac_key })
     }
 
     /// A fresh random key, base64 encoded.
@@ -53,10 +50,7 @@ impl MasterKey {
 
     /// The configured key, or for the SQLite development default, the key in
     /// `master.key` beside the database (created on first start).
-    pub fn load(
-        configured: Option<&SecretString>,
-        dev_key_dir: Option<&Path>,
-    ) -> anyhow::Result<Self> {
+    pub fn load(configured: Option<&SecretString>, dev_key_dir: Option<&Path>) -> anyhow::Result<Self> {
         // An empty variable (as compose files pass through) means "not set".
         if let Some(key) = configured.filter(|k| !k.expose_secret().trim().is_empty()) {
             return Self::from_base64(key.expose_secret());
@@ -69,8 +63,8 @@ impl MasterKey {
         };
         let path = dir.join("master.key");
         if path.exists() {
-            let encoded = std::fs::read_to_string(&path)
-                .with_context(|| format!("cannot read {}", path.display()))?;
+            let encoded =
+                std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
             return Self::from_base64(&encoded)
                 .with_context(|| format!("{} is not a valid master key", path.display()));
         }
@@ -91,17 +85,23 @@ impl MasterKey {
         let nonce_bytes = random_bytes::<NONCE_LEN>();
         let ciphertext = self
             .cipher
-            .encrypt(
-                Nonce::from_slice(&nonce_bytes),
-                Payload {
-                    msg: plaintext,
-                    aad: context.as_bytes(),
-                },
-            )
+            .encrypt(Nonce::from_slice(&nonce_bytes), Payload { msg: plaintext, aad: context.as_bytes() })
             .map_err(|_| anyhow::anyhow!("encryption failed"))?;
         let mut sealed = nonce_bytes.to_vec();
         sealed.extend_from_slice(&ciphertext);
         Ok(sealed)
+    }
+
+    /// HMAC-SHA-256 of `data` for `purpose`: a stored hash that a database
+    /// dump alone cannot be brute-forced against.
+    pub fn keyed_hash(&self, purpose: &str, data: &[u8]) -> Vec<u8> {
+        use hmac::{Hmac, Mac};
+        let mut mac =
+            <Hmac<Sha256> as Mac>::new_from_slice(&self.mac_key).expect("HMAC takes any key length");
+        mac.update(purpose.as_bytes());
+        mac.update(&[0]);
+        mac.update(data);
+        mac.finalize().into_bytes().to_vec()
     }
 
     pub fn decrypt(&self, sealed: &[u8], context: &str) -> Result<Vec<u8>, WrongKey> {
@@ -110,13 +110,7 @@ impl MasterKey {
         }
         let (nonce, ciphertext) = sealed.split_at(NONCE_LEN);
         self.cipher
-            .decrypt(
-                Nonce::from_slice(nonce),
-                Payload {
-                    msg: ciphertext,
-                    aad: context.as_bytes(),
-                },
-            )
+            .decrypt(Nonce::from_slice(nonce), Payload { msg: ciphertext, aad: context.as_bytes() })
             .map_err(|_| WrongKey)
     }
 }
@@ -136,9 +130,7 @@ fn write_private_file(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
         use std::os::unix::fs::OpenOptionsExt as _;
         options.mode(0o600);
     }
-    let mut file = options
-        .open(path)
-        .with_context(|| format!("cannot create {}", path.display()))?;
+    let mut file = options.open(path).with_context(|| format!("cannot create {}", path.display()))?;
     file.write_all(contents)?;
     Ok(())
 }
@@ -171,15 +163,9 @@ mod tests {
         let sealed = key.encrypt(b"secret bytes", "totp:1").unwrap();
         assert!(!sealed.windows(12).any(|w| w == b"secret bytes"));
         assert_eq!(key.decrypt(&sealed, "totp:1").unwrap(), b"secret bytes");
-        assert!(
-            key.decrypt(&sealed, "totp:2").is_err(),
-            "moved to another row"
-        );
+        assert!(key.decrypt(&sealed, "totp:2").is_err(), "moved to another row");
         let other = MasterKey::from_base64(&MasterKey::generate_base64()).unwrap();
-        assert!(
-            other.decrypt(&sealed, "totp:1").is_err(),
-            "another master key"
-        );
+        assert!(other.decrypt(&sealed, "totp:1").is_err(), "another master key");
     }
 
     #[test]
@@ -200,10 +186,7 @@ mod tests {
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt as _;
-            let mode = std::fs::metadata(dir.join("master.key"))
-                .unwrap()
-                .permissions()
-                .mode();
+            let mode = std::fs::metadata(dir.join("master.key")).unwrap().permissions().mode();
             assert_eq!(mode & 0o777, 0o600);
         }
         std::fs::remove_dir_all(dir).unwrap();

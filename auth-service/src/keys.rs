@@ -38,10 +38,8 @@ fn seal_context(kid: &str) -> String {
 
 /// The RFC 7638 thumbprint of an Ed25519 public key.
 fn thumbprint(public_key: &[u8; 32]) -> String {
-    let canonical = format!(
-        r#"{{"crv":"Ed25519","kty":"OKP","x":"{}"}}"#,
-        URL_SAFE_NO_PAD.encode(public_key)
-    );
+    let canonical =
+        format!(r#"{{"crv":"Ed25519","kty":"OKP","x":"{}"}}"#, URL_SAFE_NO_PAD.encode(public_key));
     URL_SAFE_NO_PAD.encode(Sha256::digest(canonical.as_bytes()))
 }
 
@@ -65,11 +63,7 @@ impl SigningKeys {
             }
         };
         let signer = Self::open(&master_key, &stored)?;
-        Ok(SigningKeys {
-            store,
-            master_key,
-            signer: Arc::new(RwLock::new(Arc::new(signer))),
-        })
+        Ok(SigningKeys { store, master_key, signer: Arc::new(RwLock::new(Arc::new(signer))) })
     }
 
     /// Generates a key pair and stores it, usable for signing from `active_at`.
@@ -82,17 +76,11 @@ impl SigningKeys {
         let signing_key = SigningKey::generate(&mut rand::rngs::OsRng);
         let public_key = signing_key.verifying_key().to_bytes();
         let kid = thumbprint(&public_key);
-        let pkcs8 = signing_key
-            .to_pkcs8_der()
-            .context("cannot encode the signing key")?;
+        let pkcs8 = signing_key.to_pkcs8_der().context("cannot encode the signing key")?;
         let sealed = master_key.encrypt(pkcs8.as_bytes(), &seal_context(&kid))?;
         store
             .insert_signing_key(
-                &StoredSigningKey {
-                    kid: kid.clone(),
-                    public_key: public_key.to_vec(),
-                    private_key: sealed,
-                },
+                &StoredSigningKey { kid: kid.clone(), public_key: public_key.to_vec(), private_key: sealed },
                 now,
                 active_at,
             )
@@ -102,16 +90,11 @@ impl SigningKeys {
     }
 
     fn open(master_key: &MasterKey, stored: &StoredSigningKey) -> anyhow::Result<Signer> {
-        let pkcs8 = master_key
-            .decrypt(&stored.private_key, &seal_context(&stored.kid))
-            .context(
-                "the signing key in the database cannot be decrypted: STOREGATE_MASTER_KEY is not \
+        let pkcs8 = master_key.decrypt(&stored.private_key, &seal_context(&stored.kid)).context(
+            "the signing key in the database cannot be decrypted: STOREGATE_MASTER_KEY is not \
              the key this database was set up with",
-            )?;
-        Ok(Signer {
-            kid: stored.kid.clone(),
-            key: EncodingKey::from_ed_der(&pkcs8),
-        })
+        )?;
+        Ok(Signer { kid: stored.kid.clone(), key: EncodingKey::from_ed_der(&pkcs8) })
     }
 
     /// Signs `claims` as an access token with the current key.
@@ -125,10 +108,7 @@ impl SigningKeys {
 
     /// The published public keys as a JWK Set.
     pub async fn jwks(&self) -> Result<Jwks, sqlx::Error> {
-        let keys = self
-            .store
-            .published_signing_keys(storegate::db::now())
-            .await?;
+        let keys = self.store.published_signing_keys(storegate::db::now()).await?;
         Ok(Jwks {
             keys: keys
                 .iter()
@@ -149,13 +129,8 @@ mod tests {
     #[test]
     fn thumbprints_follow_rfc_7638() {
         // RFC 8037 Appendix A.3: the thumbprint of the A.2 public key.
-        let x = URL_SAFE_NO_PAD
-            .decode("11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo")
-            .unwrap();
+        let x = URL_SAFE_NO_PAD.decode("11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo").unwrap();
         let x: [u8; 32] = x.try_into().unwrap();
-        assert_eq!(
-            thumbprint(&x),
-            "kPrK_qmxVWaYVA9wwBF6Iuo3vVzz7TxHCTwXBygrS4k"
-        );
+        assert_eq!(thumbprint(&x), "kPrK_qmxVWaYVA9wwBF6Iuo3vVzz7TxHCTwXBygrS4k");
     }
 }

@@ -7,8 +7,10 @@ pub mod crypto;
 pub mod domain;
 pub mod keys;
 pub mod password;
+pub mod recovery;
 pub mod service;
 pub mod store;
+pub mod throttle;
 pub mod totp;
 
 use std::{future::Future, time::Duration};
@@ -33,11 +35,7 @@ const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 pub async fn open_state(config: &AuthConfig) -> anyhow::Result<AuthState> {
     let url = &config.common.database_url;
     let db = Db::open(url).await?;
-    let dev_key_dir = if db::is_sqlite_url(url) {
-        db::sqlite_data_dir(url)
-    } else {
-        None
-    };
+    let dev_key_dir = if db::is_sqlite_url(url) { db::sqlite_data_dir(url) } else { None };
     let master_key = MasterKey::load(config.master_key.as_ref(), dev_key_dir.as_deref())?;
     let store = AuthStore::new(db);
     let keys = SigningKeys::load(store.clone(), master_key.clone()).await?;
@@ -65,18 +63,12 @@ pub async fn run(
 
     let (mut routes, health) = storegate::server::base_routes()?;
     routes.add_service(
-        AuthServiceServer::new(AuthApi::new(state.clone()))
-            .max_decoding_message_size(MAX_REQUEST_BYTES),
+        AuthServiceServer::new(AuthApi::new(state.clone())).max_decoding_message_size(MAX_REQUEST_BYTES),
     );
     health.set_serving::<AuthServiceServer<AuthApi>>().await;
     tracing::info!(addr = %listener.local_addr()?, "auth-service listening");
-    let served = storegate::server::serve(
-        routes,
-        listener,
-        &config.common.cors_allowed_origins,
-        shutdown,
-    )
-    .await;
+    let served =
+        storegate::server::serve(routes, listener, &config.common.cors_allowed_origins, shutdown).await;
 
     sweeper.abort();
     state.store.db().close().await;
@@ -101,28 +93,20 @@ pub async fn grant_role(config: &AuthConfig, username: &str, role: &str) -> anyh
     anyhow::ensure!(
         !role.is_empty()
             && role.len() <= 32
-            && role
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-'),
+            && role.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-'),
         "a role is 1 to 32 characters of a-z, 0-9, '_' and '-'"
     );
-    let username = domain::Username::parse(username)
-        .map_err(|v| anyhow::anyhow!("username {}", v.description))?;
+    let username =
+        domain::Username::parse(username).map_err(|v| anyhow::anyhow!("username {}", v.description))?;
     let store = AuthStore::new(Db::open(&config.common.database_url).await?);
     let user_id = store
         .user_id_by_name(username.as_str())
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?
         .with_context(|| format!("no user named {}", username.as_str()))?;
-    let granted = store
-        .grant_role(user_id, role)
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let granted = store.grant_role(user_id, role).await.map_err(|e| anyhow::anyhow!("{e}"))?;
     if granted {
-        println!(
-            "granted role {role} to {}; it is in their next access token",
-            username.as_str()
-        );
+        println!("granted role {role} to {}; it is in their next access token", username.as_str());
     } else {
         println!("{} already has role {role}", username.as_str());
     }

@@ -4,11 +4,7 @@ use auth_service::AuthConfig;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(
-    name = "auth-service",
-    version,
-    about = "storegate accounts, two-factor login and tokens"
-)]
+#[command(name = "auth-service", version, about = "storegate accounts, two-factor login and tokens")]
 struct Cli {
     #[command(flatten)]
     config: AuthConfig,

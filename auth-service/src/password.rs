@@ -53,9 +53,7 @@ impl PasswordHasher {
 
     /// The PHC string of a fresh salted argon2id hash.
     pub async fn hash(&self, password: String) -> Result<String, ApiError> {
-        self.run(move || hash_blocking(&password))
-            .await?
-            .map_err(ApiError::Internal)
+        self.run(move || hash_blocking(&password)).await?.map_err(ApiError::Internal)
     }
 
     /// Checks `password` against `stored` (a PHC string), or against the
@@ -66,35 +64,21 @@ impl PasswordHasher {
         let matches = self
             .run(move || {
                 PasswordHash::new(&stored)
-                    .map(|parsed| {
-                        argon2()
-                            .verify_password(password.as_bytes(), &parsed)
-                            .is_ok()
-                    })
+                    .map(|parsed| argon2().verify_password(password.as_bytes(), &parsed).is_ok())
                     .unwrap_or(false)
             })
             .await?;
         Ok(known && matches)
     }
 
-    async fn run<T: Send + 'static>(
-        &self,
-        work: impl FnOnce() -> T + Send + 'static,
-    ) -> Result<T, ApiError> {
+    async fn run<T: Send + 'static>(&self, work: impl FnOnce() -> T + Send + 'static) -> Result<T, ApiError> {
         let _admitted =
-            self.admitted
-                .clone()
-                .try_acquire_owned()
-                .map_err(|_| ApiError::ResourceExhausted {
-                    message: "the server is busy checking passwords; try again shortly",
-                    retry_after: Some(std::time::Duration::from_secs(1)),
-                })?;
-        let _running = self
-            .running
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| ApiError::Unavailable("shutting down"))?;
+            self.admitted.clone().try_acquire_owned().map_err(|_| ApiError::ResourceExhausted {
+                message: "the server is busy checking passwords; try again shortly",
+                retry_after: Some(std::time::Duration::from_secs(1)),
+            })?;
+        let _running =
+            self.running.clone().acquire_owned().await.map_err(|_| ApiError::Unavailable("shutting down"))?;
         let span = tracing::Span::current();
         tokio::task::spawn_blocking(move || span.in_scope(work))
             .await
@@ -118,27 +102,11 @@ mod tests {
     async fn hashes_are_argon2id_with_owasp_parameters_and_verify() {
         let hasher = PasswordHasher::new().unwrap();
         let hash = hasher.hash("correct horse battery".into()).await.unwrap();
-        assert!(
-            hash.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"),
-            "{hash}"
-        );
-        assert!(
-            hasher
-                .verify("correct horse battery".into(), Some(hash.clone()))
-                .await
-                .unwrap()
-        );
-        assert!(
-            !hasher
-                .verify("correct horse batter".into(), Some(hash.clone()))
-                .await
-                .unwrap()
-        );
+        assert!(hash.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{hash}");
+        assert!(hasher.verify("correct horse battery".into(), Some(hash.clone())).await.unwrap());
+        assert!(!hasher.verify("correct horse batter".into(), Some(hash.clone())).await.unwrap());
         // Same password, new salt: a different hash.
-        assert_ne!(
-            hash,
-            hasher.hash("correct horse battery".into()).await.unwrap()
-        );
+        assert_ne!(hash, hasher.hash("correct horse battery".into()).await.unwrap());
     }
 
     #[tokio::test]

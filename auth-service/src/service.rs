@@ -1,12 +1,11 @@
 //! The AuthService gRPC API: validate → store → map.
 
-use chrono::Duration;
+use chrono::{DateTime, Duration, Utc};
 use storegate::{
     ApiError,
     pb::auth::v1::{
-        BeginLoginRequest, BeginLoginResponse, CompleteLoginRequest, CompleteLoginResponse,
-        GetJwksRequest, GetJwksResponse, RegisterRequest, RegisterResponse, TotpEnrollment,
-        auth_service_server::AuthService,
+        BeginLoginRequest, BeginLoginResponse, CompleteLoginRequest, CompleteLoginResponse, GetJwksRequest,
+        GetJwksResponse, RegisterRequest, RegisterResponse, TotpEnrollment, auth_service_server::AuthService,
     },
     token::{ACCESS_TOKEN_TTL_SECS, Claims},
 };
@@ -17,8 +16,9 @@ use crate::{
     domain::{Username, check_new_password, password_length_ok},
     keys::SigningKeys,
     password::PasswordHasher,
-    store::{AuthStore, CompleteLoginRefused, NewRefreshToken},
-    totp,
+    recovery,
+    store::{AuthStore, CompleteLoginRefused, NewRefreshToken, SecondFactor, TotpState},
+    throttle, totp,
 };
 
 /// How long a login ticket may wait for its code.
@@ -60,24 +60,15 @@ fn totp_seal_context(user_id: i64) -> String {
 
 impl AuthState {
     fn open_totp_secret(&self, user_id: i64, sealed: &[u8]) -> Result<Vec<u8>, ApiError> {
-        self.master_key
-            .decrypt(sealed, &totp_seal_context(user_id))
-            .map_err(|e| {
-                ApiError::Internal(
-                    anyhow::Error::new(e).context(format!("TOTP secret of user {user_id}")),
-                )
-            })
+        self.master_key.decrypt(sealed, &totp_seal_context(user_id)).map_err(|e| {
+            ApiError::Internal(anyhow::Error::new(e).context(format!("TOTP secret of user {user_id}")))
+        })
     }
 
     async fn register(&self, req: RegisterRequest) -> Result<RegisterResponse, ApiError> {
         let username = Username::parse(&req.username);
-        let password = check_new_password(&req.password);
-        ApiError::check(
-            [username.clone().err(), password.err()]
-                .into_iter()
-                .flatten()
-                .collect(),
-        )?;
+        let password = check_new_password(&req.password, &req.username);
+        ApiError::check([username.clone().err(), password.err()].into_iter().flatten().collect())?;
         let username = username.map_err(|v| ApiError::InvalidArgument(vec![v]))?;
 
         let password_hash = self.hasher.hash(req.password).await?;
@@ -96,10 +87,22 @@ impl AuthState {
     }
 
     async fn begin_login(&self, req: BeginLoginRequest) -> Result<BeginLoginResponse, ApiError> {
-        // Refused before any hashing: it says nothing about the account.
-        if !password_length_ok(&req.password) {
+        // Refused before any hashing or counting: it says nothing about the account.
+        if !password_length_ok(&req.password) || req.username.len() > MAX_OPAQUE_LEN {
             return Err(ApiError::Unauthenticated(BAD_CREDENTIALS));
         }
+        let now = storegate::db::now();
+        let attempt = throttle::admit(&self.store, throttle::subject(&req.username), now.timestamp()).await?;
+        let outcome = self.check_password_and_issue_ticket(req, now).await;
+        attempt.settle(&self.store, &outcome, false).await;
+        outcome
+    }
+
+    async fn check_password_and_issue_ticket(
+        &self,
+        req: BeginLoginRequest,
+        now: DateTime<Utc>,
+    ) -> Result<BeginLoginResponse, ApiError> {
         let user = match Username::parse(&req.username) {
             Ok(name) => self.store.find_login_user(name.as_str()).await?,
             Err(_) => None,
@@ -114,18 +117,12 @@ impl AuthState {
             return Err(ApiError::Unauthenticated(BAD_CREDENTIALS));
         };
 
-        let now = storegate::db::now();
         let ticket = random_token();
         let expires_at = now + Duration::seconds(TICKET_TTL_SECS);
-        self.store
-            .create_ticket(&token_hash(&ticket), user_id, expires_at, now)
-            .await?;
+        self.store.create_ticket(&token_hash(&ticket), user_id, expires_at, now).await?;
 
-        let totp_state = self
-            .store
-            .totp_state(user_id)
-            .await?
-            .ok_or(ApiError::Unauthenticated(BAD_CREDENTIALS))?;
+        let totp_state =
+            self.store.totp_state(user_id).await?.ok_or(ApiError::Unauthenticated(BAD_CREDENTIALS))?;
         // The secret goes out only after a correct password and only until
         // the first code confirms it.
         let enrollment = match totp_state.totp_confirmed_at {
@@ -133,57 +130,66 @@ impl AuthState {
             None => {
                 let secret = self.open_totp_secret(user_id, &totp_state.totp_secret)?;
                 let e = totp::enrollment(&secret, &self.totp_issuer, &totp_state.username)?;
-                Some(TotpEnrollment {
-                    otpauth_uri: e.otpauth_uri,
-                    qr_png: e.qr_png,
-                    secret: e.secret_base32,
-                })
+                Some(TotpEnrollment { otpauth_uri: e.otpauth_uri, qr_png: e.qr_png, secret: e.secret_base32 })
             }
         };
-        tracing::info!(
-            user_id,
-            enrolling = enrollment.is_some(),
-            "password accepted; ticket issued"
-        );
+        tracing::info!(user_id, enrolling = enrollment.is_some(), "password accepted; ticket issued");
         Ok(BeginLoginResponse {
             login_ticket: ticket,
-            ticket_expire_time: Some(prost_types::Timestamp {
-                seconds: expires_at.timestamp(),
-                nanos: 0,
-            }),
+            ticket_expire_time: Some(prost_types::Timestamp { seconds: expires_at.timestamp(), nanos: 0 }),
             enrollment,
         })
     }
 
-    async fn complete_login(
-        &self,
-        req: CompleteLoginRequest,
-    ) -> Result<CompleteLoginResponse, ApiError> {
+    async fn complete_login(&self, req: CompleteLoginRequest) -> Result<CompleteLoginResponse, ApiError> {
         if req.login_ticket.is_empty() || req.login_ticket.len() > MAX_OPAQUE_LEN {
             return Err(ApiError::Unauthenticated(BAD_TICKET));
         }
         let now = storegate::db::now();
         let ticket_hash = token_hash(&req.login_ticket);
-        let ticket = self
-            .store
-            .live_ticket(&ticket_hash, now)
-            .await?
-            .ok_or(ApiError::Unauthenticated(BAD_TICKET))?;
-        let user_id = ticket.user_id;
-        let totp_state = self
-            .store
-            .totp_state(user_id)
-            .await?
-            .ok_or(ApiError::Unauthenticated(BAD_TICKET))?;
-        let secret = self.open_totp_secret(user_id, &totp_state.totp_secret)?;
+        let ticket =
+            self.store.live_ticket(&ticket_hash, now).await?.ok_or(ApiError::Unauthenticated(BAD_TICKET))?;
+        let totp_state =
+            self.store.totp_state(ticket.user_id).await?.ok_or(ApiError::Unauthenticated(BAD_TICKET))?;
 
-        let now_step = totp::step_at(u64::try_from(now.timestamp()).unwrap_or(0));
-        let Some(step) =
-            totp::matching_step(&secret, &req.code, now_step, totp_state.totp_last_step)
-        else {
+        // Wrong codes count against the account's name as wrong passwords do,
+        // so a known password cannot buy unlimited code guesses.
+        let attempt =
+            throttle::admit(&self.store, throttle::subject(&totp_state.username), now.timestamp()).await?;
+        let outcome =
+            self.check_code_and_issue_tokens(&req.code, &ticket_hash, ticket.user_id, &totp_state, now).await;
+        attempt.settle(&self.store, &outcome, true).await;
+        if matches!(outcome, Err(ApiError::Unauthenticated(BAD_CODE))) {
             self.store.record_wrong_code(&ticket_hash).await?;
-            return Err(ApiError::Unauthenticated(BAD_CODE));
+        }
+        outcome
+    }
+
+    async fn check_code_and_issue_tokens(
+        &self,
+        code: &str,
+        ticket_hash: &[u8],
+        user_id: i64,
+        totp_state: &TotpState,
+        now: DateTime<Utc>,
+    ) -> Result<CompleteLoginResponse, ApiError> {
+        let factor = if let Some(recovery_code) = recovery::normalise(code) {
+            SecondFactor::RecoveryCode(recovery::hash(&self.master_key, &recovery_code))
+        } else {
+            let secret = self.open_totp_secret(user_id, &totp_state.totp_secret)?;
+            let now_step = totp::step_at(u64::try_from(now.timestamp()).unwrap_or(0));
+            let step = totp::matching_step(&secret, code, now_step, totp_state.totp_last_step)
+                .ok_or(ApiError::Unauthenticated(BAD_CODE))?;
+            SecondFactor::TotpStep(step)
         };
+        // The call that confirms enrollment hands out the recovery codes.
+        let recovery_codes =
+            if totp_state.totp_confirmed_at.is_none() { recovery::generate() } else { Vec::new() };
+        let recovery_hashes: Vec<Vec<u8>> = recovery_codes
+            .iter()
+            .filter_map(|c| recovery::normalise(c))
+            .map(|c| recovery::hash(&self.master_key, &c))
+            .collect();
 
         let refresh_token = random_token();
         let refresh = NewRefreshToken {
@@ -191,34 +197,26 @@ impl AuthState {
             family: random_bytes::<16>().to_vec(),
             expires_at: now + Duration::days(REFRESH_TOKEN_TTL_DAYS),
         };
-        match self
+        let confirming = (!recovery_hashes.is_empty()).then_some(recovery_hashes.as_slice());
+        let confirmed = match self
             .store
-            .complete_login(&ticket_hash, user_id, step, &refresh, now)
+            .complete_login(ticket_hash, user_id, &factor, confirming, &refresh, now)
             .await?
         {
-            Ok(()) => {}
-            Err(CompleteLoginRefused::TicketInvalid) => {
-                return Err(ApiError::Unauthenticated(BAD_TICKET));
-            }
-            Err(CompleteLoginRefused::StepUsed) => {
-                self.store.record_wrong_code(&ticket_hash).await?;
-                return Err(ApiError::Unauthenticated(BAD_CODE));
-            }
-        }
+            Ok(confirmed) => confirmed,
+            Err(CompleteLoginRefused::TicketInvalid) => return Err(ApiError::Unauthenticated(BAD_TICKET)),
+            Err(CompleteLoginRefused::FactorSpent) => return Err(ApiError::Unauthenticated(BAD_CODE)),
+        };
 
-        let access_token = self
-            .issue_access_token(user_id, &totp_state.username)
-            .await?;
-        tracing::info!(
-            user_id,
-            confirmed_enrollment = totp_state.totp_confirmed_at.is_none(),
-            "login completed"
-        );
+        let access_token = self.issue_access_token(user_id, &totp_state.username).await?;
+        let used_recovery_code = matches!(factor, SecondFactor::RecoveryCode(_));
+        tracing::info!(user_id, confirmed_enrollment = confirmed, used_recovery_code, "login completed");
         Ok(CompleteLoginResponse {
             access_token,
             refresh_token,
             token_type: "Bearer".to_owned(),
             expires_in: ACCESS_TOKEN_TTL_SECS,
+            recovery_codes: if confirmed { recovery_codes } else { Vec::new() },
         })
     }
 
@@ -252,9 +250,7 @@ impl AuthService for AuthApi {
         &self,
         request: Request<RegisterRequest>,
     ) -> Result<Response<RegisterResponse>, Status> {
-        Ok(Response::new(
-            self.state.register(request.into_inner()).await?,
-        ))
+        Ok(Response::new(self.state.register(request.into_inner()).await?))
     }
 
     #[tracing::instrument(name = "BeginLogin", skip_all)]
@@ -262,9 +258,7 @@ impl AuthService for AuthApi {
         &self,
         request: Request<BeginLoginRequest>,
     ) -> Result<Response<BeginLoginResponse>, Status> {
-        Ok(Response::new(
-            self.state.begin_login(request.into_inner()).await?,
-        ))
+        Ok(Response::new(self.state.begin_login(request.into_inner()).await?))
     }
 
     #[tracing::instrument(name = "CompleteLogin", skip_all)]
@@ -272,16 +266,11 @@ impl AuthService for AuthApi {
         &self,
         request: Request<CompleteLoginRequest>,
     ) -> Result<Response<CompleteLoginResponse>, Status> {
-        Ok(Response::new(
-            self.state.complete_login(request.into_inner()).await?,
-        ))
+        Ok(Response::new(self.state.complete_login(request.into_inner()).await?))
     }
 
     #[tracing::instrument(name = "GetJwks", skip_all)]
-    async fn get_jwks(
-        &self,
-        _request: Request<GetJwksRequest>,
-    ) -> Result<Response<GetJwksResponse>, Status> {
+    async fn get_jwks(&self, _request: Request<GetJwksRequest>) -> Result<Response<GetJwksResponse>, Status> {
         Ok(Response::new(self.state.get_jwks().await?))
     }
 }

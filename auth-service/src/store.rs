@@ -1,6 +1,8 @@
 //! Every SQL statement of auth-service. Placeholders are `?` on both
 //! backends; each statement here runs unchanged on SQLite and MySQL.
 
+use std::sync::LazyLock;
+
 use chrono::{DateTime, Utc};
 use storegate::{
     ApiError, Db,
@@ -8,8 +10,32 @@ use storegate::{
     on_db,
 };
 
+use crate::throttle::{DELAYS_SECS, FREE_FAILURES};
+
 /// A wrong code is allowed this many times per ticket; then the ticket dies.
 pub const MAX_WRONG_CODES_PER_TICKET: i32 = 5;
+
+/// Counts one attempt unless the name is locked, and sets the lock when the
+/// count reaches [`FREE_FAILURES`]: 30 s after the 5th failure, doubling up
+/// to 15 minutes. `locked_until` is assigned before `failures` on purpose:
+/// MySQL evaluates SET assignments left to right with the new values,
+/// SQLite with the old ones; in this order both read the old count.
+static ADMIT_ATTEMPT_SQL: LazyLock<String> = LazyLock::new(|| {
+    let ladder: String = DELAYS_SECS
+        .iter()
+        .enumerate()
+        .map(|(i, delay)| format!("WHEN {} THEN {delay} ", FREE_FAILURES + i as i64))
+        .collect();
+    let longest = DELAYS_SECS[DELAYS_SECS.len() - 1];
+    format!(
+        "UPDATE login_throttle SET \
+         locked_until = CASE WHEN failures + 1 < {FREE_FAILURES} THEN NULL \
+                        ELSE ? + CASE failures + 1 {ladder}ELSE {longest} END END, \
+         failures = failures + 1, \
+         updated_at = ? \
+         WHERE subject = ? AND (locked_until IS NULL OR locked_until <= ?)"
+    )
+});
 
 #[derive(Clone, Debug)]
 pub struct AuthStore {
@@ -51,12 +77,21 @@ pub struct NewRefreshToken {
     pub expires_at: DateTime<Utc>,
 }
 
+/// What proved the second factor.
+pub enum SecondFactor {
+    /// A TOTP code of this time step.
+    TotpStep(i64),
+    /// A recovery code, by its keyed hash.
+    RecoveryCode(Vec<u8>),
+}
+
 /// Why the last step of a login was refused.
 pub enum CompleteLoginRefused {
     /// The ticket is unknown, used, expired or out of attempts.
     TicketInvalid,
-    /// The code's time step was already used (replay).
-    StepUsed,
+    /// The TOTP step was already used (a replay), or the recovery code is
+    /// unknown or used.
+    FactorSpent,
 }
 
 impl AuthStore {
@@ -221,16 +256,20 @@ impl AuthStore {
     }
 
     /// The last step of a login, all or nothing: burns the ticket (only one
-    /// caller can delete it), claims the TOTP step (only if later than the
-    /// last one used), confirms enrollment, and stores the refresh token.
+    /// caller can delete it), spends the second factor (a TOTP step only if
+    /// later than the last one used; a recovery code only if unused),
+    /// confirms enrollment with its recovery codes when `new_recovery_codes`
+    /// is given, and stores the refresh token. Ok(true) when this call
+    /// confirmed the enrollment.
     pub async fn complete_login(
         &self,
         ticket_hash: &[u8],
         user_id: i64,
-        step: i64,
+        factor: &SecondFactor,
+        new_recovery_codes: Option<&[Vec<u8>]>,
         refresh: &NewRefreshToken,
         now: DateTime<Utc>,
-    ) -> Result<Result<(), CompleteLoginRefused>, ApiError> {
+    ) -> Result<Result<bool, CompleteLoginRefused>, ApiError> {
         on_db!(&self.db, pool => {
             let mut tx = pool.begin_write().await?;
             let burned = sqlx::query(
@@ -245,18 +284,45 @@ impl AuthStore {
             if burned.rows_affected() != 1 {
                 return Ok(Err(CompleteLoginRefused::TicketInvalid));
             }
-            let claimed = sqlx::query(
-                "UPDATE users SET totp_last_step = ?, totp_confirmed_at = COALESCE(totp_confirmed_at, ?) \
-                 WHERE id = ? AND (totp_last_step IS NULL OR totp_last_step < ?)",
-            )
-            .bind(step)
-            .bind(now)
-            .bind(user_id)
-            .bind(step)
-            .execute(&mut *tx)
-            .await?;
-            if claimed.rows_affected() != 1 {
-                return Ok(Err(CompleteLoginRefused::StepUsed));
+            let spent = match factor {
+                SecondFactor::TotpStep(step) => sqlx::query(
+                    "UPDATE users SET totp_last_step = ? WHERE id = ? AND (totp_last_step IS NULL OR totp_last_step < ?)",
+                )
+                .bind(step)
+                .bind(user_id)
+                .bind(step)
+                .execute(&mut *tx)
+                .await?,
+                SecondFactor::RecoveryCode(code_hash) => sqlx::query(
+                    "UPDATE recovery_codes SET used_at = ? WHERE user_id = ? AND code_hash = ? AND used_at IS NULL",
+                )
+                .bind(now)
+                .bind(user_id)
+                .bind(code_hash)
+                .execute(&mut *tx)
+                .await?,
+            };
+            if spent.rows_affected() != 1 {
+                return Ok(Err(CompleteLoginRefused::FactorSpent));
+            }
+            let mut confirmed = false;
+            if let Some(codes) = new_recovery_codes {
+                confirmed = sqlx::query("UPDATE users SET totp_confirmed_at = ? WHERE id = ? AND totp_confirmed_at IS NULL")
+                    .bind(now)
+                    .bind(user_id)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected()
+                    == 1;
+                if confirmed {
+                    for code_hash in codes {
+                        sqlx::query("INSERT INTO recovery_codes (user_id, code_hash) VALUES (?, ?)")
+                            .bind(user_id)
+                            .bind(code_hash)
+                            .execute(&mut *tx)
+                            .await?;
+                    }
+                }
             }
             sqlx::query(
                 "INSERT INTO refresh_tokens (token_hash, family, user_id, expires_at, created_at) VALUES (?, ?, ?, ?, ?)",
@@ -269,8 +335,80 @@ impl AuthStore {
             .execute(&mut *tx)
             .await?;
             tx.commit().await?;
-            Ok(Ok(()))
+            Ok(Ok(confirmed))
         })
+    }
+
+    /// Counts a login attempt for `subject` unless it is locked; Err(unix
+    /// time the lock ends) when it is. See `throttle.rs`.
+    pub async fn admit_login_attempt(
+        &self,
+        subject: &[u8],
+        now_unix: i64,
+    ) -> Result<Result<(), i64>, ApiError> {
+        for _ in 0..3 {
+            let admitted = on_db!(&self.db, pool => {
+                sqlx::query(&ADMIT_ATTEMPT_SQL)
+                    .bind(now_unix)
+                    .bind(storegate::db::now())
+                    .bind(subject)
+                    .bind(now_unix)
+                    .execute(pool)
+                    .await
+                    .map(|r| r.rows_affected())
+            })?;
+            if admitted == 1 {
+                return Ok(Ok(()));
+            }
+            let lock: Option<Option<i64>> = on_db!(&self.db, pool => {
+                sqlx::query_scalar("SELECT locked_until FROM login_throttle WHERE subject = ?")
+                    .bind(subject)
+                    .fetch_optional(pool)
+                    .await
+            })?;
+            match lock {
+                Some(Some(until)) if until > now_unix => return Ok(Err(until)),
+                // First attempt for this name: create its row (a parallel
+                // attempt may win that race), then count again.
+                None => on_db!(&self.db, pool => {
+                    match sqlx::query("INSERT INTO login_throttle (subject, failures, updated_at) VALUES (?, 0, ?)")
+                        .bind(subject)
+                        .bind(storegate::db::now())
+                        .execute(pool)
+                        .await
+                    {
+                        Ok(_) => Ok(()),
+                        Err(e) if is_unique_violation(&e) => Ok(()),
+                        Err(e) => Err(ApiError::from(e)),
+                    }
+                })?,
+                // The lock ended in between: count again.
+                Some(_) => {}
+            }
+        }
+        Ok(Err(now_unix + 1))
+    }
+
+    /// Gives back the count of an attempt that was right or never evaluated.
+    /// Any lock goes with it: the attempt was admitted, so no earlier lock
+    /// was in force, and a failure in parallel keeps its own count.
+    pub async fn refund_login_attempt(&self, subject: &[u8]) -> Result<(), ApiError> {
+        on_db!(&self.db, pool => {
+            sqlx::query("UPDATE login_throttle SET failures = failures - 1, locked_until = NULL WHERE subject = ? AND failures > 0")
+                .bind(subject)
+                .execute(pool)
+                .await
+                .map(drop)
+        })?;
+        Ok(())
+    }
+
+    /// A completed login: the name starts from zero failures.
+    pub async fn reset_login_attempts(&self, subject: &[u8]) -> Result<(), ApiError> {
+        on_db!(&self.db, pool => {
+            sqlx::query("DELETE FROM login_throttle WHERE subject = ?").bind(subject).execute(pool).await.map(drop)
+        })?;
+        Ok(())
     }
 
     /// Deletes tickets and refresh tokens that can no longer be used.
@@ -284,7 +422,15 @@ impl AuthStore {
                 .bind(now)
                 .execute(pool)
                 .await?;
-            Ok::<u64, sqlx::Error>(tickets.rows_affected() + tokens.rows_affected())
+            // A day without attempts and without a lock forgets the failures.
+            let throttles = sqlx::query(
+                "DELETE FROM login_throttle WHERE updated_at <= ? AND (locked_until IS NULL OR locked_until <= ?)",
+            )
+            .bind(now - chrono::Duration::days(1))
+            .bind(now.timestamp())
+            .execute(pool)
+            .await?;
+            Ok::<u64, sqlx::Error>(tickets.rows_affected() + tokens.rows_affected() + throttles.rows_affected())
         })?)
     }
 
@@ -335,8 +481,7 @@ impl AuthStore {
     ) -> Result<Vec<StoredSigningKey>, sqlx::Error> {
         let tokens_dead_before = now
             - chrono::Duration::seconds(
-                storegate::token::ACCESS_TOKEN_TTL_SECS
-                    + storegate::token::CLOCK_LEEWAY_SECS as i64,
+                storegate::token::ACCESS_TOKEN_TTL_SECS + storegate::token::CLOCK_LEEWAY_SECS as i64,
             );
         on_db!(&self.db, pool => {
             sqlx::query_as(

@@ -44,12 +44,7 @@ pub fn code_at_step(secret: &[u8], step: i64) -> anyhow::Result<String> {
 /// The step whose code `code` is, among the steps around `now_step` that are
 /// later than `last_used_step`; None if it matches none of them. Malformed
 /// codes simply match nothing.
-pub fn matching_step(
-    secret: &[u8],
-    code: &str,
-    now_step: i64,
-    last_used_step: Option<i64>,
-) -> Option<i64> {
+pub fn matching_step(secret: &[u8], code: &str, now_step: i64, last_used_step: Option<i64>) -> Option<i64> {
     if code.len() != DIGITS || !code.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
@@ -72,21 +67,14 @@ pub struct Enrollment {
 pub fn enrollment(secret: &[u8], issuer: &str, account: &str) -> anyhow::Result<Enrollment> {
     let t = totp(secret, issuer, account)?;
     let otpauth_uri = t.get_url();
-    Ok(Enrollment {
-        qr_png: qr_png(&otpauth_uri)?,
-        otpauth_uri,
-        secret_base32: t.get_secret_base32(),
-    })
+    Ok(Enrollment { qr_png: qr_png(&otpauth_uri)?, otpauth_uri, secret_base32: t.get_secret_base32() })
 }
 
 /// A PNG QR code of `text`, large enough for a phone camera to read off a
 /// screen.
 pub fn qr_png(text: &str) -> anyhow::Result<Vec<u8>> {
     let code = qrcode::QrCode::new(text.as_bytes()).context("text does not fit a QR code")?;
-    let image = code
-        .render::<image::Luma<u8>>()
-        .min_dimensions(256, 256)
-        .build();
+    let image = code.render::<image::Luma<u8>>().min_dimensions(256, 256).build();
     let mut png = Vec::new();
     image::DynamicImage::ImageLuma8(image)
         .write_to(&mut Cursor::new(&mut png), image::ImageFormat::Png)
@@ -110,11 +98,7 @@ mod tests {
             (1_234_567_890, "005924"),
             (2_000_000_000, "279037"),
         ] {
-            assert_eq!(
-                code_at_step(RFC_SECRET, step_at(time)).unwrap(),
-                code,
-                "t={time}"
-            );
+            assert_eq!(code_at_step(RFC_SECRET, step_at(time)).unwrap(), code, "t={time}");
         }
     }
 
@@ -149,12 +133,7 @@ mod tests {
     fn the_qr_code_decodes_back_to_the_otpauth_uri() {
         let secret = new_secret();
         let e = enrollment(&secret, "storegate", "alice").unwrap();
-        assert!(
-            e.otpauth_uri
-                .starts_with("otpauth://totp/storegate:alice?secret="),
-            "{}",
-            e.otpauth_uri
-        );
+        assert!(e.otpauth_uri.starts_with("otpauth://totp/storegate:alice?secret="), "{}", e.otpauth_uri);
         assert!(e.otpauth_uri.contains("issuer=storegate"));
         let image = image::load_from_memory(&e.qr_png).unwrap().to_luma8();
         let mut prepared = rqrr::PreparedImage::prepare(image);

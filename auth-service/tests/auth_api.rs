@@ -4,9 +4,7 @@ use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
 use storegate::{
     Db, on_db,
     pb::auth::v1::{BeginLoginRequest, CompleteLoginRequest, GetJwksRequest, RegisterRequest},
-    token::{
-        ACCESS_TOKEN_TTL_SECS, Claims, DEFAULT_AUDIENCE, DEFAULT_ISSUER, KeySet, TokenVerifier,
-    },
+    token::{ACCESS_TOKEN_TTL_SECS, Claims, DEFAULT_AUDIENCE, DEFAULT_ISSUER, KeySet, TokenVerifier},
 };
 use storegate_testkit::{Backend, TestStack, backend_tests, totp_code, wrong_totp_code};
 use tonic::Code;
@@ -47,24 +45,14 @@ async fn register_stores_an_argon2id_hash_and_a_sealed_totp_secret(backend: Back
     })
     .unwrap();
     assert_eq!(username, "alice", "usernames are stored lower-cased");
-    assert!(
-        hash.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"),
-        "{hash}"
-    );
+    assert!(hash.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{hash}");
     assert!(!hash.contains(PASSWORD));
 
-    let secret = stack
-        .begin_login("alice", PASSWORD)
-        .await
-        .enrollment
-        .unwrap()
-        .secret;
+    let secret = stack.begin_login("alice", PASSWORD).await.enrollment.unwrap().secret;
     let secret_bytes = totp_rs::Secret::Encoded(secret.clone()).to_bytes().unwrap();
     assert!(!String::from_utf8_lossy(&sealed).contains(&secret));
     assert!(
-        !sealed
-            .windows(secret_bytes.len())
-            .any(|w| w == secret_bytes.as_slice()),
+        !sealed.windows(secret_bytes.len()).any(|w| w == secret_bytes.as_slice()),
         "secret stored in the clear"
     );
     assert!(sealed.len() >= 12 + 20 + 16, "nonce, ciphertext and tag");
@@ -77,10 +65,7 @@ async fn taken_usernames_are_already_exists_whatever_the_case(backend: Backend) 
         let err = stack
             .auth()
             .await
-            .register(RegisterRequest {
-                username: name.into(),
-                password: PASSWORD.into(),
-            })
+            .register(RegisterRequest { username: name.into(), password: PASSWORD.into() })
             .await
             .unwrap_err();
         assert_eq!(err.code(), Code::AlreadyExists, "{name}");
@@ -93,10 +78,7 @@ async fn bad_registrations_name_every_bad_field_and_write_nothing(backend: Backe
     let err = stack
         .auth()
         .await
-        .register(RegisterRequest {
-            username: "x y".into(),
-            password: "short".into(),
-        })
+        .register(RegisterRequest { username: "x y".into(), password: "short".into() })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
@@ -111,18 +93,13 @@ async fn bad_registrations_name_every_bad_field_and_write_nothing(backend: Backe
     fields.sort();
     assert_eq!(fields, ["password", "username"]);
 
-    for (username, password) in [
-        ("ok_name", "x".repeat(129)),
-        ("ab", PASSWORD.to_owned()),
-        ("", PASSWORD.to_owned()),
-    ] {
+    for (username, password) in
+        [("ok_name", "x".repeat(129)), ("ab", PASSWORD.to_owned()), ("", PASSWORD.to_owned())]
+    {
         let err = stack
             .auth()
             .await
-            .register(RegisterRequest {
-                username: username.into(),
-                password,
-            })
+            .register(RegisterRequest { username: username.into(), password })
             .await
             .unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument, "{username}");
@@ -135,27 +112,17 @@ async fn wrong_password_and_unknown_user_look_the_same(backend: Backend) {
     stack.register("carol", PASSWORD).await;
     let mut auth = stack.auth().await;
     let wrong_password = auth
-        .begin_login(BeginLoginRequest {
-            username: "carol".into(),
-            password: "not the password".into(),
-        })
+        .begin_login(BeginLoginRequest { username: "carol".into(), password: "not the password".into() })
         .await
         .unwrap_err();
     let unknown_user = auth
-        .begin_login(BeginLoginRequest {
-            username: "nobody".into(),
-            password: "not the password".into(),
-        })
+        .begin_login(BeginLoginRequest { username: "nobody".into(), password: "not the password".into() })
         .await
         .unwrap_err();
     assert_eq!(wrong_password.code(), Code::Unauthenticated);
     assert_eq!(unknown_user.code(), Code::Unauthenticated);
     assert_eq!(wrong_password.message(), unknown_user.message());
-    assert_eq!(
-        count(&stack.db.open().await, "login_tickets").await,
-        0,
-        "no ticket without the password"
-    );
+    assert_eq!(count(&stack.db.open().await, "login_tickets").await, 0, "no ticket without the password");
 }
 
 async fn first_login_enrolls_by_qr_and_issues_a_verifiable_token(backend: Backend) {
@@ -166,32 +133,19 @@ async fn first_login_enrolls_by_qr_and_issues_a_verifiable_token(backend: Backen
     assert!(begun.ticket_expire_time.unwrap().seconds <= chrono::Utc::now().timestamp() + 5 * 60);
 
     // The QR code decodes to exactly the URI, and the URI carries the secret.
-    let image = image::load_from_memory(&enrollment.qr_png)
-        .expect("a PNG")
-        .to_luma8();
+    let image = image::load_from_memory(&enrollment.qr_png).expect("a PNG").to_luma8();
     let mut prepared = rqrr::PreparedImage::prepare(image);
-    let (_, decoded) = prepared.detect_grids()[0]
-        .decode()
-        .expect("a readable QR code");
+    let (_, decoded) = prepared.detect_grids()[0].decode().expect("a readable QR code");
     assert_eq!(decoded, enrollment.otpauth_uri);
     assert!(
-        enrollment
-            .otpauth_uri
-            .starts_with("otpauth://totp/storegate:dave?"),
+        enrollment.otpauth_uri.starts_with("otpauth://totp/storegate:dave?"),
         "{}",
         enrollment.otpauth_uri
     );
-    assert!(
-        enrollment
-            .otpauth_uri
-            .contains(&format!("secret={}", enrollment.secret))
-    );
+    assert!(enrollment.otpauth_uri.contains(&format!("secret={}", enrollment.secret)));
     assert!(enrollment.otpauth_uri.contains("issuer=storegate"));
     assert_eq!(
-        totp_rs::Secret::Encoded(enrollment.secret.clone())
-            .to_bytes()
-            .unwrap()
-            .len(),
+        totp_rs::Secret::Encoded(enrollment.secret.clone()).to_bytes().unwrap().len(),
         20,
         "160-bit secret"
     );
@@ -211,37 +165,18 @@ async fn first_login_enrolls_by_qr_and_issues_a_verifiable_token(backend: Backen
     assert!(!tokens.refresh_token.is_empty());
 
     // The token verifies against the published keys and says who logged in.
-    let jwks_json = stack
-        .auth()
-        .await
-        .get_jwks(GetJwksRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .jwks_json;
+    let jwks_json = stack.auth().await.get_jwks(GetJwksRequest {}).await.unwrap().into_inner().jwks_json;
     let jwks: serde_json::Value = serde_json::from_str(&jwks_json).unwrap();
     let key = &jwks["keys"][0];
     assert_eq!(
-        (
-            key["kty"].as_str(),
-            key["crv"].as_str(),
-            key["alg"].as_str()
-        ),
+        (key["kty"].as_str(), key["crv"].as_str(), key["alg"].as_str()),
         (Some("OKP"), Some("Ed25519"), Some("EdDSA"))
     );
-    assert_eq!(
-        URL_SAFE_NO_PAD
-            .decode(key["x"].as_str().unwrap())
-            .unwrap()
-            .len(),
-        32
-    );
+    assert_eq!(URL_SAFE_NO_PAD.decode(key["x"].as_str().unwrap()).unwrap().len(), 32);
     assert!(key.get("d").is_none(), "no private part in the JWKS");
 
     let header: serde_json::Value = serde_json::from_slice(
-        &URL_SAFE_NO_PAD
-            .decode(tokens.access_token.split('.').next().unwrap())
-            .unwrap(),
+        &URL_SAFE_NO_PAD.decode(tokens.access_token.split('.').next().unwrap()).unwrap(),
     )
     .unwrap();
     assert_eq!(header["alg"], "EdDSA");
@@ -249,10 +184,7 @@ async fn first_login_enrolls_by_qr_and_issues_a_verifiable_token(backend: Backen
     assert_eq!(header["kid"], key["kid"]);
 
     let claims: Claims = TokenVerifier::new(DEFAULT_ISSUER, DEFAULT_AUDIENCE)
-        .verify(
-            &KeySet::parse_jwks_json(&jwks_json).unwrap(),
-            &tokens.access_token,
-        )
+        .verify(&KeySet::parse_jwks_json(&jwks_json).unwrap(), &tokens.access_token)
         .expect("token verifies");
     assert_eq!(claims.sub, user_id.to_string());
     assert_eq!(claims.iss, DEFAULT_ISSUER);
@@ -291,12 +223,7 @@ async fn a_wrong_code_is_refused_and_the_ticket_survives_it(backend: Backend) {
     let begun = stack.begin_login("frank", PASSWORD).await;
     let secret = begun.enrollment.unwrap().secret;
     let mut auth = stack.auth().await;
-    for code in [
-        wrong_totp_code(&secret),
-        "12345".into(),
-        "abcdef".into(),
-        String::new(),
-    ] {
+    for code in [wrong_totp_code(&secret), "12345".into(), "abcdef".into(), String::new()] {
         let err = auth
             .complete_login(CompleteLoginRequest {
                 login_ticket: begun.login_ticket.clone(),
@@ -342,10 +269,7 @@ async fn a_ticket_works_once(backend: Backend) {
         .unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated);
     let err = auth
-        .complete_login(CompleteLoginRequest {
-            login_ticket: "made-up".into(),
-            code: totp_code(&secret, 1),
-        })
+        .complete_login(CompleteLoginRequest { login_ticket: "made-up".into(), code: totp_code(&secret, 1) })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated);
@@ -360,10 +284,7 @@ async fn a_time_step_is_accepted_once_across_tickets(backend: Backend) {
     let err = stack
         .auth()
         .await
-        .complete_login(CompleteLoginRequest {
-            login_ticket: ticket.clone(),
-            code,
-        })
+        .complete_login(CompleteLoginRequest { login_ticket: ticket.clone(), code })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated);
@@ -371,10 +292,7 @@ async fn a_time_step_is_accepted_once_across_tickets(backend: Backend) {
     stack
         .auth()
         .await
-        .complete_login(CompleteLoginRequest {
-            login_ticket: ticket,
-            code: totp_code(&secret, 1),
-        })
+        .complete_login(CompleteLoginRequest { login_ticket: ticket, code: totp_code(&secret, 1) })
         .await
         .expect("a later step is accepted");
 }
@@ -400,25 +318,14 @@ async fn five_wrong_codes_kill_the_ticket(backend: Backend) {
         })
         .await
         .unwrap_err();
-    assert_eq!(
-        err.code(),
-        Code::Unauthenticated,
-        "the right code on a dead ticket"
-    );
+    assert_eq!(err.code(), Code::Unauthenticated, "the right code on a dead ticket");
     assert_eq!(count(&stack.db.open().await, "login_tickets").await, 0);
 }
 
 async fn granted_roles_appear_in_the_next_token(backend: Backend) {
     let stack = TestStack::start_auth(backend).await;
     let token = stack.admin_token("judy").await;
-    let jwks_json = stack
-        .auth()
-        .await
-        .get_jwks(GetJwksRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .jwks_json;
+    let jwks_json = stack.auth().await.get_jwks(GetJwksRequest {}).await.unwrap().into_inner().jwks_json;
     let claims = TokenVerifier::new(DEFAULT_ISSUER, DEFAULT_AUDIENCE)
         .verify(&KeySet::parse_jwks_json(&jwks_json).unwrap(), &token)
         .unwrap();
@@ -426,14 +333,8 @@ async fn granted_roles_appear_in_the_next_token(backend: Backend) {
     assert_eq!(claims.preferred_username.as_deref(), Some("judy"));
     // Granting again is harmless, and an unknown user is an error.
     let config = TestStack::auth_config(&stack.db);
-    auth_service::grant_role(&config, "judy", "admin")
-        .await
-        .unwrap();
-    assert!(
-        auth_service::grant_role(&config, "nobody", "admin")
-            .await
-            .is_err()
-    );
+    auth_service::grant_role(&config, "judy", "admin").await.unwrap();
+    assert!(auth_service::grant_role(&config, "nobody", "admin").await.is_err());
     let roles: Vec<String> = on_db!(&stack.db.open().await, pool => {
         sqlx::query_scalar("SELECT role FROM user_roles").fetch_all(pool).await
     })

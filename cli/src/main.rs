@@ -57,10 +57,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     product.auth_service_url = format!("http://{auth_addr}");
 
     // Migrate once up front, so the two services do not race to it.
-    storegate::Db::open(&args.auth.common.database_url)
-        .await?
-        .close()
-        .await;
+    storegate::Db::open(&args.auth.common.database_url).await?.close().await;
 
     let (stop, _) = watch::channel(false);
     let stopped = |stop: &watch::Sender<bool>| {
@@ -70,11 +67,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         }
     };
     let mut auth_task = tokio::spawn(auth_service::run(args.auth, auth_listener, stopped(&stop)));
-    let mut product_task = tokio::spawn(product_service::run(
-        product,
-        product_listener,
-        stopped(&stop),
-    ));
+    let mut product_task = tokio::spawn(product_service::run(product, product_listener, stopped(&stop)));
 
     println!("storegate is up:");
     println!("  auth-service     http://{auth_addr}   (storegate.auth.v1.AuthService)");
@@ -94,12 +87,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn finished(
-    name: &str,
-    result: Result<anyhow::Result<()>, tokio::task::JoinError>,
-) -> anyhow::Result<()> {
-    result
-        .with_context(|| format!("{name} crashed"))?
-        .with_context(|| format!("{name} stopped"))?;
+fn finished(name: &str, result: Result<anyhow::Result<()>, tokio::task::JoinError>) -> anyhow::Result<()> {
+    result.with_context(|| format!("{name} crashed"))?.with_context(|| format!("{name} stopped"))?;
     anyhow::bail!("{name} stopped unexpectedly")
 }

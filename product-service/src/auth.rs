@@ -19,10 +19,7 @@ pub struct JwtAuth {
 
 impl JwtAuth {
     pub fn new(keys: JwksCache, verifier: TokenVerifier) -> Self {
-        JwtAuth {
-            keys,
-            verifier: Arc::new(verifier),
-        }
+        JwtAuth { keys, verifier: Arc::new(verifier) }
     }
 }
 
@@ -37,13 +34,10 @@ fn bearer_token(metadata: &MetadataMap) -> Option<&str> {
 
 impl Interceptor for JwtAuth {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        let token = bearer_token(request.metadata())
-            .ok_or_else(|| Status::unauthenticated(INVALID_TOKEN))?;
+        let token = bearer_token(request.metadata()).ok_or_else(|| Status::unauthenticated(INVALID_TOKEN))?;
         let keys = self.keys.current();
         if keys.is_empty() {
-            return Err(Status::unavailable(
-                "token keys are not loaded yet; try again shortly",
-            ));
+            return Err(Status::unavailable("token keys are not loaded yet; try again shortly"));
         }
         match self.verifier.verify(&keys, token) {
             Ok(claims) => {
@@ -74,10 +68,7 @@ mod tests {
 
     #[test]
     fn only_a_non_empty_bearer_token_is_taken() {
-        assert_eq!(
-            bearer_token(&metadata("Bearer abc.def.ghi")),
-            Some("abc.def.ghi")
-        );
+        assert_eq!(bearer_token(&metadata("Bearer abc.def.ghi")), Some("abc.def.ghi"));
         assert_eq!(bearer_token(&metadata("bearer abc")), Some("abc"));
         assert_eq!(bearer_token(&metadata("Bearer ")), None);
         assert_eq!(bearer_token(&metadata("abc.def.ghi")), None);

@@ -38,14 +38,8 @@ impl Price {
         if whole.len() > PRICE_MAX_INTEGER_DIGITS {
             return Err("must be below 10000000000");
         }
-        let whole: i64 = if whole.is_empty() {
-            0
-        } else {
-            whole.parse().map_err(|_| "is not a number")?
-        };
-        let cents: i64 = format!("{fraction:0<2}")
-            .parse()
-            .map_err(|_| "is not a number")?;
+        let whole: i64 = if whole.is_empty() { 0 } else { whole.parse().map_err(|_| "is not a number")? };
+        let cents: i64 = format!("{fraction:0<2}").parse().map_err(|_| "is not a number")?;
         Ok(Price(whole * 100 + cents))
     }
 
@@ -84,14 +78,9 @@ pub fn check_stock(stock: i64, field: &str) -> Option<FieldViolation> {
 /// A client's idempotency key: up to 64 characters of letters, digits, '-' and '_'.
 pub fn check_request_id(request_id: &str) -> Option<FieldViolation> {
     let ok = request_id.len() <= REQUEST_ID_MAX_LEN
-        && request_id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        && request_id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
     (!ok).then(|| {
-        FieldViolation::new(
-            "request_id",
-            "must be at most 64 characters of letters, digits, '-' and '_'",
-        )
+        FieldViolation::new("request_id", "must be at most 64 characters of letters, digits, '-' and '_'")
     })
 }
 

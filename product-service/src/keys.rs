@@ -40,9 +40,7 @@ impl KeySource {
             .context("AUTH_SERVICE_URL is not a valid URL")?
             .connect_timeout(FETCH_TIMEOUT)
             .timeout(FETCH_TIMEOUT);
-        Ok(KeySource::Auth(AuthServiceClient::new(
-            endpoint.connect_lazy(),
-        )))
+        Ok(KeySource::Auth(AuthServiceClient::new(endpoint.connect_lazy())))
     }
 
     async fn fetch(&self) -> anyhow::Result<KeySet> {
@@ -102,9 +100,7 @@ impl JwksCache {
     /// Waits until the first key set has arrived, or `timeout` passes.
     pub async fn wait_loaded(&self, timeout: Duration) -> bool {
         let mut loaded = self.loaded.subscribe();
-        tokio::time::timeout(timeout, loaded.wait_for(|l| *l))
-            .await
-            .is_ok_and(|r| r.is_ok())
+        tokio::time::timeout(timeout, loaded.wait_for(|l| *l)).await.is_ok_and(|r| r.is_ok())
     }
 
     /// Refreshes forever: every `interval`, on request (rate-limited), and

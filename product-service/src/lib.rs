@@ -11,9 +11,7 @@ pub mod store;
 
 use std::{future::Future, time::Duration};
 
-use storegate::{
-    Db, pb::product::v1::product_service_server::ProductServiceServer, token::TokenVerifier,
-};
+use storegate::{Db, pb::product::v1::product_service_server::ProductServiceServer, token::TokenVerifier};
 use tokio::net::TcpListener;
 
 pub use config::ProductConfig;
@@ -39,10 +37,9 @@ pub async fn run(
         None => KeySource::auth(&config.auth_service_url)?,
     };
     let keys = JwksCache::default();
-    let refresher = tokio::spawn(keys.clone().keep_fresh(
-        source,
-        Duration::from_secs(config.jwks_refresh_interval_secs.max(1)),
-    ));
+    let refresher = tokio::spawn(
+        keys.clone().keep_fresh(source, Duration::from_secs(config.jwks_refresh_interval_secs.max(1))),
+    );
     if !keys.wait_loaded(FIRST_KEYS_WAIT).await {
         tracing::warn!("no signing keys yet; serving anyway and retrying in the background");
     }
@@ -56,17 +53,10 @@ pub async fn run(
 
     let (mut routes, health) = storegate::server::base_routes()?;
     routes.add_service(product_server);
-    health
-        .set_serving::<ProductServiceServer<service::ProductApi>>()
-        .await;
+    health.set_serving::<ProductServiceServer<service::ProductApi>>().await;
     tracing::info!(addr = %listener.local_addr()?, "product-service listening");
-    let served = storegate::server::serve(
-        routes,
-        listener,
-        &config.common.cors_allowed_origins,
-        shutdown,
-    )
-    .await;
+    let served =
+        storegate::server::serve(routes, listener, &config.common.cors_allowed_origins, shutdown).await;
 
     refresher.abort();
     db.close().await;

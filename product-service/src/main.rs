@@ -4,11 +4,7 @@ use clap::Parser;
 use product_service::ProductConfig;
 
 #[derive(Parser)]
-#[command(
-    name = "product-service",
-    version,
-    about = "storegate product catalogue"
-)]
+#[command(name = "product-service", version, about = "storegate product catalogue")]
 struct Cli {
     #[command(flatten)]
     config: ProductConfig,

@@ -8,17 +8,14 @@ use storegate::{
     error::FieldViolation,
     pb::product::v1::{
         CreateProductRequest, DeleteProductRequest, GetProductRequest, ListProductsRequest,
-        ListProductsResponse, Product, UpdateProductRequest,
-        product_service_server::ProductService,
+        ListProductsResponse, Product, UpdateProductRequest, product_service_server::ProductService,
     },
     token::{ADMIN_ROLE, Claims},
 };
 use tonic::{Request, Response, Status};
 
 use crate::{
-    domain::{
-        Price, check_description, check_name, check_request_id, check_stock, etag, parse_etag,
-    },
+    domain::{Price, check_description, check_name, check_request_id, check_stock, etag, parse_etag},
     store::{Created, ProductFields, ProductRow, ProductStore, Written},
 };
 
@@ -42,10 +39,7 @@ impl ProductApi {
 }
 
 fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: t.timestamp(),
-        nanos: t.timestamp_subsec_nanos() as i32,
-    }
+    prost_types::Timestamp { seconds: t.timestamp(), nanos: t.timestamp_subsec_nanos() as i32 }
 }
 
 impl From<ProductRow> for Product {
@@ -65,18 +59,13 @@ impl From<ProductRow> for Product {
 
 fn claims<T>(request: &Request<T>) -> Result<&Claims, ApiError> {
     // The interceptor puts them there; their absence means it did not run.
-    request
-        .extensions()
-        .get::<Claims>()
-        .ok_or(ApiError::Unauthenticated("access token is missing"))
+    request.extensions().get::<Claims>().ok_or(ApiError::Unauthenticated("access token is missing"))
 }
 
 fn require_admin<T>(request: &Request<T>) -> Result<Option<i64>, ApiError> {
     let claims = claims(request)?;
     if !claims.has_role(ADMIN_ROLE) {
-        return Err(ApiError::PermissionDenied(
-            "changing the catalogue needs the admin role",
-        ));
+        return Err(ApiError::PermissionDenied("changing the catalogue needs the admin role"));
     }
     Ok(claims.user_id())
 }
@@ -88,9 +77,7 @@ fn validated_fields(product: &Product, prefix: &str) -> Result<ProductFields, Ap
     let violations: Vec<FieldViolation> = [
         check_name(&product.name, &field("name")),
         check_description(&product.description, &field("description")),
-        price
-            .err()
-            .map(|why| FieldViolation::new(field("price"), why)),
+        price.err().map(|why| FieldViolation::new(field("price"), why)),
         check_stock(product.stock, &field("stock")),
     ]
     .into_iter()
@@ -111,18 +98,10 @@ fn encode_page_token(after_id: i64) -> String {
 }
 
 fn decode_page_token(token: &str) -> Result<i64, ApiError> {
-    let invalid = || {
-        ApiError::invalid(
-            "page_token",
-            "is not a token from a previous ListProducts response",
-        )
-    };
+    let invalid = || ApiError::invalid("page_token", "is not a token from a previous ListProducts response");
     let bytes = URL_SAFE_NO_PAD.decode(token).map_err(|_| invalid())?;
     let text = std::str::from_utf8(&bytes).map_err(|_| invalid())?;
-    text.strip_prefix("after:")
-        .and_then(|id| id.parse().ok())
-        .filter(|id: &i64| *id >= 0)
-        .ok_or_else(invalid)
+    text.strip_prefix("after:").and_then(|id| id.parse().ok()).filter(|id: &i64| *id >= 0).ok_or_else(invalid)
 }
 
 /// What identifies a CreateProduct request body, to tell a retry from a
@@ -143,10 +122,7 @@ fn request_hash(fields: &ProductFields) -> Vec<u8> {
 
 /// The fields UpdateProduct changes: the mask's paths, or without a mask
 /// the fields the client set (non-empty strings, non-zero stock).
-fn paths_to_update(
-    req: &UpdateProductRequest,
-    product: &Product,
-) -> Result<Vec<&'static str>, ApiError> {
+fn paths_to_update(req: &UpdateProductRequest, product: &Product) -> Result<Vec<&'static str>, ApiError> {
     let Some(mask) = req.update_mask.as_ref().filter(|m| !m.paths.is_empty()) else {
         let set = [
             ("name", !product.name.is_empty()),
@@ -154,16 +130,9 @@ fn paths_to_update(
             ("price", !product.price.is_empty()),
             ("stock", product.stock != 0),
         ];
-        let paths: Vec<_> = set
-            .into_iter()
-            .filter(|(_, is_set)| *is_set)
-            .map(|(p, _)| p)
-            .collect();
+        let paths: Vec<_> = set.into_iter().filter(|(_, is_set)| *is_set).map(|(p, _)| p).collect();
         if paths.is_empty() {
-            return Err(ApiError::invalid(
-                "update_mask",
-                "names no field, and no field is set",
-            ));
+            return Err(ApiError::invalid("update_mask", "names no field, and no field is set"));
         }
         return Ok(paths);
     };
@@ -181,10 +150,7 @@ fn paths_to_update(
                 format!("{path} is set by the server and cannot be changed"),
             ));
         } else {
-            violations.push(FieldViolation::new(
-                "update_mask",
-                format!("{path} is not a product field"),
-            ));
+            violations.push(FieldViolation::new("update_mask", format!("{path} is not a product field")));
         }
     }
     ApiError::check(violations)?;
@@ -198,9 +164,9 @@ fn validated_changes(product: &Product, paths: &[&str]) -> Result<(), ApiError> 
         .filter_map(|path| match *path {
             "name" => check_name(&product.name, "product.name"),
             "description" => check_description(&product.description, "product.description"),
-            "price" => Price::parse(&product.price)
-                .err()
-                .map(|why| FieldViolation::new("product.price", why)),
+            "price" => {
+                Price::parse(&product.price).err().map(|why| FieldViolation::new("product.price", why))
+            }
             "stock" => check_stock(product.stock, "product.stock"),
             _ => None,
         })
@@ -208,19 +174,15 @@ fn validated_changes(product: &Product, paths: &[&str]) -> Result<(), ApiError> 
     ApiError::check(violations)
 }
 
-fn apply(
-    current: &ProductFields,
-    product: &Product,
-    paths: &[&str],
-) -> Result<ProductFields, ApiError> {
+fn apply(current: &ProductFields, product: &Product, paths: &[&str]) -> Result<ProductFields, ApiError> {
     let mut next = current.clone();
     for path in paths {
         match *path {
             "name" => next.name = product.name.clone(),
             "description" => next.description = product.description.clone(),
             "price" => {
-                next.price = Price::parse(&product.price)
-                    .map_err(|why| ApiError::invalid("product.price", why))?
+                next.price =
+                    Price::parse(&product.price).map_err(|why| ApiError::invalid("product.price", why))?
             }
             "stock" => next.stock = product.stock,
             _ => {}
@@ -239,9 +201,7 @@ impl ProductApi {
     async fn create(&self, request: Request<CreateProductRequest>) -> Result<Product, ApiError> {
         let user_id = require_admin(&request)?;
         let req = request.into_inner();
-        let product = req
-            .product
-            .ok_or_else(|| ApiError::invalid("product", "is required"))?;
+        let product = req.product.ok_or_else(|| ApiError::invalid("product", "is required"))?;
         let fields = validated_fields(&product, "product.")?;
         let request_id = (!req.request_id.is_empty()).then_some(req.request_id.as_str());
         if let Some(v) = request_id.and_then(check_request_id) {
@@ -250,12 +210,7 @@ impl ProductApi {
         let hash = request_hash(&fields);
         match self
             .store
-            .create(
-                &fields,
-                request_id.map(|id| (id, hash.as_slice())),
-                user_id,
-                storegate::db::now(),
-            )
+            .create(&fields, request_id.map(|id| (id, hash.as_slice())), user_id, storegate::db::now())
             .await?
         {
             Created::New(row) => {
@@ -263,28 +218,19 @@ impl ProductApi {
                 Ok(row.into())
             }
             Created::Replayed(row) => Ok(row.into()),
-            Created::Conflict => Err(ApiError::invalid(
-                "request_id",
-                "was already used for a different request",
-            )),
+            Created::Conflict => {
+                Err(ApiError::invalid("request_id", "was already used for a different request"))
+            }
         }
     }
 
     async fn get(&self, request: Request<GetProductRequest>) -> Result<Product, ApiError> {
         claims(&request)?;
         let id = request.into_inner().id;
-        Ok(self
-            .store
-            .get(id)
-            .await?
-            .ok_or_else(|| not_found(id))?
-            .into())
+        Ok(self.store.get(id).await?.ok_or_else(|| not_found(id))?.into())
     }
 
-    async fn list(
-        &self,
-        request: Request<ListProductsRequest>,
-    ) -> Result<ListProductsResponse, ApiError> {
+    async fn list(&self, request: Request<ListProductsRequest>) -> Result<ListProductsResponse, ApiError> {
         claims(&request)?;
         let req = request.into_inner();
         let page_size = match req.page_size {
@@ -292,16 +238,9 @@ impl ProductApi {
             0 => DEFAULT_PAGE_SIZE,
             n => n.min(MAX_PAGE_SIZE),
         };
-        let after_id = if req.page_token.is_empty() {
-            0
-        } else {
-            decode_page_token(&req.page_token)?
-        };
+        let after_id = if req.page_token.is_empty() { 0 } else { decode_page_token(&req.page_token)? };
         // One extra row tells whether another page follows.
-        let mut rows = self
-            .store
-            .list_after(after_id, i64::from(page_size) + 1)
-            .await?;
+        let mut rows = self.store.list_after(after_id, i64::from(page_size) + 1).await?;
         let more = rows.len() > page_size as usize;
         rows.truncate(page_size as usize);
         let next_page_token = match rows.last() {
@@ -318,10 +257,7 @@ impl ProductApi {
     async fn update(&self, request: Request<UpdateProductRequest>) -> Result<Product, ApiError> {
         let user_id = require_admin(&request)?;
         let req = request.into_inner();
-        let product = req
-            .product
-            .as_ref()
-            .ok_or_else(|| ApiError::invalid("product", "is required"))?;
+        let product = req.product.as_ref().ok_or_else(|| ApiError::invalid("product", "is required"))?;
         let paths = paths_to_update(&req, product)?;
         validated_changes(product, &paths)?;
         let expected_version = match product.etag.as_str() {
@@ -330,24 +266,14 @@ impl ProductApi {
         };
 
         for _ in 0..UPDATE_ATTEMPTS {
-            let current = self
-                .store
-                .get(product.id)
-                .await?
-                .ok_or_else(|| not_found(product.id))?;
+            let current = self.store.get(product.id).await?.ok_or_else(|| not_found(product.id))?;
             if expected_version.is_some_and(|v| v != current.version) {
                 return Err(ApiError::Aborted(STALE_ETAG));
             }
             let next = apply(&current.fields()?, product, &paths)?;
             match self
                 .store
-                .update_if_version(
-                    product.id,
-                    current.version,
-                    &next,
-                    user_id,
-                    storegate::db::now(),
-                )
+                .update_if_version(product.id, current.version, &next, user_id, storegate::db::now())
                 .await?
             {
                 Written::Done(row) => return Ok(row.into()),
@@ -360,9 +286,7 @@ impl ProductApi {
                 Written::VersionMismatch => continue,
             }
         }
-        Err(ApiError::Aborted(
-            "the product is changing too often; retry",
-        ))
+        Err(ApiError::Aborted("the product is changing too often; retry"))
     }
 
     async fn delete(&self, request: Request<DeleteProductRequest>) -> Result<(), ApiError> {
@@ -394,10 +318,7 @@ impl ProductService for ProductApi {
     }
 
     #[tracing::instrument(name = "GetProduct", skip_all)]
-    async fn get_product(
-        &self,
-        request: Request<GetProductRequest>,
-    ) -> Result<Response<Product>, Status> {
+    async fn get_product(&self, request: Request<GetProductRequest>) -> Result<Response<Product>, Status> {
         Ok(Response::new(self.get(request).await?))
     }
 
@@ -418,10 +339,7 @@ impl ProductService for ProductApi {
     }
 
     #[tracing::instrument(name = "DeleteProduct", skip_all)]
-    async fn delete_product(
-        &self,
-        request: Request<DeleteProductRequest>,
-    ) -> Result<Response<()>, Status> {
+    async fn delete_product(&self, request: Request<DeleteProductRequest>) -> Result<Response<()>, Status> {
         self.delete(request).await?;
         Ok(Response::new(()))
     }
@@ -434,12 +352,7 @@ mod tests {
     #[test]
     fn page_tokens_round_trip_and_garbage_is_refused() {
         assert_eq!(decode_page_token(&encode_page_token(42)).unwrap(), 42);
-        for bad in [
-            "x",
-            "!!!",
-            &URL_SAFE_NO_PAD.encode("after:-1"),
-            &URL_SAFE_NO_PAD.encode("before:3"),
-        ] {
+        for bad in ["x", "!!!", &URL_SAFE_NO_PAD.encode("after:-1"), &URL_SAFE_NO_PAD.encode("before:3")] {
             assert!(decode_page_token(bad).is_err(), "{bad}");
         }
     }
@@ -452,11 +365,7 @@ mod tests {
             price: Price::parse("1").unwrap(),
             stock: 1,
         };
-        let b = ProductFields {
-            name: "a".into(),
-            description: "bc".into(),
-            ..a.clone()
-        };
+        let b = ProductFields { name: "a".into(), description: "bc".into(), ..a.clone() };
         assert_eq!(request_hash(&a), request_hash(&a.clone()));
         assert_ne!(request_hash(&a), request_hash(&b));
     }

@@ -96,9 +96,7 @@ impl ProductStore {
 
     async fn get_by_request_id(&self, request_id: &str) -> Result<Option<RequestRow>, ApiError> {
         let sql = format!("SELECT {COLUMNS}, request_hash FROM products WHERE request_id = ?");
-        Ok(
-            on_db!(&self.db, pool => sqlx::query_as(&sql).bind(request_id).fetch_optional(pool).await)?,
-        )
+        Ok(on_db!(&self.db, pool => sqlx::query_as(&sql).bind(request_id).fetch_optional(pool).await)?)
     }
 
     /// Inserts a product. With a request id, the unique key on it settles
@@ -133,26 +131,20 @@ impl ProductStore {
         });
         match inserted {
             Ok(id) => {
-                let row = self
-                    .get(id)
-                    .await?
-                    .ok_or_else(|| anyhow::anyhow!("inserted product {id} vanished"))?;
+                let row =
+                    self.get(id).await?.ok_or_else(|| anyhow::anyhow!("inserted product {id} vanished"))?;
                 Ok(Created::New(row))
             }
             Err(e) if is_unique_violation(&e) && request_id.is_some() => {
-                let (request_id, request_hash) = (
-                    request_id.unwrap_or_default(),
-                    request_hash.unwrap_or_default(),
-                );
+                let (request_id, request_hash) =
+                    (request_id.unwrap_or_default(), request_hash.unwrap_or_default());
                 match self.get_by_request_id(request_id).await? {
                     Some(found) if found.request_hash.as_deref() == Some(request_hash) => {
                         Ok(Created::Replayed(found.product))
                     }
                     Some(_) => Ok(Created::Conflict),
                     // Deleted in between: the id is free again.
-                    None => Err(ApiError::Aborted(
-                        "the request raced with a delete; retry it",
-                    )),
+                    None => Err(ApiError::Aborted("the request raced with a delete; retry it")),
                 }
             }
             Err(e) => Err(e.into()),
@@ -162,9 +154,7 @@ impl ProductStore {
     /// Up to `limit` products with ids above `after_id`, in id order.
     pub async fn list_after(&self, after_id: i64, limit: i64) -> Result<Vec<ProductRow>, ApiError> {
         let sql = format!("SELECT {COLUMNS} FROM products WHERE id > ? ORDER BY id LIMIT ?");
-        Ok(
-            on_db!(&self.db, pool => sqlx::query_as(&sql).bind(after_id).bind(limit).fetch_all(pool).await)?,
-        )
+        Ok(on_db!(&self.db, pool => sqlx::query_as(&sql).bind(after_id).bind(limit).fetch_all(pool).await)?)
     }
 
     pub async fn count(&self) -> Result<i64, ApiError> {
@@ -204,11 +194,7 @@ impl ProductStore {
             let row = self.get(id).await?;
             return Ok(row.map_or(Written::NotFound, Written::Done));
         }
-        Ok(if self.get(id).await?.is_some() {
-            Written::VersionMismatch
-        } else {
-            Written::NotFound
-        })
+        Ok(if self.get(id).await?.is_some() { Written::VersionMismatch } else { Written::NotFound })
     }
 
     /// Deletes the product, only at `version` when one is given.
@@ -223,10 +209,6 @@ impl ProductStore {
         if rows == 1 {
             return Ok(Written::Done(()));
         }
-        Ok(if self.get(id).await?.is_some() {
-            Written::VersionMismatch
-        } else {
-            Written::NotFound
-        })
+        Ok(if self.get(id).await?.is_some() { Written::VersionMismatch } else { Written::NotFound })
     }
 }

@@ -9,8 +9,8 @@ use storegate::{
     pb::{
         auth::v1::CompleteLoginRequest,
         product::v1::{
-            CreateProductRequest, DeleteProductRequest, GetProductRequest, ListProductsRequest,
-            Product, UpdateProductRequest,
+            CreateProductRequest, DeleteProductRequest, GetProductRequest, ListProductsRequest, Product,
+            UpdateProductRequest,
         },
     },
 };
@@ -42,27 +42,18 @@ fn product(name: &str, price: &str, stock: i64) -> Product {
 }
 
 fn mask(paths: &[&str]) -> Option<prost_types::FieldMask> {
-    Some(prost_types::FieldMask {
-        paths: paths.iter().map(|p| p.to_string()).collect(),
-    })
+    Some(prost_types::FieldMask { paths: paths.iter().map(|p| p.to_string()).collect() })
 }
 
 async fn count_products(db: &Db) -> i64 {
-    on_db!(db, pool => sqlx::query_scalar("SELECT COUNT(*) FROM products").fetch_one(pool).await)
-        .unwrap()
+    on_db!(db, pool => sqlx::query_scalar("SELECT COUNT(*) FROM products").fetch_one(pool).await).unwrap()
 }
 
 async fn create(stack: &TestStack, token: &str, p: Product) -> Product {
     stack
         .products()
         .await
-        .create_product(bearer(
-            CreateProductRequest {
-                product: Some(p),
-                request_id: String::new(),
-            },
-            token,
-        ))
+        .create_product(bearer(CreateProductRequest { product: Some(p), request_id: String::new() }, token))
         .await
         .expect("create product")
         .into_inner()
@@ -72,31 +63,16 @@ async fn create(stack: &TestStack, token: &str, p: Product) -> Product {
 async fn the_seed_flow_from_registration_to_every_product_rpc(backend: Backend) {
     let stack = TestStack::start(backend).await;
     stack.register("shopkeeper", "correct horse battery").await;
-    auth_service::grant_role(&TestStack::auth_config(&stack.db), "shopkeeper", "admin")
-        .await
-        .unwrap();
+    auth_service::grant_role(&TestStack::auth_config(&stack.db), "shopkeeper", "admin").await.unwrap();
 
     // Step 1: the password gives a ticket and, on first login, the QR code.
-    let begun = stack
-        .begin_login("shopkeeper", "correct horse battery")
-        .await;
+    let begun = stack.begin_login("shopkeeper", "correct horse battery").await;
     let enrollment = begun.enrollment.expect("QR enrollment on first login");
-    let image = image::load_from_memory(&enrollment.qr_png)
-        .unwrap()
-        .to_luma8();
-    let (_, uri) = rqrr::PreparedImage::prepare(image).detect_grids()[0]
-        .decode()
-        .expect("QR decodes");
+    let image = image::load_from_memory(&enrollment.qr_png).unwrap().to_luma8();
+    let (_, uri) = rqrr::PreparedImage::prepare(image).detect_grids()[0].decode().expect("QR decodes");
     assert_eq!(uri, enrollment.otpauth_uri);
     // What an authenticator app does: read the secret out of the URI.
-    let secret = uri
-        .split_once("secret=")
-        .unwrap()
-        .1
-        .split('&')
-        .next()
-        .unwrap()
-        .to_owned();
+    let secret = uri.split_once("secret=").unwrap().1.split('&').next().unwrap().to_owned();
 
     // Step 2: the code from the secret gives the tokens.
     let tokens = stack
@@ -114,38 +90,23 @@ async fn the_seed_flow_from_registration_to_every_product_rpc(backend: Backend) 
     let mut products = stack.products().await;
     let created = products
         .create_product(bearer(
-            CreateProductRequest {
-                product: Some(product("Teapot", "24.50", 10)),
-                request_id: String::new(),
-            },
+            CreateProductRequest { product: Some(product("Teapot", "24.50", 10)), request_id: String::new() },
             token,
         ))
         .await
         .unwrap()
         .into_inner();
     assert!(created.id > 0);
-    assert_eq!(
-        (created.name.as_str(), created.price.as_str(), created.stock),
-        ("Teapot", "24.50", 10)
-    );
+    assert_eq!((created.name.as_str(), created.price.as_str(), created.stock), ("Teapot", "24.50", 10));
     assert!(!created.etag.is_empty());
     assert!(created.create_time.is_some() && created.update_time == created.create_time);
 
-    let got = products
-        .get_product(bearer(GetProductRequest { id: created.id }, token))
-        .await
-        .unwrap()
-        .into_inner();
+    let got =
+        products.get_product(bearer(GetProductRequest { id: created.id }, token)).await.unwrap().into_inner();
     assert_eq!(got, created);
 
     let listed = products
-        .list_products(bearer(
-            ListProductsRequest {
-                page_size: 0,
-                page_token: String::new(),
-            },
-            token,
-        ))
+        .list_products(bearer(ListProductsRequest { page_size: 0, page_token: String::new() }, token))
         .await
         .unwrap()
         .into_inner();
@@ -171,27 +132,15 @@ async fn the_seed_flow_from_registration_to_every_product_rpc(backend: Backend) 
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(
-        (updated.name.as_str(), updated.price.as_str(), updated.stock),
-        ("Teapot", "19.99", 7)
-    );
+    assert_eq!((updated.name.as_str(), updated.price.as_str(), updated.stock), ("Teapot", "19.99", 7));
     assert_eq!(updated.description, created.description);
     assert_ne!(updated.etag, created.etag);
 
     products
-        .delete_product(bearer(
-            DeleteProductRequest {
-                id: created.id,
-                etag: updated.etag,
-            },
-            token,
-        ))
+        .delete_product(bearer(DeleteProductRequest { id: created.id, etag: updated.etag }, token))
         .await
         .unwrap();
-    let err = products
-        .get_product(bearer(GetProductRequest { id: created.id }, token))
-        .await
-        .unwrap_err();
+    let err = products.get_product(bearer(GetProductRequest { id: created.id }, token)).await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
     assert_eq!(count_products(&stack.db.open().await).await, 0);
 }
@@ -201,10 +150,7 @@ async fn calls_without_a_valid_token_are_unauthenticated(backend: Backend) {
     let token = stack.admin_token("admin").await;
     let mut products = stack.products().await;
 
-    let err = products
-        .get_product(GetProductRequest { id: 1 })
-        .await
-        .unwrap_err();
+    let err = products.get_product(GetProductRequest { id: 1 }).await.unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated, "no token");
 
     // A token signed by a key auth-service never published.
@@ -217,12 +163,9 @@ async fn calls_without_a_valid_token_are_unauthenticated(backend: Backend) {
         let real: serde_json::Value =
             serde_json::from_slice(&URL_SAFE_NO_PAD.decode(real_header).unwrap()).unwrap();
         header.kid = real["kid"].as_str().map(str::to_owned);
-        let payload: serde_json::Value = serde_json::from_slice(
-            &URL_SAFE_NO_PAD
-                .decode(token.split('.').nth(1).unwrap())
-                .unwrap(),
-        )
-        .unwrap();
+        let payload: serde_json::Value =
+            serde_json::from_slice(&URL_SAFE_NO_PAD.decode(token.split('.').nth(1).unwrap()).unwrap())
+                .unwrap();
         jsonwebtoken::encode(
             &header,
             &payload,
@@ -235,43 +178,25 @@ async fn calls_without_a_valid_token_are_unauthenticated(backend: Backend) {
         let mut payload: serde_json::Value =
             serde_json::from_slice(&URL_SAFE_NO_PAD.decode(parts[1]).unwrap()).unwrap();
         payload["sub"] = "999".into();
-        format!(
-            "{}.{}.{}",
-            parts[0],
-            URL_SAFE_NO_PAD.encode(payload.to_string()),
-            parts[2]
-        )
+        format!("{}.{}.{}", parts[0], URL_SAFE_NO_PAD.encode(payload.to_string()), parts[2])
     };
-    for (what, bad) in [
-        ("garbage", "not-a-token"),
-        ("foreign key", foreign.as_str()),
-        ("tampered", tampered.as_str()),
-    ] {
-        let err = products
-            .get_product(bearer(GetProductRequest { id: 1 }, bad))
-            .await
-            .unwrap_err();
+    for (what, bad) in
+        [("garbage", "not-a-token"), ("foreign key", foreign.as_str()), ("tampered", tampered.as_str())]
+    {
+        let err = products.get_product(bearer(GetProductRequest { id: 1 }, bad)).await.unwrap_err();
         assert_eq!(err.code(), Code::Unauthenticated, "{what}");
         assert!(!err.message().contains(bad), "the token is not echoed");
     }
 
     // The right token without the Bearer scheme.
     let mut request = tonic::Request::new(GetProductRequest { id: 1 });
-    request
-        .metadata_mut()
-        .insert("authorization", token.parse().unwrap());
-    assert_eq!(
-        products.get_product(request).await.unwrap_err().code(),
-        Code::Unauthenticated
-    );
+    request.metadata_mut().insert("authorization", token.parse().unwrap());
+    assert_eq!(products.get_product(request).await.unwrap_err().code(), Code::Unauthenticated);
 
     // A write with a bad token changes nothing.
     let err = products
         .create_product(bearer(
-            CreateProductRequest {
-                product: Some(product("X", "1", 1)),
-                request_id: String::new(),
-            },
+            CreateProductRequest { product: Some(product("X", "1", 1)), request_id: String::new() },
             &tampered,
         ))
         .await
@@ -280,43 +205,29 @@ async fn calls_without_a_valid_token_are_unauthenticated(backend: Backend) {
     assert_eq!(count_products(&stack.db.open().await).await, 0);
 
     // And the real token works.
-    let err = products
-        .get_product(bearer(GetProductRequest { id: 1 }, &token))
-        .await
-        .unwrap_err();
+    let err = products.get_product(bearer(GetProductRequest { id: 1 }, &token)).await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
 }
 
 async fn signed_in_users_read_but_only_admins_write(backend: Backend) {
     let stack = TestStack::start(backend).await;
     let admin = stack.admin_token("admin").await;
-    let (user, _) = stack
-        .register_and_login("shopper", "correct horse battery")
-        .await;
+    let (user, _) = stack.register_and_login("shopper", "correct horse battery").await;
     let user = user.access_token;
     let teapot = create(&stack, &admin, product("Teapot", "24.50", 10)).await;
     let mut products = stack.products().await;
 
-    let got = products
-        .get_product(bearer(GetProductRequest { id: teapot.id }, &user))
-        .await
-        .unwrap()
-        .into_inner();
+    let got =
+        products.get_product(bearer(GetProductRequest { id: teapot.id }, &user)).await.unwrap().into_inner();
     assert_eq!(got, teapot);
-    let listed = products
-        .list_products(bearer(ListProductsRequest::default(), &user))
-        .await
-        .unwrap()
-        .into_inner();
+    let listed =
+        products.list_products(bearer(ListProductsRequest::default(), &user)).await.unwrap().into_inner();
     assert_eq!(listed.total_size, 1);
 
     let denied = [
         products
             .create_product(bearer(
-                CreateProductRequest {
-                    product: Some(product("Cup", "3", 1)),
-                    request_id: String::new(),
-                },
+                CreateProductRequest { product: Some(product("Cup", "3", 1)), request_id: String::new() },
                 &user,
             ))
             .await
@@ -324,11 +235,7 @@ async fn signed_in_users_read_but_only_admins_write(backend: Backend) {
         products
             .update_product(bearer(
                 UpdateProductRequest {
-                    product: Some(Product {
-                        id: teapot.id,
-                        stock: 0,
-                        ..Default::default()
-                    }),
+                    product: Some(Product { id: teapot.id, stock: 0, ..Default::default() }),
                     update_mask: mask(&["stock"]),
                 },
                 &user,
@@ -336,13 +243,7 @@ async fn signed_in_users_read_but_only_admins_write(backend: Backend) {
             .await
             .unwrap_err(),
         products
-            .delete_product(bearer(
-                DeleteProductRequest {
-                    id: teapot.id,
-                    etag: String::new(),
-                },
-                &user,
-            ))
+            .delete_product(bearer(DeleteProductRequest { id: teapot.id, etag: String::new() }, &user))
             .await
             .unwrap_err(),
     ];
@@ -351,11 +252,8 @@ async fn signed_in_users_read_but_only_admins_write(backend: Backend) {
     }
     let db = stack.db.open().await;
     assert_eq!(count_products(&db).await, 1);
-    let after = products
-        .get_product(bearer(GetProductRequest { id: teapot.id }, &user))
-        .await
-        .unwrap()
-        .into_inner();
+    let after =
+        products.get_product(bearer(GetProductRequest { id: teapot.id }, &user)).await.unwrap().into_inner();
     assert_eq!(after, teapot, "nothing changed");
 }
 
@@ -373,41 +271,22 @@ async fn bad_product_fields_are_all_reported_and_nothing_is_written(backend: Bac
     };
     let err = products
         .create_product(bearer(
-            CreateProductRequest {
-                product: Some(bad),
-                request_id: String::new(),
-            },
+            CreateProductRequest { product: Some(bad), request_id: String::new() },
             &token,
         ))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     let details = err.get_error_details();
-    let mut fields: Vec<_> = details
-        .bad_request()
-        .unwrap()
-        .field_violations
-        .iter()
-        .map(|v| v.field.clone())
-        .collect();
+    let mut fields: Vec<_> =
+        details.bad_request().unwrap().field_violations.iter().map(|v| v.field.clone()).collect();
     fields.sort();
-    assert_eq!(
-        fields,
-        [
-            "product.description",
-            "product.name",
-            "product.price",
-            "product.stock"
-        ]
-    );
+    assert_eq!(fields, ["product.description", "product.name", "product.price", "product.stock"]);
 
     for price in ["1.234", "abc", "1e5", "10000000000", ""] {
         let err = products
             .create_product(bearer(
-                CreateProductRequest {
-                    product: Some(product("Cup", price, 1)),
-                    request_id: String::new(),
-                },
+                CreateProductRequest { product: Some(product("Cup", price, 1)), request_id: String::new() },
                 &token,
             ))
             .await
@@ -425,81 +304,31 @@ async fn bad_product_fields_are_all_reported_and_nothing_is_written(backend: Bac
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "name too long");
-    let err = products
-        .create_product(bearer(CreateProductRequest::default(), &token))
-        .await
-        .unwrap_err();
+    let err = products.create_product(bearer(CreateProductRequest::default(), &token)).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "no product");
     assert_eq!(count_products(&stack.db.open().await).await, 0);
 
     // Updates validate the changed fields and change nothing when they fail.
     let cup = create(&stack, &token, product("Cup", "3.00", 5)).await;
     for (p, paths) in [
-        (
-            Product {
-                id: cup.id,
-                price: "0.001".into(),
-                ..Default::default()
-            },
-            vec!["price"],
-        ),
-        (
-            Product {
-                id: cup.id,
-                stock: -1,
-                ..Default::default()
-            },
-            vec!["stock"],
-        ),
-        (
-            Product {
-                id: cup.id,
-                ..Default::default()
-            },
-            vec!["name"],
-        ),
-        (
-            Product {
-                id: cup.id,
-                stock: 1,
-                ..Default::default()
-            },
-            vec!["colour"],
-        ),
-        (
-            Product {
-                id: cup.id,
-                stock: 1,
-                ..Default::default()
-            },
-            vec!["id"],
-        ),
-        (
-            Product {
-                id: cup.id,
-                stock: 1,
-                ..Default::default()
-            },
-            vec!["create_time"],
-        ),
+        (Product { id: cup.id, price: "0.001".into(), ..Default::default() }, vec!["price"]),
+        (Product { id: cup.id, stock: -1, ..Default::default() }, vec!["stock"]),
+        (Product { id: cup.id, ..Default::default() }, vec!["name"]),
+        (Product { id: cup.id, stock: 1, ..Default::default() }, vec!["colour"]),
+        (Product { id: cup.id, stock: 1, ..Default::default() }, vec!["id"]),
+        (Product { id: cup.id, stock: 1, ..Default::default() }, vec!["create_time"]),
     ] {
         let err = products
             .update_product(bearer(
-                UpdateProductRequest {
-                    product: Some(p),
-                    update_mask: mask(&paths),
-                },
+                UpdateProductRequest { product: Some(p), update_mask: mask(&paths) },
                 &token,
             ))
             .await
             .unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument, "{paths:?}");
     }
-    let after = products
-        .get_product(bearer(GetProductRequest { id: cup.id }, &token))
-        .await
-        .unwrap()
-        .into_inner();
+    let after =
+        products.get_product(bearer(GetProductRequest { id: cup.id }, &token)).await.unwrap().into_inner();
     assert_eq!(after, cup);
 }
 
@@ -508,19 +337,11 @@ async fn missing_products_are_not_found(backend: Backend) {
     let token = stack.admin_token("admin").await;
     let mut products = stack.products().await;
     let codes = [
-        products
-            .get_product(bearer(GetProductRequest { id: 424242 }, &token))
-            .await
-            .unwrap_err()
-            .code(),
+        products.get_product(bearer(GetProductRequest { id: 424242 }, &token)).await.unwrap_err().code(),
         products
             .update_product(bearer(
                 UpdateProductRequest {
-                    product: Some(Product {
-                        id: 424242,
-                        stock: 1,
-                        ..Default::default()
-                    }),
+                    product: Some(Product { id: 424242, stock: 1, ..Default::default() }),
                     update_mask: mask(&["stock"]),
                 },
                 &token,
@@ -529,13 +350,7 @@ async fn missing_products_are_not_found(backend: Backend) {
             .unwrap_err()
             .code(),
         products
-            .delete_product(bearer(
-                DeleteProductRequest {
-                    id: 424242,
-                    etag: String::new(),
-                },
-                &token,
-            ))
+            .delete_product(bearer(DeleteProductRequest { id: 424242, etag: String::new() }, &token))
             .await
             .unwrap_err()
             .code(),
@@ -556,10 +371,7 @@ async fn listing_pages_through_every_product_exactly_once(backend: Backend) {
     loop {
         let page = products
             .list_products(bearer(
-                ListProductsRequest {
-                    page_size: 3,
-                    page_token: page_token.clone(),
-                },
+                ListProductsRequest { page_size: 3, page_token: page_token.clone() },
                 &token,
             ))
             .await
@@ -576,37 +388,20 @@ async fn listing_pages_through_every_product_exactly_once(backend: Backend) {
     }
     assert_eq!(pages, 3);
     assert_eq!(seen.len(), 7);
-    assert_eq!(
-        seen.iter().collect::<HashSet<_>>().len(),
-        7,
-        "no product twice"
-    );
+    assert_eq!(seen.iter().collect::<HashSet<_>>().len(), 7, "no product twice");
     assert!(seen.windows(2).all(|w| w[0] < w[1]), "stable id order");
 
     let all = products
-        .list_products(bearer(
-            ListProductsRequest {
-                page_size: 5000,
-                page_token: String::new(),
-            },
-            &token,
-        ))
+        .list_products(bearer(ListProductsRequest { page_size: 5000, page_token: String::new() }, &token))
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(
-        all.products.len(),
-        7,
-        "page sizes above 1000 are capped, not refused"
-    );
+    assert_eq!(all.products.len(), 7, "page sizes above 1000 are capped, not refused");
 
     for (size, token_text) in [(-1, ""), (3, "not-a-page-token"), (3, "YWZ0ZXI6LTU")] {
         let err = products
             .list_products(bearer(
-                ListProductsRequest {
-                    page_size: size,
-                    page_token: token_text.into(),
-                },
+                ListProductsRequest { page_size: size, page_token: token_text.into() },
                 &token,
             ))
             .await
@@ -639,11 +434,7 @@ async fn updates_change_only_masked_fields_and_respect_etags(backend: Backend) {
         .into_inner();
     assert_eq!(renamed.name, "Electric kettle");
     assert_eq!(
-        (
-            renamed.price.as_str(),
-            renamed.stock,
-            renamed.description.as_str()
-        ),
+        (renamed.price.as_str(), renamed.stock, renamed.description.as_str()),
         ("30.00", 4, original.description.as_str())
     );
 
@@ -664,10 +455,7 @@ async fn updates_change_only_masked_fields_and_respect_etags(backend: Backend) {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(
-        (emptied.stock, emptied.name.as_str()),
-        (0, "Electric kettle")
-    );
+    assert_eq!((emptied.stock, emptied.name.as_str()), (0, "Electric kettle"));
 
     // The etag from before that write is stale now.
     let err = products
@@ -687,13 +475,7 @@ async fn updates_change_only_masked_fields_and_respect_etags(backend: Backend) {
         .unwrap_err();
     assert_eq!(err.code(), Code::Aborted);
     let err = products
-        .delete_product(bearer(
-            DeleteProductRequest {
-                id: original.id,
-                etag: renamed.etag,
-            },
-            &token,
-        ))
+        .delete_product(bearer(DeleteProductRequest { id: original.id, etag: renamed.etag }, &token))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Aborted);
@@ -713,25 +495,14 @@ async fn create_with_a_request_id_is_idempotent(backend: Backend) {
         product: Some(product("Mug", "8.00", 3)),
         request_id: "6f1c2d4e-8a8b-4c1e-9d3f-2b7a5e0c9f11".into(),
     };
-    let first = products
-        .create_product(bearer(request.clone(), &token))
-        .await
-        .unwrap()
-        .into_inner();
-    let retry = products
-        .create_product(bearer(request.clone(), &token))
-        .await
-        .unwrap()
-        .into_inner();
+    let first = products.create_product(bearer(request.clone(), &token)).await.unwrap().into_inner();
+    let retry = products.create_product(bearer(request.clone(), &token)).await.unwrap().into_inner();
     assert_eq!(first, retry);
     assert_eq!(count_products(&stack.db.open().await).await, 1);
 
     let mut different = request;
     different.product = Some(product("Mug", "9.00", 3));
-    let err = products
-        .create_product(bearer(different, &token))
-        .await
-        .unwrap_err();
+    let err = products.create_product(bearer(different, &token)).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert_eq!(count_products(&stack.db.open().await).await, 1);
 }
@@ -760,10 +531,7 @@ async fn prices_are_stored_as_exact_decimals(backend: Backend) {
         })
         .unwrap(),
     };
-    assert!(
-        ["text", "decimal(12,2)"].contains(&stored_type.as_str()),
-        "{stored_type}"
-    );
+    assert!(["text", "decimal(12,2)"].contains(&stored_type.as_str()), "{stored_type}");
     let sum: String = on_db!(&db, pool => {
         sqlx::query_scalar("SELECT CAST(price AS CHAR) FROM products WHERE id = ?").bind(small.id).fetch_one(pool).await
     })
@@ -778,9 +546,7 @@ async fn health_and_reflection_are_served(backend: Backend) {
         let channel = TestStack::channel(addr).await;
 
         let mut v1 =
-            tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient::new(
-                channel.clone(),
-            );
+            tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient::new(channel.clone());
         let request = tonic_reflection::pb::v1::ServerReflectionRequest {
             host: String::new(),
             message_request: Some(
@@ -789,13 +555,11 @@ async fn health_and_reflection_are_served(backend: Backend) {
                 ),
             ),
         };
-        let mut responses = v1
-            .server_reflection_info(tokio_stream::once(request))
-            .await
-            .unwrap()
-            .into_inner();
-        let Some(tonic_reflection::pb::v1::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
-            responses.next().await.unwrap().unwrap().message_response
+        let mut responses =
+            v1.server_reflection_info(tokio_stream::once(request)).await.unwrap().into_inner();
+        let Some(
+            tonic_reflection::pb::v1::server_reflection_response::MessageResponse::ListServicesResponse(list),
+        ) = responses.next().await.unwrap().unwrap().message_response
         else {
             panic!("no service list");
         };
@@ -816,18 +580,9 @@ async fn health_and_reflection_are_served(backend: Backend) {
                 "storegate.product.v1.Product".into(),
             )),
         };
-        let mut responses = v1alpha
-            .server_reflection_info(tokio_stream::once(request))
-            .await
-            .unwrap()
-            .into_inner();
-        let response = responses
-            .next()
-            .await
-            .unwrap()
-            .unwrap()
-            .message_response
-            .unwrap();
+        let mut responses =
+            v1alpha.server_reflection_info(tokio_stream::once(request)).await.unwrap().into_inner();
+        let response = responses.next().await.unwrap().unwrap().message_response.unwrap();
         assert!(
             matches!(response, tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse::FileDescriptorResponse(_)),
             "v1alpha resolves storegate symbols"
@@ -835,17 +590,12 @@ async fn health_and_reflection_are_served(backend: Backend) {
 
         let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
         let status = health
-            .check(tonic_health::pb::HealthCheckRequest {
-                service: String::new(),
-            })
+            .check(tonic_health::pb::HealthCheckRequest { service: String::new() })
             .await
             .unwrap()
             .into_inner()
             .status;
-        assert_eq!(
-            status,
-            tonic_health::pb::health_check_response::ServingStatus::Serving as i32
-        );
+        assert_eq!(status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
     }
     stack.stop().await;
 }

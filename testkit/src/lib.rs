@@ -79,23 +79,14 @@ impl Backend {
 fn unique_name() -> String {
     use std::sync::atomic::{AtomicU32, Ordering};
     static COUNTER: AtomicU32 = AtomicU32::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .subsec_nanos();
-    format!(
-        "sg_test_{}_{}_{}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed),
-        nanos
-    )
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().subsec_nanos();
+    format!("sg_test_{}_{}_{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed), nanos)
 }
 
 /// `mysql://user:pass@host:port` with any path or query replaced by `/db`.
 fn mysql_url_with_database(server_url: &str, database: &str) -> String {
-    let (scheme, rest) = server_url
-        .split_once("://")
-        .unwrap_or(("mysql", server_url));
+    let (scheme, rest) = server_url.split_once("://").unwrap_or(("mysql", server_url));
     let authority = rest.split(['/', '?']).next().unwrap_or(rest);
     format!("{scheme}://{authority}/{database}")
 }
@@ -140,10 +131,7 @@ impl TestDb {
                 TestDb {
                     url: mysql_url_with_database(server_url, &name),
                     backend: backend.clone(),
-                    cleanup: Cleanup::MySqlDatabase {
-                        server_url: server_url.clone(),
-                        name,
-                    },
+                    cleanup: Cleanup::MySqlDatabase { server_url: server_url.clone(), name },
                 }
             }
         }
@@ -196,9 +184,7 @@ pub struct TestStack {
     servers: Vec<JoinHandle<anyhow::Result<()>>>,
 }
 
-fn shutdown_future(
-    rx: &watch::Sender<bool>,
-) -> impl std::future::Future<Output = ()> + Send + 'static {
+fn shutdown_future(rx: &watch::Sender<bool>) -> impl std::future::Future<Output = ()> + Send + 'static {
     let mut rx = rx.subscribe();
     async move {
         let _ = rx.wait_for(|stop| *stop).await;
@@ -218,18 +204,9 @@ impl TestStack {
         let (shutdown, _) = watch::channel(false);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let auth_addr = listener.local_addr().unwrap();
-        let server = tokio::spawn(auth_service::run(
-            Self::auth_config(&db),
-            listener,
-            shutdown_future(&shutdown),
-        ));
-        let stack = TestStack {
-            db,
-            auth_addr,
-            product_addr: None,
-            shutdown,
-            servers: vec![server],
-        };
+        let server =
+            tokio::spawn(auth_service::run(Self::auth_config(&db), listener, shutdown_future(&shutdown)));
+        let stack = TestStack { db, auth_addr, product_addr: None, shutdown, servers: vec![server] };
         stack.wait_ready(auth_addr).await;
         stack
     }
@@ -267,11 +244,7 @@ impl TestStack {
     }
 
     pub async fn channel(addr: SocketAddr) -> Channel {
-        Channel::from_shared(format!("http://{addr}"))
-            .unwrap()
-            .connect()
-            .await
-            .expect("connect")
+        Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.expect("connect")
     }
 
     pub async fn auth(&self) -> AuthServiceClient<Channel> {
@@ -279,18 +252,13 @@ impl TestStack {
     }
 
     pub async fn products(&self) -> ProductServiceClient<Channel> {
-        ProductServiceClient::new(
-            Self::channel(self.product_addr.expect("product-service is running")).await,
-        )
+        ProductServiceClient::new(Self::channel(self.product_addr.expect("product-service is running")).await)
     }
 
     pub async fn register(&self, username: &str, password: &str) -> i64 {
         self.auth()
             .await
-            .register(RegisterRequest {
-                username: username.into(),
-                password: password.into(),
-            })
+            .register(RegisterRequest { username: username.into(), password: password.into() })
             .await
             .expect("register")
             .into_inner()
@@ -300,10 +268,7 @@ impl TestStack {
     pub async fn begin_login(&self, username: &str, password: &str) -> BeginLoginResponse {
         self.auth()
             .await
-            .begin_login(BeginLoginRequest {
-                username: username.into(),
-                password: password.into(),
-            })
+            .begin_login(BeginLoginRequest { username: username.into(), password: password.into() })
             .await
             .expect("begin login")
             .into_inner()
@@ -335,9 +300,7 @@ impl TestStack {
     /// An admin's access token: registers, grants admin, logs in.
     pub async fn admin_token(&self, username: &str) -> String {
         self.register(username, "correct horse battery").await;
-        auth_service::grant_role(&Self::auth_config(&self.db), username, "admin")
-            .await
-            .expect("grant admin");
+        auth_service::grant_role(&Self::auth_config(&self.db), username, "admin").await.expect("grant admin");
         let begun = self.begin_login(username, "correct horse battery").await;
         let secret = begun.enrollment.expect("enrollment").secret;
         self.auth()
@@ -370,19 +333,9 @@ impl Drop for TestStack {
 /// The TOTP code for the current time step plus `step_offset` steps, from a
 /// base32 secret, as an authenticator app would compute it.
 pub fn totp_code(secret_base32: &str, step_offset: i64) -> String {
-    let secret = totp_rs::Secret::Encoded(secret_base32.to_owned())
-        .to_bytes()
-        .expect("base32 secret");
-    let totp = totp_rs::TOTP::new(
-        totp_rs::Algorithm::SHA1,
-        6,
-        0,
-        30,
-        secret,
-        None,
-        "test".into(),
-    )
-    .expect("totp");
+    let secret = totp_rs::Secret::Encoded(secret_base32.to_owned()).to_bytes().expect("base32 secret");
+    let totp =
+        totp_rs::TOTP::new(totp_rs::Algorithm::SHA1, 6, 0, 30, secret, None, "test".into()).expect("totp");
     let now = chrono::Utc::now().timestamp() + step_offset * 30;
     totp.generate(now as u64)
 }
@@ -399,10 +352,7 @@ pub fn wrong_totp_code(secret_base32: &str) -> String {
 /// Attaches `authorization: Bearer <token>` to a request.
 pub fn bearer<T>(message: T, token: &str) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
-    request.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {token}").parse().expect("ascii token"),
-    );
+    request.metadata_mut().insert("authorization", format!("Bearer {token}").parse().expect("ascii token"));
     request
 }
 
@@ -411,22 +361,14 @@ mod tonic_health_client {
 
     /// True when the server's grpc.health.v1 answers SERVING for "".
     pub async fn health_serving(addr: SocketAddr) -> bool {
-        let Ok(channel) = tonic::transport::Channel::from_shared(format!("http://{addr}"))
-            .unwrap()
-            .connect()
-            .await
+        let Ok(channel) =
+            tonic::transport::Channel::from_shared(format!("http://{addr}")).unwrap().connect().await
         else {
             return false;
         };
         let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
-        client
-            .check(tonic_health::pb::HealthCheckRequest {
-                service: String::new(),
-            })
-            .await
-            .is_ok_and(|r| {
-                r.into_inner().status
-                    == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
-            })
+        client.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await.is_ok_and(|r| {
+            r.into_inner().status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+        })
     }
 }

@@ -1,0 +1,86 @@
+//! Login throttling: failed attempts are counted per normalised username,
+//! known or not, in the database, so that every replica sees one count.
+//!
+//! Every attempt is counted as a failure *before* it is evaluated (one
+//! atomic UPDATE that also refuses attempts while the name is locked), so
+//! parallel attempts cannot slip past the limit. An attempt that turns out
+//! right, or is never evaluated, gives its count back; a completed login
+//! clears the count. The delays after [`FREE_FAILURES`] consecutive failures
+//! are in `store.rs` next to the SQL that applies them.
+
+use sha2::{Digest as _, Sha256};
+use storegate::ApiError;
+
+use crate::store::AuthStore;
+
+/// Failures allowed before the first delay.
+pub const FREE_FAILURES: i64 = 5;
+/// Delays after the 5th, 6th, … consecutive failure, in seconds: 30 s
+/// doubling, capped at 15 minutes.
+pub const DELAYS_SECS: [i64; 6] = [30, 60, 120, 240, 480, 900];
+pub const THROTTLED: &str = "too many failed attempts; try again later";
+
+/// The throttle key of a username as typed: its normalised spelling, hashed
+/// (unknown names are counted too, without storing what strangers type).
+pub fn subject(raw_username: &str) -> Vec<u8> {
+    let mut hash = Sha256::new_with_prefix(b"login:");
+    if raw_username.len() <= 1024 {
+        hash.update(raw_username.to_lowercase().as_bytes());
+    } else {
+        hash.update(raw_username.as_bytes());
+    }
+    hash.finalize().to_vec()
+}
+
+/// An admitted attempt, counted as a failure until settled otherwise.
+#[must_use = "settle the attempt"]
+pub struct Attempt {
+    subject: Vec<u8>,
+}
+
+/// Counts an attempt for `subject`, or refuses it with RESOURCE_EXHAUSTED
+/// (carrying a RetryInfo) while the name is locked.
+pub async fn admit(store: &AuthStore, subject: Vec<u8>, now_unix: i64) -> Result<Attempt, ApiError> {
+    match store.admit_login_attempt(&subject, now_unix).await? {
+        Ok(()) => Ok(Attempt { subject }),
+        Err(locked_until) => Err(ApiError::ResourceExhausted {
+            message: THROTTLED,
+            retry_after: Some(std::time::Duration::from_secs((locked_until - now_unix).max(1) as u64)),
+        }),
+    }
+}
+
+impl Attempt {
+    /// Settles the attempt by its outcome: a wrong credential stays counted;
+    /// anything else (a right one, or an error before evaluation) is given
+    /// back. `completed` clears the count: the whole login succeeded.
+    pub async fn settle<T>(self, store: &AuthStore, outcome: &Result<T, ApiError>, completed: bool) {
+        let settled = match outcome {
+            Ok(_) if completed => store.reset_login_attempts(&self.subject).await,
+            Err(ApiError::Unauthenticated(_)) => Ok(()),
+            _ => store.refund_login_attempt(&self.subject).await,
+        };
+        if let Err(e) = settled {
+            tracing::warn!(error = %e, "cannot settle a login attempt");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spellings_of_one_name_share_a_subject() {
+        assert_eq!(subject("Alice"), subject("alice"));
+        assert_ne!(subject("alice"), subject("bob"));
+        assert_eq!(subject(&"x".repeat(5000)).len(), 32);
+    }
+
+    #[test]
+    fn delays_double_from_30_seconds_up_to_15_minutes() {
+        assert_eq!(DELAYS_SECS[0], 30);
+        assert!(DELAYS_SECS.windows(2).all(|w| w[1] == (w[0] * 2).min(900)));
+        assert_eq!(*DELAYS_SECS.last().unwrap(), 15 * 60);
+    }
+}
