@@ -26,9 +26,11 @@ use password::PasswordHasher;
 use service::{AuthApi, AuthState};
 use store::AuthStore;
 
-/// Largest request accepted: far above any legitimate auth call, far below
-/// what could cost memory.
-const MAX_REQUEST_BYTES: usize = 64 * 1024;
+/// Largest request decoded. Far above any legitimate auth call, yet large
+/// enough that an oversized password (up to 1 MiB) reaches validation and
+/// gets a clear INVALID_ARGUMENT / UNAUTHENTICATED (above this, tonic answers
+/// OUT_OF_RANGE before any handler runs).
+const MAX_REQUEST_BYTES: usize = 2 * 1024 * 1024;
 const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Opens the database (migrating it), the master key and the signing keys.

@@ -1,0 +1,390 @@
+//! The login against the attacks that broke the prototype: guessing
+//! (throttling), replay, stolen tickets, enumeration, weak passwords, and
+//! secrets leaking into logs. Real servers, SQLite and MySQL.
+
+use std::{
+    io::Write,
+    sync::{Arc, Mutex, OnceLock},
+    time::{Duration, Instant},
+};
+
+use storegate::{
+    Db, on_db,
+    pb::auth::v1::{BeginLoginRequest, CompleteLoginRequest, RegisterRequest},
+};
+use storegate_testkit::{Backend, TestStack, backend_tests, totp_code, wrong_totp_code};
+use tonic::Code;
+use tonic_types::StatusExt as _;
+
+const PASSWORD: &str = "correct horse battery";
+
+backend_tests!(
+    five_failures_lock_even_the_right_password_with_growing_delays,
+    unknown_names_are_throttled_like_known_ones,
+    parallel_wrong_passwords_cannot_slip_past_the_limit,
+    wrong_codes_count_towards_the_same_limit,
+    ten_parallel_logins_with_one_code_let_exactly_one_in,
+    recovery_codes_are_shown_once_and_each_works_once,
+    a_ticket_of_one_user_fails_with_the_code_of_another,
+    expired_tickets_are_refused,
+    passwords_are_used_exactly_as_given,
+    common_and_oversized_passwords_are_refused_before_hashing,
+    a_wrong_master_key_stops_start_up_with_a_clear_error,
+    logs_never_contain_passwords_codes_tickets_or_tokens,
+    unknown_users_and_wrong_passwords_take_the_same_time,
+);
+
+async fn begin(stack: &TestStack, username: &str, password: &str) -> Result<String, tonic::Status> {
+    let mut auth = stack.auth().await;
+    auth.begin_login(BeginLoginRequest { username: username.into(), password: password.into() })
+        .await
+        .map(|r| r.into_inner().login_ticket)
+}
+
+async fn complete(stack: &TestStack, ticket: &str, code: &str) -> Result<Vec<String>, tonic::Status> {
+    let mut auth = stack.auth().await;
+    auth.complete_login(CompleteLoginRequest { login_ticket: ticket.into(), code: code.into() })
+        .await
+        .map(|r| r.into_inner().recovery_codes)
+}
+
+fn retry_delay(status: &tonic::Status) -> Duration {
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    status.get_details_retry_info().expect("RetryInfo").retry_delay.expect("a delay")
+}
+
+/// Lets time pass for the throttle: the current lock ends now.
+async fn end_lock(db: &Db) {
+    let now = chrono::Utc::now().timestamp();
+    on_db!(db, pool => {
+        sqlx::query("UPDATE login_throttle SET locked_until = ? WHERE locked_until IS NOT NULL")
+            .bind(now - 1)
+            .execute(pool)
+            .await
+            .map(drop)
+    })
+    .unwrap();
+}
+
+async fn throttle_failures(db: &Db) -> Vec<i64> {
+    on_db!(db, pool => {
+        sqlx::query_scalar("SELECT CAST(failures AS SIGNED) FROM login_throttle").fetch_all(pool).await
+    })
+    .unwrap_or_default()
+}
+
+async fn five_failures_lock_even_the_right_password_with_growing_delays(backend: Backend) {
+    let stack = TestStack::start_auth(backend).await;
+    stack.register("mallory", PASSWORD).await;
+    for _ in 0..5 {
+        assert_eq!(begin(&stack, "mallory", "wrong password!").await.unwrap_err().code(), Code::Unauthenticated);
+    }
+    let first = retry_delay(&begin(&stack, "Mallory", PASSWORD).await.unwrap_err());
+    assert!(first > Duration::ZERO && first <= Duration::from_secs(30), "{first:?}");
+
+    let db = stack.db.open().await;
+    end_lock(&db).await;
+    assert_eq!(begin(&stack, "mallory", "wrong again!!").await.unwrap_err().code(), Code::Unauthenticated);
+    let second = retry_delay(&begin(&stack, "mallory", PASSWORD).await.unwrap_err());
+    assert!(second > Duration::from_secs(30) && second <= Duration::from_secs(60), "{second:?}");
+
+    for cap in 0..6 {
+        end_lock(&db).await;
+        begin(&stack, "mallory", "still wrong!!").await.unwrap_err();
+        let delay = retry_delay(&begin(&stack, "mallory", PASSWORD).await.unwrap_err());
+        assert!(delay <= Duration::from_secs(15 * 60), "round {cap}: {delay:?}");
+    }
+    assert!(retry_delay(&begin(&stack, "mallory", PASSWORD).await.unwrap_err()) > Duration::from_secs(480));
+
+    // Once the lock ends, the right password and code get in and clear the count.
+    end_lock(&db).await;
+    let begun = stack.begin_login("mallory", PASSWORD).await;
+    let secret = begun.enrollment.unwrap().secret;
+    complete(&stack, &begun.login_ticket, &totp_code(&secret, 0)).await.unwrap();
+    assert!(throttle_failures(&db).await.is_empty(), "a completed login resets the count");
+}
+
+async fn unknown_names_are_throttled_like_known_ones(backend: Backend) {
+    let stack = TestStack::start_auth(backend).await;
+    stack.register("known", PASSWORD).await;
+    let mut last = Vec::new();
+    for name in ["known", "ghost"] {
+        for _ in 0..5 {
+            let err = begin(&stack, name, "wrong password!").await.unwrap_err();
+            assert_eq!((err.code(), err.message()), (Code::Unauthenticated, "invalid username or password"));
+        }
+        let err = begin(&stack, name, PASSWORD).await.unwrap_err();
+        assert_eq!(err.code(), Code::ResourceExhausted);
+        last.push(err.message().to_owned());
+    }
+    assert_eq!(last[0], last[1], "known and unknown names are refused alike");
+}
+
+async fn parallel_wrong_passwords_cannot_slip_past_the_limit(backend: Backend) {
+    let stack = Arc::new(TestStack::start_auth(backend).await);
+    stack.register("target", PASSWORD).await;
+    let attempts: Vec<_> = (0..20)
+        .map(|_| {
+            let stack = stack.clone();
+            tokio::spawn(async move { begin(&stack, "target", "wrong password!").await.unwrap_err().code() })
+        })
+        .collect();
+    let mut codes = Vec::new();
+    for a in attempts {
+        codes.push(a.await.unwrap());
+    }
+    let evaluated = codes.iter().filter(|c| **c == Code::Unauthenticated).count();
+    let refused = codes.iter().filter(|c| **c == Code::ResourceExhausted).count();
+    assert_eq!((evaluated, refused), (5, 15), "{codes:?}");
+    assert_eq!(throttle_failures(&stack.db.open().await).await, [5]);
+    assert_eq!(begin(&stack, "target", PASSWORD).await.unwrap_err().code(), Code::ResourceExhausted);
+}
+
+async fn wrong_codes_count_towards_the_same_limit(backend: Backend) {
+    let stack = TestStack::start_auth(backend).await;
+    stack.register("victim", PASSWORD).await;
+    // The attacker has the password, not the phone.
+    let begun = stack.begin_login("victim", PASSWORD).await;
+    let secret = begun.enrollment.unwrap().secret;
+    for _ in 0..3 {
+        complete(&stack, &begun.login_ticket, &wrong_totp_code(&secret)).await.unwrap_err();
+    }
+    let ticket = begin(&stack, "victim", PASSWORD).await.unwrap();
+    for _ in 0..2 {
+        complete(&stack, &ticket, &wrong_totp_code(&secret)).await.unwrap_err();
+    }
+    let err = begin(&stack, "victim", PASSWORD).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "a known password does not buy more code guesses");
+    let err = complete(&stack, &ticket, &totp_code(&secret, 0)).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted);
+}
+
+async fn ten_parallel_logins_with_one_code_let_exactly_one_in(backend: Backend) {
+    let stack = Arc::new(TestStack::start_auth(backend).await);
+    let (_, secret) = stack.register_and_login("racer", PASSWORD).await;
+    let mut tickets = Vec::new();
+    for _ in 0..10 {
+        tickets.push(begin(&stack, "racer", PASSWORD).await.unwrap());
+    }
+    // The current step was spent by the enrollment login; the next one is fresh.
+    let code = totp_code(&secret, 1);
+    let calls: Vec<_> = tickets
+        .into_iter()
+        .map(|ticket| {
+            let (stack, code) = (stack.clone(), code.clone());
+            tokio::spawn(async move { complete(&stack, &ticket, &code).await.map(drop).map_err(|e| e.code()) })
+        })
+        .collect();
+    let mut results = Vec::new();
+    for c in calls {
+        results.push(c.await.unwrap());
+    }
+    assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 1, "{results:?}");
+    assert!(
+        results.iter().all(|r| matches!(r, Ok(()) | Err(Code::Unauthenticated | Code::ResourceExhausted))),
+        "{results:?}"
+    );
+}
+
+async fn recovery_codes_are_shown_once_and_each_works_once(backend: Backend) {
+    let stack = TestStack::start_auth(backend).await;
+    stack.register("lostphone", PASSWORD).await;
+    let begun = stack.begin_login("lostphone", PASSWORD).await;
+    let secret = begun.enrollment.unwrap().secret;
+    let codes = complete(&stack, &begun.login_ticket, &totp_code(&secret, 0)).await.unwrap();
+    assert_eq!(codes.len(), 10);
+    assert_eq!(codes.iter().collect::<std::collections::HashSet<_>>().len(), 10);
+    for code in &codes {
+        let bits = code.chars().filter(|c| *c != '-').count() * 5;
+        assert!(bits >= 50, "{code}");
+    }
+
+    let db = stack.db.open().await;
+    let stored: Vec<Vec<u8>> = on_db!(&db, pool => {
+        sqlx::query_scalar("SELECT code_hash FROM recovery_codes").fetch_all(pool).await
+    })
+    .unwrap();
+    assert_eq!(stored.len(), 10);
+    for code in &codes {
+        let plain = code.replace('-', "");
+        assert!(!stored.iter().any(|h| h.windows(plain.len()).any(|w| w == plain.as_bytes())), "stored hashed");
+    }
+
+    // A recovery code stands in for the phone, once; typed in lower case without dashes too.
+    let ticket = begin(&stack, "lostphone", PASSWORD).await.unwrap();
+    let again = complete(&stack, &ticket, &codes[3].replace('-', "").to_lowercase()).await.unwrap();
+    assert!(again.is_empty(), "recovery codes are shown only when enrollment is confirmed");
+    let ticket = begin(&stack, "lostphone", PASSWORD).await.unwrap();
+    assert_eq!(complete(&stack, &ticket, &codes[3]).await.unwrap_err().code(), Code::Unauthenticated);
+    complete(&stack, &ticket, &codes[4]).await.expect("another code still works");
+    let used: i64 = on_db!(&db, pool => {
+        sqlx::query_scalar("SELECT COUNT(*) FROM recovery_codes WHERE used_at IS NOT NULL").fetch_one(pool).await
+    })
+    .unwrap();
+    assert_eq!(used, 2);
+}
+
+async fn a_ticket_of_one_user_fails_with_the_code_of_another(backend: Backend) {
+    let stack = TestStack::start_auth(backend).await;
+    stack.register("user-a", PASSWORD).await;
+    stack.register("user-b", PASSWORD).await;
+    let a = stack.begin_login("user-a", PASSWORD).await;
+    let b = stack.begin_login("user-b", PASSWORD).await;
+    let b_code = totp_code(&b.enrollment.unwrap().secret, 0);
+    assert_eq!(complete(&stack, &a.login_ticket, &b_code).await.unwrap_err().code(), Code::Unauthenticated);
+    complete(&stack, &b.login_ticket, &b_code).await.expect("the code is b's");
+}
+
+async fn expired_tickets_are_refused(backend: Backend) {
+    let stack = TestStack::start_auth(backend).await;
+    stack.register("slowpoke", PASSWORD).await;
+    let begun = stack.begin_login("slowpoke", PASSWORD).await;
+    let expiry = begun.ticket_expire_time.unwrap().seconds - chrono::Utc::now().timestamp();
+    assert!((290..=300).contains(&expiry), "{expiry}");
+    let db = stack.db.open().await;
+    let past = chrono::Utc::now() - chrono::Duration::seconds(1);
+    on_db!(&db, pool => sqlx::query("UPDATE login_tickets SET expires_at = ?").bind(past).execute(pool).await.map(drop))
+        .unwrap();
+    let code = totp_code(&begun.enrollment.unwrap().secret, 0);
+    assert_eq!(complete(&stack, &begun.login_ticket, &code).await.unwrap_err().code(), Code::Unauthenticated);
+}
+
+async fn passwords_are_used_exactly_as_given(backend: Backend) {
+    let stack = TestStack::start_auth(backend).await;
+    let password: String = "  tea 🫖 kettle 🔥 sugar 🍬 spoon 🥄 cup ☕ saucer 🍽 milk 🥛 honey 🍯 x"
+        .chars()
+        .cycle()
+        .take(64)
+        .collect();
+    assert_eq!(password.chars().count(), 64);
+    stack.register("exact", &password).await;
+    let prefix: String = password.chars().take(63).collect();
+    for wrong in [prefix.as_str(), password.trim(), &format!("{password} ")] {
+        assert_eq!(begin(&stack, "exact", wrong).await.unwrap_err().code(), Code::Unauthenticated, "{wrong:?}");
+    }
+    begin(&stack, "exact", &password).await.expect("the exact password");
+}
+
+async fn common_and_oversized_passwords_are_refused_before_hashing(backend: Backend) {
+    let stack = TestStack::start_auth(backend).await;
+    let mut auth = stack.auth().await;
+    for common in ["password123", "qwerty123", "1q2w3e4r5t", "iloveyou"] {
+        let err = auth
+            .register(RegisterRequest { username: "someone".into(), password: common.into() })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{common}");
+        let fields: Vec<_> =
+            err.get_error_details().bad_request().unwrap().field_violations.iter().map(|v| v.field.clone()).collect();
+        assert_eq!(fields, ["password"]);
+    }
+    let huge = "x".repeat(1 << 20);
+    let started = Instant::now();
+    let err = auth.register(RegisterRequest { username: "someone".into(), password: huge.clone() }).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    let err = auth.begin_login(BeginLoginRequest { username: "someone".into(), password: huge }).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let users: i64 =
+        on_db!(&stack.db.open().await, pool => sqlx::query_scalar("SELECT COUNT(*) FROM users").fetch_one(pool).await)
+            .unwrap();
+    assert_eq!(users, 0);
+}
+
+async fn a_wrong_master_key_stops_start_up_with_a_clear_error(backend: Backend) {
+    let stack = TestStack::start_auth(backend).await;
+    let mut config = TestStack::auth_config(&stack.db);
+    config.master_key = Some(secrecy::SecretString::from(auth_service::crypto::MasterKey::generate_base64()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let err = auth_service::run(config, listener, std::future::pending()).await.unwrap_err();
+    let message = format!("{err:#}");
+    assert!(message.contains("STOREGATE_MASTER_KEY"), "{message}");
+}
+
+/// Everything any test of this binary logs, at every level.
+fn captured_logs() -> Arc<Mutex<Vec<u8>>> {
+    static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+    LOGS.get_or_init(|| {
+        let buffer = Arc::new(Mutex::new(Vec::new()));
+        let writer = buffer.clone();
+        tracing_subscriber::fmt()
+            .with_env_filter("trace")
+            .with_writer(move || Capture(writer.clone()))
+            .with_ansi(false)
+            .init();
+        buffer
+    })
+    .clone()
+}
+
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+async fn logs_never_contain_passwords_codes_tickets_or_tokens(backend: Backend) {
+    let logs = captured_logs();
+    let stack = TestStack::start_auth(backend).await;
+    let password = "leak-canary horse battery";
+    stack.register("canary", password).await;
+    begin(&stack, "canary", "leak-canary wrong one").await.unwrap_err();
+    let begun = stack.begin_login("canary", password).await;
+    let secret = begun.enrollment.unwrap().secret;
+    let code = totp_code(&secret, 0);
+    let mut auth = stack.auth().await;
+    let tokens = auth
+        .complete_login(CompleteLoginRequest { login_ticket: begun.login_ticket.clone(), code: code.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    complete(&stack, &begun.login_ticket, &code).await.unwrap_err();
+
+    let text = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
+    assert!(text.contains("login completed"), "the capture works");
+    let access_signature = tokens.access_token.rsplit('.').next().unwrap();
+    for (what, secret_value) in [
+        ("password", password),
+        ("wrong password", "leak-canary wrong one"),
+        ("TOTP secret", secret.as_str()),
+        ("ticket", begun.login_ticket.as_str()),
+        ("access token", access_signature),
+        ("refresh token", tokens.refresh_token.as_str()),
+        ("recovery code", tokens.recovery_codes[0].as_str()),
+    ] {
+        assert!(!text.contains(secret_value), "the {what} is in the logs");
+    }
+    assert!(!text.contains(&format!("code: \"{code}\"")), "the code is in the logs");
+    for sql in ["SELECT ", "INSERT INTO", "UPDATE users"] {
+        assert!(!text.contains(sql), "SQL text {sql:?} is in the logs");
+    }
+}
+
+async fn unknown_users_and_wrong_passwords_take_the_same_time(backend: Backend) {
+    let stack = TestStack::start_auth(backend).await;
+    const ROUNDS: usize = 21;
+    for i in 0..ROUNDS {
+        stack.register(&format!("timing-{i}"), PASSWORD).await;
+    }
+    let (mut known, mut unknown) = (Vec::new(), Vec::new());
+    for i in 0..ROUNDS {
+        // Interleaved, so that load on the machine hits both alike.
+        let started = Instant::now();
+        begin(&stack, &format!("timing-{i}"), "wrong password!").await.unwrap_err();
+        known.push(started.elapsed());
+        let started = Instant::now();
+        begin(&stack, &format!("nobody-{i}"), "wrong password!").await.unwrap_err();
+        unknown.push(started.elapsed());
+    }
+    known.sort();
+    unknown.sort();
+    let (k, u) = (known[ROUNDS / 2].as_secs_f64(), unknown[ROUNDS / 2].as_secs_f64());
+    let ratio = k.max(u) / k.min(u);
+    assert!(ratio < 1.2, "medians: known {k:.4}s, unknown {u:.4}s");
+}
