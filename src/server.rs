@@ -6,8 +6,10 @@ use std::future::Future;
 
 use http::{HeaderName, HeaderValue, Method};
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
-use tonic::service::{Routes, RoutesBuilder};
+use tonic::{
+    service::{Routes, RoutesBuilder},
+    transport::server::TcpIncoming,
+};
 use tonic_health::server::HealthReporter;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
@@ -72,7 +74,11 @@ pub async fn serve(
         .layer(cors_layer(cors_allowed_origins))
         .layer(tonic_web::GrpcWebLayer::new())
         .add_routes(routes.routes())
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(
+            // Without TCP_NODELAY, small responses wait out delayed ACKs (~40 ms).
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            shutdown,
+        )
         .await?;
     Ok(())
 }

@@ -4,7 +4,10 @@
 //! every replica signs with the same key and publishes the same set. The
 //! first start creates one. Key ids are RFC 7638 thumbprints of the public key.
 
-use std::sync::Arc;
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use anyhow::Context as _;
 use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
@@ -30,7 +33,16 @@ pub struct SigningKeys {
     store: AuthStore,
     master_key: MasterKey,
     signer: Arc<RwLock<Arc<Signer>>>,
+    /// The serialised JWK Set and when it was read: GetJwks is called by
+    /// every verifier, and must answer at once even while the database is
+    /// busy with a login storm.
+    published: Arc<RwLock<Option<(Instant, Arc<str>)>>>,
 }
+
+/// How long a read of the published keys is served from memory. Rotation
+/// publishes a key long before signing with it, so replicas agreeing a few
+/// seconds late changes nothing.
+const PUBLISHED_CACHE_TTL: Duration = Duration::from_secs(5);
 
 fn seal_context(kid: &str) -> String {
     format!("signing_key:{kid}")
@@ -63,7 +75,12 @@ impl SigningKeys {
             }
         };
         let signer = Self::open(&master_key, &stored)?;
-        Ok(SigningKeys { store, master_key, signer: Arc::new(RwLock::new(Arc::new(signer))) })
+        Ok(SigningKeys {
+            store,
+            master_key,
+            signer: Arc::new(RwLock::new(Arc::new(signer))),
+            published: Arc::default(),
+        })
     }
 
     /// Generates a key pair and stores it, usable for signing from `active_at`.
@@ -115,6 +132,18 @@ impl SigningKeys {
                 .filter_map(|k| Some(PublicJwk::ed25519(&k.kid, &public_key_bytes(k)?)))
                 .collect(),
         })
+    }
+
+    /// [`Self::jwks`] as JSON, read from the database at most every few seconds.
+    pub async fn jwks_json(&self) -> anyhow::Result<Arc<str>> {
+        if let Some((read_at, json)) = self.published.read().await.as_ref()
+            && read_at.elapsed() < PUBLISHED_CACHE_TTL
+        {
+            return Ok(json.clone());
+        }
+        let json: Arc<str> = serde_json::to_string(&self.jwks().await?)?.into();
+        *self.published.write().await = Some((Instant::now(), json.clone()));
+        Ok(json)
     }
 
     pub fn master_key(&self) -> &MasterKey {

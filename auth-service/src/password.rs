@@ -80,9 +80,25 @@ impl PasswordHasher {
         let _running =
             self.running.clone().acquire_owned().await.map_err(|_| ApiError::Unavailable("shutting down"))?;
         let span = tracing::Span::current();
-        tokio::task::spawn_blocking(move || span.in_scope(work))
-            .await
-            .map_err(|e| ApiError::Internal(anyhow::anyhow!("password hashing task failed: {e}")))
+        tokio::task::spawn_blocking(move || {
+            lower_thread_priority();
+            span.in_scope(work)
+        })
+        .await
+        .map_err(|e| ApiError::Internal(anyhow::anyhow!("password hashing task failed: {e}")))
+    }
+}
+
+/// Hashing threads yield the CPU to the async runtime: with every core busy
+/// hashing, health checks and token calls must still answer at once. On
+/// Linux the nice value is per thread; raising it needs no privilege and is
+/// idempotent, so repeating it on a reused blocking thread costs one syscall.
+fn lower_thread_priority() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: setpriority only reads its integer arguments; who = 0 names
+    // the calling thread.
+    unsafe {
+        libc::setpriority(libc::PRIO_PROCESS, 0, 10);
     }
 }
 

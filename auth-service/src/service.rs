@@ -237,9 +237,7 @@ impl AuthState {
     }
 
     async fn get_jwks(&self) -> Result<GetJwksResponse, ApiError> {
-        let jwks = self.keys.jwks().await?;
-        let jwks_json = serde_json::to_string(&jwks).map_err(anyhow::Error::new)?;
-        Ok(GetJwksResponse { jwks_json })
+        Ok(GetJwksResponse { jwks_json: self.keys.jwks_json().await?.to_string() })
     }
 }
 

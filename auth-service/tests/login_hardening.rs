@@ -77,7 +77,10 @@ async fn five_failures_lock_even_the_right_password_with_growing_delays(backend:
     let stack = TestStack::start_auth(backend).await;
     stack.register("mallory", PASSWORD).await;
     for _ in 0..5 {
-        assert_eq!(begin(&stack, "mallory", "wrong password!").await.unwrap_err().code(), Code::Unauthenticated);
+        assert_eq!(
+            begin(&stack, "mallory", "wrong password!").await.unwrap_err().code(),
+            Code::Unauthenticated
+        );
     }
     let first = retry_delay(&begin(&stack, "Mallory", PASSWORD).await.unwrap_err());
     assert!(first > Duration::ZERO && first <= Duration::from_secs(30), "{first:?}");
@@ -172,7 +175,9 @@ async fn ten_parallel_logins_with_one_code_let_exactly_one_in(backend: Backend) 
         .into_iter()
         .map(|ticket| {
             let (stack, code) = (stack.clone(), code.clone());
-            tokio::spawn(async move { complete(&stack, &ticket, &code).await.map(drop).map_err(|e| e.code()) })
+            tokio::spawn(
+                async move { complete(&stack, &ticket, &code).await.map(drop).map_err(|e| e.code()) },
+            )
         })
         .collect();
     let mut results = Vec::new();
@@ -207,7 +212,10 @@ async fn recovery_codes_are_shown_once_and_each_works_once(backend: Backend) {
     assert_eq!(stored.len(), 10);
     for code in &codes {
         let plain = code.replace('-', "");
-        assert!(!stored.iter().any(|h| h.windows(plain.len()).any(|w| w == plain.as_bytes())), "stored hashed");
+        assert!(
+            !stored.iter().any(|h| h.windows(plain.len()).any(|w| w == plain.as_bytes())),
+            "stored hashed"
+        );
     }
 
     // A recovery code stands in for the phone, once; typed in lower case without dashes too.
@@ -260,7 +268,11 @@ async fn passwords_are_used_exactly_as_given(backend: Backend) {
     stack.register("exact", &password).await;
     let prefix: String = password.chars().take(63).collect();
     for wrong in [prefix.as_str(), password.trim(), &format!("{password} ")] {
-        assert_eq!(begin(&stack, "exact", wrong).await.unwrap_err().code(), Code::Unauthenticated, "{wrong:?}");
+        assert_eq!(
+            begin(&stack, "exact", wrong).await.unwrap_err().code(),
+            Code::Unauthenticated,
+            "{wrong:?}"
+        );
     }
     begin(&stack, "exact", &password).await.expect("the exact password");
 }
@@ -274,15 +286,25 @@ async fn common_and_oversized_passwords_are_refused_before_hashing(backend: Back
             .await
             .unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument, "{common}");
-        let fields: Vec<_> =
-            err.get_error_details().bad_request().unwrap().field_violations.iter().map(|v| v.field.clone()).collect();
+        let fields: Vec<_> = err
+            .get_error_details()
+            .bad_request()
+            .unwrap()
+            .field_violations
+            .iter()
+            .map(|v| v.field.clone())
+            .collect();
         assert_eq!(fields, ["password"]);
     }
     let huge = "x".repeat(1 << 20);
     let started = Instant::now();
-    let err = auth.register(RegisterRequest { username: "someone".into(), password: huge.clone() }).await.unwrap_err();
+    let err = auth
+        .register(RegisterRequest { username: "someone".into(), password: huge.clone() })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
-    let err = auth.begin_login(BeginLoginRequest { username: "someone".into(), password: huge }).await.unwrap_err();
+    let err =
+        auth.begin_login(BeginLoginRequest { username: "someone".into(), password: huge }).await.unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
     assert!(started.elapsed() < Duration::from_secs(10));
     let users: i64 =
