@@ -17,6 +17,9 @@ const SECRET_MESSAGES: &[&str] = &[
     "storegate.auth.v1.TotpEnrollment",
     "storegate.auth.v1.CompleteLoginRequest",
     "storegate.auth.v1.CompleteLoginResponse",
+    "storegate.auth.v1.RefreshTokenRequest",
+    "storegate.auth.v1.RefreshTokenResponse",
+    "storegate.auth.v1.LogoutRequest",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

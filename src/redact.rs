@@ -5,8 +5,8 @@
 use std::fmt;
 
 use crate::pb::auth::v1::{
-    BeginLoginRequest, BeginLoginResponse, CompleteLoginRequest, CompleteLoginResponse, RegisterRequest,
-    TotpEnrollment,
+    BeginLoginRequest, BeginLoginResponse, CompleteLoginRequest, CompleteLoginResponse, LogoutRequest,
+    RefreshTokenRequest, RefreshTokenResponse, RegisterRequest, TotpEnrollment,
 };
 
 const HIDDEN: &str = "<redacted>";
@@ -64,6 +64,29 @@ impl fmt::Debug for CompleteLoginResponse {
             .field("expires_in", &self.expires_in)
             .field("recovery_codes", &format_args!("<{} redacted>", self.recovery_codes.len()))
             .finish()
+    }
+}
+
+impl fmt::Debug for RefreshTokenRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RefreshTokenRequest").field("refresh_token", &HIDDEN).finish()
+    }
+}
+
+impl fmt::Debug for RefreshTokenResponse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RefreshTokenResponse")
+            .field("access_token", &HIDDEN)
+            .field("refresh_token", &HIDDEN)
+            .field("token_type", &self.token_type)
+            .field("expires_in", &self.expires_in)
+            .finish()
+    }
+}
+
+impl fmt::Debug for LogoutRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LogoutRequest").field("refresh_token", &HIDDEN).finish()
     }
 }
 

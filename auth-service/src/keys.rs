@@ -11,7 +11,6 @@ use std::{
 
 use anyhow::Context as _;
 use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
-use chrono::{DateTime, Utc};
 use ed25519_dalek::{SigningKey, pkcs8::EncodePrivateKey as _};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use sha2::{Digest as _, Sha256};
@@ -25,6 +24,8 @@ use crate::store::{AuthStore, StoredSigningKey};
 struct Signer {
     kid: String,
     key: EncodingKey,
+    /// When this replica last asked the database which key is current.
+    checked_at: Instant,
 }
 
 /// The signing key in use, and the published set.
@@ -36,8 +37,14 @@ pub struct SigningKeys {
     /// The serialised JWK Set and when it was read: GetJwks is called by
     /// every verifier, and must answer at once even while the database is
     /// busy with a login storm.
-    published: Arc<RwLock<Option<(Instant, Arc<str>)>>>,
+    published: Arc<RwLock<Option<PublishedJson>>>,
 }
+
+/// The JWK Set as JSON, and when it was read from the database.
+type PublishedJson = (Instant, Arc<str>);
+
+/// How often a replica re-reads which key signs, to follow a rotation.
+const SIGNER_RECHECK: Duration = Duration::from_secs(2);
 
 /// How long a read of the published keys is served from memory. Rotation
 /// publishes a key long before signing with it, so replicas agreeing a few
@@ -64,17 +71,12 @@ impl SigningKeys {
     /// none. Fails clearly when the master key cannot open it.
     pub async fn load(store: AuthStore, master_key: MasterKey) -> anyhow::Result<Self> {
         let now = storegate::db::now();
-        let stored = match store.current_signing_key(now).await? {
-            Some(stored) => stored,
-            None => {
-                Self::create_key(&store, &master_key, now, now).await?;
-                store
-                    .current_signing_key(now)
-                    .await?
-                    .context("the new signing key was not found after it was stored")?
-            }
-        };
-        let signer = Self::open(&master_key, &stored)?;
+        if store.current_signing_key(now).await?.is_none() {
+            let key = Self::new_key(&master_key)?;
+            store.insert_signing_key(&key, now, now).await?;
+            tracing::info!(kid = key.kid, "created the first signing key");
+        }
+        let signer = Self::current(&store, &master_key).await?;
         Ok(SigningKeys {
             store,
             master_key,
@@ -83,27 +85,37 @@ impl SigningKeys {
         })
     }
 
-    /// Generates a key pair and stores it, usable for signing from `active_at`.
-    pub async fn create_key(
-        store: &AuthStore,
-        master_key: &MasterKey,
-        now: DateTime<Utc>,
-        active_at: DateTime<Utc>,
-    ) -> anyhow::Result<String> {
+    /// A fresh key pair, its private half sealed with the master key.
+    fn new_key(master_key: &MasterKey) -> anyhow::Result<StoredSigningKey> {
         let signing_key = SigningKey::generate(&mut rand::rngs::OsRng);
         let public_key = signing_key.verifying_key().to_bytes();
         let kid = thumbprint(&public_key);
         let pkcs8 = signing_key.to_pkcs8_der().context("cannot encode the signing key")?;
-        let sealed = master_key.encrypt(pkcs8.as_bytes(), &seal_context(&kid))?;
-        store
-            .insert_signing_key(
-                &StoredSigningKey { kid: kid.clone(), public_key: public_key.to_vec(), private_key: sealed },
-                now,
-                active_at,
-            )
-            .await?;
-        tracing::info!(kid, "created a signing key");
-        Ok(kid)
+        let private_key = master_key.encrypt(pkcs8.as_bytes(), &seal_context(&kid))?;
+        Ok(StoredSigningKey { kid, public_key: public_key.to_vec(), private_key })
+    }
+
+    /// Key rotation: adds a key that is published now and signs from
+    /// `now + activate_after`, when every other key retires. Verifiers must
+    /// have fetched the new key set by then; retired keys stay published
+    /// until the tokens they signed have expired. Returns the new kid.
+    pub async fn rotate(
+        store: &AuthStore,
+        master_key: &MasterKey,
+        activate_after: Duration,
+    ) -> anyhow::Result<String> {
+        let key = Self::new_key(master_key)?;
+        let now = storegate::db::now();
+        store.rotate_signing_key(&key, now, now + chrono::Duration::from_std(activate_after)?).await?;
+        Ok(key.kid)
+    }
+
+    async fn current(store: &AuthStore, master_key: &MasterKey) -> anyhow::Result<Signer> {
+        let stored = store
+            .current_signing_key(storegate::db::now())
+            .await?
+            .context("no signing key is active; run `auth-service rotate-keys`")?;
+        Self::open(master_key, &stored)
     }
 
     fn open(master_key: &MasterKey, stored: &StoredSigningKey) -> anyhow::Result<Signer> {
@@ -111,16 +123,53 @@ impl SigningKeys {
             "the signing key in the database cannot be decrypted: STOREGATE_MASTER_KEY is not \
              the key this database was set up with",
         )?;
-        Ok(Signer { kid: stored.kid.clone(), key: EncodingKey::from_ed_der(&pkcs8) })
+        Ok(Signer {
+            kid: stored.kid.clone(),
+            key: EncodingKey::from_ed_der(&pkcs8),
+            checked_at: Instant::now(),
+        })
     }
 
     /// Signs `claims` as an access token with the current key.
     pub async fn sign(&self, claims: &Claims) -> anyhow::Result<String> {
-        let signer = self.signer.read().await.clone();
         let mut header = Header::new(Algorithm::EdDSA);
         header.typ = Some(ACCESS_TOKEN_TYPE.to_owned());
+        self.sign_with(header, claims).await
+    }
+
+    /// Signs any payload under `header` (its alg and kid are set here) with
+    /// the current key.
+    pub async fn sign_with(
+        &self,
+        mut header: Header,
+        payload: &impl serde::Serialize,
+    ) -> anyhow::Result<String> {
+        let signer = self.signer().await?;
+        header.alg = Algorithm::EdDSA;
         header.kid = Some(signer.kid.clone());
-        jsonwebtoken::encode(&header, claims, &signer.key).context("cannot sign the access token")
+        jsonwebtoken::encode(&header, payload, &signer.key).context("cannot sign the token")
+    }
+
+    /// The key to sign with, re-read from the database every few seconds so
+    /// that all replicas follow a rotation.
+    async fn signer(&self) -> anyhow::Result<Arc<Signer>> {
+        let cached = self.signer.read().await.clone();
+        if cached.checked_at.elapsed() < SIGNER_RECHECK {
+            return Ok(cached);
+        }
+        let fresh = match Self::current(&self.store, &self.master_key).await {
+            Ok(signer) => Arc::new(signer),
+            Err(e) => {
+                // Keep signing with the known key rather than fail logins.
+                tracing::warn!(error = format!("{e:#}"), "cannot re-read the signing key");
+                return Ok(cached);
+            }
+        };
+        if fresh.kid != cached.kid {
+            tracing::info!(kid = fresh.kid, "signing with a new key");
+        }
+        *self.signer.write().await = fresh.clone();
+        Ok(fresh)
     }
 
     /// The published public keys as a JWK Set.

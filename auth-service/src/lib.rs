@@ -36,10 +36,8 @@ const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 /// Opens the database (migrating it), the master key and the signing keys.
 pub async fn open_state(config: &AuthConfig) -> anyhow::Result<AuthState> {
     let url = &config.common.database_url;
-    let db = Db::open(url).await?;
-    let dev_key_dir = if db::is_sqlite_url(url) { db::sqlite_data_dir(url) } else { None };
-    let master_key = MasterKey::load(config.master_key.as_ref(), dev_key_dir.as_deref())?;
-    let store = AuthStore::new(db);
+    let store = AuthStore::new(Db::open(url).await?);
+    let master_key = load_master_key(config)?;
     let keys = SigningKeys::load(store.clone(), master_key.clone()).await?;
     let hasher = tokio::task::spawn_blocking(PasswordHasher::new).await??;
     Ok(AuthState {
@@ -89,8 +87,19 @@ async fn sweep_expired(store: AuthStore) {
     }
 }
 
-/// `auth-service grant-role <username> <role>`.
-pub async fn grant_role(config: &AuthConfig, username: &str, role: &str) -> anyhow::Result<()> {
+/// The configured master key, or the SQLite development one.
+fn load_master_key(config: &AuthConfig) -> anyhow::Result<MasterKey> {
+    let url = &config.common.database_url;
+    let dev_key_dir = if db::is_sqlite_url(url) { db::sqlite_data_dir(url) } else { None };
+    MasterKey::load(config.master_key.as_ref(), dev_key_dir.as_deref())
+}
+
+/// Opens the store for an admin command (migrating, like the server).
+async fn admin_store(config: &AuthConfig) -> anyhow::Result<AuthStore> {
+    Ok(AuthStore::new(Db::open(&config.common.database_url).await?))
+}
+
+fn parse_role(role: &str) -> anyhow::Result<&str> {
     let role = role.trim();
     anyhow::ensure!(
         !role.is_empty()
@@ -98,14 +107,25 @@ pub async fn grant_role(config: &AuthConfig, username: &str, role: &str) -> anyh
             && role.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-'),
         "a role is 1 to 32 characters of a-z, 0-9, '_' and '-'"
     );
+    Ok(role)
+}
+
+async fn user_id_of(store: &AuthStore, username: &str) -> anyhow::Result<(i64, domain::Username)> {
     let username =
         domain::Username::parse(username).map_err(|v| anyhow::anyhow!("username {}", v.description))?;
-    let store = AuthStore::new(Db::open(&config.common.database_url).await?);
     let user_id = store
         .user_id_by_name(username.as_str())
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?
         .with_context(|| format!("no user named {}", username.as_str()))?;
+    Ok((user_id, username))
+}
+
+/// `auth-service grant-role <username> <role>`.
+pub async fn grant_role(config: &AuthConfig, username: &str, role: &str) -> anyhow::Result<()> {
+    let role = parse_role(role)?;
+    let store = admin_store(config).await?;
+    let (user_id, username) = user_id_of(&store, username).await?;
     let granted = store.grant_role(user_id, role).await.map_err(|e| anyhow::anyhow!("{e}"))?;
     if granted {
         println!("granted role {role} to {}; it is in their next access token", username.as_str());
@@ -114,4 +134,38 @@ pub async fn grant_role(config: &AuthConfig, username: &str, role: &str) -> anyh
     }
     store.db().close().await;
     Ok(())
+}
+
+/// `auth-service revoke-role <username> <role>`.
+pub async fn revoke_role(config: &AuthConfig, username: &str, role: &str) -> anyhow::Result<()> {
+    let role = parse_role(role)?;
+    let store = admin_store(config).await?;
+    let (user_id, username) = user_id_of(&store, username).await?;
+    let revoked = store.revoke_role(user_id, role).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    if revoked {
+        println!(
+            "revoked role {role} from {}; access tokens issued before now keep it until they expire (at most {} minutes)",
+            username.as_str(),
+            storegate::token::ACCESS_TOKEN_TTL_SECS / 60
+        );
+    } else {
+        println!("{} did not have role {role}", username.as_str());
+    }
+    store.db().close().await;
+    Ok(())
+}
+
+/// `auth-service rotate-keys`: publishes a new signing key now and signs
+/// with it after `activate_after`.
+pub async fn rotate_keys(config: &AuthConfig, activate_after: Duration) -> anyhow::Result<String> {
+    let store = admin_store(config).await?;
+    let master_key = load_master_key(config)?;
+    let kid = SigningKeys::rotate(&store, &master_key, activate_after).await?;
+    println!(
+        "new signing key {kid} is published now and signs from {}s from now; \
+         the current key retires then and stays published until its tokens have expired",
+        activate_after.as_secs()
+    );
+    store.db().close().await;
+    Ok(kid)
 }

@@ -18,6 +18,16 @@ enum Command {
     Serve,
     /// Give a user a role (e.g. `admin`, which may change the catalogue).
     GrantRole { username: String, role: String },
+    /// Take a role away; it leaves tokens already issued (at most 15 minutes).
+    RevokeRole { username: String, role: String },
+    /// Add a new signing key: published at once, used for signing after
+    /// --activate-after-secs, when the current key retires.
+    RotateKeys {
+        /// Must exceed product-service's JWKS_REFRESH_INTERVAL_SECS, so that
+        /// every verifier has the new key before the first token it signs.
+        #[arg(long, default_value_t = 600)]
+        activate_after_secs: u64,
+    },
 }
 
 #[tokio::main]
@@ -31,6 +41,13 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::GrantRole { username, role } => {
             auth_service::grant_role(&cli.config, &username, &role).await
+        }
+        Command::RevokeRole { username, role } => {
+            auth_service::revoke_role(&cli.config, &username, &role).await
+        }
+        Command::RotateKeys { activate_after_secs } => {
+            let activate_after = std::time::Duration::from_secs(activate_after_secs);
+            auth_service::rotate_keys(&cli.config, activate_after).await.map(drop)
         }
     }
 }

@@ -8,6 +8,7 @@ use crate::crypto::MasterKey;
 pub const COUNT: usize = 10;
 /// 12 base32 characters: 60 bits each.
 const LEN: usize = 12;
+const _: () = assert!(LEN * 5 >= 50, "recovery codes carry at least 50 bits");
 const ALPHABET: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
 const HASH_PURPOSE: &str = "recovery-code";
 
@@ -56,8 +57,6 @@ mod tests {
             assert_eq!(normalise(&code.to_lowercase()).unwrap(), canonical);
             assert_eq!(normalise(&canonical).unwrap(), canonical);
         }
-        // 12 characters of a 32-letter alphabet.
-        assert!(LEN * 5 >= 50);
     }
 
     #[test]

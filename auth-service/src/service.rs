@@ -5,7 +5,8 @@ use storegate::{
     ApiError,
     pb::auth::v1::{
         BeginLoginRequest, BeginLoginResponse, CompleteLoginRequest, CompleteLoginResponse, GetJwksRequest,
-        GetJwksResponse, RegisterRequest, RegisterResponse, TotpEnrollment, auth_service_server::AuthService,
+        GetJwksResponse, LogoutRequest, LogoutResponse, RefreshTokenRequest, RefreshTokenResponse,
+        RegisterRequest, RegisterResponse, TotpEnrollment, auth_service_server::AuthService,
     },
     token::{ACCESS_TOKEN_TTL_SECS, Claims},
 };
@@ -17,7 +18,7 @@ use crate::{
     keys::SigningKeys,
     password::PasswordHasher,
     recovery,
-    store::{AuthStore, CompleteLoginRefused, NewRefreshToken, SecondFactor, TotpState},
+    store::{AuthStore, CompleteLoginRefused, NewRefreshToken, Rotation, SecondFactor, TotpState},
     throttle, totp,
 };
 
@@ -29,6 +30,7 @@ pub const REFRESH_TOKEN_TTL_DAYS: i64 = 30;
 const BAD_CREDENTIALS: &str = "invalid username or password";
 const BAD_TICKET: &str = "login ticket is invalid or expired; start the login again";
 const BAD_CODE: &str = "invalid code";
+const BAD_REFRESH_TOKEN: &str = "refresh token is invalid, expired or revoked; log in again";
 /// Longest ticket or code we bother hashing; anything longer is not ours.
 const MAX_OPAQUE_LEN: usize = 256;
 
@@ -236,6 +238,53 @@ impl AuthState {
         Ok(self.keys.sign(&claims).await?)
     }
 
+    async fn refresh_token(&self, req: RefreshTokenRequest) -> Result<RefreshTokenResponse, ApiError> {
+        if req.refresh_token.is_empty() || req.refresh_token.len() > MAX_OPAQUE_LEN {
+            return Err(ApiError::Unauthenticated(BAD_REFRESH_TOKEN));
+        }
+        let now = storegate::db::now();
+        let refresh_token = random_token();
+        let rotation = self
+            .store
+            .rotate_refresh_token(
+                &token_hash(&req.refresh_token),
+                &token_hash(&refresh_token),
+                now + Duration::days(REFRESH_TOKEN_TTL_DAYS),
+                now,
+            )
+            .await?;
+        let user_id = match rotation {
+            Rotation::Rotated { user_id } => user_id,
+            Rotation::Reused { user_id } => {
+                tracing::warn!(user_id, "a rotated refresh token was presented again; its login is revoked");
+                return Err(ApiError::Unauthenticated(BAD_REFRESH_TOKEN));
+            }
+            Rotation::Invalid => return Err(ApiError::Unauthenticated(BAD_REFRESH_TOKEN)),
+        };
+        let username =
+            self.store.username(user_id).await?.ok_or(ApiError::Unauthenticated(BAD_REFRESH_TOKEN))?;
+        let access_token = self.issue_access_token(user_id, &username).await?;
+        Ok(RefreshTokenResponse {
+            access_token,
+            refresh_token,
+            token_type: "Bearer".to_owned(),
+            expires_in: ACCESS_TOKEN_TTL_SECS,
+        })
+    }
+
+    async fn logout(&self, req: LogoutRequest) -> Result<LogoutResponse, ApiError> {
+        // Like RFC 7009: an unknown token is not an error, there is nothing
+        // to revoke and nothing to tell.
+        if !req.refresh_token.is_empty() && req.refresh_token.len() <= MAX_OPAQUE_LEN {
+            let revoked = self
+                .store
+                .revoke_refresh_family(&token_hash(&req.refresh_token), storegate::db::now())
+                .await?;
+            tracing::info!(revoked, "logout");
+        }
+        Ok(LogoutResponse {})
+    }
+
     async fn get_jwks(&self) -> Result<GetJwksResponse, ApiError> {
         Ok(GetJwksResponse { jwks_json: self.keys.jwks_json().await?.to_string() })
     }
@@ -265,6 +314,19 @@ impl AuthService for AuthApi {
         request: Request<CompleteLoginRequest>,
     ) -> Result<Response<CompleteLoginResponse>, Status> {
         Ok(Response::new(self.state.complete_login(request.into_inner()).await?))
+    }
+
+    #[tracing::instrument(name = "RefreshToken", skip_all)]
+    async fn refresh_token(
+        &self,
+        request: Request<RefreshTokenRequest>,
+    ) -> Result<Response<RefreshTokenResponse>, Status> {
+        Ok(Response::new(self.state.refresh_token(request.into_inner()).await?))
+    }
+
+    #[tracing::instrument(name = "Logout", skip_all)]
+    async fn logout(&self, request: Request<LogoutRequest>) -> Result<Response<LogoutResponse>, Status> {
+        Ok(Response::new(self.state.logout(request.into_inner()).await?))
     }
 
     #[tracing::instrument(name = "GetJwks", skip_all)]

@@ -70,6 +70,27 @@ pub struct StoredSigningKey {
     pub private_key: Vec<u8>,
 }
 
+/// What RefreshToken found.
+pub enum Rotation {
+    Rotated {
+        user_id: i64,
+    },
+    /// An already rotated token came back: its family is now revoked.
+    Reused {
+        user_id: i64,
+    },
+    /// Unknown, expired or revoked.
+    Invalid,
+}
+
+#[derive(sqlx::FromRow)]
+struct StoredRefreshToken {
+    user_id: i64,
+    family: Vec<u8>,
+    expires_at: DateTime<Utc>,
+    revoked_at: Option<DateTime<Utc>>,
+}
+
 /// A refresh token as stored: only its hash.
 pub struct NewRefreshToken {
     pub token_hash: Vec<u8>,
@@ -147,6 +168,12 @@ impl AuthStore {
                 .bind(username)
                 .fetch_optional(pool)
                 .await
+        })?)
+    }
+
+    pub async fn username(&self, user_id: i64) -> Result<Option<String>, ApiError> {
+        Ok(on_db!(&self.db, pool => {
+            sqlx::query_scalar("SELECT username FROM users WHERE id = ?").bind(user_id).fetch_optional(pool).await
         })?)
     }
 
@@ -411,6 +438,104 @@ impl AuthStore {
         Ok(())
     }
 
+    /// Rotates a refresh token: the old one is marked rotated (only one
+    /// caller can do that) and a new one of the same family is stored.
+    /// Presenting an already rotated token revokes its whole family.
+    pub async fn rotate_refresh_token(
+        &self,
+        old_hash: &[u8],
+        new_hash: &[u8],
+        new_expires_at: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> Result<Rotation, ApiError> {
+        let Some(old) = self.refresh_token(old_hash).await? else { return Ok(Rotation::Invalid) };
+        if old.revoked_at.is_some() || old.expires_at <= now {
+            return Ok(Rotation::Invalid);
+        }
+        // An async block, so that `return` leaves only the transaction.
+        let rotated = on_db!(&self.db, pool => async {
+            let mut tx = pool.begin_write().await?;
+            let claimed = sqlx::query(
+                "UPDATE refresh_tokens SET rotated_at = ? \
+                 WHERE token_hash = ? AND rotated_at IS NULL AND revoked_at IS NULL AND expires_at > ?",
+            )
+            .bind(now)
+            .bind(old_hash)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            if claimed.rows_affected() != 1 {
+                return Ok::<bool, ApiError>(false);
+            }
+            sqlx::query(
+                "INSERT INTO refresh_tokens (token_hash, family, user_id, expires_at, created_at) VALUES (?, ?, ?, ?, ?)",
+            )
+            .bind(new_hash)
+            .bind(&old.family)
+            .bind(old.user_id)
+            .bind(new_expires_at)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            Ok(true)
+        }
+        .await)?;
+        if rotated {
+            return Ok(Rotation::Rotated { user_id: old.user_id });
+        }
+        self.revoke_family(&old.family, now).await?;
+        Ok(Rotation::Reused { user_id: old.user_id })
+    }
+
+    async fn refresh_token(&self, token_hash: &[u8]) -> Result<Option<StoredRefreshToken>, ApiError> {
+        Ok(on_db!(&self.db, pool => {
+            sqlx::query_as(
+                "SELECT user_id, family, expires_at, revoked_at FROM refresh_tokens WHERE token_hash = ?",
+            )
+            .bind(token_hash)
+            .fetch_optional(pool)
+            .await
+        })?)
+    }
+
+    /// Revokes every token of the family `token_hash` belongs to; false if
+    /// there is no such token.
+    pub async fn revoke_refresh_family(
+        &self,
+        token_hash: &[u8],
+        now: DateTime<Utc>,
+    ) -> Result<bool, ApiError> {
+        let Some(token) = self.refresh_token(token_hash).await? else { return Ok(false) };
+        self.revoke_family(&token.family, now).await?;
+        Ok(true)
+    }
+
+    async fn revoke_family(&self, family: &[u8], now: DateTime<Utc>) -> Result<(), ApiError> {
+        on_db!(&self.db, pool => {
+            sqlx::query("UPDATE refresh_tokens SET revoked_at = ? WHERE family = ? AND revoked_at IS NULL")
+                .bind(now)
+                .bind(family)
+                .execute(pool)
+                .await
+                .map(drop)
+        })?;
+        Ok(())
+    }
+
+    /// Takes `role` away; false if the user did not have it.
+    pub async fn revoke_role(&self, user_id: i64, role: &str) -> Result<bool, ApiError> {
+        let removed = on_db!(&self.db, pool => {
+            sqlx::query("DELETE FROM user_roles WHERE user_id = ? AND role = ?")
+                .bind(user_id)
+                .bind(role)
+                .execute(pool)
+                .await
+                .map(|r| r.rows_affected())
+        })?;
+        Ok(removed == 1)
+    }
+
     /// Deletes tickets and refresh tokens that can no longer be used.
     pub async fn sweep_expired(&self, now: DateTime<Utc>) -> Result<u64, ApiError> {
         Ok(on_db!(&self.db, pool => {
@@ -430,7 +555,14 @@ impl AuthStore {
             .bind(now.timestamp())
             .execute(pool)
             .await?;
-            Ok::<u64, sqlx::Error>(tickets.rows_affected() + tokens.rows_affected() + throttles.rows_affected())
+            // Keys retired a day ago signed nothing that is still valid.
+            let keys = sqlx::query("DELETE FROM signing_keys WHERE retired_at <= ?")
+                .bind(now - chrono::Duration::days(1))
+                .execute(pool)
+                .await?;
+            Ok::<u64, sqlx::Error>(
+                tickets.rows_affected() + tokens.rows_affected() + throttles.rows_affected() + keys.rows_affected(),
+            )
         })?)
     }
 
@@ -456,8 +588,8 @@ impl AuthStore {
         Ok(())
     }
 
-    /// The key to sign with now: the newest active one that is not retired.
-    /// Every replica picks the same one.
+    /// The key to sign with now: the newest one already active and not yet
+    /// retired. Every replica picks the same one.
     pub async fn current_signing_key(
         &self,
         now: DateTime<Utc>,
@@ -465,12 +597,46 @@ impl AuthStore {
         Ok(on_db!(&self.db, pool => {
             sqlx::query_as(
                 "SELECT kid, public_key, private_key FROM signing_keys \
-                 WHERE retired_at IS NULL AND active_at <= ? ORDER BY active_at DESC, kid LIMIT 1",
+                 WHERE active_at <= ? AND (retired_at IS NULL OR retired_at > ?) \
+                 ORDER BY active_at DESC, kid LIMIT 1",
             )
+            .bind(now)
             .bind(now)
             .fetch_optional(pool)
             .await
         })?)
+    }
+
+    /// Adds a key that signs from `active_at` and retires every other key
+    /// at that moment, in one transaction.
+    pub async fn rotate_signing_key(
+        &self,
+        key: &StoredSigningKey,
+        now: DateTime<Utc>,
+        active_at: DateTime<Utc>,
+    ) -> Result<(), ApiError> {
+        on_db!(&self.db, pool => {
+            let mut tx = pool.begin_write().await?;
+            sqlx::query(
+                "UPDATE signing_keys SET retired_at = ? WHERE retired_at IS NULL OR retired_at > ?",
+            )
+            .bind(active_at)
+            .bind(active_at)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(
+                "INSERT INTO signing_keys (kid, public_key, private_key, created_at, active_at) VALUES (?, ?, ?, ?, ?)",
+            )
+            .bind(&key.kid)
+            .bind(&key.public_key)
+            .bind(&key.private_key)
+            .bind(now)
+            .bind(active_at)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await
+        })?;
+        Ok(())
     }
 
     /// Keys to publish: every key not retired, and retired keys whose tokens

@@ -62,12 +62,20 @@ impl KeySource {
     }
 }
 
+/// Fetch attempts so far, and whether any of them brought a key set.
+#[derive(Clone, Copy, Default)]
+struct Fetches {
+    attempts: u64,
+    loaded: bool,
+    last: Option<tokio::time::Instant>,
+}
+
 /// The cached key set, shared by the interceptor and the refresher.
 #[derive(Clone)]
 pub struct JwksCache {
     keys: Arc<RwLock<Arc<KeySet>>>,
     refresh_wanted: Arc<Notify>,
-    loaded: watch::Sender<bool>,
+    fetches: watch::Sender<Fetches>,
 }
 
 impl Default for JwksCache {
@@ -75,7 +83,7 @@ impl Default for JwksCache {
         JwksCache {
             keys: Arc::default(),
             refresh_wanted: Arc::new(Notify::new()),
-            loaded: watch::Sender::new(false),
+            fetches: watch::Sender::new(Fetches::default()),
         }
     }
 }
@@ -89,7 +97,27 @@ impl JwksCache {
 
     fn replace(&self, keys: KeySet) {
         *self.keys.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(keys);
-        self.loaded.send_replace(true);
+    }
+
+    fn record_fetch(&self, loaded: bool) {
+        self.fetches.send_modify(|f| {
+            f.attempts += 1;
+            f.loaded |= loaded;
+            f.last = Some(tokio::time::Instant::now());
+        });
+    }
+
+    /// For a token naming a kid we do not know: fetch now, unless a fetch
+    /// happened within [`MIN_REFETCH_GAP`] (then the kid is simply unknown),
+    /// and wait up to `timeout` for it.
+    pub async fn refresh_for_unknown_kid(&self, timeout: Duration) {
+        let mut fetches = self.fetches.subscribe();
+        let seen = *fetches.borrow();
+        if seen.last.is_some_and(|last| last.elapsed() < MIN_REFETCH_GAP) {
+            return;
+        }
+        self.request_refresh();
+        let _ = tokio::time::timeout(timeout, fetches.wait_for(|f| f.attempts > seen.attempts)).await;
     }
 
     /// Asks the refresher to fetch now (a token named an unknown kid).
@@ -99,8 +127,8 @@ impl JwksCache {
 
     /// Waits until the first key set has arrived, or `timeout` passes.
     pub async fn wait_loaded(&self, timeout: Duration) -> bool {
-        let mut loaded = self.loaded.subscribe();
-        tokio::time::timeout(timeout, loaded.wait_for(|l| *l)).await.is_ok_and(|r| r.is_ok())
+        let mut fetches = self.fetches.subscribe();
+        tokio::time::timeout(timeout, fetches.wait_for(|f| f.loaded)).await.is_ok_and(|r| r.is_ok())
     }
 
     /// Refreshes forever: every `interval`, on request (rate-limited), and
@@ -116,6 +144,7 @@ impl JwksCache {
                     }
                     tracing::debug!(keys = keys.len(), "signing keys refreshed");
                     self.replace(keys);
+                    self.record_fetch(true);
                     retry = FIRST_RETRY;
                     interval
                 }
@@ -124,6 +153,7 @@ impl JwksCache {
                         error = format!("{e:#}"),
                         "cannot refresh signing keys; keeping the cached ones"
                     );
+                    self.record_fetch(false);
                     let wait = retry;
                     retry = (retry * 2).min(interval);
                     wait

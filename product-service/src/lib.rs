@@ -46,9 +46,12 @@ pub async fn run(
 
     let verifier = TokenVerifier::new(&config.common.jwt_issuer, &config.common.jwt_audience);
     let api = service::ProductApi::new(store::ProductStore::new(db.clone()));
-    let product_server = tonic::service::interceptor::InterceptedService::new(
-        ProductServiceServer::new(api).max_decoding_message_size(MAX_REQUEST_BYTES),
-        auth::JwtAuth::new(keys, verifier),
+    let product_server = auth::AwaitNewKeys::new(
+        tonic::service::interceptor::InterceptedService::new(
+            ProductServiceServer::new(api).max_decoding_message_size(MAX_REQUEST_BYTES),
+            auth::JwtAuth::new(keys.clone(), verifier),
+        ),
+        keys,
     );
 
     let (mut routes, health) = storegate::server::base_routes()?;

@@ -181,6 +181,8 @@ pub struct TestStack {
     pub auth_addr: SocketAddr,
     pub product_addr: Option<SocketAddr>,
     shutdown: watch::Sender<bool>,
+    /// auth-service alone can be stopped, to show product-service without it.
+    auth_shutdown: watch::Sender<bool>,
     servers: Vec<JoinHandle<anyhow::Result<()>>>,
 }
 
@@ -202,11 +204,18 @@ impl TestStack {
     pub async fn start_auth(backend: Backend) -> TestStack {
         let db = TestDb::new(&backend).await;
         let (shutdown, _) = watch::channel(false);
+        let (auth_shutdown, _) = watch::channel(false);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let auth_addr = listener.local_addr().unwrap();
-        let server =
-            tokio::spawn(auth_service::run(Self::auth_config(&db), listener, shutdown_future(&shutdown)));
-        let stack = TestStack { db, auth_addr, product_addr: None, shutdown, servers: vec![server] };
+        let stopped = {
+            let (all, auth) = (shutdown_future(&shutdown), shutdown_future(&auth_shutdown));
+            async move {
+                tokio::select! { () = all => {}, () = auth => {} }
+            }
+        };
+        let server = tokio::spawn(auth_service::run(Self::auth_config(&db), listener, stopped));
+        let stack =
+            TestStack { db, auth_addr, product_addr: None, shutdown, auth_shutdown, servers: vec![server] };
         stack.wait_ready(auth_addr).await;
         stack
     }
@@ -214,8 +223,17 @@ impl TestStack {
     /// auth-service and product-service; product gets its keys from auth.
     pub async fn start(backend: Backend) -> TestStack {
         let mut stack = Self::start_auth(backend).await;
+        stack.add_product(|_| {}).await;
+        stack
+    }
+
+    /// Starts product-service beside a running auth-service, with its
+    /// configuration adjusted by `adjust`.
+    pub async fn add_product(&mut self, adjust: impl FnOnce(&mut ProductConfig)) {
+        let stack = self;
         let mut config = ProductConfig::with_database_url(&stack.db.url);
         config.auth_service_url = format!("http://{}", stack.auth_addr);
+        adjust(&mut config);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let product_addr = listener.local_addr().unwrap();
         stack.servers.push(tokio::spawn(product_service::run(
@@ -225,7 +243,13 @@ impl TestStack {
         )));
         stack.product_addr = Some(product_addr);
         stack.wait_ready(product_addr).await;
-        stack
+    }
+
+    /// Stops auth-service (gracefully) and waits until it is gone.
+    pub async fn stop_auth(&mut self) {
+        self.auth_shutdown.send_replace(true);
+        let auth = self.servers.remove(0);
+        auth.await.expect("auth task").expect("auth result");
     }
 
     /// Waits until the server answers health checks (or has failed).
