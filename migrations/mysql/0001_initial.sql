@@ -72,14 +72,28 @@ CREATE TABLE products (
     stock       BIGINT        NOT NULL,
     -- Bumped on every write; the etag is derived from it.
     version     BIGINT        NOT NULL,
-    -- The client's idempotency key for CreateProduct, with a hash of the request body.
-    request_id   VARCHAR(64)  NULL,
-    request_hash BINARY(32)   NULL,
+    -- User ids from the access tokens of the writers.
     created_by  BIGINT        NULL,
     updated_by  BIGINT        NULL,
     create_time DATETIME(6)   NOT NULL,
     update_time DATETIME(6)   NOT NULL,
-    UNIQUE KEY products_request_id (request_id),
+    -- Keyset pagination in each supported order.
+    KEY products_name (name, id),
+    KEY products_price (price, id),
+    KEY products_create_time (create_time, id),
     CONSTRAINT products_price_not_negative CHECK (price >= 0),
     CONSTRAINT products_stock_not_negative CHECK (stock >= 0)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci;
+
+-- Idempotency keys of product writes (CreateProduct, AdjustStock): a retry
+-- with the same request id gets the recorded answer instead of a second write.
+CREATE TABLE product_requests (
+    request_id   VARCHAR(64) NOT NULL PRIMARY KEY,
+    -- SHA-256 of the method and the request body: the same id with another
+    -- body is refused.
+    request_hash BINARY(32)  NOT NULL,
+    -- The encoded storegate.product.v1.Product the first call returned.
+    response     BLOB        NULL,
+    created_at   DATETIME(6) NOT NULL,
+    KEY product_requests_created (created_at)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci;

@@ -1,6 +1,6 @@
 -- storegate schema, SQLite variant. migrations/mysql/ holds the same schema
 -- for MySQL / MariaDB; change both together.
--- Times are UTC text (RFC 3339), prices exact decimal text ("999.99").
+-- Times are UTC text (RFC 3339), prices exact fixed-width decimal text.
 
 CREATE TABLE users (
     id                INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -61,16 +61,32 @@ CREATE TABLE products (
     id           INTEGER PRIMARY KEY AUTOINCREMENT,
     name         TEXT    NOT NULL,
     description  TEXT    NOT NULL,
-    -- Exact decimal text with two fraction digits: never a REAL.
-    price        TEXT    NOT NULL,
+    -- Exact decimal text, zero-padded to a fixed width ("0000000999.99") so
+    -- that text order is numeric order. Never a REAL.
+    price        TEXT    NOT NULL CHECK (length(price) = 13),
     stock        INTEGER NOT NULL CHECK (stock >= 0),
     -- Bumped on every write; the etag is derived from it.
     version      INTEGER NOT NULL,
-    -- The client's idempotency key for CreateProduct, with a hash of the request body.
-    request_id   TEXT    NULL UNIQUE,
-    request_hash BLOB    NULL,
+    -- User ids from the access tokens of the writers.
     created_by   INTEGER NULL,
     updated_by   INTEGER NULL,
     create_time  TEXT    NOT NULL,
     update_time  TEXT    NOT NULL
 );
+-- Keyset pagination in each supported order.
+CREATE INDEX products_name ON products (name, id);
+CREATE INDEX products_price ON products (price, id);
+CREATE INDEX products_create_time ON products (create_time, id);
+
+-- Idempotency keys of product writes (CreateProduct, AdjustStock): a retry
+-- with the same request id gets the recorded answer instead of a second write.
+CREATE TABLE product_requests (
+    request_id   TEXT NOT NULL PRIMARY KEY,
+    -- SHA-256 of the method and the request body: the same id with another
+    -- body is refused.
+    request_hash BLOB NOT NULL,
+    -- The encoded storegate.product.v1.Product the first call returned.
+    response     BLOB NULL,
+    created_at   TEXT NOT NULL
+);
+CREATE INDEX product_requests_created ON product_requests (created_at);

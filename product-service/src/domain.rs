@@ -8,7 +8,9 @@ pub const NAME_MAX_CHARS: usize = 200;
 pub const DESCRIPTION_MAX_CHARS: usize = 5000;
 /// DECIMAL(12,2): ten integer digits.
 pub const PRICE_MAX_INTEGER_DIGITS: usize = 10;
-pub const REQUEST_ID_MAX_LEN: usize = 64;
+/// Far beyond any real stock, far below where BIGINT arithmetic overflows.
+pub const MAX_STOCK: i64 = 1_000_000_000_000_000;
+pub const QUERY_MAX_CHARS: usize = 200;
 
 /// An exact, non-negative amount of money in hundredths ("cents"). Never a
 /// float: parsed from and printed as decimal text.
@@ -46,6 +48,12 @@ impl Price {
     pub fn cents(self) -> i64 {
         self.0
     }
+
+    /// Fixed-width text ("0000000999.99") whose text order is numeric order:
+    /// how SQLite stores prices.
+    pub fn fixed_width(self) -> String {
+        format!("{:010}.{:02}", self.0 / 100, self.0 % 100)
+    }
 }
 
 impl fmt::Display for Price {
@@ -72,16 +80,91 @@ pub fn check_description(description: &str, field: &str) -> Option<FieldViolatio
 }
 
 pub fn check_stock(stock: i64, field: &str) -> Option<FieldViolation> {
-    (stock < 0).then(|| FieldViolation::new(field, "must not be negative"))
+    if stock < 0 {
+        Some(FieldViolation::new(field, "must not be negative"))
+    } else if stock > MAX_STOCK {
+        Some(FieldViolation::new(field, "must be at most 10^15"))
+    } else {
+        None
+    }
 }
 
-/// A client's idempotency key: up to 64 characters of letters, digits, '-' and '_'.
-pub fn check_request_id(request_id: &str) -> Option<FieldViolation> {
-    let ok = request_id.len() <= REQUEST_ID_MAX_LEN
-        && request_id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-    (!ok).then(|| {
-        FieldViolation::new("request_id", "must be at most 64 characters of letters, digits, '-' and '_'")
-    })
+/// A client's idempotency key: a UUID (any version), compared lower-cased.
+pub fn parse_request_id(request_id: &str) -> Result<Option<String>, FieldViolation> {
+    if request_id.is_empty() {
+        return Ok(None);
+    }
+    let groups: Vec<&str> = request_id.split('-').collect();
+    let shape_ok = groups.iter().map(|g| g.len()).eq([8, 4, 4, 4, 12])
+        && groups.iter().all(|g| g.bytes().all(|b| b.is_ascii_hexdigit()));
+    if !shape_ok {
+        return Err(FieldViolation::new(
+            "request_id",
+            "must be a UUID such as 6f1c2d4e-8a8b-4c1e-9d3f-2b7a5e0c9f11",
+        ));
+    }
+    Ok(Some(request_id.to_ascii_lowercase()))
+}
+
+/// What a listing may be ordered by. Ties are always broken by id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SortField {
+    Id,
+    Name,
+    Price,
+    CreateTime,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OrderBy {
+    pub field: SortField,
+    pub descending: bool,
+}
+
+impl OrderBy {
+    /// Parses AIP-132 `order_by`: one of id, name, price, create_time,
+    /// optionally followed by "desc" (or "asc").
+    pub fn parse(text: &str) -> Result<OrderBy, FieldViolation> {
+        let invalid = || {
+            FieldViolation::new(
+                "order_by",
+                "must be id, name, price or create_time, optionally followed by desc",
+            )
+        };
+        let mut words = text.split_whitespace();
+        let field = match words.next() {
+            None | Some("id") => SortField::Id,
+            Some("name") => SortField::Name,
+            Some("price") => SortField::Price,
+            Some("create_time") => SortField::CreateTime,
+            Some(_) => return Err(invalid()),
+        };
+        let descending = match words.next() {
+            None | Some("asc") => false,
+            Some("desc") => true,
+            Some(_) => return Err(invalid()),
+        };
+        if words.next().is_some() {
+            return Err(invalid());
+        }
+        Ok(OrderBy { field, descending })
+    }
+
+    /// The canonical spelling, for binding page tokens to their listing.
+    pub fn canonical(self) -> String {
+        let field = match self.field {
+            SortField::Id => "id",
+            SortField::Name => "name",
+            SortField::Price => "price",
+            SortField::CreateTime => "create_time",
+        };
+        format!("{field} {}", if self.descending { "desc" } else { "asc" })
+    }
+}
+
+pub fn check_query(query: &str) -> Option<FieldViolation> {
+    (query.chars().count() > QUERY_MAX_CHARS)
+        .then(|| FieldViolation::new("query", "must be at most 200 characters"))
 }
 
 /// The product's etag for a row version. Opaque to clients.
@@ -150,6 +233,45 @@ mod tests {
         assert!(check_description(&"x".repeat(5001), "d").is_some());
         assert!(check_stock(0, "stock").is_none());
         assert!(check_stock(-1, "stock").is_some());
+    }
+
+    #[test]
+    fn fixed_width_prices_sort_as_numbers() {
+        let mut prices: Vec<_> =
+            ["10", "9.99", "0.5", "100", "9999999999.99"].map(|p| Price::parse(p).unwrap()).into();
+        let mut texts: Vec<_> = prices.iter().map(|p| p.fixed_width()).collect();
+        prices.sort();
+        texts.sort();
+        assert_eq!(texts, prices.iter().map(|p| p.fixed_width()).collect::<Vec<_>>());
+        assert_eq!(Price::parse("9.99").unwrap().fixed_width(), "0000000009.99");
+        assert_eq!(Price::parse(&Price::parse("9.99").unwrap().fixed_width()).unwrap().to_string(), "9.99");
+    }
+
+    #[test]
+    fn request_ids_are_uuids() {
+        assert_eq!(
+            parse_request_id("6F1C2D4E-8A8B-4C1E-9D3F-2B7A5E0C9F11").unwrap().as_deref(),
+            Some("6f1c2d4e-8a8b-4c1e-9d3f-2b7a5e0c9f11")
+        );
+        assert_eq!(parse_request_id("").unwrap(), None);
+        for bad in
+            ["abc", "6f1c2d4e8a8b4c1e9d3f2b7a5e0c9f11", "6f1c2d4e-8a8b-4c1e-9d3f-2b7a5e0c9f1g", "' OR 1=1 --"]
+        {
+            assert!(parse_request_id(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn order_by_takes_one_known_field_and_a_direction() {
+        assert_eq!(OrderBy::parse("").unwrap(), OrderBy { field: SortField::Id, descending: false });
+        assert_eq!(
+            OrderBy::parse("price desc").unwrap(),
+            OrderBy { field: SortField::Price, descending: true }
+        );
+        assert_eq!(OrderBy::parse(" name  asc ").unwrap().canonical(), "name asc");
+        for bad in ["stock", "name sideways", "name desc extra", "price; DROP TABLE products"] {
+            assert!(OrderBy::parse(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -6,6 +6,7 @@ pub mod auth;
 pub mod config;
 pub mod domain;
 pub mod keys;
+pub mod page_token;
 pub mod service;
 pub mod store;
 
@@ -44,6 +45,7 @@ pub async fn run(
         tracing::warn!("no signing keys yet; serving anyway and retrying in the background");
     }
 
+    let sweeper = tokio::spawn(sweep_request_ids(store::ProductStore::new(db.clone())));
     let verifier = TokenVerifier::new(&config.common.jwt_issuer, &config.common.jwt_audience);
     let api = service::ProductApi::new(store::ProductStore::new(db.clone()));
     let product_server = auth::AwaitNewKeys::new(
@@ -62,6 +64,20 @@ pub async fn run(
         storegate::server::serve(routes, listener, &config.common.cors_allowed_origins, shutdown).await;
 
     refresher.abort();
+    sweeper.abort();
     db.close().await;
     served
+}
+
+/// Request ids are kept at least a day (AIP-155 asks for "a reasonable
+/// time"); older ones are deleted now and then.
+async fn sweep_request_ids(store: store::ProductStore) {
+    let mut interval = tokio::time::interval(Duration::from_secs(600));
+    loop {
+        interval.tick().await;
+        let before = storegate::db::now() - chrono::Duration::days(2);
+        if let Err(e) = store.sweep_request_ids(before).await {
+            tracing::warn!(error = %e, "sweeping old request ids failed");
+        }
+    }
 }

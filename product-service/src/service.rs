@@ -1,22 +1,25 @@
 //! The ProductService gRPC API: authorise → validate → store → map.
 
-use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
-use chrono::{DateTime, Utc};
 use sha2::{Digest as _, Sha256};
 use storegate::{
     ApiError,
     error::FieldViolation,
     pb::product::v1::{
-        CreateProductRequest, DeleteProductRequest, GetProductRequest, ListProductsRequest,
-        ListProductsResponse, Product, UpdateProductRequest, product_service_server::ProductService,
+        AdjustStockRequest, CreateProductRequest, DeleteProductRequest, GetProductRequest,
+        ListProductsRequest, ListProductsResponse, Product, UpdateProductRequest,
+        product_service_server::ProductService,
     },
     token::{ADMIN_ROLE, Claims},
 };
 use tonic::{Request, Response, Status};
 
 use crate::{
-    domain::{Price, check_description, check_name, check_request_id, check_stock, etag, parse_etag},
-    store::{Created, ProductFields, ProductRow, ProductStore, Written},
+    domain::{
+        MAX_STOCK, OrderBy, Price, check_description, check_name, check_query, check_stock, parse_etag,
+        parse_request_id,
+    },
+    page_token,
+    store::{Adjusted, Cursor, Idempotent, ListQuery, ProductFields, ProductStore, RequestKey, Written},
 };
 
 pub const DEFAULT_PAGE_SIZE: i32 = 50;
@@ -24,7 +27,7 @@ pub const MAX_PAGE_SIZE: i32 = 1000;
 /// Paths UpdateProduct may change.
 const UPDATABLE: [&str; 4] = ["name", "description", "price", "stock"];
 /// Paths that exist but only the server sets.
-const OUTPUT_ONLY: [&str; 4] = ["id", "etag", "create_time", "update_time"];
+const OUTPUT_ONLY: [&str; 6] = ["id", "etag", "create_time", "update_time", "created_by", "updated_by"];
 /// Optimistic updates without an etag retry this often on a concurrent write.
 const UPDATE_ATTEMPTS: usize = 5;
 
@@ -35,25 +38,6 @@ pub struct ProductApi {
 impl ProductApi {
     pub fn new(store: ProductStore) -> Self {
         ProductApi { store }
-    }
-}
-
-fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
-    prost_types::Timestamp { seconds: t.timestamp(), nanos: t.timestamp_subsec_nanos() as i32 }
-}
-
-impl From<ProductRow> for Product {
-    fn from(row: ProductRow) -> Self {
-        Product {
-            id: row.id,
-            name: row.name,
-            description: row.description,
-            price: row.price,
-            stock: row.stock,
-            etag: etag(row.version),
-            create_time: Some(timestamp(row.create_time)),
-            update_time: Some(timestamp(row.update_time)),
-        }
     }
 }
 
@@ -92,32 +76,23 @@ fn validated_fields(product: &Product, prefix: &str) -> Result<ProductFields, Ap
     })
 }
 
-/// A page token: where the next page starts. Opaque to clients.
-fn encode_page_token(after_id: i64) -> String {
-    URL_SAFE_NO_PAD.encode(format!("after:{after_id}"))
-}
-
-fn decode_page_token(token: &str) -> Result<i64, ApiError> {
-    let invalid = || ApiError::invalid("page_token", "is not a token from a previous ListProducts response");
-    let bytes = URL_SAFE_NO_PAD.decode(token).map_err(|_| invalid())?;
-    let text = std::str::from_utf8(&bytes).map_err(|_| invalid())?;
-    text.strip_prefix("after:").and_then(|id| id.parse().ok()).filter(|id: &i64| *id >= 0).ok_or_else(invalid)
-}
-
-/// What identifies a CreateProduct request body, to tell a retry from a
-/// different request that reuses the id.
-fn request_hash(fields: &ProductFields) -> Vec<u8> {
-    let mut hash = Sha256::new();
-    for part in [
-        fields.name.as_str(),
-        fields.description.as_str(),
-        &fields.price.to_string(),
-        &fields.stock.to_string(),
-    ] {
+/// The idempotency key of a write: the client's request id, with a hash of
+/// the method and body that tells a retry from another request reusing it.
+fn request_key(request_id: &str, method: &str, body: &[&str]) -> Result<Option<RequestKey>, ApiError> {
+    let Some(id) = parse_request_id(request_id).map_err(|v| ApiError::InvalidArgument(vec![v]))? else {
+        return Ok(None);
+    };
+    let mut hash = Sha256::new_with_prefix(method);
+    for part in body {
         hash.update((part.len() as u64).to_be_bytes());
         hash.update(part.as_bytes());
     }
-    hash.finalize().to_vec()
+    Ok(Some(RequestKey { id, hash: hash.finalize().to_vec() }))
+}
+
+fn create_request_key(request_id: &str, fields: &ProductFields) -> Result<Option<RequestKey>, ApiError> {
+    let (price, stock) = (fields.price.to_string(), fields.stock.to_string());
+    request_key(request_id, "CreateProduct", &[&fields.name, &fields.description, &price, &stock])
 }
 
 /// The fields UpdateProduct changes: the mask's paths, or without a mask
@@ -195,6 +170,10 @@ fn not_found(id: i64) -> ApiError {
     ApiError::NotFound(format!("product {id} does not exist"))
 }
 
+fn request_id_reused() -> ApiError {
+    ApiError::invalid("request_id", "was already used for a different request")
+}
+
 const STALE_ETAG: &str = "the product has changed since that etag; read it again and retry";
 
 impl ProductApi {
@@ -203,55 +182,77 @@ impl ProductApi {
         let req = request.into_inner();
         let product = req.product.ok_or_else(|| ApiError::invalid("product", "is required"))?;
         let fields = validated_fields(&product, "product.")?;
-        let request_id = (!req.request_id.is_empty()).then_some(req.request_id.as_str());
-        if let Some(v) = request_id.and_then(check_request_id) {
-            return Err(ApiError::InvalidArgument(vec![v]));
+        let key = create_request_key(&req.request_id, &fields)?;
+        match self.store.create(&fields, key.as_ref(), user_id, storegate::db::now()).await? {
+            Idempotent::Fresh(product) => {
+                tracing::info!(product_id = product.id, "product created");
+                Ok(product)
+            }
+            Idempotent::Replayed(product) => Ok(product),
+            Idempotent::Conflict => Err(request_id_reused()),
         }
-        let hash = request_hash(&fields);
-        match self
-            .store
-            .create(&fields, request_id.map(|id| (id, hash.as_slice())), user_id, storegate::db::now())
-            .await?
-        {
-            Created::New(row) => {
-                tracing::info!(product_id = row.id, "product created");
-                Ok(row.into())
-            }
-            Created::Replayed(row) => Ok(row.into()),
-            Created::Conflict => {
-                Err(ApiError::invalid("request_id", "was already used for a different request"))
-            }
+    }
+
+    async fn adjust_stock(&self, request: Request<AdjustStockRequest>) -> Result<Product, ApiError> {
+        let user_id = require_admin(&request)?;
+        let req = request.into_inner();
+        if req.delta == 0 || req.delta.unsigned_abs() > MAX_STOCK as u64 {
+            return Err(ApiError::invalid("delta", "must be non-zero and at most 10^15 either way"));
+        }
+        let key =
+            request_key(&req.request_id, "AdjustStock", &[&req.id.to_string(), &req.delta.to_string()])?;
+        match self.store.adjust_stock(req.id, req.delta, key.as_ref(), user_id, storegate::db::now()).await? {
+            Idempotent::Fresh(Adjusted::Done(product)) => Ok(product),
+            Idempotent::Fresh(Adjusted::NotFound) => Err(not_found(req.id)),
+            Idempotent::Fresh(Adjusted::OutOfRange) => Err(ApiError::FailedPrecondition(format!(
+                "adjusting the stock of product {} by {} would take it below 0 (or above 10^15); nothing changed",
+                req.id, req.delta
+            ))),
+            Idempotent::Replayed(product) => Ok(product),
+            Idempotent::Conflict => Err(request_id_reused()),
         }
     }
 
     async fn get(&self, request: Request<GetProductRequest>) -> Result<Product, ApiError> {
         claims(&request)?;
         let id = request.into_inner().id;
-        Ok(self.store.get(id).await?.ok_or_else(|| not_found(id))?.into())
+        self.store.get(id).await?.ok_or_else(|| not_found(id))?.into_product()
     }
 
     async fn list(&self, request: Request<ListProductsRequest>) -> Result<ListProductsResponse, ApiError> {
         claims(&request)?;
         let req = request.into_inner();
+        let order = OrderBy::parse(&req.order_by);
+        let violations: Vec<FieldViolation> = [
+            (req.page_size < 0).then(|| FieldViolation::new("page_size", "must not be negative")),
+            order.clone().err(),
+            check_query(&req.query),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        ApiError::check(violations)?;
+        let order = order.map_err(|v| ApiError::InvalidArgument(vec![v]))?;
         let page_size = match req.page_size {
-            n if n < 0 => return Err(ApiError::invalid("page_size", "must not be negative")),
             0 => DEFAULT_PAGE_SIZE,
             n => n.min(MAX_PAGE_SIZE),
         };
-        let after_id = if req.page_token.is_empty() { 0 } else { decode_page_token(&req.page_token)? };
+        let after = match req.page_token.as_str() {
+            "" => None,
+            token => Some(page_token::decode(token, order, &req.query)?),
+        };
+        let query = (!req.query.is_empty()).then_some(req.query.as_str());
         // One extra row tells whether another page follows.
-        let mut rows = self.store.list_after(after_id, i64::from(page_size) + 1).await?;
+        let listing = ListQuery { order, query, after: after.as_ref(), limit: i64::from(page_size) + 1 };
+        let mut rows = self.store.list(&listing).await?;
         let more = rows.len() > page_size as usize;
         rows.truncate(page_size as usize);
-        let next_page_token = match rows.last() {
-            Some(last) if more => encode_page_token(last.id),
+        let products = rows.into_iter().map(|row| row.into_product()).collect::<Result<Vec<_>, _>>()?;
+        let next_page_token = match products.last() {
+            Some(last) if more => page_token::encode(&Cursor::after(last, order), order, &req.query),
             _ => String::new(),
         };
-        Ok(ListProductsResponse {
-            products: rows.into_iter().map(Product::from).collect(),
-            next_page_token,
-            total_size: self.store.count().await?,
-        })
+        Ok(ListProductsResponse { products, next_page_token, total_size: self.store.count(query).await? })
     }
 
     async fn update(&self, request: Request<UpdateProductRequest>) -> Result<Product, ApiError> {
@@ -276,7 +277,7 @@ impl ProductApi {
                 .update_if_version(product.id, current.version, &next, user_id, storegate::db::now())
                 .await?
             {
-                Written::Done(row) => return Ok(row.into()),
+                Written::Done(row) => return row.into_product(),
                 Written::NotFound => return Err(not_found(product.id)),
                 // Someone wrote in between: with an etag the client loses,
                 // without one we re-read and apply the change again.
@@ -338,6 +339,11 @@ impl ProductService for ProductApi {
         Ok(Response::new(self.update(request).await?))
     }
 
+    #[tracing::instrument(name = "AdjustStock", skip_all)]
+    async fn adjust_stock(&self, request: Request<AdjustStockRequest>) -> Result<Response<Product>, Status> {
+        Ok(Response::new(ProductApi::adjust_stock(self, request).await?))
+    }
+
     #[tracing::instrument(name = "DeleteProduct", skip_all)]
     async fn delete_product(&self, request: Request<DeleteProductRequest>) -> Result<Response<()>, Status> {
         self.delete(request).await?;
@@ -350,23 +356,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn page_tokens_round_trip_and_garbage_is_refused() {
-        assert_eq!(decode_page_token(&encode_page_token(42)).unwrap(), 42);
-        for bad in ["x", "!!!", &URL_SAFE_NO_PAD.encode("after:-1"), &URL_SAFE_NO_PAD.encode("before:3")] {
-            assert!(decode_page_token(bad).is_err(), "{bad}");
-        }
-    }
-
-    #[test]
-    fn request_hashes_tell_different_bodies_apart() {
-        let a = ProductFields {
-            name: "ab".into(),
-            description: "c".into(),
+    fn request_keys_tell_retries_from_reuse() {
+        let fields = |name: &str, description: &str| ProductFields {
+            name: name.into(),
+            description: description.into(),
             price: Price::parse("1").unwrap(),
             stock: 1,
         };
-        let b = ProductFields { name: "a".into(), description: "bc".into(), ..a.clone() };
-        assert_eq!(request_hash(&a), request_hash(&a.clone()));
-        assert_ne!(request_hash(&a), request_hash(&b));
+        let id = "6f1c2d4e-8a8b-4c1e-9d3f-2b7a5e0c9f11";
+        let a = create_request_key(id, &fields("ab", "c")).unwrap().unwrap();
+        let again = create_request_key(&id.to_uppercase(), &fields("ab", "c")).unwrap().unwrap();
+        let b = create_request_key(id, &fields("a", "bc")).unwrap().unwrap();
+        assert_eq!((a.id.as_str(), &a.hash), (again.id.as_str(), &again.hash));
+        assert_ne!(a.hash, b.hash);
+        let adjust = request_key(id, "AdjustStock", &["ab", "c"]).unwrap().unwrap();
+        assert_ne!(a.hash, adjust.hash, "the method is part of the request");
+        assert!(create_request_key("", &fields("a", "b")).unwrap().is_none());
+        assert!(create_request_key("not-a-uuid", &fields("a", "b")).is_err());
     }
 }

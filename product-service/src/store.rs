@@ -1,19 +1,22 @@
 //! Every SQL statement of product-service. Placeholders are `?` on both
-//! backends and each statement runs unchanged on SQLite and MySQL: prices go
-//! in as exact decimal text (MySQL stores DECIMAL(12,2), SQLite the text) and
-//! come out through `CAST(price AS CHAR)`, which both dialects read as text.
+//! backends and the statements are shared; the one difference is how a
+//! price travels: MySQL keeps DECIMAL(12,2) and takes "999.99", SQLite keeps
+//! fixed-width text ("0000000999.99", so that text order is numeric order).
+//! Both read it back through `CAST(price AS CHAR)`.
 
 use chrono::{DateTime, Utc};
+use prost::Message as _;
 use storegate::{
     ApiError, Db,
-    db::{InsertId as _, is_unique_violation},
+    db::{Backend, BeginWrite as _, InsertId as _, is_unique_violation},
     on_db,
+    pb::product::v1::Product,
 };
 
-use crate::domain::Price;
+use crate::domain::{MAX_STOCK, OrderBy, Price, SortField, etag};
 
 const COLUMNS: &str = "id, name, description, CAST(price AS CHAR) AS price, stock, version, \
-                       create_time, update_time";
+                       created_by, updated_by, create_time, update_time";
 
 #[derive(Clone, Debug)]
 pub struct ProductStore {
@@ -29,16 +32,46 @@ pub struct ProductRow {
     pub price: String,
     pub stock: i64,
     pub version: i64,
+    pub created_by: Option<i64>,
+    pub updated_by: Option<i64>,
     pub create_time: DateTime<Utc>,
     pub update_time: DateTime<Utc>,
 }
 
-/// A product created with a request id, and the hash of that request.
-#[derive(sqlx::FromRow)]
-struct RequestRow {
-    #[sqlx(flatten)]
-    product: ProductRow,
-    request_hash: Option<Vec<u8>>,
+fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp { seconds: t.timestamp(), nanos: t.timestamp_subsec_nanos() as i32 }
+}
+
+impl ProductRow {
+    fn price(&self) -> Result<Price, ApiError> {
+        Price::parse(&self.price)
+            .map_err(|why| ApiError::Internal(anyhow::anyhow!("stored price of product {} {why}", self.id)))
+    }
+
+    pub fn fields(&self) -> Result<ProductFields, ApiError> {
+        Ok(ProductFields {
+            name: self.name.clone(),
+            description: self.description.clone(),
+            price: self.price()?,
+            stock: self.stock,
+        })
+    }
+
+    /// The API message: prices always with two fraction digits.
+    pub fn into_product(self) -> Result<Product, ApiError> {
+        Ok(Product {
+            price: self.price()?.to_string(),
+            id: self.id,
+            name: self.name,
+            description: self.description,
+            stock: self.stock,
+            etag: etag(self.version),
+            create_time: Some(timestamp(self.create_time)),
+            update_time: Some(timestamp(self.update_time)),
+            created_by: self.created_by.unwrap_or_default(),
+            updated_by: self.updated_by.unwrap_or_default(),
+        })
+    }
 }
 
 /// The fields a client chooses.
@@ -50,24 +83,19 @@ pub struct ProductFields {
     pub stock: i64,
 }
 
-impl ProductRow {
-    pub fn fields(&self) -> Result<ProductFields, ApiError> {
-        Ok(ProductFields {
-            name: self.name.clone(),
-            description: self.description.clone(),
-            price: Price::parse(&self.price).map_err(|why| {
-                ApiError::Internal(anyhow::anyhow!("stored price of product {} {why}", self.id))
-            })?,
-            stock: self.stock,
-        })
-    }
+/// A client's idempotency key and what identifies its request.
+pub struct RequestKey {
+    pub id: String,
+    /// SHA-256 of the method and the request body.
+    pub hash: Vec<u8>,
 }
 
-/// What a CreateProduct with a request id found.
-pub enum Created {
-    New(ProductRow),
-    /// The same request was made before: its product.
-    Replayed(ProductRow),
+/// The answer to a write that may carry a request id.
+pub enum Idempotent<T> {
+    /// Done now.
+    Fresh(T),
+    /// The same request was done before: its recorded answer.
+    Replayed(Product),
     /// The request id was used before for a different request.
     Conflict,
 }
@@ -80,6 +108,68 @@ pub enum Written<T> {
     VersionMismatch,
 }
 
+/// What AdjustStock found.
+pub enum Adjusted {
+    Done(Product),
+    NotFound,
+    /// The stock would leave 0..=MAX_STOCK.
+    OutOfRange,
+}
+
+/// Where a page starts: after the row with this sort value and id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cursor {
+    /// The row's value in the sort column, as text (unused when sorting by id).
+    pub sort_value: String,
+    pub id: i64,
+}
+
+impl Cursor {
+    /// The cursor that continues after `row` in `order`.
+    pub fn after(row: &Product, order: OrderBy) -> Cursor {
+        let sort_value = match order.field {
+            SortField::Id => String::new(),
+            SortField::Name => row.name.clone(),
+            SortField::Price => row.price.clone(),
+            SortField::CreateTime => {
+                row.create_time.map(|t| format!("{}.{:09}", t.seconds, t.nanos)).unwrap_or_default()
+            }
+        };
+        Cursor { sort_value, id: row.id }
+    }
+}
+
+/// One page of a listing.
+pub struct ListQuery<'a> {
+    pub order: OrderBy,
+    /// Case-insensitive substring of name or description.
+    pub query: Option<&'a str>,
+    pub after: Option<&'a Cursor>,
+    pub limit: i64,
+}
+
+/// A sort value bound as its column's type.
+enum SortParam {
+    Text(String),
+    Time(DateTime<Utc>),
+}
+
+/// `%text%` for LIKE, with `!` escaping the wildcards (a character both
+/// dialects accept as ESCAPE, unlike a backslash).
+fn like_pattern(text: &str) -> String {
+    let mut pattern = String::from("%");
+    for c in text.to_lowercase().chars() {
+        if matches!(c, '!' | '%' | '_') {
+            pattern.push('!');
+        }
+        pattern.push(c);
+    }
+    pattern.push('%');
+    pattern
+}
+
+const FILTER: &str = " AND (LOWER(name) LIKE ? ESCAPE '!' OR LOWER(description) LIKE ? ESCAPE '!')";
+
 impl ProductStore {
     pub fn new(db: Db) -> Self {
         ProductStore { db }
@@ -89,78 +179,255 @@ impl ProductStore {
         &self.db
     }
 
+    /// A price as this backend's price column takes it.
+    fn price_param(&self, price: Price) -> String {
+        match self.db.backend() {
+            Backend::MySql => price.to_string(),
+            Backend::Sqlite => price.fixed_width(),
+        }
+    }
+
     pub async fn get(&self, id: i64) -> Result<Option<ProductRow>, ApiError> {
         let sql = format!("SELECT {COLUMNS} FROM products WHERE id = ?");
         Ok(on_db!(&self.db, pool => sqlx::query_as(&sql).bind(id).fetch_optional(pool).await)?)
     }
 
-    async fn get_by_request_id(&self, request_id: &str) -> Result<Option<RequestRow>, ApiError> {
-        let sql = format!("SELECT {COLUMNS}, request_hash FROM products WHERE request_id = ?");
-        Ok(on_db!(&self.db, pool => sqlx::query_as(&sql).bind(request_id).fetch_optional(pool).await)?)
-    }
-
-    /// Inserts a product. With a request id, the unique key on it settles
-    /// retries, also concurrent ones: exactly one insert wins and the others
-    /// read what it wrote.
-    pub async fn create(
-        &self,
-        fields: &ProductFields,
-        request: Option<(&str, &[u8])>,
-        user_id: Option<i64>,
-        now: DateTime<Utc>,
-    ) -> Result<Created, ApiError> {
-        let (request_id, request_hash) = request.unzip();
-        let inserted = on_db!(&self.db, pool => {
-            sqlx::query(
-                "INSERT INTO products (name, description, price, stock, version, request_id, request_hash, \
-                 created_by, updated_by, create_time, update_time) VALUES (?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?)",
-            )
-            .bind(&fields.name)
-            .bind(&fields.description)
-            .bind(fields.price.to_string())
-            .bind(fields.stock)
-            .bind(request_id)
-            .bind(request_hash)
-            .bind(user_id)
-            .bind(user_id)
-            .bind(now)
-            .bind(now)
-            .execute(pool)
-            .await
-            .map(|r| r.insert_id())
-        });
-        match inserted {
-            Ok(id) => {
-                let row =
-                    self.get(id).await?.ok_or_else(|| anyhow::anyhow!("inserted product {id} vanished"))?;
-                Ok(Created::New(row))
-            }
-            Err(e) if is_unique_violation(&e) && request_id.is_some() => {
-                let (request_id, request_hash) =
-                    (request_id.unwrap_or_default(), request_hash.unwrap_or_default());
-                match self.get_by_request_id(request_id).await? {
-                    Some(found) if found.request_hash.as_deref() == Some(request_hash) => {
-                        Ok(Created::Replayed(found.product))
-                    }
-                    Some(_) => Ok(Created::Conflict),
-                    // Deleted in between: the id is free again.
-                    None => Err(ApiError::Aborted("the request raced with a delete; retry it")),
-                }
-            }
-            Err(e) => Err(e.into()),
+    /// The recorded answer of an earlier request with this id.
+    async fn replay<T>(&self, request: &RequestKey) -> Result<Idempotent<T>, ApiError> {
+        let recorded: Option<(Vec<u8>, Option<Vec<u8>>)> = on_db!(&self.db, pool => {
+            sqlx::query_as("SELECT request_hash, response FROM product_requests WHERE request_id = ?")
+                .bind(&request.id)
+                .fetch_optional(pool)
+                .await
+        })?;
+        match recorded {
+            Some((hash, _)) if hash != request.hash => Ok(Idempotent::Conflict),
+            Some((_, Some(response))) => Ok(Idempotent::Replayed(
+                Product::decode(response.as_slice()).map_err(|e| ApiError::Internal(e.into()))?,
+            )),
+            // The first call rolled back in between: nothing is recorded.
+            _ => Err(ApiError::Aborted("a concurrent request with this request_id did not finish; retry")),
         }
     }
 
-    /// Up to `limit` products with ids above `after_id`, in id order.
-    pub async fn list_after(&self, after_id: i64, limit: i64) -> Result<Vec<ProductRow>, ApiError> {
-        let sql = format!("SELECT {COLUMNS} FROM products WHERE id > ? ORDER BY id LIMIT ?");
-        Ok(on_db!(&self.db, pool => sqlx::query_as(&sql).bind(after_id).bind(limit).fetch_all(pool).await)?)
+    /// Inserts a product; with a request id, in the same transaction that
+    /// claims the id (a unique key), so that concurrent retries wait for the
+    /// first and then read its answer.
+    pub async fn create(
+        &self,
+        fields: &ProductFields,
+        request: Option<&RequestKey>,
+        user_id: Option<i64>,
+        now: DateTime<Utc>,
+    ) -> Result<Idempotent<Product>, ApiError> {
+        let price = self.price_param(fields.price);
+        let select = format!("SELECT {COLUMNS} FROM products WHERE id = ?");
+        // An async block, so that `return` leaves only the transaction.
+        let created: Option<Product> = on_db!(&self.db, pool => async {
+            let mut tx = pool.begin_write().await?;
+            if let Some(request) = request {
+                match sqlx::query("INSERT INTO product_requests (request_id, request_hash, created_at) VALUES (?, ?, ?)")
+                    .bind(&request.id)
+                    .bind(&request.hash)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await
+                {
+                    Ok(_) => {}
+                    Err(e) if is_unique_violation(&e) => return Ok::<_, ApiError>(None),
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            let id = sqlx::query(
+                "INSERT INTO products (name, description, price, stock, version, created_by, updated_by, \
+                 create_time, update_time) VALUES (?, ?, ?, ?, 1, ?, ?, ?, ?)",
+            )
+            .bind(&fields.name)
+            .bind(&fields.description)
+            .bind(&price)
+            .bind(fields.stock)
+            .bind(user_id)
+            .bind(user_id)
+            .bind(now)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?
+            .insert_id();
+            let row: ProductRow = sqlx::query_as(&select).bind(id).fetch_one(&mut *tx).await?;
+            let product = row.into_product()?;
+            if let Some(request) = request {
+                sqlx::query("UPDATE product_requests SET response = ? WHERE request_id = ?")
+                    .bind(product.encode_to_vec())
+                    .bind(&request.id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            tx.commit().await?;
+            Ok(Some(product))
+        }
+        .await)?;
+        match (created, request) {
+            (Some(product), _) => Ok(Idempotent::Fresh(product)),
+            (None, Some(request)) => self.replay(request).await,
+            (None, None) => {
+                Err(ApiError::Internal(anyhow::anyhow!("insert reported a duplicate without a request id")))
+            }
+        }
     }
 
-    pub async fn count(&self) -> Result<i64, ApiError> {
-        Ok(
-            on_db!(&self.db, pool => sqlx::query_scalar("SELECT COUNT(*) FROM products").fetch_one(pool).await)?,
-        )
+    /// Adds `delta` to the stock in one conditional UPDATE: concurrent
+    /// adjustments serialise in the database and the stock never leaves
+    /// 0..=MAX_STOCK. With a request id, claimed in the same transaction.
+    pub async fn adjust_stock(
+        &self,
+        id: i64,
+        delta: i64,
+        request: Option<&RequestKey>,
+        user_id: Option<i64>,
+        now: DateTime<Utc>,
+    ) -> Result<Idempotent<Adjusted>, ApiError> {
+        let select = format!("SELECT {COLUMNS} FROM products WHERE id = ?");
+        let adjusted: Option<Adjusted> = on_db!(&self.db, pool => async {
+            let mut tx = pool.begin_write().await?;
+            if let Some(request) = request {
+                match sqlx::query("INSERT INTO product_requests (request_id, request_hash, created_at) VALUES (?, ?, ?)")
+                    .bind(&request.id)
+                    .bind(&request.hash)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await
+                {
+                    Ok(_) => {}
+                    Err(e) if is_unique_violation(&e) => return Ok::<_, ApiError>(None),
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            let changed = sqlx::query(
+                "UPDATE products SET stock = stock + ?, version = version + 1, updated_by = ?, update_time = ? \
+                 WHERE id = ? AND stock + ? >= 0 AND stock + ? <= ?",
+            )
+            .bind(delta)
+            .bind(user_id)
+            .bind(now)
+            .bind(id)
+            .bind(delta)
+            .bind(delta)
+            .bind(MAX_STOCK)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            let row: Option<ProductRow> = sqlx::query_as(&select).bind(id).fetch_optional(&mut *tx).await?;
+            let Some(row) = row else { return Ok(Some(Adjusted::NotFound)) };
+            if changed != 1 {
+                // Nothing changed; the transaction (and the claim) roll back.
+                return Ok(Some(Adjusted::OutOfRange));
+            }
+            let product = row.into_product()?;
+            if let Some(request) = request {
+                sqlx::query("UPDATE product_requests SET response = ? WHERE request_id = ?")
+                    .bind(product.encode_to_vec())
+                    .bind(&request.id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            tx.commit().await?;
+            Ok(Some(Adjusted::Done(product)))
+        }
+        .await)?;
+        match (adjusted, request) {
+            (Some(adjusted), _) => Ok(Idempotent::Fresh(adjusted)),
+            (None, Some(request)) => self.replay(request).await,
+            (None, None) => {
+                Err(ApiError::Internal(anyhow::anyhow!("update reported a duplicate without a request id")))
+            }
+        }
+    }
+
+    /// One page of products in `q.order`, ties broken by id, continuing
+    /// after `q.after` (keyset pagination: stable under concurrent inserts).
+    pub async fn list(&self, q: &ListQuery<'_>) -> Result<Vec<ProductRow>, ApiError> {
+        let (column, cmp, dir) = {
+            // Qualified: in ORDER BY a bare `price` would name the CAST alias
+            // of the select list (text), not the column.
+            let column = match q.order.field {
+                SortField::Id => "products.id",
+                SortField::Name => "products.name",
+                SortField::Price => "products.price",
+                SortField::CreateTime => "products.create_time",
+            };
+            if q.order.descending { (column, "<", "DESC") } else { (column, ">", "ASC") }
+        };
+        let mut sql = format!("SELECT {COLUMNS} FROM products WHERE 1 = 1");
+        let pattern = q.query.map(like_pattern);
+        if pattern.is_some() {
+            sql.push_str(FILTER);
+        }
+        let sort_param = match (q.after, q.order.field) {
+            (None, _) | (Some(_), SortField::Id) => None,
+            (Some(after), SortField::Name) => Some(SortParam::Text(after.sort_value.clone())),
+            (Some(after), SortField::Price) => Some(SortParam::Text(
+                self.price_param(
+                    Price::parse(&after.sort_value)
+                        .map_err(|_| ApiError::invalid("page_token", "is not valid"))?,
+                ),
+            )),
+            (Some(after), SortField::CreateTime) => Some(SortParam::Time(
+                parse_cursor_time(&after.sort_value)
+                    .ok_or_else(|| ApiError::invalid("page_token", "is not valid"))?,
+            )),
+        };
+        match (q.after, &sort_param) {
+            (Some(_), None) => sql.push_str(&format!(" AND products.id {cmp} ?")),
+            (Some(_), Some(_)) => {
+                // MySQL compares a DECIMAL with a string as doubles; cast the
+                // bound price so the comparison stays exact. SQLite compares
+                // its fixed-width text as text.
+                let value = match (q.order.field, self.db.backend()) {
+                    (SortField::Price, Backend::MySql) => "CAST(? AS DECIMAL(12,2))",
+                    _ => "?",
+                };
+                sql.push_str(&format!(
+                    " AND ({column} {cmp} {value} OR ({column} = {value} AND products.id {cmp} ?))"
+                ))
+            }
+            (None, _) => {}
+        }
+        if q.order.field == SortField::Id {
+            sql.push_str(&format!(" ORDER BY products.id {dir} LIMIT ?"));
+        } else {
+            sql.push_str(&format!(" ORDER BY {column} {dir}, products.id {dir} LIMIT ?"));
+        }
+        Ok(on_db!(&self.db, pool => {
+            let mut query = sqlx::query_as(&sql);
+            if let Some(pattern) = &pattern {
+                query = query.bind(pattern).bind(pattern);
+            }
+            match &sort_param {
+                Some(SortParam::Text(value)) => query = query.bind(value).bind(value),
+                Some(SortParam::Time(value)) => query = query.bind(*value).bind(*value),
+                None => {}
+            }
+            if let Some(after) = q.after {
+                query = query.bind(after.id);
+            }
+            query.bind(q.limit).fetch_all(pool).await
+        })?)
+    }
+
+    /// How many products match `query` (all of them without one).
+    pub async fn count(&self, query: Option<&str>) -> Result<i64, ApiError> {
+        let pattern = query.map(like_pattern);
+        let sql = format!(
+            "SELECT COUNT(*) FROM products WHERE 1 = 1{}",
+            if pattern.is_some() { FILTER } else { "" }
+        );
+        Ok(on_db!(&self.db, pool => {
+            let mut count = sqlx::query_scalar(&sql);
+            if let Some(pattern) = &pattern {
+                count = count.bind(pattern).bind(pattern);
+            }
+            count.fetch_one(pool).await
+        })?)
     }
 
     /// Writes `fields` if the product is still at `version` (optimistic
@@ -173,6 +440,7 @@ impl ProductStore {
         user_id: Option<i64>,
         now: DateTime<Utc>,
     ) -> Result<Written<ProductRow>, ApiError> {
+        let price = self.price_param(fields.price);
         let rows = on_db!(&self.db, pool => {
             sqlx::query(
                 "UPDATE products SET name = ?, description = ?, price = ?, stock = ?, version = version + 1, \
@@ -180,7 +448,7 @@ impl ProductStore {
             )
             .bind(&fields.name)
             .bind(&fields.description)
-            .bind(fields.price.to_string())
+            .bind(&price)
             .bind(fields.stock)
             .bind(user_id)
             .bind(now)
@@ -210,5 +478,34 @@ impl ProductStore {
             return Ok(Written::Done(()));
         }
         Ok(if self.get(id).await?.is_some() { Written::VersionMismatch } else { Written::NotFound })
+    }
+
+    /// Forgets request ids older than `before` (they are kept at least a day).
+    pub async fn sweep_request_ids(&self, before: DateTime<Utc>) -> Result<u64, ApiError> {
+        Ok(on_db!(&self.db, pool => {
+            sqlx::query("DELETE FROM product_requests WHERE created_at < ?")
+                .bind(before)
+                .execute(pool)
+                .await
+                .map(|r| r.rows_affected())
+        })?)
+    }
+}
+
+/// A create_time cursor: "seconds.nanoseconds".
+fn parse_cursor_time(text: &str) -> Option<DateTime<Utc>> {
+    let (seconds, nanos) = text.split_once('.')?;
+    DateTime::from_timestamp(seconds.parse().ok()?, nanos.parse().ok()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn like_patterns_escape_wildcards() {
+        assert_eq!(like_pattern("Tea"), "%tea%");
+        assert_eq!(like_pattern("50%_off!"), "%50!%!_off!!%");
+        assert_eq!(like_pattern("it's"), "%it's%");
     }
 }
