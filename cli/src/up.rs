@@ -1,0 +1,66 @@
+//! `storegate up`: auth-service and product-service in one process.
+
+use anyhow::Context as _;
+use auth_service::AuthConfig;
+use product_service::ProductConfig;
+use tokio::sync::watch;
+
+#[derive(clap::Args)]
+pub struct UpArgs {
+    /// auth-service's settings (database, master key, listen address, …).
+    #[command(flatten)]
+    auth: AuthConfig,
+
+    /// Where product-service listens.
+    #[arg(long, env = "PRODUCT_LISTEN_ADDR", default_value = product_service::config::DEFAULT_LISTEN_ADDR)]
+    product_listen_addr: String,
+}
+
+/// Both services in one process, sharing the database; product-service
+/// fetches its keys from the auth-service beside it.
+pub async fn up(args: UpArgs) -> anyhow::Result<()> {
+    storegate::telemetry::init(args.auth.common.log_format);
+    let auth_listener = storegate::server::bind(&args.auth.listen_addr).await?;
+    let product_listener = storegate::server::bind(&args.product_listen_addr).await?;
+    let auth_addr = auth_listener.local_addr()?;
+    let product_addr = product_listener.local_addr()?;
+
+    let mut product = ProductConfig::with_database_url(args.auth.common.database_url.clone());
+    product.common = args.auth.common.clone();
+    product.auth_service_url = format!("http://{auth_addr}");
+
+    // Migrate once up front, so the two services do not race to it.
+    storegate::Db::open(&args.auth.common.database_url).await?.close().await;
+
+    let (stop, _) = watch::channel(false);
+    let stopped = |stop: &watch::Sender<bool>| {
+        let mut rx = stop.subscribe();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+    let mut auth_task = tokio::spawn(auth_service::run(args.auth, auth_listener, stopped(&stop)));
+    let mut product_task = tokio::spawn(product_service::run(product, product_listener, stopped(&stop)));
+
+    println!("storegate is up:");
+    println!("  auth-service     http://{auth_addr}   (storegate.auth.v1.AuthService)");
+    println!("  product-service  http://{product_addr}   (storegate.product.v1.ProductService)");
+    println!("Press Ctrl-C to stop.");
+
+    tokio::select! {
+        () = storegate::server::shutdown_signal() => {}
+        result = &mut auth_task => return finished("auth-service", result),
+        result = &mut product_task => return finished("product-service", result),
+    }
+    // Let both finish their in-flight calls.
+    stop.send_replace(true);
+    let (auth, product) = tokio::join!(auth_task, product_task);
+    auth.context("auth-service crashed")??;
+    product.context("product-service crashed")??;
+    Ok(())
+}
+
+fn finished(name: &str, result: Result<anyhow::Result<()>, tokio::task::JoinError>) -> anyhow::Result<()> {
+    result.with_context(|| format!("{name} crashed"))?.with_context(|| format!("{name} stopped"))?;
+    anyhow::bail!("{name} stopped unexpectedly")
+}

@@ -1,0 +1,222 @@
+//! The `storegate` command driven as a user would: a real binary against
+//! real servers, passwords and codes on standard input.
+
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
+
+use storegate_testkit::{Backend, TestStack, backend_tests, totp_code};
+
+backend_tests!(the_cli_registers_logs_in_and_runs_the_catalogue, the_first_login_draws_the_qr_code_in_the_terminal);
+
+struct Cli {
+    config_dir: PathBuf,
+    auth_url: String,
+    product_url: String,
+}
+
+struct Ran {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Ran {
+    fn json(&self) -> serde_json::Value {
+        assert_eq!(self.code, 0, "stderr: {}", self.stderr);
+        serde_json::from_str(self.stdout.lines().last().unwrap_or_default()).expect("JSON output")
+    }
+}
+
+impl Cli {
+    fn new(stack: &TestStack) -> Cli {
+        let config_dir = std::env::temp_dir().join(format!(
+            "storegate-cli-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+        ));
+        Cli {
+            config_dir,
+            auth_url: format!("http://{}", stack.auth_addr),
+            product_url: format!("http://{}", stack.product_addr.unwrap()),
+        }
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_storegate"));
+        command
+            .args(args)
+            .env("STOREGATE_CONFIG_DIR", &self.config_dir)
+            .env("AUTH_SERVICE_URL", &self.auth_url)
+            .env("PRODUCT_SERVICE_URL", &self.product_url)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        command
+    }
+
+    /// Runs to completion with `input` on standard input.
+    async fn run(&self, args: &[&str], input: &str) -> Ran {
+        let mut command = self.command(args);
+        let input = input.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let mut child = command.spawn().expect("spawn storegate");
+            child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+            let output = child.wait_with_output().unwrap();
+            Ran {
+                code: output.status.code().unwrap_or(-1),
+                stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+                stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+            }
+        })
+        .await
+        .unwrap()
+    }
+
+    /// `storegate login`, answering the code prompt like a person with an
+    /// authenticator app: the secret is read off what the command printed.
+    async fn login(&self, args: &[&str], password: &str, find_secret: fn(&str) -> Option<String>) -> Ran {
+        let mut command = self.command(args);
+        let password = password.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let mut child = command.spawn().expect("spawn storegate");
+            let mut stdin = child.stdin.take().unwrap();
+            writeln!(stdin, "{password}").unwrap();
+            let mut stdout = BufReader::new(child.stdout.take().unwrap());
+            let mut printed = String::new();
+            let secret = loop {
+                let mut line = String::new();
+                assert!(stdout.read_line(&mut line).unwrap() > 0, "login ended before showing a secret: {printed}");
+                printed.push_str(&line);
+                if let Some(secret) = find_secret(&line) {
+                    break secret;
+                }
+            };
+            writeln!(stdin, "{}", totp_code(&secret, 0)).unwrap();
+            drop(stdin);
+            let mut rest = String::new();
+            std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
+            printed.push_str(&rest);
+            let output = child.wait_with_output().unwrap();
+            Ran {
+                code: output.status.code().unwrap_or(-1),
+                stdout: printed,
+                stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+            }
+        })
+        .await
+        .unwrap()
+    }
+
+    fn session_file(&self) -> PathBuf {
+        self.config_dir.join("session.json")
+    }
+}
+
+impl Drop for Cli {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.config_dir);
+    }
+}
+
+fn mode(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+async fn the_cli_registers_logs_in_and_runs_the_catalogue(backend: Backend) {
+    let stack = TestStack::start(backend).await;
+    let cli = Cli::new(&stack);
+
+    let registered = cli.run(&["register", "Alice", "--password-stdin", "--json"], "correct horse battery\n").await;
+    assert!(registered.json()["user_id"].as_i64().unwrap() > 0);
+    auth_service::grant_role(&TestStack::auth_config(&stack.db), "alice", "admin").await.unwrap();
+
+    let login = cli
+        .login(&["login", "alice", "--password-stdin", "--json"], "correct horse battery", |line| {
+            let value: serde_json::Value = serde_json::from_str(line).ok()?;
+            Some(value["enrollment"]["secret"].as_str()?.to_owned())
+        })
+        .await;
+    let signed_in = login.json();
+    assert_eq!(signed_in["roles"], serde_json::json!(["admin"]));
+    assert_eq!(signed_in["recovery_codes"].as_array().unwrap().len(), 10, "shown once, on enrollment");
+    assert_eq!(mode(&cli.session_file()), 0o600);
+    assert_eq!(mode(&cli.config_dir), 0o700);
+
+    let me = cli.run(&["whoami", "--json"], "").await.json();
+    assert_eq!((me["username"].as_str(), me["roles"].clone()), (Some("alice"), serde_json::json!(["admin"])));
+
+    let created = cli
+        .run(&["products", "create", "--name", "Teapot", "--price", "24.50", "--stock", "10", "--json"], "")
+        .await
+        .json();
+    let id = created["id"].as_i64().unwrap().to_string();
+    assert_eq!(created["price"], "24.50");
+    let listed = cli.run(&["products", "list", "--all", "--json"], "").await.json();
+    assert_eq!(listed["total_size"], 1);
+    let updated = cli.run(&["products", "update", &id, "--price", "19.99", "--json"], "").await.json();
+    assert_eq!((updated["price"].as_str(), updated["name"].as_str()), (Some("19.99"), Some("Teapot")));
+    let adjusted = cli.run(&["products", "adjust-stock", &id, "-3", "--json"], "").await.json();
+    assert_eq!(adjusted["stock"], 7);
+    let text = cli.run(&["products", "get", &id], "").await;
+    assert!(text.stdout.contains("Teapot") && text.stdout.contains("19.99"), "{}", text.stdout);
+
+    // Refusals: one line on stderr, an exit code per status.
+    let missing = cli.run(&["products", "get", "424242"], "").await;
+    assert_eq!(missing.code, 10 + tonic::Code::NotFound as i32);
+    assert_eq!(missing.stderr.lines().count(), 1);
+    assert!(missing.stderr.starts_with("error: not found:"), "{}", missing.stderr);
+    let too_far = cli.run(&["products", "adjust-stock", &id, "-100"], "").await;
+    assert_eq!(too_far.code, 10 + tonic::Code::FailedPrecondition as i32, "{}", too_far.stderr);
+    let bad = cli.run(&["products", "create", "--name", "", "--price", "1.234"], "").await;
+    assert_eq!(bad.code, 10 + tonic::Code::InvalidArgument as i32);
+    assert_eq!(bad.stderr.lines().count(), 1, "{}", bad.stderr);
+
+    // An access token about to expire is refreshed (and the rotated refresh token saved).
+    let mut session: serde_json::Value = serde_json::from_slice(&std::fs::read(cli.session_file()).unwrap()).unwrap();
+    let old_refresh = session["refresh_token"].clone();
+    session["expires_at"] = 0.into();
+    std::fs::write(cli.session_file(), session.to_string()).unwrap();
+    cli.run(&["products", "list", "--json"], "").await.json();
+    let session: serde_json::Value = serde_json::from_slice(&std::fs::read(cli.session_file()).unwrap()).unwrap();
+    assert_ne!(session["refresh_token"], old_refresh);
+    assert_eq!(mode(&cli.session_file()), 0o600);
+
+    assert_eq!(cli.run(&["products", "delete", &id, "--json"], "").await.json()["deleted"], id.parse::<i64>().unwrap());
+    cli.run(&["logout", "--json"], "").await.json();
+    let after = cli.run(&["whoami"], "").await;
+    assert_ne!(after.code, 0);
+    assert!(after.stderr.contains("not signed in"), "{}", after.stderr);
+
+    // Servers that are down: a clear line, not a stack trace.
+    let mut offline = cli.command(&["register", "bob", "--password-stdin"]);
+    offline.env("AUTH_SERVICE_URL", "http://127.0.0.1:9");
+    let output = tokio::task::spawn_blocking(move || {
+        let mut child = offline.spawn().unwrap();
+        child.stdin.take().unwrap().write_all(b"correct horse battery\n").unwrap();
+        child.wait_with_output().unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(output.status.code(), Some(10 + tonic::Code::Unavailable as i32));
+    assert!(String::from_utf8_lossy(&output.stderr).starts_with("error: unavailable:"));
+}
+
+async fn the_first_login_draws_the_qr_code_in_the_terminal(backend: Backend) {
+    let stack = TestStack::start(backend).await;
+    let cli = Cli::new(&stack);
+    cli.run(&["register", "bob", "--password-stdin"], "correct horse battery\n").await;
+    let login = cli
+        .login(&["login", "bob", "--password-stdin"], "correct horse battery", |line| {
+            line.split_once("enter this secret by hand: ").map(|(_, secret)| secret.trim().to_owned())
+        })
+        .await;
+    assert_eq!(login.code, 0, "{}", login.stderr);
+    let qr_rows = login.stdout.lines().filter(|l| l.contains('█') || l.contains('▀') || l.contains('▄')).count();
+    assert!(qr_rows >= 15, "a QR code of Unicode blocks:\n{}", login.stdout);
+    assert!(login.stdout.contains("signed in as bob"));
+    assert!(login.stdout.contains("Recovery codes"));
+}
