@@ -21,7 +21,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         std::process::exit(2);
     };
     let auth_url = std::env::var("AUTH_SERVICE_URL").unwrap_or_else(|_| "http://127.0.0.1:50051".into());
-    let product_url = std::env::var("PRODUCT_SERVICE_URL").unwrap_or_else(|_| "http://127.0.0.1:50052".into());
+    let product_url =
+        std::env::var("PRODUCT_SERVICE_URL").unwrap_or_else(|_| "http://127.0.0.1:50052".into());
 
     let mut auth = AuthServiceClient::connect(auth_url).await?;
     let begun = auth.begin_login(BeginLoginRequest { username, password }).await?.into_inner();

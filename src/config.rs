@@ -28,11 +28,16 @@ pub struct CommonConfig {
     /// The `aud` claim auth-service writes and product-service requires.
     #[arg(long, env = "JWT_AUDIENCE", default_value = DEFAULT_AUDIENCE)]
     pub jwt_audience: String,
+
+    /// On SIGTERM, how long to keep serving while health reports
+    /// NOT_SERVING (for load balancers to notice) before draining.
+    #[arg(long, env = "SHUTDOWN_GRACE_SECS", default_value_t = 2)]
+    pub shutdown_grace_secs: u64,
 }
 
 impl CommonConfig {
-    /// The defaults, as if no flag or variable were given (for tests and
-    /// embedding).
+    /// The defaults, as if no flag or variable were given, but without a
+    /// shutdown grace (for tests and embedding).
     pub fn with_database_url(database_url: impl Into<String>) -> Self {
         CommonConfig {
             database_url: database_url.into(),
@@ -40,6 +45,7 @@ impl CommonConfig {
             log_format: LogFormat::Text,
             jwt_issuer: DEFAULT_ISSUER.to_owned(),
             jwt_audience: DEFAULT_AUDIENCE.to_owned(),
+            shutdown_grace_secs: 0,
         }
     }
 }

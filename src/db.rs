@@ -155,6 +155,11 @@ impl Db {
         Ok(db)
     }
 
+    /// A round trip to the database.
+    pub async fn ping(&self) -> Result<(), sqlx::Error> {
+        on_db!(self, pool => sqlx::query("SELECT 1").execute(pool).await.map(drop))
+    }
+
     pub async fn close(&self) {
         on_db!(self, pool => pool.close().await)
     }

@@ -2,7 +2,7 @@
 //! server reflection (v1 and v1alpha), gRPC-Web with CORS, and graceful
 //! shutdown on a signal.
 
-use std::future::Future;
+use std::{future::Future, time::Duration};
 
 use http::{HeaderName, HeaderValue, Method};
 use tokio::net::TcpListener;
@@ -10,13 +10,13 @@ use tonic::{
     service::{Routes, RoutesBuilder},
     transport::server::TcpIncoming,
 };
-use tonic_health::server::HealthReporter;
+use tonic_health::{ServingStatus, server::HealthReporter};
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
-use crate::pb::FILE_DESCRIPTOR_SET;
+use crate::{Db, config::CommonConfig, pb::FILE_DESCRIPTOR_SET};
 
 /// The routes every server starts from: health and reflection. The caller
-/// adds its own service and marks it serving on the returned reporter.
+/// adds its own service and hands the reporter to [`serve`].
 pub fn base_routes() -> anyhow::Result<(RoutesBuilder, HealthReporter)> {
     let (reporter, health) = tonic_health::server::health_reporter();
     let reflection_v1 = tonic_reflection::server::Builder::configure()
@@ -61,23 +61,80 @@ fn cors_layer(allowed_origins: &[String]) -> CorsLayer {
         .max_age(std::time::Duration::from_secs(24 * 60 * 60))
 }
 
+/// How a server reports itself on `grpc.health.v1.Health`: the overall
+/// status ("") and its own service's, following the database.
+pub struct Readiness {
+    pub reporter: HealthReporter,
+    /// The fully qualified gRPC service name, e.g. `storegate.auth.v1.AuthService`.
+    pub service: &'static str,
+    pub db: Db,
+}
+
+const READINESS_INTERVAL: Duration = Duration::from_secs(5);
+const DB_PING_TIMEOUT: Duration = Duration::from_secs(2);
+
+impl Readiness {
+    async fn set(&self, status: ServingStatus) {
+        self.reporter.set_service_status("", status).await;
+        self.reporter.set_service_status(self.service, status).await;
+    }
+
+    /// SERVING while the database answers, NOT_SERVING while it does not:
+    /// a load balancer then sends calls to replicas that can do them.
+    async fn follow_database(&self) {
+        let mut last = None;
+        let mut interval = tokio::time::interval(READINESS_INTERVAL);
+        loop {
+            interval.tick().await;
+            let reachable =
+                tokio::time::timeout(DB_PING_TIMEOUT, self.db.ping()).await.is_ok_and(|r| r.is_ok());
+            let status = if reachable { ServingStatus::Serving } else { ServingStatus::NotServing };
+            if last != Some(status) {
+                if !reachable {
+                    tracing::warn!("the database does not answer; reporting NOT_SERVING");
+                } else if last.is_some() {
+                    tracing::info!("the database answers again; reporting SERVING");
+                }
+                self.set(status).await;
+                last = Some(status);
+            }
+        }
+    }
+}
+
 /// Serves `routes` on `listener` (gRPC over HTTP/2, gRPC-Web over HTTP/1.1)
-/// until `shutdown` completes, then lets in-flight calls finish.
+/// until `shutdown` completes. Then health turns NOT_SERVING first, the
+/// server keeps serving for `shutdown_grace` (so load balancers stop sending
+/// calls), stops accepting, and lets in-flight calls finish.
 pub async fn serve(
     routes: RoutesBuilder,
+    readiness: Readiness,
     listener: TcpListener,
-    cors_allowed_origins: &[String],
+    config: &CommonConfig,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
+    let readiness = std::sync::Arc::new(readiness);
+    let follower = tokio::spawn({
+        let readiness = readiness.clone();
+        async move { readiness.follow_database().await }
+    });
+    let grace = Duration::from_secs(config.shutdown_grace_secs);
+    let draining = async move {
+        shutdown.await;
+        follower.abort();
+        readiness.set(ServingStatus::NotServing).await;
+        tracing::info!(grace = ?grace, "reporting NOT_SERVING; draining");
+        tokio::time::sleep(grace).await;
+    };
     tonic::transport::Server::builder()
         .accept_http1(true)
-        .layer(cors_layer(cors_allowed_origins))
+        .layer(cors_layer(&config.cors_allowed_origins))
         .layer(tonic_web::GrpcWebLayer::new())
         .add_routes(routes.routes())
         .serve_with_incoming_shutdown(
             // Without TCP_NODELAY, small responses wait out delayed ACKs (~40 ms).
             TcpIncoming::from(listener).with_nodelay(Some(true)),
-            shutdown,
+            draining,
         )
         .await?;
     Ok(())

@@ -12,7 +12,7 @@ pub struct AuthConfig {
     pub common: CommonConfig,
 
     /// Where the gRPC (and gRPC-Web) server listens.
-    #[arg(long, env = "AUTH_LISTEN_ADDR", default_value = DEFAULT_LISTEN_ADDR)]
+    #[arg(long, visible_alias = "auth-listen-addr", env = "AUTH_LISTEN_ADDR", default_value = DEFAULT_LISTEN_ADDR)]
     pub listen_addr: String,
 
     /// base64 of 32 random bytes; encrypts TOTP secrets and signing keys at

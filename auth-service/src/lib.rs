@@ -65,10 +65,13 @@ pub async fn run(
     routes.add_service(
         AuthServiceServer::new(AuthApi::new(state.clone())).max_decoding_message_size(MAX_REQUEST_BYTES),
     );
-    health.set_serving::<AuthServiceServer<AuthApi>>().await;
+    let readiness = storegate::server::Readiness {
+        reporter: health,
+        service: <AuthServiceServer<AuthApi> as tonic::server::NamedService>::NAME,
+        db: state.store.db().clone(),
+    };
     tracing::info!(addr = %listener.local_addr()?, "auth-service listening");
-    let served =
-        storegate::server::serve(routes, listener, &config.common.cors_allowed_origins, shutdown).await;
+    let served = storegate::server::serve(routes, readiness, listener, &config.common, shutdown).await;
 
     sweeper.abort();
     state.store.db().close().await;

@@ -39,7 +39,11 @@ fn read_line() -> anyhow::Result<String> {
 }
 
 fn read_password(from_stdin: bool, prompt: &str) -> anyhow::Result<String> {
-    if from_stdin { read_line() } else { rpassword::prompt_password(prompt).context("cannot read the password") }
+    if from_stdin {
+        read_line()
+    } else {
+        rpassword::prompt_password(prompt).context("cannot read the password")
+    }
 }
 
 pub async fn register(endpoints: &Endpoints, out: &Output, args: RegisterArgs) -> anyhow::Result<()> {
@@ -58,7 +62,10 @@ pub async fn register(endpoints: &Endpoints, out: &Output, args: RegisterArgs) -
         .into_inner()
         .user_id;
     out.print(serde_json::json!({ "user_id": user_id, "username": args.username }), || {
-        format!("registered {} (user id {user_id}); now run `storegate login {}`", args.username, args.username)
+        format!(
+            "registered {} (user id {user_id}); now run `storegate login {}`",
+            args.username, args.username
+        )
     });
     Ok(())
 }
@@ -67,16 +74,19 @@ pub async fn register(endpoints: &Endpoints, out: &Output, args: RegisterArgs) -
 fn terminal_qr(text: &str) -> anyhow::Result<String> {
     use qrcode::render::unicode::Dense1x2;
     let code = qrcode::QrCode::new(text.as_bytes()).context("cannot draw the QR code")?;
-    Ok(code.render::<Dense1x2>().dark_color(Dense1x2::Light).light_color(Dense1x2::Dark).quiet_zone(true).build())
+    Ok(code
+        .render::<Dense1x2>()
+        .dark_color(Dense1x2::Light)
+        .light_color(Dense1x2::Dark)
+        .quiet_zone(true)
+        .build())
 }
 
 pub async fn login(endpoints: &Endpoints, out: &Output, args: LoginArgs) -> anyhow::Result<()> {
     let password = read_password(args.password_stdin, "Password: ")?;
     let mut auth = endpoints.auth().await?;
-    let begun = auth
-        .begin_login(BeginLoginRequest { username: args.username.clone(), password })
-        .await?
-        .into_inner();
+    let begun =
+        auth.begin_login(BeginLoginRequest { username: args.username.clone(), password }).await?.into_inner();
 
     if let Some(enrollment) = &begun.enrollment {
         if out.json {
@@ -86,7 +96,9 @@ pub async fn login(endpoints: &Endpoints, out: &Output, args: LoginArgs) -> anyh
                 serde_json::json!({ "enrollment": { "otpauth_uri": enrollment.otpauth_uri, "secret": enrollment.secret } })
             );
         } else {
-            println!("Two-factor setup: scan this with an authenticator app (Google Authenticator, Aegis, 1Password, …)");
+            println!(
+                "Two-factor setup: scan this with an authenticator app (Google Authenticator, Aegis, 1Password, …)"
+            );
             println!("{}", terminal_qr(&enrollment.otpauth_uri)?);
             println!("or enter this secret by hand: {}", enrollment.secret);
         }

@@ -11,7 +11,11 @@ mod up;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "storegate", version, about = "storegate: two-factor auth and a product catalogue over gRPC")]
+#[command(
+    name = "storegate",
+    version,
+    about = "storegate: two-factor auth and a product catalogue over gRPC"
+)]
 struct Cli {
     #[command(flatten)]
     connect: connect::Endpoints,

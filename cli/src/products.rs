@@ -1,8 +1,8 @@
 //! `storegate products …`: the catalogue from the command line.
 
 use storegate::pb::product::v1::{
-    AdjustStockRequest, CreateProductRequest, DeleteProductRequest, GetProductRequest, ListProductsRequest, Product,
-    UpdateProductRequest,
+    AdjustStockRequest, CreateProductRequest, DeleteProductRequest, GetProductRequest, ListProductsRequest,
+    Product, UpdateProductRequest,
 };
 
 use crate::{
@@ -86,7 +86,11 @@ pub async fn run(endpoints: &Endpoints, out: &Output, command: ProductsCommand) 
     match run_as(endpoints, out, &command, &session).await {
         // The token was refused although it looked fresh (revoked key, clock
         // skew): refresh once and retry.
-        Err(err) if err.downcast_ref::<tonic::Status>().is_some_and(|s| s.code() == tonic::Code::Unauthenticated) => {
+        Err(err)
+            if err
+                .downcast_ref::<tonic::Status>()
+                .is_some_and(|s| s.code() == tonic::Code::Unauthenticated) =>
+        {
             let session = endpoints.refresh(session).await?;
             run_as(endpoints, out, &command, &session).await
         }
@@ -94,7 +98,12 @@ pub async fn run(endpoints: &Endpoints, out: &Output, command: ProductsCommand) 
     }
 }
 
-async fn run_as(endpoints: &Endpoints, out: &Output, command: &ProductsCommand, session: &Session) -> anyhow::Result<()> {
+async fn run_as(
+    endpoints: &Endpoints,
+    out: &Output,
+    command: &ProductsCommand,
+    session: &Session,
+) -> anyhow::Result<()> {
     let mut products = endpoints.products().await?;
     match command {
         ProductsCommand::List { page_size, page_token, order_by, query, all } => {
@@ -128,7 +137,8 @@ async fn run_as(endpoints: &Endpoints, out: &Output, command: &ProductsCommand, 
             }
         }
         ProductsCommand::Get { id } => {
-            let product = products.get_product(authorized(GetProductRequest { id: *id }, session)?).await?.into_inner();
+            let product =
+                products.get_product(authorized(GetProductRequest { id: *id }, session)?).await?.into_inner();
             print_product(out, &product);
         }
         ProductsCommand::Create { name, description, price, stock, request_id } => {
@@ -161,13 +171,20 @@ async fn run_as(endpoints: &Endpoints, out: &Output, command: &ProductsCommand, 
                 product.stock = *stock;
                 paths.push("stock".to_owned());
             }
-            anyhow::ensure!(!paths.is_empty(), "name at least one of --name, --description, --price, --stock");
-            let request =
-                UpdateProductRequest { product: Some(product), update_mask: Some(prost_types::FieldMask { paths }) };
+            anyhow::ensure!(
+                !paths.is_empty(),
+                "name at least one of --name, --description, --price, --stock"
+            );
+            let request = UpdateProductRequest {
+                product: Some(product),
+                update_mask: Some(prost_types::FieldMask { paths }),
+            };
             print_product(out, &products.update_product(authorized(request, session)?).await?.into_inner());
         }
         ProductsCommand::Delete { id, etag } => {
-            products.delete_product(authorized(DeleteProductRequest { id: *id, etag: etag.clone() }, session)?).await?;
+            products
+                .delete_product(authorized(DeleteProductRequest { id: *id, etag: etag.clone() }, session)?)
+                .await?;
             out.print(serde_json::json!({ "deleted": id }), || format!("deleted product {id}"));
         }
         ProductsCommand::AdjustStock { id, delta, request_id } => {

@@ -24,7 +24,8 @@ pub fn config_dir() -> anyhow::Result<PathBuf> {
     if let Some(dir) = std::env::var_os("XDG_CONFIG_HOME").filter(|d| !d.is_empty()) {
         return Ok(PathBuf::from(dir).join("storegate"));
     }
-    let home = std::env::var_os("HOME").context("cannot find a config folder: set HOME or STOREGATE_CONFIG_DIR")?;
+    let home =
+        std::env::var_os("HOME").context("cannot find a config folder: set HOME or STOREGATE_CONFIG_DIR")?;
     Ok(PathBuf::from(home).join(".config").join("storegate"))
 }
 
@@ -36,7 +37,10 @@ impl Session {
     pub fn load() -> anyhow::Result<Option<Session>> {
         let path = session_path()?;
         match std::fs::read(&path) {
-            Ok(bytes) => Ok(Some(serde_json::from_slice(&bytes).with_context(|| format!("{} is damaged; log in again", path.display()))?)),
+            Ok(bytes) => Ok(Some(
+                serde_json::from_slice(&bytes)
+                    .with_context(|| format!("{} is damaged; log in again", path.display()))?,
+            )),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
         }

@@ -9,7 +9,10 @@ use std::{
 
 use storegate_testkit::{Backend, TestStack, backend_tests, totp_code};
 
-backend_tests!(the_cli_registers_logs_in_and_runs_the_catalogue, the_first_login_draws_the_qr_code_in_the_terminal);
+backend_tests!(
+    the_cli_registers_logs_in_and_runs_the_catalogue,
+    the_first_login_draws_the_qr_code_in_the_terminal
+);
 
 struct Cli {
     config_dir: PathBuf,
@@ -88,7 +91,10 @@ impl Cli {
             let mut printed = String::new();
             let secret = loop {
                 let mut line = String::new();
-                assert!(stdout.read_line(&mut line).unwrap() > 0, "login ended before showing a secret: {printed}");
+                assert!(
+                    stdout.read_line(&mut line).unwrap() > 0,
+                    "login ended before showing a secret: {printed}"
+                );
                 printed.push_str(&line);
                 if let Some(secret) = find_secret(&line) {
                     break secret;
@@ -130,7 +136,8 @@ async fn the_cli_registers_logs_in_and_runs_the_catalogue(backend: Backend) {
     let stack = TestStack::start(backend).await;
     let cli = Cli::new(&stack);
 
-    let registered = cli.run(&["register", "Alice", "--password-stdin", "--json"], "correct horse battery\n").await;
+    let registered =
+        cli.run(&["register", "Alice", "--password-stdin", "--json"], "correct horse battery\n").await;
     assert!(registered.json()["user_id"].as_i64().unwrap() > 0);
     auth_service::grant_role(&TestStack::auth_config(&stack.db), "alice", "admin").await.unwrap();
 
@@ -176,16 +183,21 @@ async fn the_cli_registers_logs_in_and_runs_the_catalogue(backend: Backend) {
     assert_eq!(bad.stderr.lines().count(), 1, "{}", bad.stderr);
 
     // An access token about to expire is refreshed (and the rotated refresh token saved).
-    let mut session: serde_json::Value = serde_json::from_slice(&std::fs::read(cli.session_file()).unwrap()).unwrap();
+    let mut session: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(cli.session_file()).unwrap()).unwrap();
     let old_refresh = session["refresh_token"].clone();
     session["expires_at"] = 0.into();
     std::fs::write(cli.session_file(), session.to_string()).unwrap();
     cli.run(&["products", "list", "--json"], "").await.json();
-    let session: serde_json::Value = serde_json::from_slice(&std::fs::read(cli.session_file()).unwrap()).unwrap();
+    let session: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(cli.session_file()).unwrap()).unwrap();
     assert_ne!(session["refresh_token"], old_refresh);
     assert_eq!(mode(&cli.session_file()), 0o600);
 
-    assert_eq!(cli.run(&["products", "delete", &id, "--json"], "").await.json()["deleted"], id.parse::<i64>().unwrap());
+    assert_eq!(
+        cli.run(&["products", "delete", &id, "--json"], "").await.json()["deleted"],
+        id.parse::<i64>().unwrap()
+    );
     cli.run(&["logout", "--json"], "").await.json();
     let after = cli.run(&["whoami"], "").await;
     assert_ne!(after.code, 0);
@@ -215,7 +227,8 @@ async fn the_first_login_draws_the_qr_code_in_the_terminal(backend: Backend) {
         })
         .await;
     assert_eq!(login.code, 0, "{}", login.stderr);
-    let qr_rows = login.stdout.lines().filter(|l| l.contains('█') || l.contains('▀') || l.contains('▄')).count();
+    let qr_rows =
+        login.stdout.lines().filter(|l| l.contains('█') || l.contains('▀') || l.contains('▄')).count();
     assert!(qr_rows >= 15, "a QR code of Unicode blocks:\n{}", login.stdout);
     assert!(login.stdout.contains("signed in as bob"));
     assert!(login.stdout.contains("Recovery codes"));

@@ -14,7 +14,7 @@ pub struct ProductConfig {
     pub common: CommonConfig,
 
     /// Where the gRPC (and gRPC-Web) server listens.
-    #[arg(long, env = "PRODUCT_LISTEN_ADDR", default_value = DEFAULT_LISTEN_ADDR)]
+    #[arg(long, visible_alias = "product-listen-addr", env = "PRODUCT_LISTEN_ADDR", default_value = DEFAULT_LISTEN_ADDR)]
     pub listen_addr: String,
 
     /// auth-service, whose GetJwks publishes the keys that verify access tokens.

@@ -58,10 +58,13 @@ pub async fn run(
 
     let (mut routes, health) = storegate::server::base_routes()?;
     routes.add_service(product_server);
-    health.set_serving::<ProductServiceServer<service::ProductApi>>().await;
+    let readiness = storegate::server::Readiness {
+        reporter: health,
+        service: <ProductServiceServer<service::ProductApi> as tonic::server::NamedService>::NAME,
+        db: db.clone(),
+    };
     tracing::info!(addr = %listener.local_addr()?, "product-service listening");
-    let served =
-        storegate::server::serve(routes, listener, &config.common.cors_allowed_origins, shutdown).await;
+    let served = storegate::server::serve(routes, readiness, listener, &config.common, shutdown).await;
 
     refresher.abort();
     sweeper.abort();
