@@ -13,5 +13,5 @@ COPY --from=build /src/target/release/auth-service /src/target/release/product-s
 USER storegate
 WORKDIR /var/lib/storegate
 ENV LOG_FORMAT=json
-EXPOSE 50051 50052
+EXPOSE 50051 50052 9101 9102
 CMD ["storegate", "up"]

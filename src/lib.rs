@@ -5,6 +5,7 @@
 pub mod config;
 pub mod db;
 pub mod error;
+pub mod metrics;
 mod redact;
 pub mod server;
 pub mod telemetry;

@@ -13,7 +13,7 @@ use tonic::{
 use tonic_health::{ServingStatus, server::HealthReporter};
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
-use crate::{Db, config::CommonConfig, pb::FILE_DESCRIPTOR_SET};
+use crate::{Db, config::CommonConfig, metrics::Metrics, pb::FILE_DESCRIPTOR_SET};
 
 /// The routes every server starts from: health and reflection. The caller
 /// adds its own service and hands the reporter to [`serve`].
@@ -109,6 +109,7 @@ impl Readiness {
 pub async fn serve(
     routes: RoutesBuilder,
     readiness: Readiness,
+    metrics: &Metrics,
     listener: TcpListener,
     config: &CommonConfig,
     shutdown: impl Future<Output = ()> + Send,
@@ -130,6 +131,8 @@ pub async fn serve(
         .accept_http1(true)
         .layer(cors_layer(&config.cors_allowed_origins))
         .layer(tonic_web::GrpcWebLayer::new())
+        // Innermost: sees gRPC-Web calls already translated to gRPC.
+        .layer(metrics.layer())
         .add_routes(routes.routes())
         .serve_with_incoming_shutdown(
             // Without TCP_NODELAY, small responses wait out delayed ACKs (~40 ms).
@@ -169,4 +172,18 @@ pub async fn shutdown_signal() {
 pub async fn bind(addr: &str) -> anyhow::Result<TcpListener> {
     use anyhow::Context as _;
     TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))
+}
+
+/// Serves `metrics` on `addr` in the background; an empty address turns it off.
+pub async fn spawn_metrics(
+    metrics: &Metrics,
+    addr: &str,
+    db: Db,
+) -> anyhow::Result<Option<tokio::task::JoinHandle<anyhow::Result<()>>>> {
+    if addr.is_empty() {
+        return Ok(None);
+    }
+    let listener = bind(addr).await?;
+    tracing::info!(addr = %listener.local_addr()?, "metrics at /metrics");
+    Ok(Some(tokio::spawn(metrics.clone().serve(listener, db))))
 }

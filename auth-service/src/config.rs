@@ -3,6 +3,7 @@
 use secrecy::SecretString;
 use storegate::config::CommonConfig;
 
+pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9101";
 pub const DEFAULT_LISTEN_ADDR: &str = "127.0.0.1:50051";
 
 /// Deliberately not `Debug`: it holds the master key and the database URL.
@@ -10,6 +11,10 @@ pub const DEFAULT_LISTEN_ADDR: &str = "127.0.0.1:50051";
 pub struct AuthConfig {
     #[command(flatten)]
     pub common: CommonConfig,
+
+    /// Where Prometheus scrapes `/metrics` (HTTP); empty to turn it off.
+    #[arg(long, env = "METRICS_LISTEN_ADDR", default_value = DEFAULT_METRICS_ADDR)]
+    pub metrics_listen_addr: String,
 
     /// Where the gRPC (and gRPC-Web) server listens.
     #[arg(long, visible_alias = "auth-listen-addr", env = "AUTH_LISTEN_ADDR", default_value = DEFAULT_LISTEN_ADDR)]
@@ -32,6 +37,7 @@ impl AuthConfig {
         AuthConfig {
             common: CommonConfig::with_database_url(database_url),
             listen_addr: DEFAULT_LISTEN_ADDR.to_owned(),
+            metrics_listen_addr: String::new(),
             master_key: None,
             totp_issuer: "storegate".to_owned(),
         }

@@ -48,6 +48,7 @@ pub async fn open_state(config: &AuthConfig) -> anyhow::Result<AuthState> {
         issuer: config.common.jwt_issuer.clone(),
         audience: config.common.jwt_audience.clone(),
         totp_issuer: config.totp_issuer.clone(),
+        login_attempts: Default::default(),
     })
 }
 
@@ -60,6 +61,11 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let state = open_state(&config).await?;
     let sweeper = tokio::spawn(sweep_expired(state.store.clone()));
+    let metrics = storegate::metrics::Metrics::new("auth-service");
+    metrics.register("login_attempts", "Login steps by outcome", state.login_attempts.clone());
+    let metrics_server =
+        storegate::server::spawn_metrics(&metrics, &config.metrics_listen_addr, state.store.db().clone())
+            .await?;
 
     let (mut routes, health) = storegate::server::base_routes()?;
     routes.add_service(
@@ -71,9 +77,13 @@ pub async fn run(
         db: state.store.db().clone(),
     };
     tracing::info!(addr = %listener.local_addr()?, "auth-service listening");
-    let served = storegate::server::serve(routes, readiness, listener, &config.common, shutdown).await;
+    let served =
+        storegate::server::serve(routes, readiness, &metrics, listener, &config.common, shutdown).await;
 
     sweeper.abort();
+    if let Some(server) = metrics_server {
+        server.abort();
+    }
     state.store.db().close().await;
     served
 }

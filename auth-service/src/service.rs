@@ -1,6 +1,10 @@
 //! The AuthService gRPC API: validate → store → map.
 
 use chrono::{DateTime, Duration, Utc};
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family},
+};
 use storegate::{
     ApiError,
     pb::auth::v1::{
@@ -44,6 +48,29 @@ pub struct AuthState {
     pub issuer: String,
     pub audience: String,
     pub totp_issuer: String,
+    /// Login steps by outcome, for the metrics endpoint.
+    pub login_attempts: Family<LoginLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LoginLabels {
+    step: &'static str,
+    outcome: &'static str,
+}
+
+impl AuthState {
+    fn count_login<T>(&self, step: &'static str, outcome: &Result<T, ApiError>) {
+        let outcome = match outcome {
+            Ok(_) => "ok",
+            Err(ApiError::Unauthenticated(_)) => "rejected",
+            Err(ApiError::ResourceExhausted { message, .. }) if *message == throttle::THROTTLED => {
+                "throttled"
+            }
+            Err(ApiError::ResourceExhausted { .. }) => "busy",
+            Err(_) => "error",
+        };
+        self.login_attempts.get_or_create(&LoginLabels { step, outcome }).inc();
+    }
 }
 
 pub struct AuthApi {
@@ -94,9 +121,16 @@ impl AuthState {
             return Err(ApiError::Unauthenticated(BAD_CREDENTIALS));
         }
         let now = storegate::db::now();
-        let attempt = throttle::admit(&self.store, throttle::subject(&req.username), now.timestamp()).await?;
-        let outcome = self.check_password_and_issue_ticket(req, now).await;
-        attempt.settle(&self.store, &outcome, false).await;
+        let outcome =
+            match throttle::admit(&self.store, throttle::subject(&req.username), now.timestamp()).await {
+                Ok(attempt) => {
+                    let outcome = self.check_password_and_issue_ticket(req, now).await;
+                    attempt.settle(&self.store, &outcome, false).await;
+                    outcome
+                }
+                Err(refused) => Err(refused),
+            };
+        self.count_login("begin", &outcome);
         outcome
     }
 
@@ -156,11 +190,23 @@ impl AuthState {
 
         // Wrong codes count against the account's name as wrong passwords do,
         // so a known password cannot buy unlimited code guesses.
-        let attempt =
-            throttle::admit(&self.store, throttle::subject(&totp_state.username), now.timestamp()).await?;
-        let outcome =
-            self.check_code_and_issue_tokens(&req.code, &ticket_hash, ticket.user_id, &totp_state, now).await;
-        attempt.settle(&self.store, &outcome, true).await;
+        let outcome = match throttle::admit(
+            &self.store,
+            throttle::subject(&totp_state.username),
+            now.timestamp(),
+        )
+        .await
+        {
+            Ok(attempt) => {
+                let outcome = self
+                    .check_code_and_issue_tokens(&req.code, &ticket_hash, ticket.user_id, &totp_state, now)
+                    .await;
+                attempt.settle(&self.store, &outcome, true).await;
+                outcome
+            }
+            Err(refused) => Err(refused),
+        };
+        self.count_login("complete", &outcome);
         if matches!(outcome, Err(ApiError::Unauthenticated(BAD_CODE))) {
             self.store.record_wrong_code(&ticket_hash).await?;
         }

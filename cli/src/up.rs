@@ -14,6 +14,10 @@ pub struct UpArgs {
     /// Where product-service listens.
     #[arg(long, env = "PRODUCT_LISTEN_ADDR", default_value = product_service::config::DEFAULT_LISTEN_ADDR)]
     product_listen_addr: String,
+
+    /// Where product-service's metrics are scraped; empty to turn them off.
+    #[arg(long, default_value = product_service::config::DEFAULT_METRICS_ADDR)]
+    product_metrics_listen_addr: String,
 }
 
 /// Both services in one process, sharing the database; product-service
@@ -28,6 +32,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     let mut product = ProductConfig::with_database_url(args.auth.common.database_url.clone());
     product.common = args.auth.common.clone();
     product.auth_service_url = format!("http://{auth_addr}");
+    product.metrics_listen_addr = args.product_metrics_listen_addr.clone();
 
     // Migrate once up front, so the two services do not race to it.
     storegate::Db::open(&args.auth.common.database_url).await?.close().await;

@@ -80,3 +80,80 @@ async fn sigterm_reports_not_serving_then_drains_calls_in_flight() {
     assert!(exit.success(), "{exit:?}");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn scrape(port: u16) -> String {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    response
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn metrics_count_calls_by_method_and_status_and_login_outcomes() {
+    use storegate::pb::product::v1::{GetProductRequest, product_service_client::ProductServiceClient};
+    let dir = std::env::temp_dir().join(format!("storegate-metrics-{}", std::process::id()));
+    let (auth_port, product_port, auth_metrics, product_metrics) =
+        (free_port(), free_port(), free_port(), free_port());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_storegate"))
+        .args(["up", "--auth-listen-addr", &format!("127.0.0.1:{auth_port}")])
+        .args(["--product-listen-addr", &format!("127.0.0.1:{product_port}")])
+        .args(["--metrics-listen-addr", &format!("127.0.0.1:{auth_metrics}")])
+        .args(["--product-metrics-listen-addr", &format!("127.0.0.1:{product_metrics}")])
+        .env("DATABASE_URL", format!("sqlite://{}/storegate.db", dir.display()))
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("product-service") {
+        line.clear();
+        assert!(stdout.read_line(&mut line).unwrap() > 0, "storegate up ended early");
+    }
+    let connect = |port: u16| async move {
+        tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{port}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    };
+    let mut auth = AuthServiceClient::new(connect(auth_port).await);
+    for _ in 0..2 {
+        let err = auth
+            .begin_login(BeginLoginRequest { username: "nobody".into(), password: "wrong password!".into() })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated);
+    }
+    let mut products = ProductServiceClient::new(connect(product_port).await);
+    assert_eq!(
+        products.get_product(GetProductRequest { id: 1 }).await.unwrap_err().code(),
+        Code::Unauthenticated
+    );
+
+    let auth_text = scrape(auth_metrics);
+    for expected in [
+        r#"storegate_grpc_calls_total{method="/storegate.auth.v1.AuthService/BeginLogin",code="Unauthenticated"} 2"#,
+        r#"storegate_login_attempts_total{step="begin",outcome="rejected"} 2"#,
+        r#"storegate_grpc_call_duration_seconds_count{method="/storegate.auth.v1.AuthService/BeginLogin"} 2"#,
+        "storegate_db_pool_connections ",
+    ] {
+        assert!(auth_text.contains(expected), "missing {expected} in:\n{auth_text}");
+    }
+    let product_text = scrape(product_metrics);
+    let expected = r#"storegate_grpc_calls_total{method="/storegate.product.v1.ProductService/GetProduct",code="Unauthenticated"} 1"#;
+    assert!(product_text.contains(expected), "missing {expected} in:\n{product_text}");
+
+    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+    let exit = tokio::task::spawn_blocking(move || child.wait().unwrap()).await.unwrap();
+    assert!(exit.success());
+    let _ = std::fs::remove_dir_all(dir);
+}

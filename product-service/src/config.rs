@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use storegate::config::CommonConfig;
 
+pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9102";
 pub const DEFAULT_LISTEN_ADDR: &str = "127.0.0.1:50052";
 pub const DEFAULT_AUTH_SERVICE_URL: &str = "http://127.0.0.1:50051";
 
@@ -12,6 +13,10 @@ pub const DEFAULT_AUTH_SERVICE_URL: &str = "http://127.0.0.1:50051";
 pub struct ProductConfig {
     #[command(flatten)]
     pub common: CommonConfig,
+
+    /// Where Prometheus scrapes `/metrics` (HTTP); empty to turn it off.
+    #[arg(long, env = "METRICS_LISTEN_ADDR", default_value = DEFAULT_METRICS_ADDR)]
+    pub metrics_listen_addr: String,
 
     /// Where the gRPC (and gRPC-Web) server listens.
     #[arg(long, visible_alias = "product-listen-addr", env = "PRODUCT_LISTEN_ADDR", default_value = DEFAULT_LISTEN_ADDR)]
@@ -37,6 +42,7 @@ impl ProductConfig {
         ProductConfig {
             common: CommonConfig::with_database_url(database_url),
             listen_addr: DEFAULT_LISTEN_ADDR.to_owned(),
+            metrics_listen_addr: String::new(),
             auth_service_url: DEFAULT_AUTH_SERVICE_URL.to_owned(),
             jwks_file: None,
             jwks_refresh_interval_secs: 300,

@@ -46,6 +46,9 @@ pub async fn run(
     }
 
     let sweeper = tokio::spawn(sweep_request_ids(store::ProductStore::new(db.clone())));
+    let metrics = storegate::metrics::Metrics::new("product-service");
+    let metrics_server =
+        storegate::server::spawn_metrics(&metrics, &config.metrics_listen_addr, db.clone()).await?;
     let verifier = TokenVerifier::new(&config.common.jwt_issuer, &config.common.jwt_audience);
     let api = service::ProductApi::new(store::ProductStore::new(db.clone()));
     let product_server = auth::AwaitNewKeys::new(
@@ -64,10 +67,14 @@ pub async fn run(
         db: db.clone(),
     };
     tracing::info!(addr = %listener.local_addr()?, "product-service listening");
-    let served = storegate::server::serve(routes, readiness, listener, &config.common, shutdown).await;
+    let served =
+        storegate::server::serve(routes, readiness, &metrics, listener, &config.common, shutdown).await;
 
     refresher.abort();
     sweeper.abort();
+    if let Some(server) = metrics_server {
+        server.abort();
+    }
     db.close().await;
     served
 }

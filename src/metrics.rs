@@ -1,0 +1,243 @@
+//! Prometheus metrics, served on a port of their own: calls by method and
+//! gRPC status with latency histograms, database pool use, and what a
+//! service adds (auth-service: login outcomes).
+
+use std::{
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Instant,
+};
+
+use http_body::{Body, Frame};
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+use tokio::net::TcpListener;
+use tonic::codegen::{BoxFuture, Service, http};
+
+use crate::Db;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CallLabels {
+    method: String,
+    code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MethodLabels {
+    method: String,
+}
+
+fn latency_histogram() -> Histogram {
+    // 0.25 ms … ~8 s.
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(0.000_25, 2.0, 16))
+}
+
+/// A service's metrics: build, register extras, then serve and layer.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Arc<std::sync::Mutex<Registry>>,
+    calls: Family<CallLabels, Counter>,
+    latency: Family<MethodLabels, Histogram, fn() -> Histogram>,
+    pool_size: Gauge,
+    pool_idle: Gauge,
+}
+
+impl Metrics {
+    pub fn new(service: &str) -> Metrics {
+        let mut registry = Registry::with_prefix("storegate");
+        let calls = Family::<CallLabels, Counter>::default();
+        let latency =
+            Family::<MethodLabels, Histogram, fn() -> Histogram>::new_with_constructor(latency_histogram);
+        let (pool_size, pool_idle) = (Gauge::default(), Gauge::default());
+        registry.register(
+            "grpc_calls",
+            format!("gRPC calls {service} answered, by method and status code"),
+            calls.clone(),
+        );
+        registry.register_with_unit(
+            "grpc_call_duration",
+            "Time from request to response trailers, by method",
+            prometheus_client::registry::Unit::Seconds,
+            latency.clone(),
+        );
+        registry.register("db_pool_connections", "Database connections open in the pool", pool_size.clone());
+        registry.register(
+            "db_pool_idle_connections",
+            "Database connections idle in the pool",
+            pool_idle.clone(),
+        );
+        Metrics { registry: Arc::new(std::sync::Mutex::new(registry)), calls, latency, pool_size, pool_idle }
+    }
+
+    /// Adds a service's own metric.
+    pub fn register(&self, name: &str, help: &str, metric: impl prometheus_client::registry::Metric) {
+        self.registry.lock().unwrap_or_else(|e| e.into_inner()).register(name, help, metric);
+    }
+
+    fn record(&self, method: &str, code: tonic::Code, started: Instant) {
+        let code = format!("{code:?}");
+        self.calls.get_or_create(&CallLabels { method: method.to_owned(), code }).inc();
+        self.latency
+            .get_or_create(&MethodLabels { method: method.to_owned() })
+            .observe(started.elapsed().as_secs_f64());
+    }
+
+    /// The text exposition, with the pool gauges read now.
+    pub fn render(&self, db: &Db) -> String {
+        let (size, idle) = crate::on_db!(db, pool => (pool.size(), pool.num_idle()));
+        self.pool_size.set(i64::from(size));
+        self.pool_idle.set(idle as i64);
+        let mut text = String::new();
+        let registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        if prometheus_client::encoding::text::encode(&mut text, &registry).is_err() {
+            text.clear();
+        }
+        text
+    }
+
+    /// Serves `GET /metrics` on `listener` until the task is dropped.
+    pub async fn serve(self, listener: TcpListener, db: Db) -> anyhow::Result<()> {
+        let app = axum::Router::new().route(
+            "/metrics",
+            axum::routing::get(move || {
+                let (metrics, db) = (self.clone(), db.clone());
+                async move {
+                    (
+                        [(
+                            http::header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        metrics.render(&db),
+                    )
+                }
+            }),
+        );
+        axum::serve(listener, app).await?;
+        Ok(())
+    }
+
+    pub fn layer(&self) -> MetricsLayer {
+        MetricsLayer { metrics: self.clone() }
+    }
+}
+
+/// Counts every call with its final gRPC status, read from the response
+/// headers (trailers-only answers) or from the trailers at the end of the body.
+#[derive(Clone)]
+pub struct MetricsLayer {
+    metrics: Metrics,
+}
+
+impl<S> tower_layer::Layer<S> for MetricsLayer {
+    type Service = MetricsService<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        MetricsService { inner, metrics: self.metrics.clone() }
+    }
+}
+
+#[derive(Clone)]
+pub struct MetricsService<S> {
+    inner: S,
+    metrics: Metrics,
+}
+
+/// Reads a `grpc-status` header value.
+fn status_of(headers: &http::HeaderMap) -> Option<tonic::Code> {
+    let value = headers.get("grpc-status")?.to_str().ok()?.parse::<i32>().ok()?;
+    Some(tonic::Code::from_i32(value))
+}
+
+impl<S, B, ResBody> Service<http::Request<B>> for MetricsService<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+    ResBody: Body + Send + Unpin + 'static,
+{
+    type Response = http::Response<RecordingBody<ResBody>>;
+    type Error = S::Error;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let method = request.uri().path().to_owned();
+        let started = Instant::now();
+        let metrics = self.metrics.clone();
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        Box::pin(async move {
+            let response = inner.call(request).await?;
+            let mut pending = Some(Pending { metrics, method, started });
+            if let Some(code) = status_of(response.headers())
+                && let Some(p) = pending.take()
+            {
+                p.metrics.record(&p.method, code, p.started);
+            }
+            Ok(response.map(|inner| RecordingBody { inner, pending }))
+        })
+    }
+}
+
+struct Pending {
+    metrics: Metrics,
+    method: String,
+    started: Instant,
+}
+
+/// A response body that records the call when its trailers go by (or, if
+/// the body ends or is dropped without any, as UNKNOWN / CANCELLED).
+pub struct RecordingBody<B> {
+    inner: B,
+    pending: Option<Pending>,
+}
+
+impl<B> RecordingBody<B> {
+    fn finish(&mut self, code: tonic::Code) {
+        if let Some(p) = self.pending.take() {
+            p.metrics.record(&p.method, code, p.started);
+        }
+    }
+}
+
+impl<B> Drop for RecordingBody<B> {
+    fn drop(&mut self) {
+        self.finish(tonic::Code::Cancelled);
+    }
+}
+
+impl<B: Body + Unpin> Body for RecordingBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(code) = frame.trailers_ref().and_then(status_of) {
+                    self.finish(code);
+                }
+            }
+            Poll::Ready(None) => self.finish(tonic::Code::Unknown),
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
