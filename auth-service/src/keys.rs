@@ -73,7 +73,7 @@ impl SigningKeys {
         let now = storegate::db::now();
         if store.current_signing_key(now).await?.is_none() {
             let key = Self::new_key(&master_key)?;
-            store.insert_signing_key(&key, now, now).await?;
+            store.rotate_signing_key(&key, now, now).await?;
             tracing::info!(kid = key.kid, "created the first signing key");
         }
         let signer = Self::current(&store, &master_key).await?;

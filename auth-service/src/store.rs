@@ -15,6 +15,9 @@ use crate::throttle::{DELAYS_SECS, FREE_FAILURES};
 /// A wrong code is allowed this many times per ticket; then the ticket dies.
 pub const MAX_WRONG_CODES_PER_TICKET: i32 = 5;
 
+const INSERT_REFRESH_TOKEN: &str =
+    "INSERT INTO refresh_tokens (token_hash, family, user_id, expires_at, created_at) VALUES (?, ?, ?, ?, ?)";
+
 /// Counts one attempt unless the name is locked, and sets the lock when the
 /// count reaches [`FREE_FAILURES`]: 30 s after the 5th failure, doubling up
 /// to 15 minutes. `locked_until` is assigned before `failures` on purpose:
@@ -351,9 +354,7 @@ impl AuthStore {
                     }
                 }
             }
-            sqlx::query(
-                "INSERT INTO refresh_tokens (token_hash, family, user_id, expires_at, created_at) VALUES (?, ?, ?, ?, ?)",
-            )
+            sqlx::query(INSERT_REFRESH_TOKEN)
             .bind(&refresh.token_hash)
             .bind(&refresh.family)
             .bind(user_id)
@@ -467,9 +468,7 @@ impl AuthStore {
             if claimed.rows_affected() != 1 {
                 return Ok::<bool, ApiError>(false);
             }
-            sqlx::query(
-                "INSERT INTO refresh_tokens (token_hash, family, user_id, expires_at, created_at) VALUES (?, ?, ?, ?, ?)",
-            )
+            sqlx::query(INSERT_REFRESH_TOKEN)
             .bind(new_hash)
             .bind(&old.family)
             .bind(old.user_id)
@@ -566,28 +565,6 @@ impl AuthStore {
         })?)
     }
 
-    pub async fn insert_signing_key(
-        &self,
-        key: &StoredSigningKey,
-        now: DateTime<Utc>,
-        active_at: DateTime<Utc>,
-    ) -> Result<(), ApiError> {
-        on_db!(&self.db, pool => {
-            sqlx::query(
-                "INSERT INTO signing_keys (kid, public_key, private_key, created_at, active_at) VALUES (?, ?, ?, ?, ?)",
-            )
-            .bind(&key.kid)
-            .bind(&key.public_key)
-            .bind(&key.private_key)
-            .bind(now)
-            .bind(active_at)
-            .execute(pool)
-            .await
-            .map(drop)
-        })?;
-        Ok(())
-    }
-
     /// The key to sign with now: the newest one already active and not yet
     /// retired. Every replica picks the same one.
     pub async fn current_signing_key(
@@ -608,7 +585,7 @@ impl AuthStore {
     }
 
     /// Adds a key that signs from `active_at` and retires every other key
-    /// at that moment, in one transaction.
+    /// at that moment, in one transaction. (The first key: retires nothing.)
     pub async fn rotate_signing_key(
         &self,
         key: &StoredSigningKey,

@@ -3,7 +3,8 @@
 
 use std::{
     io::{BufRead as _, BufReader},
-    process::{Command, Stdio},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
     time::Duration,
 };
 
@@ -13,32 +14,71 @@ use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
 
+/// `storegate up` as a child process on ports 0, with a database of its own.
+struct Up {
+    child: Option<Child>,
+    dir: PathBuf,
+    auth_url: String,
+    product_url: String,
+}
+
+impl Up {
+    fn start(name: &str, args: &[&str], envs: &[(&str, &str)]) -> Up {
+        let dir = std::env::temp_dir().join(format!("storegate-{name}-{}", std::process::id()));
+        let mut child = Command::new(env!("CARGO_BIN_EXE_storegate"))
+            .args(["up", "--auth-listen-addr", "127.0.0.1:0", "--product-listen-addr", "127.0.0.1:0"])
+            .args(args)
+            .env("DATABASE_URL", format!("sqlite://{}/storegate.db", dir.display()))
+            .env("RUST_LOG", "warn")
+            .envs(envs.iter().copied())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        // "  auth-service     http://127.0.0.1:PORT   (…)", then the same for product-service.
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut url_of = |service: &str| loop {
+            let mut line = String::new();
+            assert!(stdout.read_line(&mut line).unwrap() > 0, "storegate up ended early");
+            if line.contains(service)
+                && let Some(url) = line.split_whitespace().find(|w| w.starts_with("http://"))
+            {
+                return url.to_owned();
+            }
+        };
+        let (auth_url, product_url) = (url_of("auth-service"), url_of("product-service"));
+        Up { child: Some(child), dir, auth_url, product_url }
+    }
+
+    fn terminate(&self) {
+        let pid = self.child.as_ref().unwrap().id().to_string();
+        assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    }
+
+    async fn wait_for_clean_exit(&mut self) {
+        let mut child = self.child.take().unwrap();
+        let exit = tokio::task::spawn_blocking(move || child.wait().unwrap()).await.unwrap();
+        assert!(exit.success(), "{exit:?}");
+    }
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.kill();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+async fn connect(url: &str) -> tonic::transport::Channel {
+    tonic::transport::Channel::from_shared(url.to_owned()).unwrap().connect().await.unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_reports_not_serving_then_drains_calls_in_flight() {
-    let dir = std::env::temp_dir().join(format!("storegate-shutdown-{}", std::process::id()));
-    let mut child = Command::new(env!("CARGO_BIN_EXE_storegate"))
-        .args(["up", "--auth-listen-addr", "127.0.0.1:0", "--product-listen-addr", "127.0.0.1:0"])
-        .env("DATABASE_URL", format!("sqlite://{}/storegate.db", dir.display()))
-        .env("SHUTDOWN_GRACE_SECS", "1")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    // "  auth-service     http://127.0.0.1:PORT   (…)"
-    let mut stdout = BufReader::new(child.stdout.take().unwrap());
-    let auth_url = loop {
-        let mut line = String::new();
-        assert!(stdout.read_line(&mut line).unwrap() > 0, "storegate up ended early");
-        if let Some(url) = line
-            .split_whitespace()
-            .find(|w| w.starts_with("http://"))
-            .filter(|_| line.contains("auth-service"))
-        {
-            break url.to_owned();
-        }
-    };
-    let channel = tonic::transport::Channel::from_shared(auth_url).unwrap().connect().await.unwrap();
+    let mut up = Up::start("shutdown", &[], &[("SHUTDOWN_GRACE_SECS", "1")]);
+    let channel = connect(&up.auth_url).await;
 
     // Calls that each take an argon2 verification, all in flight at once.
     let calls: Vec<_> = (0..12)
@@ -56,8 +96,7 @@ async fn sigterm_reports_not_serving_then_drains_calls_in_flight() {
         })
         .collect();
     tokio::time::sleep(Duration::from_millis(20)).await;
-    let pid = child.id().to_string();
-    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    up.terminate();
 
     // During the grace period the server still answers, and says it is going.
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -76,9 +115,7 @@ async fn sigterm_reports_not_serving_then_drains_calls_in_flight() {
             "every call in flight got its real answer"
         );
     }
-    let exit = tokio::task::spawn_blocking(move || child.wait().unwrap()).await.unwrap();
-    assert!(exit.success(), "{exit:?}");
-    let _ = std::fs::remove_dir_all(dir);
+    up.wait_for_clean_exit().await;
 }
 
 fn free_port() -> u16 {
@@ -98,34 +135,18 @@ fn scrape(port: u16) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn metrics_count_calls_by_method_and_status_and_login_outcomes() {
     use storegate::pb::product::v1::{GetProductRequest, product_service_client::ProductServiceClient};
-    let dir = std::env::temp_dir().join(format!("storegate-metrics-{}", std::process::id()));
-    let (auth_port, product_port, auth_metrics, product_metrics) =
-        (free_port(), free_port(), free_port(), free_port());
-    let mut child = Command::new(env!("CARGO_BIN_EXE_storegate"))
-        .args(["up", "--auth-listen-addr", &format!("127.0.0.1:{auth_port}")])
-        .args(["--product-listen-addr", &format!("127.0.0.1:{product_port}")])
-        .args(["--metrics-listen-addr", &format!("127.0.0.1:{auth_metrics}")])
-        .args(["--product-metrics-listen-addr", &format!("127.0.0.1:{product_metrics}")])
-        .env("DATABASE_URL", format!("sqlite://{}/storegate.db", dir.display()))
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut stdout = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    while !line.contains("product-service") {
-        line.clear();
-        assert!(stdout.read_line(&mut line).unwrap() > 0, "storegate up ended early");
-    }
-    let connect = |port: u16| async move {
-        tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{port}"))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap()
-    };
-    let mut auth = AuthServiceClient::new(connect(auth_port).await);
+    let (auth_metrics, product_metrics) = (free_port(), free_port());
+    let mut up = Up::start(
+        "metrics",
+        &[
+            "--metrics-listen-addr",
+            &format!("127.0.0.1:{auth_metrics}"),
+            "--product-metrics-listen-addr",
+            &format!("127.0.0.1:{product_metrics}"),
+        ],
+        &[],
+    );
+    let mut auth = AuthServiceClient::new(connect(&up.auth_url).await);
     for _ in 0..2 {
         let err = auth
             .begin_login(BeginLoginRequest { username: "nobody".into(), password: "wrong password!".into() })
@@ -133,7 +154,7 @@ async fn metrics_count_calls_by_method_and_status_and_login_outcomes() {
             .unwrap_err();
         assert_eq!(err.code(), Code::Unauthenticated);
     }
-    let mut products = ProductServiceClient::new(connect(product_port).await);
+    let mut products = ProductServiceClient::new(connect(&up.product_url).await);
     assert_eq!(
         products.get_product(GetProductRequest { id: 1 }).await.unwrap_err().code(),
         Code::Unauthenticated
@@ -152,8 +173,6 @@ async fn metrics_count_calls_by_method_and_status_and_login_outcomes() {
     let expected = r#"storegate_grpc_calls_total{method="/storegate.product.v1.ProductService/GetProduct",code="Unauthenticated"} 1"#;
     assert!(product_text.contains(expected), "missing {expected} in:\n{product_text}");
 
-    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
-    let exit = tokio::task::spawn_blocking(move || child.wait().unwrap()).await.unwrap();
-    assert!(exit.success());
-    let _ = std::fs::remove_dir_all(dir);
+    up.terminate();
+    up.wait_for_clean_exit().await;
 }

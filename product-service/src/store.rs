@@ -168,6 +168,44 @@ fn like_pattern(text: &str) -> String {
     pattern
 }
 
+/// Inside an idempotent write's transaction `$tx`: claims the request id
+/// (if any) by its unique key. When another call holds it, leaves the
+/// enclosing async block with `Ok(None)`; the caller then replays the
+/// recorded answer. On MySQL the insert waits for the other transaction, so
+/// concurrent retries see its answer, not a gap.
+macro_rules! claim_request_id {
+    ($tx:ident, $request:expr, $now:expr) => {
+        if let Some(request) = $request {
+            match sqlx::query(
+                "INSERT INTO product_requests (request_id, request_hash, created_at) VALUES (?, ?, ?)",
+            )
+            .bind(&request.id)
+            .bind(&request.hash)
+            .bind($now)
+            .execute(&mut *$tx)
+            .await
+            {
+                Ok(_) => {}
+                Err(e) if is_unique_violation(&e) => return Ok(None),
+                Err(e) => return Err(ApiError::from(e)),
+            }
+        }
+    };
+}
+
+/// Records the answer of an idempotent write under its request id, in `$tx`.
+macro_rules! record_response {
+    ($tx:ident, $request:expr, $product:expr) => {
+        if let Some(request) = $request {
+            sqlx::query("UPDATE product_requests SET response = ? WHERE request_id = ?")
+                .bind($product.encode_to_vec())
+                .bind(&request.id)
+                .execute(&mut *$tx)
+                .await?;
+        }
+    };
+}
+
 const FILTER: &str = " AND (LOWER(name) LIKE ? ESCAPE '!' OR LOWER(description) LIKE ? ESCAPE '!')";
 
 impl ProductStore {
@@ -225,19 +263,7 @@ impl ProductStore {
         // An async block, so that `return` leaves only the transaction.
         let created: Option<Product> = on_db!(&self.db, pool => async {
             let mut tx = pool.begin_write().await?;
-            if let Some(request) = request {
-                match sqlx::query("INSERT INTO product_requests (request_id, request_hash, created_at) VALUES (?, ?, ?)")
-                    .bind(&request.id)
-                    .bind(&request.hash)
-                    .bind(now)
-                    .execute(&mut *tx)
-                    .await
-                {
-                    Ok(_) => {}
-                    Err(e) if is_unique_violation(&e) => return Ok::<_, ApiError>(None),
-                    Err(e) => return Err(e.into()),
-                }
-            }
+            claim_request_id!(tx, request, now);
             let id = sqlx::query(
                 "INSERT INTO products (name, description, price, stock, version, created_by, updated_by, \
                  create_time, update_time) VALUES (?, ?, ?, ?, 1, ?, ?, ?, ?)",
@@ -255,13 +281,7 @@ impl ProductStore {
             .insert_id();
             let row: ProductRow = sqlx::query_as(&select).bind(id).fetch_one(&mut *tx).await?;
             let product = row.into_product()?;
-            if let Some(request) = request {
-                sqlx::query("UPDATE product_requests SET response = ? WHERE request_id = ?")
-                    .bind(product.encode_to_vec())
-                    .bind(&request.id)
-                    .execute(&mut *tx)
-                    .await?;
-            }
+            record_response!(tx, request, product);
             tx.commit().await?;
             Ok(Some(product))
         }
@@ -289,19 +309,7 @@ impl ProductStore {
         let select = format!("SELECT {COLUMNS} FROM products WHERE id = ?");
         let adjusted: Option<Adjusted> = on_db!(&self.db, pool => async {
             let mut tx = pool.begin_write().await?;
-            if let Some(request) = request {
-                match sqlx::query("INSERT INTO product_requests (request_id, request_hash, created_at) VALUES (?, ?, ?)")
-                    .bind(&request.id)
-                    .bind(&request.hash)
-                    .bind(now)
-                    .execute(&mut *tx)
-                    .await
-                {
-                    Ok(_) => {}
-                    Err(e) if is_unique_violation(&e) => return Ok::<_, ApiError>(None),
-                    Err(e) => return Err(e.into()),
-                }
-            }
+            claim_request_id!(tx, request, now);
             let changed = sqlx::query(
                 "UPDATE products SET stock = stock + ?, version = version + 1, updated_by = ?, update_time = ? \
                  WHERE id = ? AND stock + ? >= 0 AND stock + ? <= ?",
@@ -323,13 +331,7 @@ impl ProductStore {
                 return Ok(Some(Adjusted::OutOfRange));
             }
             let product = row.into_product()?;
-            if let Some(request) = request {
-                sqlx::query("UPDATE product_requests SET response = ? WHERE request_id = ?")
-                    .bind(product.encode_to_vec())
-                    .bind(&request.id)
-                    .execute(&mut *tx)
-                    .await?;
-            }
+            record_response!(tx, request, product);
             tx.commit().await?;
             Ok(Some(Adjusted::Done(product)))
         }
