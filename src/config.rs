@@ -10,7 +10,7 @@ use crate::token::{DEFAULT_AUDIENCE, DEFAULT_ISSUER};
 #[derive(clap::Args, Clone)]
 pub struct CommonConfig {
     /// `sqlite://path/to/file.db` (created on first start) or `mysql://user:pass@host/db`.
-    #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
+    #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL, hide_env_values = true)]
     pub database_url: String,
 
     /// Origins allowed to call over gRPC-Web from a browser, comma separated; `*` for any.

@@ -71,9 +71,27 @@ impl From<sqlx::Error> for ApiError {
                 tracing::warn!(error = %err, "database unavailable");
                 ApiError::Unavailable("the database is unavailable; try again")
             }
+            sqlx::Error::Database(db) if is_contention(db.as_ref()) => {
+                tracing::warn!(error = %db, "database contention");
+                ApiError::Unavailable("the database is busy; try again")
+            }
             other => ApiError::Internal(anyhow::Error::new(other)),
         }
     }
+}
+
+/// Lock waits and deadlocks: the request was fine, the moment was not.
+/// SQLite: SQLITE_BUSY / SQLITE_LOCKED (and their extended codes) after the
+/// busy timeout. MySQL: deadlock (1213), lock wait timeout (1205).
+fn is_contention(err: &dyn sqlx::error::DatabaseError) -> bool {
+    if let Some(mysql) = err.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>() {
+        return matches!(mysql.number(), 1205 | 1213);
+    }
+    if err.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
+        let code: Option<i32> = err.code().and_then(|c| c.parse().ok());
+        return code.is_some_and(|c| matches!(c & 0xff, 5 | 6));
+    }
+    false
 }
 
 impl From<ApiError> for Status {

@@ -3,6 +3,7 @@
 //! service adds (auth-service: login outcomes).
 
 use std::{
+    collections::HashSet,
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
@@ -36,9 +37,32 @@ fn latency_histogram() -> Histogram {
     Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(0.000_25, 2.0, 16))
 }
 
+/// The `/package.Service/Method` paths the servers answer: anything else a
+/// client sends is counted as "unknown", so that made-up paths cannot grow
+/// the label set without bound.
+fn known_methods() -> HashSet<String> {
+    use prost::Message as _;
+    let mut known = HashSet::new();
+    for set in [crate::pb::FILE_DESCRIPTOR_SET, tonic_health::pb::FILE_DESCRIPTOR_SET] {
+        let Ok(set) = prost_types::FileDescriptorSet::decode(set) else { continue };
+        for file in set.file {
+            for service in &file.service {
+                for method in &service.method {
+                    known.insert(format!("/{}.{}/{}", file.package(), service.name(), method.name()));
+                }
+            }
+        }
+    }
+    for version in ["v1", "v1alpha"] {
+        known.insert(format!("/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo"));
+    }
+    known
+}
+
 /// A service's metrics: build, register extras, then serve and layer.
 #[derive(Clone)]
 pub struct Metrics {
+    known_methods: Arc<HashSet<String>>,
     registry: Arc<std::sync::Mutex<Registry>>,
     calls: Family<CallLabels, Counter>,
     latency: Family<MethodLabels, Histogram, fn() -> Histogram>,
@@ -70,7 +94,14 @@ impl Metrics {
             "Database connections idle in the pool",
             pool_idle.clone(),
         );
-        Metrics { registry: Arc::new(std::sync::Mutex::new(registry)), calls, latency, pool_size, pool_idle }
+        Metrics {
+            known_methods: Arc::new(known_methods()),
+            registry: Arc::new(std::sync::Mutex::new(registry)),
+            calls,
+            latency,
+            pool_size,
+            pool_idle,
+        }
     }
 
     /// Adds a service's own metric.
@@ -79,6 +110,7 @@ impl Metrics {
     }
 
     fn record(&self, method: &str, code: tonic::Code, started: Instant) {
+        let method = if self.known_methods.contains(method) { method } else { "unknown" };
         let code = format!("{code:?}");
         self.calls.get_or_create(&CallLabels { method: method.to_owned(), code }).inc();
         self.latency
@@ -239,5 +271,24 @@ impl<B: Body + Unpin> Body for RecordingBody<B> {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_methods_the_servers_answer_get_their_own_label() {
+        let known = known_methods();
+        for method in [
+            "/storegate.auth.v1.AuthService/BeginLogin",
+            "/storegate.product.v1.ProductService/AdjustStock",
+            "/grpc.health.v1.Health/Check",
+            "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        ] {
+            assert!(known.contains(method), "{method}");
+        }
+        assert!(!known.contains("/made.Up/Path"));
     }
 }

@@ -14,7 +14,10 @@ use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
 use ed25519_dalek::{SigningKey, pkcs8::EncodePrivateKey as _};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use sha2::{Digest as _, Sha256};
-use storegate::token::{ACCESS_TOKEN_TYPE, Claims, Jwks, PublicJwk};
+use storegate::{
+    ApiError,
+    token::{ACCESS_TOKEN_TYPE, Claims, Jwks, PublicJwk},
+};
 use tokio::sync::RwLock;
 
 use crate::crypto::MasterKey;
@@ -183,16 +186,29 @@ impl SigningKeys {
         })
     }
 
-    /// [`Self::jwks`] as JSON, read from the database at most every few seconds.
-    pub async fn jwks_json(&self) -> anyhow::Result<Arc<str>> {
-        if let Some((read_at, json)) = self.published.read().await.as_ref()
+    /// [`Self::jwks`] as JSON, read from the database at most every few
+    /// seconds; while the database is unreachable, the last set read.
+    pub async fn jwks_json(&self) -> Result<Arc<str>, ApiError> {
+        let cached = self.published.read().await.clone();
+        if let Some((read_at, json)) = &cached
             && read_at.elapsed() < PUBLISHED_CACHE_TTL
         {
             return Ok(json.clone());
         }
-        let json: Arc<str> = serde_json::to_string(&self.jwks().await?)?.into();
-        *self.published.write().await = Some((Instant::now(), json.clone()));
-        Ok(json)
+        match self.jwks().await {
+            Ok(jwks) => {
+                let json: Arc<str> = serde_json::to_string(&jwks).map_err(anyhow::Error::new)?.into();
+                *self.published.write().await = Some((Instant::now(), json.clone()));
+                Ok(json)
+            }
+            Err(e) => match cached {
+                Some((_, json)) => {
+                    tracing::warn!(error = %e, "cannot re-read the published keys; serving the last set");
+                    Ok(json)
+                }
+                None => Err(e.into()),
+            },
+        }
     }
 
     pub fn master_key(&self) -> &MasterKey {

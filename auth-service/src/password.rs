@@ -71,7 +71,12 @@ impl PasswordHasher {
         Ok(known && matches)
     }
 
-    async fn run<T: Send + 'static>(&self, work: impl FnOnce() -> T + Send + 'static) -> Result<T, ApiError> {
+    /// Runs CPU-heavy work (a hash, a password check) on the blocking pool,
+    /// at most one per core, failing fast when too many are waiting.
+    pub async fn run<T: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, ApiError> {
         let _admitted =
             self.admitted.clone().try_acquire_owned().map_err(|_| ApiError::ResourceExhausted {
                 message: "the server is busy checking passwords; try again shortly",

@@ -96,7 +96,10 @@ impl AuthState {
 
     async fn register(&self, req: RegisterRequest) -> Result<RegisterResponse, ApiError> {
         let username = Username::parse(&req.username);
-        let password = check_new_password(&req.password, &req.username);
+        // The guessability check is CPU work too: off the runtime, bounded
+        // like hashing.
+        let (password, raw_username) = (req.password.clone(), req.username.clone());
+        let password = self.hasher.run(move || check_new_password(&password, &raw_username)).await?;
         ApiError::check([username.clone().err(), password.err()].into_iter().flatten().collect())?;
         let username = username.map_err(|v| ApiError::InvalidArgument(vec![v]))?;
 
@@ -207,8 +210,11 @@ impl AuthState {
             Err(refused) => Err(refused),
         };
         self.count_login("complete", &outcome);
-        if matches!(outcome, Err(ApiError::Unauthenticated(BAD_CODE))) {
-            self.store.record_wrong_code(&ticket_hash).await?;
+        if matches!(outcome, Err(ApiError::Unauthenticated(BAD_CODE)))
+            && let Err(e) = self.store.record_wrong_code(&ticket_hash).await
+        {
+            // The answer stays "invalid code"; the ticket still dies at expiry.
+            tracing::warn!(error = %e, "cannot count a wrong code against its ticket");
         }
         outcome
     }

@@ -46,19 +46,28 @@ impl Session {
         }
     }
 
-    /// Writes the session with mode 0600 (its folder 0700), replacing the old one.
+    /// Writes the session with mode 0600, replacing the old one. A folder
+    /// the CLI creates is made 0700; an existing one is left as it is.
     pub fn save(&self) -> anyhow::Result<()> {
         let path = session_path()?;
         let dir = path.parent().context("session path has no folder")?;
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        if !dir.exists() {
+            std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt as _;
+                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+            }
+        }
         let temp = dir.join("session.json.tmp");
+        // A leftover from an interrupted save could carry other permissions.
+        let _ = std::fs::remove_file(&temp);
         let mut options = std::fs::OpenOptions::new();
-        options.write(true).create(true).truncate(true);
+        options.write(true).create_new(true);
         #[cfg(unix)]
         {
-            use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+            use std::os::unix::fs::OpenOptionsExt as _;
             options.mode(0o600);
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
         }
         let mut file = options.open(&temp).with_context(|| format!("cannot write {}", temp.display()))?;
         file.write_all(&serde_json::to_vec_pretty(self)?)?;

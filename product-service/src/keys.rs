@@ -138,10 +138,15 @@ impl JwksCache {
         loop {
             let fetched_at = tokio::time::Instant::now();
             let wait = match source.fetch().await {
+                Ok(keys) if keys.is_empty() => {
+                    // Never trade working keys for none: keep the cached set.
+                    tracing::warn!("the JWK Set has no usable Ed25519 key; keeping the cached keys");
+                    self.record_fetch(false);
+                    let wait = retry;
+                    retry = (retry * 2).min(interval);
+                    wait
+                }
                 Ok(keys) => {
-                    if keys.is_empty() {
-                        tracing::warn!("the JWK Set has no usable Ed25519 key");
-                    }
                     tracing::debug!(keys = keys.len(), "signing keys refreshed");
                     self.replace(keys);
                     self.record_fetch(true);

@@ -443,8 +443,12 @@ impl ProductStore {
         now: DateTime<Utc>,
     ) -> Result<Written<ProductRow>, ApiError> {
         let price = self.price_param(fields.price);
-        let rows = on_db!(&self.db, pool => {
-            sqlx::query(
+        let select = format!("SELECT {COLUMNS} FROM products WHERE id = ?");
+        // The write and the read of what it wrote in one transaction: the
+        // answer is this write's state, whatever comes after.
+        let written: Option<ProductRow> = on_db!(&self.db, pool => async {
+            let mut tx = pool.begin_write().await?;
+            let rows = sqlx::query(
                 "UPDATE products SET name = ?, description = ?, price = ?, stock = ?, version = version + 1, \
                  updated_by = ?, update_time = ? WHERE id = ? AND version = ?",
             )
@@ -456,13 +460,19 @@ impl ProductStore {
             .bind(now)
             .bind(id)
             .bind(version)
-            .execute(pool)
-            .await
-            .map(|r| r.rows_affected())
-        })?;
-        if rows == 1 {
-            let row = self.get(id).await?;
-            return Ok(row.map_or(Written::NotFound, Written::Done));
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if rows != 1 {
+                return Ok::<_, ApiError>(None);
+            }
+            let row = sqlx::query_as(&select).bind(id).fetch_one(&mut *tx).await?;
+            tx.commit().await?;
+            Ok(Some(row))
+        }
+        .await)?;
+        if let Some(row) = written {
+            return Ok(Written::Done(row));
         }
         Ok(if self.get(id).await?.is_some() { Written::VersionMismatch } else { Written::NotFound })
     }
@@ -497,7 +507,12 @@ impl ProductStore {
 /// A create_time cursor: "seconds.nanoseconds".
 fn parse_cursor_time(text: &str) -> Option<DateTime<Utc>> {
     let (seconds, nanos) = text.split_once('.')?;
-    DateTime::from_timestamp(seconds.parse().ok()?, nanos.parse().ok()?)
+    let (seconds, nanos): (i64, u32) = (seconds.parse().ok()?, nanos.parse().ok()?);
+    // Within what both backends store (years 1970 to 9999).
+    if !(0..=253_402_300_799).contains(&seconds) || nanos >= 1_000_000_000 {
+        return None;
+    }
+    DateTime::from_timestamp(seconds, nanos)
 }
 
 #[cfg(test)]

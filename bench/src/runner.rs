@@ -1,0 +1,112 @@
+//! Runs one scenario: `concurrency` workers calling as fast as they can for a
+//! fixed time, every call's latency kept.
+
+use std::{
+    future::Future,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use serde_json::json;
+
+pub struct Outcome {
+    pub name: String,
+    pub concurrency: usize,
+    pub ok: u64,
+    pub errors: u64,
+    pub elapsed: Duration,
+    latencies: Vec<Duration>,
+}
+
+impl Outcome {
+    pub fn rps(&self) -> f64 {
+        self.ok as f64 / self.elapsed.as_secs_f64()
+    }
+
+    pub fn percentile(&self, p: f64) -> Duration {
+        if self.latencies.is_empty() {
+            return Duration::ZERO;
+        }
+        self.latencies[((self.latencies.len() - 1) as f64 * p).round() as usize]
+    }
+
+    pub fn json(&self, ceiling: Option<(&str, f64)>) -> serde_json::Value {
+        let ms = |d: Duration| (d.as_secs_f64() * 1e6).round() / 1e3;
+        json!({
+            "scenario": self.name,
+            "concurrency": self.concurrency,
+            "requests_per_second": (self.rps() * 10.0).round() / 10.0,
+            "ok": self.ok,
+            "errors": self.errors,
+            "p50_ms": ms(self.percentile(0.5)),
+            "p99_ms": ms(self.percentile(0.99)),
+            "p999_ms": ms(self.percentile(0.999)),
+            "ceiling": ceiling.map(|(name, rps)| json!({ "scenario": name, "ratio": (self.rps() / rps * 1000.0).round() / 1000.0 })),
+        })
+    }
+}
+
+/// Calls `call(worker, iteration)` from `concurrency` workers for `duration`;
+/// a call returns whether it succeeded.
+pub async fn measure<F, Fut>(name: &str, concurrency: usize, duration: Duration, call: F) -> Outcome
+where
+    F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = bool> + Send,
+{
+    eprint!("  {name:<10} {concurrency:>4} concurrent, {:?} … ", duration);
+    let call = Arc::new(call);
+    let started = Instant::now();
+    let deadline = started + duration;
+    let workers: Vec<_> = (0..concurrency)
+        .map(|worker| {
+            let call = call.clone();
+            tokio::spawn(async move {
+                let (mut ok, mut errors, mut latencies) = (0u64, 0u64, Vec::new());
+                let mut iteration = 0;
+                while Instant::now() < deadline {
+                    let t = Instant::now();
+                    if call(worker, iteration).await {
+                        ok += 1;
+                        latencies.push(t.elapsed());
+                    } else {
+                        errors += 1;
+                    }
+                    iteration += 1;
+                }
+                (ok, errors, latencies)
+            })
+        })
+        .collect();
+    let mut outcome = Outcome {
+        name: name.to_owned(),
+        concurrency,
+        ok: 0,
+        errors: 0,
+        elapsed: Duration::ZERO,
+        latencies: Vec::new(),
+    };
+    for worker in workers {
+        let (ok, errors, latencies) = worker.await.expect("worker");
+        outcome.ok += ok;
+        outcome.errors += errors;
+        outcome.latencies.extend(latencies);
+    }
+    outcome.elapsed = started.elapsed();
+    outcome.latencies.sort();
+    eprintln!("{:.0}/s", outcome.rps());
+    outcome
+}
+
+/// Peak and current resident memory of this process, in MiB (Linux).
+pub fn memory_mib() -> (f64, f64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kib| kib.parse::<f64>().ok())
+            .map_or(0.0, |kib| kib / 1024.0)
+    };
+    (field("VmHWM:"), field("VmRSS:"))
+}
