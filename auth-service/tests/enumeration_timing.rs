@@ -29,23 +29,43 @@ async fn unknown_users_and_wrong_passwords_take_the_same_time(backend: Backend) 
     let _alone = ONE_AT_A_TIME.lock().await;
     let stack = TestStack::start_auth(backend).await;
     const ROUNDS: usize = 31;
-    for i in 0..ROUNDS {
+    // A leak (say, no hash for unknown names) shows in every trial; a burst
+    // of load from elsewhere on a shared machine rarely twice. So: up to
+    // three trials, and one within 20% passes.
+    const TRIALS: usize = 3;
+    for i in 0..ROUNDS * TRIALS {
         stack.register(&format!("timing-{i}"), PASSWORD).await;
     }
     // Warm up connections and caches first.
     for i in 0..3 {
         begin(&stack, &format!("warm-up-{i}")).await;
     }
-    let (mut known, mut unknown) = (Vec::new(), Vec::new());
-    for i in 0..ROUNDS {
-        // Interleaved, so that load on the machine hits both alike.
-        known.push(begin(&stack, &format!("timing-{i}")).await);
-        unknown.push(begin(&stack, &format!("nobody-{i}")).await);
+    let mut trials = Vec::new();
+    for trial in 0..TRIALS {
+        let (mut known, mut unknown) = (Vec::new(), Vec::new());
+        for round in 0..ROUNDS {
+            let i = trial * ROUNDS + round;
+            // Interleaved, in alternating order, so that load on the machine
+            // and any warm-up of one call for the next hit both alike.
+            if i % 2 == 0 {
+                known.push(begin(&stack, &format!("timing-{i}")).await);
+                unknown.push(begin(&stack, &format!("nobody-{i}")).await);
+            } else {
+                unknown.push(begin(&stack, &format!("nobody-{i}")).await);
+                known.push(begin(&stack, &format!("timing-{i}")).await);
+            }
+        }
+        known.sort();
+        unknown.sort();
+        let (k, u) = (known[ROUNDS / 2].as_secs_f64(), unknown[ROUNDS / 2].as_secs_f64());
+        let ratio = k.max(u) / k.min(u);
+        println!(
+            "trial {trial}: medians over {ROUNDS} rounds: known {k:.4}s, unknown {u:.4}s, ratio {ratio:.3}"
+        );
+        trials.push(format!("known {k:.4}s / unknown {u:.4}s"));
+        if ratio < 1.2 {
+            return;
+        }
     }
-    known.sort();
-    unknown.sort();
-    let (k, u) = (known[ROUNDS / 2].as_secs_f64(), unknown[ROUNDS / 2].as_secs_f64());
-    let ratio = k.max(u) / k.min(u);
-    println!("medians over {ROUNDS} rounds: known {k:.4}s, unknown {u:.4}s, ratio {ratio:.3}");
-    assert!(ratio < 1.2, "medians: known {k:.4}s, unknown {u:.4}s");
+    panic!("medians differ by more than 20% in every trial: {}", trials.join("; "));
 }

@@ -29,6 +29,9 @@ use tonic::{Request, Response, Status, transport::Channel};
 use crate::runner::{Outcome, measure};
 
 const SEED_PRODUCTS: i64 = 1_000;
+
+/// id, name, description, price, stock: what the database ceilings read.
+type ProductTuple = (i64, String, String, String, i64);
 const LOGIN_USERS: usize = 64;
 const PASSWORD: &str = "correct horse battery";
 
@@ -183,7 +186,7 @@ impl Bench {
             let db = db.clone();
             async move {
                 let id = 1 + pick(worker, i, SEED_PRODUCTS);
-                let row: Result<(i64, String, String, String, i64), _> = on_db!(&db, pool => {
+                let row: Result<ProductTuple, _> = on_db!(&db, pool => {
                     sqlx::query_as(
                         "SELECT id, name, description, CAST(price AS CHAR) AS price, stock FROM products WHERE id = ?",
                     )
@@ -202,7 +205,7 @@ impl Bench {
         measure("db-page", concurrency, duration, move |_, _| {
             let db = db.clone();
             async move {
-                let rows: Result<Vec<(i64, String, String, String, i64)>, _> = on_db!(&db, pool => {
+                let rows: Result<Vec<ProductTuple>, _> = on_db!(&db, pool => {
                     sqlx::query_as(
                         "SELECT id, name, description, CAST(price AS CHAR) AS price, stock FROM products ORDER BY id LIMIT 50",
                     )
