@@ -47,7 +47,7 @@ async fn unknown_users_and_wrong_passwords_take_the_same_time(backend: Backend) 
             let i = trial * ROUNDS + round;
             // Interleaved, in alternating order, so that load on the machine
             // and any warm-up of one call for the next hit both alike.
-            if i % 2 == 0 {
+            if i.is_multiple_of(2) {
                 known.push(begin(&stack, &format!("timing-{i}")).await);
                 unknown.push(begin(&stack, &format!("nobody-{i}")).await);
             } else {
