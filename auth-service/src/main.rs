@@ -36,8 +36,9 @@ async fn main() -> anyhow::Result<()> {
     storegate::telemetry::init(cli.config.common.log_format);
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => {
+            let shutdown = storegate::server::shutdown_signal();
             let listener = storegate::server::bind(&cli.config.listen_addr).await?;
-            auth_service::run(cli.config, listener, storegate::server::shutdown_signal()).await
+            auth_service::run(cli.config, listener, shutdown).await
         }
         Command::GrantRole { username, role } => {
             auth_service::grant_role(&cli.config, &username, &role).await

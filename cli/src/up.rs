@@ -23,6 +23,7 @@ pub struct UpArgs {
 /// Both services in one process, sharing the database; product-service
 /// fetches its keys from the auth-service beside it.
 pub async fn up(args: UpArgs) -> anyhow::Result<()> {
+    let shutdown = storegate::server::shutdown_signal();
     storegate::telemetry::init(args.auth.common.log_format);
     let auth_listener = storegate::server::bind(&args.auth.listen_addr).await?;
     let product_listener = storegate::server::bind(&args.product_listen_addr).await?;
@@ -53,7 +54,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     println!("Press Ctrl-C to stop.");
 
     tokio::select! {
-        () = storegate::server::shutdown_signal() => {}
+        () = shutdown => {}
         result = &mut auth_task => return finished("auth-service", result),
         result = &mut product_task => return finished("product-service", result),
     }

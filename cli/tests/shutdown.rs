@@ -79,6 +79,16 @@ async fn connect(url: &str) -> tonic::transport::Channel {
 async fn sigterm_reports_not_serving_then_drains_calls_in_flight() {
     let mut up = Up::start("shutdown", &[], &[("SHUTDOWN_GRACE_SECS", "1")]);
     let channel = connect(&up.auth_url).await;
+    // A running server: its listener is bound before it serves.
+    let mut health = HealthClient::new(channel.clone());
+    for _ in 0..100 {
+        let status =
+            health.check(HealthCheckRequest { service: String::new() }).await.map(|r| r.into_inner().status);
+        if status.is_ok_and(|s| s == ServingStatus::Serving as i32) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     // Calls that each take an argon2 verification, all in flight at once.
     let calls: Vec<_> = (0..12)
@@ -100,7 +110,7 @@ async fn sigterm_reports_not_serving_then_drains_calls_in_flight() {
 
     // During the grace period the server still answers, and says it is going.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let status = HealthClient::new(channel.clone())
+    let status = health
         .check(HealthCheckRequest { service: String::new() })
         .await
         .expect("still answering during the grace period")

@@ -14,6 +14,7 @@ struct Cli {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     storegate::telemetry::init(cli.config.common.log_format);
+    let shutdown = storegate::server::shutdown_signal();
     let listener = storegate::server::bind(&cli.config.listen_addr).await?;
-    product_service::run(cli.config, listener, storegate::server::shutdown_signal()).await
+    product_service::run(cli.config, listener, shutdown).await
 }
