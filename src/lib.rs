@@ -2,6 +2,7 @@
 //! services share (token claims and verification, database access, errors,
 //! server plumbing, configuration and telemetry).
 
+pub mod alloc;
 pub mod config;
 pub mod db;
 pub mod error;
