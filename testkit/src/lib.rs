@@ -306,6 +306,12 @@ impl TestStack {
         password: &str,
     ) -> (CompleteLoginResponse, String) {
         self.register(username, password).await;
+        self.enroll(username, password).await
+    }
+
+    /// The first login of a registered user: both steps, the code computed
+    /// from the enrollment secret.
+    async fn enroll(&self, username: &str, password: &str) -> (CompleteLoginResponse, String) {
         let begun = self.begin_login(username, password).await;
         let secret = begun.enrollment.expect("enrollment on first login").secret;
         let tokens = self
@@ -323,20 +329,10 @@ impl TestStack {
 
     /// An admin's access token: registers, grants admin, logs in.
     pub async fn admin_token(&self, username: &str) -> String {
-        self.register(username, "correct horse battery").await;
+        let password = "correct horse battery";
+        self.register(username, password).await;
         auth_service::grant_role(&Self::auth_config(&self.db), username, "admin").await.expect("grant admin");
-        let begun = self.begin_login(username, "correct horse battery").await;
-        let secret = begun.enrollment.expect("enrollment").secret;
-        self.auth()
-            .await
-            .complete_login(CompleteLoginRequest {
-                login_ticket: begun.login_ticket,
-                code: totp_code(&secret, 0),
-            })
-            .await
-            .expect("complete login")
-            .into_inner()
-            .access_token
+        self.enroll(username, password).await.0.access_token
     }
 
     /// Stops the servers and waits until they have finished.
