@@ -153,7 +153,7 @@ async fn metrics_count_calls_by_method_and_status_and_login_outcomes() {
     use storegate::pb::product::v1::{GetProductRequest, product_service_client::ProductServiceClient};
     let _alone = ONE_AT_A_TIME.lock().await;
     let (auth_metrics, product_metrics) = (free_port(), free_port());
-    let mut up = Up::start(
+    let up = Up::start(
         "metrics",
         &[
             "--metrics-listen-addr",
