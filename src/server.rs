@@ -122,7 +122,10 @@ pub async fn serve(
     let grace = Duration::from_secs(config.shutdown_grace_secs);
     let draining = async move {
         shutdown.await;
+        // Wait until the follower is gone: a SERVING it is still writing
+        // must not land after the NOT_SERVING below.
         follower.abort();
+        let _ = follower.await;
         readiness.set(ServingStatus::NotServing).await;
         tracing::info!(grace = ?grace, "reporting NOT_SERVING; draining");
         tokio::time::sleep(grace).await;

@@ -48,10 +48,12 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     let mut auth_task = tokio::spawn(auth_service::run(args.auth, auth_listener, stopped(&stop)));
     let mut product_task = tokio::spawn(product_service::run(product, product_listener, stopped(&stop)));
 
-    println!("storegate is up:");
-    println!("  auth-service     http://{auth_addr}   (storegate.auth.v1.AuthService)");
-    println!("  product-service  http://{product_addr}   (storegate.product.v1.ProductService)");
-    println!("Press Ctrl-C to stop.");
+    announce(&format!(
+        "storegate is up:\n  \
+         auth-service     http://{auth_addr}   (storegate.auth.v1.AuthService)\n  \
+         product-service  http://{product_addr}   (storegate.product.v1.ProductService)\n\
+         Press Ctrl-C to stop.\n"
+    ));
 
     tokio::select! {
         () = shutdown => {}
@@ -64,6 +66,17 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     auth.context("auth-service crashed")??;
     product.context("product-service crashed")??;
     Ok(())
+}
+
+/// Writes the banner to stdout. A reader that has gone away (`storegate up |
+/// head -3`, a supervisor that closed the pipe) must not stop the services,
+/// so write errors are logged, not raised (`println!` would panic).
+fn announce(banner: &str) {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = stdout.write_all(banner.as_bytes()).and_then(|()| stdout.flush()) {
+        tracing::warn!(error = %e, "cannot write the banner to stdout; serving anyway");
+    }
 }
 
 fn finished(name: &str, result: Result<anyhow::Result<()>, tokio::task::JoinError>) -> anyhow::Result<()> {

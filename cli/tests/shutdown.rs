@@ -29,21 +29,24 @@ struct Up {
 impl Up {
     fn start(name: &str, args: &[&str], envs: &[(&str, &str)]) -> Up {
         let dir = std::env::temp_dir().join(format!("storegate-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // The child's log, shown when an assertion about the process fails.
+        let log = std::fs::File::create(dir.join("stderr.log")).unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_storegate"))
             .args(["up", "--auth-listen-addr", "127.0.0.1:0", "--product-listen-addr", "127.0.0.1:0"])
             .args(args)
             .env("DATABASE_URL", format!("sqlite://{}/storegate.db", dir.display()))
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", "info")
             .envs(envs.iter().copied())
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(log)
             .spawn()
             .unwrap();
         // "  auth-service     http://127.0.0.1:PORT   (…)", then the same for product-service.
         let mut stdout = BufReader::new(child.stdout.take().unwrap());
         let mut url_of = |service: &str| loop {
             let mut line = String::new();
-            assert!(stdout.read_line(&mut line).unwrap() > 0, "storegate up ended early");
+            assert!(stdout.read_line(&mut line).unwrap() > 0, "storegate up ended early:\n{}", log_of(&dir));
             if line.contains(service)
                 && let Some(url) = line.split_whitespace().find(|w| w.starts_with("http://"))
             {
@@ -51,7 +54,13 @@ impl Up {
             }
         };
         let (auth_url, product_url) = (url_of("auth-service"), url_of("product-service"));
+        // The pipe closes here, possibly before the banner's last line: the
+        // process must keep serving all the same.
         Up { child: Some(child), dir, auth_url, product_url }
+    }
+
+    fn log(&self) -> String {
+        log_of(&self.dir)
     }
 
     fn terminate(&self) {
@@ -62,8 +71,12 @@ impl Up {
     async fn wait_for_clean_exit(&mut self) {
         let mut child = self.child.take().unwrap();
         let exit = tokio::task::spawn_blocking(move || child.wait().unwrap()).await.unwrap();
-        assert!(exit.success(), "{exit:?}");
+        assert!(exit.success(), "{exit:?}; its log:\n{}", self.log());
     }
+}
+
+fn log_of(dir: &std::path::Path) -> String {
+    std::fs::read_to_string(dir.join("stderr.log")).unwrap_or_default()
 }
 
 impl Drop for Up {
@@ -116,13 +129,11 @@ async fn sigterm_reports_not_serving_then_drains_calls_in_flight() {
 
     // During the grace period the server still answers, and says it is going.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let status = health
-        .check(HealthCheckRequest { service: String::new() })
-        .await
-        .expect("still answering during the grace period")
-        .into_inner()
-        .status;
-    assert_eq!(status, ServingStatus::NotServing as i32);
+    let status = match health.check(HealthCheckRequest { service: String::new() }).await {
+        Ok(response) => response.into_inner().status,
+        Err(e) => panic!("not answering during the grace period: {e}; its log:\n{}", up.log()),
+    };
+    assert_eq!(status, ServingStatus::NotServing as i32, "its log:\n{}", up.log());
 
     for call in calls {
         assert_eq!(
