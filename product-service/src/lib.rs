@@ -79,6 +79,17 @@ pub async fn run(
     served
 }
 
+/// Counts the products afresh (`product-service recount-products`), after
+/// writes that did not keep the count: replicas of a version before it
+/// during a rolling upgrade, or SQL run by hand.
+pub async fn recount_products(config: &ProductConfig) -> anyhow::Result<()> {
+    let db = Db::open(&config.common.database_url).await?;
+    let products = store::ProductStore::new(db.clone()).recount().await?;
+    tracing::info!(products, "counted the products");
+    db.close().await;
+    Ok(())
+}
+
 /// Request ids are kept at least a day (AIP-155 asks for "a reasonable
 /// time"); older ones are deleted now and then.
 async fn sweep_request_ids(store: store::ProductStore) {

@@ -1,6 +1,6 @@
-//! The product-service binary.
+//! The product-service binary: serves the API, or runs an admin command.
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use product_service::ProductConfig;
 
 #[derive(Parser)]
@@ -8,13 +8,29 @@ use product_service::ProductConfig;
 struct Cli {
     #[command(flatten)]
     config: ProductConfig,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the gRPC API (the default).
+    Serve,
+    /// Count the products afresh for ListProducts' total_size, after writes
+    /// that did not keep the count (older replicas, SQL run by hand).
+    RecountProducts,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     storegate::telemetry::init(cli.config.common.log_format);
-    let shutdown = storegate::server::shutdown_signal();
-    let listener = storegate::server::bind(&cli.config.listen_addr).await?;
-    product_service::run(cli.config, listener, shutdown).await
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => {
+            let shutdown = storegate::server::shutdown_signal();
+            let listener = storegate::server::bind(&cli.config.listen_addr).await?;
+            product_service::run(cli.config, listener, shutdown).await
+        }
+        Command::RecountProducts => product_service::recount_products(&cli.config).await,
+    }
 }

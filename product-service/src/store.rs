@@ -206,6 +206,22 @@ macro_rules! record_response {
     };
 }
 
+/// Rows of `product_counts`: a product is counted in row `id % COUNT_SHARDS`
+/// (see migrations/*/0003_product_counts.sql).
+const COUNT_SHARDS: i64 = 16;
+
+/// Adds `$delta` to the count of products, in `$tx` beside the write that
+/// made the difference, so the count is exact whenever the write commits.
+macro_rules! count_products {
+    ($tx:ident, $id:expr, $delta:expr) => {
+        sqlx::query("UPDATE product_counts SET products = products + ? WHERE shard = ?")
+            .bind($delta)
+            .bind($id % COUNT_SHARDS)
+            .execute(&mut *$tx)
+            .await?;
+    };
+}
+
 const FILTER: &str = " AND (LOWER(name) LIKE ? ESCAPE '!' OR LOWER(description) LIKE ? ESCAPE '!')";
 
 impl ProductStore {
@@ -279,6 +295,7 @@ impl ProductStore {
             .execute(&mut *tx)
             .await?
             .insert_id();
+            count_products!(tx, id, 1_i64);
             let row: ProductRow = sqlx::query_as(&select).bind(id).fetch_one(&mut *tx).await?;
             let product = row.into_product()?;
             record_response!(tx, request, product);
@@ -417,19 +434,47 @@ impl ProductStore {
     }
 
     /// How many products match `query` (all of them without one).
+    /// How many products there are, or match `query`. The unfiltered
+    /// count is read from `product_counts` (16 rows, whatever the catalogue's
+    /// size); a filtered one scans like the page itself does.
     pub async fn count(&self, query: Option<&str>) -> Result<i64, ApiError> {
-        let pattern = query.map(like_pattern);
-        let sql = format!(
-            "SELECT COUNT(*) FROM products WHERE 1 = 1{}",
-            if pattern.is_some() { FILTER } else { "" }
-        );
+        let Some(pattern) = query.map(like_pattern) else {
+            let shards: Vec<i64> = on_db!(&self.db, pool => {
+                sqlx::query_scalar("SELECT products FROM product_counts").fetch_all(pool).await
+            })?;
+            return Ok(shards.iter().sum());
+        };
+        let sql = format!("SELECT COUNT(*) FROM products WHERE 1 = 1{FILTER}");
         Ok(on_db!(&self.db, pool => {
-            let mut count = sqlx::query_scalar(&sql);
-            if let Some(pattern) = &pattern {
-                count = count.bind(pattern).bind(pattern);
-            }
-            count.fetch_one(pool).await
+            sqlx::query_scalar(&sql).bind(&pattern).bind(&pattern).fetch_one(pool).await
         })?)
+    }
+
+    /// Counts the products afresh into `product_counts`, for when writers
+    /// that did not keep the count (a version before it, someone's SQL) have
+    /// written. Exact under concurrent writes: the count rows are locked
+    /// first, so a write either committed before the count or updates its
+    /// row after it.
+    pub async fn recount(&self) -> Result<i64, ApiError> {
+        on_db!(&self.db, pool => async {
+            let mut tx = pool.begin_write().await?;
+            sqlx::query("UPDATE product_counts SET products = 0").execute(&mut *tx).await?;
+            let counts: Vec<(i64, i64)> = sqlx::query_as(&format!(
+                "SELECT CAST(id % {COUNT_SHARDS} AS SIGNED), COUNT(*) FROM products GROUP BY id % {COUNT_SHARDS}"
+            ))
+            .fetch_all(&mut *tx)
+            .await?;
+            for (shard, products) in &counts {
+                sqlx::query("UPDATE product_counts SET products = ? WHERE shard = ?")
+                    .bind(products)
+                    .bind(shard)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            tx.commit().await?;
+            Ok(counts.iter().map(|(_, products)| products).sum())
+        }
+        .await)
     }
 
     /// Writes `fields` if the product is still at `version` (optimistic
@@ -479,13 +524,20 @@ impl ProductStore {
 
     /// Deletes the product, only at `version` when one is given.
     pub async fn delete(&self, id: i64, version: Option<i64>) -> Result<Written<()>, ApiError> {
-        let rows = on_db!(&self.db, pool => {
-            match version {
-                Some(v) => sqlx::query("DELETE FROM products WHERE id = ? AND version = ?").bind(id).bind(v).execute(pool).await,
-                None => sqlx::query("DELETE FROM products WHERE id = ?").bind(id).execute(pool).await,
+        let rows: u64 = on_db!(&self.db, pool => async {
+            let mut tx = pool.begin_write().await?;
+            let rows = match version {
+                Some(v) => sqlx::query("DELETE FROM products WHERE id = ? AND version = ?").bind(id).bind(v).execute(&mut *tx).await,
+                None => sqlx::query("DELETE FROM products WHERE id = ?").bind(id).execute(&mut *tx).await,
+            }?
+            .rows_affected();
+            if rows == 1 {
+                count_products!(tx, id, -1_i64);
             }
-            .map(|r| r.rows_affected())
-        })?;
+            tx.commit().await?;
+            Ok::<_, ApiError>(rows)
+        }
+        .await)?;
         if rows == 1 {
             return Ok(Written::Done(()));
         }

@@ -8,8 +8,8 @@ use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
 use storegate::{
     Db, on_db,
     pb::product::v1::{
-        AdjustStockRequest, CreateProductRequest, GetProductRequest, ListProductsRequest, Product,
-        UpdateProductRequest,
+        AdjustStockRequest, CreateProductRequest, DeleteProductRequest, GetProductRequest,
+        ListProductsRequest, Product, UpdateProductRequest,
     },
 };
 use storegate_testkit::{Backend, TestStack, backend_tests, bearer};
@@ -26,6 +26,7 @@ backend_tests!(
     unicode_names_round_trip_exactly,
     audit_fields_say_who_and_when,
     database_errors_never_leak,
+    total_size_follows_concurrent_creates_and_deletes,
 );
 
 struct Shop {
@@ -162,6 +163,67 @@ async fn ten_concurrent_retries_of_a_create_make_one_product(backend: Backend) {
     let err = shop.create_with_id(product("Vase", "15.50", 3), "not-a-uuid").await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert_eq!(count(&db, "SELECT COUNT(*) FROM products").await, 1);
+}
+
+/// total_size comes from a maintained count, not a scan: it must equal the
+/// table's COUNT(*) after concurrent creates and deletes, and a recount
+/// repairs it after writes that bypassed the service.
+async fn total_size_follows_concurrent_creates_and_deletes(backend: Backend) {
+    let shop = Arc::new(Shop::open(backend).await);
+    let creates: Vec<_> = (0..40)
+        .map(|i| {
+            let shop = shop.clone();
+            tokio::spawn(async move { shop.create(&format!("Item {i}"), "1.00", 1).await })
+        })
+        .collect();
+    let mut ids = Vec::new();
+    for create in creates {
+        ids.push(create.await.unwrap().id);
+    }
+    let deletes: Vec<_> = ids
+        .iter()
+        .step_by(3)
+        .map(|&id| {
+            let shop = shop.clone();
+            tokio::spawn(async move {
+                let request = DeleteProductRequest { id, etag: String::new() };
+                shop.stack.products().await.delete_product(bearer(request, &shop.token)).await.map(drop)
+            })
+        })
+        .collect();
+    for delete in deletes {
+        delete.await.unwrap().unwrap();
+    }
+    // Deleting what is already gone changes nothing.
+    let request = DeleteProductRequest { id: ids[0], etag: String::new() };
+    let err = shop.stack.products().await.delete_product(bearer(request, &shop.token)).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+
+    let db = shop.stack.db.open().await;
+    let in_table = count(&db, "SELECT COUNT(*) FROM products").await;
+    assert_eq!(in_table, 40 - 14);
+    let (_, _, total) = shop.list(ListProductsRequest::default()).await.unwrap();
+    assert_eq!(total, in_table);
+    let filtered = ListProductsRequest { query: "item 1".into(), ..Default::default() };
+    let (_, _, total) = shop.list(filtered).await.unwrap();
+    assert_eq!(total, count(&db, "SELECT COUNT(*) FROM products WHERE LOWER(name) LIKE 'item 1%'").await);
+
+    // A row written around the service is not counted until a recount.
+    let store = product_service::store::ProductStore::new(db.clone());
+    on_db!(&db, pool => {
+        sqlx::query(
+            "INSERT INTO products (name, description, price, stock, version, create_time, update_time) \
+             SELECT name, description, price, stock, 1, create_time, update_time FROM products WHERE id = ?",
+        )
+        .bind(ids[1])
+        .execute(pool)
+        .await
+        .map(drop)
+    })
+    .unwrap();
+    assert_eq!(shop.list(ListProductsRequest::default()).await.unwrap().2, in_table);
+    assert_eq!(store.recount().await.unwrap(), in_table + 1);
+    assert_eq!(shop.list(ListProductsRequest::default()).await.unwrap().2, in_table + 1);
 }
 
 async fn count(db: &Db, sql: &str) -> i64 {
