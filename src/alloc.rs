@@ -5,9 +5,9 @@
 /// after the first such free, and later blocks land in per-thread arenas
 /// that keep the memory: with hashes running on changing blocking threads,
 /// resident memory grew to hundreds of MiB (measured: a 200-login storm
-/// peaked near 1 GiB; with this, 85 MiB). The price is fresh pages for every
-/// hash (~30% fewer hashes per second here); reusing one preallocated block
-/// per hashing thread would avoid both. Call once, early in `main`.
+/// peaked near 1 GiB; with this, 85 MiB). The price, fresh pages for every
+/// hash, is paid only when hashes come one at a time: under load the
+/// password hasher reuses its working memory. Call once, early in `main`.
 pub fn release_large_allocations() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only sets an allocator parameter; a fixed threshold
