@@ -3,9 +3,11 @@
 //! best reach on this machine, measured in the same run, so the ratios hold
 //! on a noisy box.
 //!
-//!     cargo run --release -p storegate-bench -- [--mysql-server-url mysql://root@127.0.0.1:3306]
+//!     cargo build --release --workspace --bins
+//!     target/release/storegate-bench [--mysql-server-url mysql://root@127.0.0.1:3306]
 
 mod micro;
+mod processes;
 mod runner;
 mod scenarios;
 
@@ -76,6 +78,7 @@ async fn main() -> anyhow::Result<()> {
     let storm = bench.storm().await;
     let micro = micro::run(&bench).await;
     let (peak, current) = memory_mib();
+    let processes = processes::run(&bench, c, duration).await;
 
     let point_ceiling =
         if noop.rps() < db_point.rps() { ("noop", noop.rps()) } else { ("db-point", db_point.rps()) };
@@ -99,6 +102,12 @@ async fn main() -> anyhow::Result<()> {
     println!("\n{}", storm.summary());
     println!("\n{}", micro.summary());
     println!("\nprocess memory (both services and the harness): peak {peak:.1} MiB, now {current:.1} MiB");
+    match &processes {
+        Ok(processes) => {
+            println!("\nEach service as its own process, on this database:\n\n{}", processes.summary())
+        }
+        Err(e) => println!("\nservice processes not measured: {e:#}"),
+    }
 
     let results = serde_json::json!({
         "backend": backend_name,
@@ -108,6 +117,7 @@ async fn main() -> anyhow::Result<()> {
         "storm": storm.json(),
         "micro": micro.json(),
         "peak_rss_mib": peak,
+        "processes": processes.as_ref().ok().map(processes::Processes::json),
     });
     std::fs::write(&args.json, serde_json::to_string_pretty(&results)?)?;
     eprintln!("results written to {}", args.json.display());

@@ -99,7 +99,14 @@ where
 
 /// Peak and current resident memory of this process, in MiB (Linux).
 pub fn memory_mib() -> (f64, f64) {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let (current, peak) = memory_of("/proc/self/status");
+    (peak, current)
+}
+
+/// Current (VmRSS) and peak (VmHWM) resident memory in MiB, from a
+/// `/proc/<pid>/status` file; zeros where there is none.
+pub fn memory_of(status_path: &str) -> (f64, f64) {
+    let status = std::fs::read_to_string(status_path).unwrap_or_default();
     let field = |name: &str| {
         status
             .lines()
@@ -108,5 +115,5 @@ pub fn memory_mib() -> (f64, f64) {
             .and_then(|kib| kib.parse::<f64>().ok())
             .map_or(0.0, |kib| kib / 1024.0)
     };
-    (field("VmHWM:"), field("VmRSS:"))
+    (field("VmRSS:"), field("VmHWM:"))
 }

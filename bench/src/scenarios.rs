@@ -243,7 +243,12 @@ impl Bench {
     }
 
     pub async fn get(&self, concurrency: usize, duration: Duration) -> Outcome {
-        let (channel, token) = (self.products.clone(), self.token.clone());
+        self.get_on(self.products.clone(), concurrency, duration).await
+    }
+
+    /// `get` against the product-service at `channel`.
+    pub async fn get_on(&self, channel: Channel, concurrency: usize, duration: Duration) -> Outcome {
+        let token = self.token.clone();
         measure("get", concurrency, duration, move |worker, i| {
             let (mut client, token) = (ProductServiceClient::new(channel.clone()), token.clone());
             async move {
@@ -356,48 +361,54 @@ impl Bench {
     /// 200 simultaneous logins of unknown users while Health and GetJwks
     /// calls are timed.
     pub async fn storm(&self) -> Storm {
-        eprint!("  storm      200 concurrent logins, probing Health and GetJwks … ");
-        const STORM: usize = 200;
-        let started = Instant::now();
-        let calls: Vec<_> = (0..STORM)
-            .map(|i| {
-                let mut auth = AuthServiceClient::new(self.auth.clone());
-                tokio::spawn(async move {
-                    auth.begin_login(BeginLoginRequest {
-                        username: format!("storm-{i}"),
-                        password: "not the password".into(),
-                    })
-                    .await
-                    .map(drop)
-                    .map_err(|e| e.code())
-                })
-            })
-            .collect();
-        let mut health = tonic_health::pb::health_client::HealthClient::new(self.auth.clone());
-        let mut auth = AuthServiceClient::new(self.auth.clone());
-        let (mut health_times, mut jwks_times) = (Vec::new(), Vec::new());
-        while !calls.iter().all(|c| c.is_finished()) {
-            let t = Instant::now();
-            let _ = health.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await;
-            health_times.push(t.elapsed());
-            let t = Instant::now();
-            let _ = auth.get_jwks(GetJwksRequest {}).await;
-            jwks_times.push(t.elapsed());
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        let (mut evaluated, mut shed, mut other) = (0, 0, 0);
-        for call in calls {
-            match call.await.expect("storm call") {
-                Err(tonic::Code::Unauthenticated) => evaluated += 1,
-                Err(tonic::Code::ResourceExhausted) => shed += 1,
-                _ => other += 1,
-            }
-        }
-        health_times.sort();
-        jwks_times.sort();
-        eprintln!("done");
-        Storm { took: started.elapsed(), evaluated, shed, other, health: health_times, jwks: jwks_times }
+        storm_on(self.auth.clone()).await
     }
+}
+
+/// 200 simultaneous logins of unknown users against the auth-service at
+/// `channel` while Health and GetJwks calls are timed.
+pub async fn storm_on(channel: Channel) -> Storm {
+    eprint!("  storm      200 concurrent logins, probing Health and GetJwks … ");
+    const STORM: usize = 200;
+    let started = Instant::now();
+    let calls: Vec<_> = (0..STORM)
+        .map(|i| {
+            let mut auth = AuthServiceClient::new(channel.clone());
+            tokio::spawn(async move {
+                auth.begin_login(BeginLoginRequest {
+                    username: format!("storm-{i}"),
+                    password: "not the password".into(),
+                })
+                .await
+                .map(drop)
+                .map_err(|e| e.code())
+            })
+        })
+        .collect();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    let mut auth = AuthServiceClient::new(channel);
+    let (mut health_times, mut jwks_times) = (Vec::new(), Vec::new());
+    while !calls.iter().all(|c| c.is_finished()) {
+        let t = Instant::now();
+        let _ = health.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await;
+        health_times.push(t.elapsed());
+        let t = Instant::now();
+        let _ = auth.get_jwks(GetJwksRequest {}).await;
+        jwks_times.push(t.elapsed());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let (mut evaluated, mut shed, mut other) = (0, 0, 0);
+    for call in calls {
+        match call.await.expect("storm call") {
+            Err(tonic::Code::Unauthenticated) => evaluated += 1,
+            Err(tonic::Code::ResourceExhausted) => shed += 1,
+            _ => other += 1,
+        }
+    }
+    health_times.sort();
+    jwks_times.sort();
+    eprintln!("done");
+    Storm { took: started.elapsed(), evaluated, shed, other, health: health_times, jwks: jwks_times }
 }
 
 fn chrono_free_now() -> i64 {

@@ -244,7 +244,7 @@ impl ProductApi {
         let query = (!req.query.is_empty()).then_some(req.query.as_str());
         // One extra row tells whether another page follows.
         let listing = ListQuery { order, query, after: after.as_ref(), limit: i64::from(page_size) + 1 };
-        let mut rows = self.store.list(&listing).await?;
+        let crate::store::Page { mut rows, total_size } = self.store.list(&listing).await?;
         let more = rows.len() > page_size as usize;
         rows.truncate(page_size as usize);
         let products = rows.into_iter().map(|row| row.into_product()).collect::<Result<Vec<_>, _>>()?;
@@ -252,7 +252,7 @@ impl ProductApi {
             Some(last) if more => page_token::encode(&Cursor::after(last, order), order, &req.query),
             _ => String::new(),
         };
-        Ok(ListProductsResponse { products, next_page_token, total_size: self.store.count(query).await? })
+        Ok(ListProductsResponse { products, next_page_token, total_size })
     }
 
     async fn update(&self, request: Request<UpdateProductRequest>) -> Result<Product, ApiError> {

@@ -23,6 +23,21 @@ pub struct ProductStore {
     db: Db,
 }
 
+/// A row of a listing: the product, and without a query the total count.
+#[derive(sqlx::FromRow)]
+struct ListedRow {
+    #[sqlx(flatten)]
+    product: ProductRow,
+    #[sqlx(default)]
+    total_size: Option<i64>,
+}
+
+/// One page of a listing and how many products the listing has in all.
+pub struct Page {
+    pub rows: Vec<ProductRow>,
+    pub total_size: i64,
+}
+
 /// A product as stored.
 #[derive(sqlx::FromRow, Debug, Clone)]
 pub struct ProductRow {
@@ -364,7 +379,7 @@ impl ProductStore {
 
     /// One page of products in `q.order`, ties broken by id, continuing
     /// after `q.after` (keyset pagination: stable under concurrent inserts).
-    pub async fn list(&self, q: &ListQuery<'_>) -> Result<Vec<ProductRow>, ApiError> {
+    pub async fn list(&self, q: &ListQuery<'_>) -> Result<Page, ApiError> {
         let (column, cmp, dir) = {
             // Qualified: in ORDER BY a bare `price` would name the CAST alias
             // of the select list (text), not the column.
@@ -376,11 +391,17 @@ impl ProductStore {
             };
             if q.order.descending { (column, "<", "DESC") } else { (column, ">", "ASC") }
         };
-        let mut sql = format!("SELECT {COLUMNS} FROM products WHERE 1 = 1");
         let pattern = q.query.map(like_pattern);
-        if pattern.is_some() {
-            sql.push_str(FILTER);
-        }
+        let mut sql = if pattern.is_some() {
+            format!("SELECT {COLUMNS} FROM products WHERE 1 = 1{FILTER}")
+        } else {
+            // The total rides along in the same statement: one round trip,
+            // and the same snapshot as the page.
+            format!(
+                "SELECT {COLUMNS}, (SELECT CAST(SUM(products) AS SIGNED) FROM product_counts) AS total_size \
+                 FROM products WHERE 1 = 1"
+            )
+        };
         let sort_param = match (q.after, q.order.field) {
             (None, _) | (Some(_), SortField::Id) => None,
             (Some(after), SortField::Name) => Some(SortParam::Text(after.sort_value.clone())),
@@ -416,7 +437,7 @@ impl ProductStore {
         } else {
             sql.push_str(&format!(" ORDER BY {column} {dir}, products.id {dir} LIMIT ?"));
         }
-        Ok(on_db!(&self.db, pool => {
+        let rows: Vec<ListedRow> = on_db!(&self.db, pool => {
             let mut query = sqlx::query_as(&sql);
             if let Some(pattern) = &pattern {
                 query = query.bind(pattern).bind(pattern);
@@ -430,10 +451,14 @@ impl ProductStore {
                 query = query.bind(after.id);
             }
             query.bind(q.limit).fetch_all(pool).await
-        })?)
+        })?;
+        let total_size = match rows.first().and_then(|row| row.total_size) {
+            Some(total) => total,
+            None => self.count(q.query).await?,
+        };
+        Ok(Page { rows: rows.into_iter().map(|row| row.product).collect(), total_size })
     }
 
-    /// How many products match `query` (all of them without one).
     /// How many products there are, or match `query`. The unfiltered
     /// count is read from `product_counts` (16 rows, whatever the catalogue's
     /// size); a filtered one scans like the page itself does.

@@ -170,9 +170,13 @@ impl Drop for TestDb {
     }
 }
 
-/// A fixed master key for tests (the services refuse MySQL without one).
+/// A fixed master key for tests (the services refuse MySQL without one), as
+/// STOREGATE_MASTER_KEY takes it: for service processes started by tests.
+pub const TEST_MASTER_KEY: &str = "c3RvcmVnYXRlLXRlc3QtbWFzdGVyLWtleS0zMi1ieXQ=";
+
+/// [`TEST_MASTER_KEY`] for in-process configurations.
 pub fn test_master_key() -> SecretString {
-    SecretString::from("c3RvcmVnYXRlLXRlc3QtbWFzdGVyLWtleS0zMi1ieXQ=".to_owned())
+    SecretString::from(TEST_MASTER_KEY.to_owned())
 }
 
 /// Both services running on port 0 against one fresh database.
