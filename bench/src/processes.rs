@@ -70,7 +70,7 @@ impl Service {
         envs: &[(&str, &str)],
     ) -> anyhow::Result<Service> {
         let started = Instant::now();
-        let child = Command::new(binary)
+        let mut child = Command::new(binary)
             .envs(envs.iter().copied())
             .env("METRICS_LISTEN_ADDR", "")
             .env("RUST_LOG", "warn")
@@ -78,21 +78,14 @@ impl Service {
             .stderr(Stdio::inherit())
             .spawn()
             .map_err(|e| anyhow::anyhow!("cannot start {}: {e}", binary.display()))?;
-        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?;
-        let channel = loop {
-            anyhow::ensure!(started.elapsed() < START_TIMEOUT, "{name} did not start in {START_TIMEOUT:?}");
-            if let Ok(channel) = endpoint.connect().await {
-                let status = HealthClient::new(channel.clone())
-                    .check(HealthCheckRequest { service: String::new() })
-                    .await
-                    .map(|r| r.into_inner().status);
-                if status.is_ok_and(|s| s == ServingStatus::Serving as i32) {
-                    break channel;
-                }
+        match wait_until_serving(name, addr, &mut child, started).await {
+            Ok(channel) => Ok(Service { name, startup: started.elapsed(), child, channel }),
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                Err(e)
             }
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        };
-        Ok(Service { name, startup: started.elapsed(), child, channel })
+        }
     }
 
     /// VmRSS and VmHWM (peak) of the process, in MiB.
@@ -107,6 +100,32 @@ impl Service {
         tokio::time::sleep(SETTLE).await;
         let (idle_after_load_mib, peak_mib) = self.memory_mib();
         ServiceNumbers { name: self.name, startup: self.startup, idle_mib, peak_mib, idle_after_load_mib }
+    }
+}
+
+/// A channel to `child` once its health check says SERVING.
+async fn wait_until_serving(
+    name: &str,
+    addr: &str,
+    child: &mut Child,
+    started: Instant,
+) -> anyhow::Result<Channel> {
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?;
+    loop {
+        anyhow::ensure!(started.elapsed() < START_TIMEOUT, "{name} did not start in {START_TIMEOUT:?}");
+        if let Some(status) = child.try_wait()? {
+            anyhow::bail!("{name} exited while starting: {status}");
+        }
+        if let Ok(channel) = endpoint.connect().await {
+            let status = HealthClient::new(channel.clone())
+                .check(HealthCheckRequest { service: String::new() })
+                .await
+                .map(|r| r.into_inner().status);
+            if status.is_ok_and(|s| s == ServingStatus::Serving as i32) {
+                return Ok(channel);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
     }
 }
 

@@ -70,7 +70,8 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
 
 /// Writes the banner to stdout. A reader that has gone away (`storegate up |
 /// head -3`, a supervisor that closed the pipe) must not stop the services,
-/// so write errors are logged, not raised (`println!` would panic).
+/// so write errors are logged (to stderr), not raised (`println!` would
+/// panic).
 fn announce(banner: &str) {
     use std::io::Write as _;
     let mut stdout = std::io::stdout().lock();

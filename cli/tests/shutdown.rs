@@ -54,8 +54,8 @@ impl Up {
             }
         };
         let (auth_url, product_url) = (url_of("auth-service"), url_of("product-service"));
-        // The pipe closes here, possibly before the banner's last line: the
-        // process must keep serving all the same.
+        // The pipe closes here: the process must keep serving all the same
+        // (nothing it writes later may go to stdout and fail).
         Up { child: Some(child), dir, auth_url, product_url }
     }
 

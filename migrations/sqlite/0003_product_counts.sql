@@ -1,8 +1,7 @@
--- The number of products, kept beside the table so that every ListProducts page
--- can report total_size without a COUNT(*) scan (same schema as
--- migrations/mysql/0003). Spread over 16 rows by id % 16: concurrent creates and
--- deletes update different rows instead of queueing on one row lock; the
--- total is the sum of the 16.
+-- The number of products, kept beside the table so that a ListProducts page
+-- reports total_size without a COUNT(*) scan (same schema as migrations/mysql/0003).
+-- Spread over 16 rows by id % 16 so that on MySQL concurrent creates and deletes
+-- update different rows instead of queueing on one row lock; the total is the sum.
 CREATE TABLE product_counts (
     shard    INTEGER NOT NULL PRIMARY KEY,
     products BIGINT NOT NULL

@@ -477,15 +477,17 @@ impl ProductStore {
 
     /// Counts the products afresh into `product_counts`, for when writers
     /// that did not keep the count (a version before it, someone's SQL) have
-    /// written. Exact under concurrent writes: the count rows are locked
-    /// first, so a write either committed before the count or updates its
-    /// row after it.
+    /// written. Exact against writers that keep it: the count rows are
+    /// locked first (the UPDATE), and MySQL takes its read snapshot at the
+    /// first plain SELECT, the COUNT after it; a concurrent create or delete
+    /// either committed before or updates its row after. Creates and deletes
+    /// wait for the length of the scan.
     pub async fn recount(&self) -> Result<i64, ApiError> {
         on_db!(&self.db, pool => async {
             let mut tx = pool.begin_write().await?;
             sqlx::query("UPDATE product_counts SET products = 0").execute(&mut *tx).await?;
             let counts: Vec<(i64, i64)> = sqlx::query_as(&format!(
-                "SELECT CAST(id % {COUNT_SHARDS} AS SIGNED), COUNT(*) FROM products GROUP BY id % {COUNT_SHARDS}"
+                "SELECT id % {COUNT_SHARDS}, COUNT(*) FROM products GROUP BY id % {COUNT_SHARDS}"
             ))
             .fetch_all(&mut *tx)
             .await?;

@@ -27,6 +27,7 @@ backend_tests!(
     audit_fields_say_who_and_when,
     database_errors_never_leak,
     total_size_follows_concurrent_creates_and_deletes,
+    a_catalogue_from_before_the_count_is_counted_by_its_migration,
 );
 
 struct Shop {
@@ -224,6 +225,56 @@ async fn total_size_follows_concurrent_creates_and_deletes(backend: Backend) {
     assert_eq!(shop.list(ListProductsRequest::default()).await.unwrap().2, in_table);
     assert_eq!(store.recount().await.unwrap(), in_table + 1);
     assert_eq!(shop.list(ListProductsRequest::default()).await.unwrap().2, in_table + 1);
+}
+
+/// A database at migration 0002 with products in it: migration 0003 must
+/// count what is there, so total_size is right from the first listing.
+async fn a_catalogue_from_before_the_count_is_counted_by_its_migration(backend: Backend) {
+    let test_db = storegate_testkit::TestDb::new(&backend).await;
+    let dialect = match backend {
+        Backend::Sqlite => "sqlite",
+        Backend::MySql(_) => "mysql",
+    };
+    let all = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../migrations").join(dialect);
+    let before = tempfile_dir(&format!("migrations-before-0003-{dialect}"));
+    for entry in std::fs::read_dir(&all).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if name.starts_with("0001") || name.starts_with("0002") {
+            std::fs::copy(&path, before.join(name)).unwrap();
+        }
+    }
+    let db = Db::connect(&test_db.url).await.unwrap();
+    let migrator = sqlx::migrate::Migrator::new(before.clone()).await.unwrap();
+    on_db!(&db, pool => migrator.run(pool).await).unwrap();
+    for i in 0..37 {
+        on_db!(&db, pool => {
+            sqlx::query(
+                "INSERT INTO products (name, description, price, stock, version, create_time, update_time) \
+                 VALUES (?, '', ?, 1, 1, ?, ?)",
+            )
+            .bind(format!("Old {i}"))
+            // As each backend stores prices (fixed-width text on SQLite).
+            .bind(if dialect == "sqlite" { "0000000001.00" } else { "1.00" })
+            .bind(chrono::Utc::now())
+            .bind(chrono::Utc::now())
+            .execute(pool)
+            .await
+            .map(drop)
+        })
+        .unwrap();
+    }
+    db.migrate().await.unwrap();
+    let store = product_service::store::ProductStore::new(db.clone());
+    assert_eq!(store.count(None).await.unwrap(), 37);
+    db.close().await;
+    let _ = std::fs::remove_dir_all(before);
+}
+
+fn tempfile_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("storegate-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
 }
 
 async fn count(db: &Db, sql: &str) -> i64 {
