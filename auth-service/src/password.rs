@@ -164,7 +164,7 @@ impl PasswordHasher {
         &self,
         work: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, ApiError> {
-        let _admitted =
+        let admitted =
             self.admitted.clone().try_acquire_owned().map_err(|_| ApiError::ResourceExhausted {
                 message: "the server is busy checking passwords; try again shortly",
                 retry_after: Some(std::time::Duration::from_secs(1)),
@@ -176,7 +176,7 @@ impl PasswordHasher {
         // The admission and the running slot go with the work: a caller
         // that gives up does not free them while the hash still runs.
         tokio::task::spawn_blocking(move || {
-            let _held = (admission, running);
+            let _held = (admitted, admission, running);
             lower_thread_priority();
             span.in_scope(work)
         })
