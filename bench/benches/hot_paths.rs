@@ -8,10 +8,6 @@
 //!   each second-factor attempt costs the auth service.
 //! - `price/parse`: parsing a decimal price, done on every product write.
 //!
-//! The harness's own run (`src/micro.rs`) times the same paths once beside
-//! the load scenarios; Criterion adds spread, outliers and the change since
-//! the previous run, so a regression in one of them shows on its own.
-//!
 //! Nothing here needs the network or the stack: the token is signed in
 //! process with a fixed key, and the interceptor's key cache loads the
 //! matching JWK Set from a file.

@@ -6,7 +6,6 @@
 //!     cargo build --release --workspace --bins
 //!     target/release/storegate-bench [--mysql-server-url mysql://root@127.0.0.1:3306]
 
-mod micro;
 mod processes;
 mod runner;
 mod scenarios;
@@ -76,7 +75,6 @@ async fn main() -> anyhow::Result<()> {
     let adjust = bench.adjust(c, duration).await;
     let login = bench.login(2 * cores, duration).await;
     let storm = bench.storm().await;
-    let micro = micro::run(&bench).await;
     let (peak, current) = memory_mib();
     let processes = processes::run(&bench, c, duration).await;
 
@@ -100,7 +98,6 @@ async fn main() -> anyhow::Result<()> {
         println!("{}", row(outcome, *ceiling));
     }
     println!("\n{}", storm.summary());
-    println!("\n{}", micro.summary());
     println!("\nprocess memory (both services and the harness): peak {peak:.1} MiB, now {current:.1} MiB");
     match &processes {
         Ok(processes) => {
@@ -115,7 +112,6 @@ async fn main() -> anyhow::Result<()> {
         "seconds_per_scenario": args.seconds,
         "scenarios": table.iter().map(|(o, c)| o.json(*c)).collect::<Vec<_>>(),
         "storm": storm.json(),
-        "micro": micro.json(),
         "peak_rss_mib": peak,
         "processes": processes.as_ref().ok().map(processes::Processes::json),
     });

@@ -5,17 +5,14 @@
 //! `get`). The in-process scenarios cannot tell the services' memory apart.
 
 use std::{
-    net::TcpListener,
+    net::{SocketAddr, TcpListener},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
-use storegate_testkit::TEST_MASTER_KEY;
+use storegate_testkit::{TEST_MASTER_KEY, TestStack, health_serving};
 use tonic::transport::Channel;
-use tonic_health::pb::{
-    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
-};
 
 use crate::{
     runner::Outcome,
@@ -56,8 +53,8 @@ impl Drop for Service {
     }
 }
 
-fn free_addr() -> anyhow::Result<String> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.to_string())
+fn free_addr() -> anyhow::Result<SocketAddr> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
 }
 
 impl Service {
@@ -66,7 +63,7 @@ impl Service {
     async fn start(
         name: &'static str,
         binary: &Path,
-        addr: &str,
+        addr: SocketAddr,
         envs: &[(&str, &str)],
     ) -> anyhow::Result<Service> {
         let started = Instant::now();
@@ -106,24 +103,17 @@ impl Service {
 /// A channel to `child` once its health check says SERVING.
 async fn wait_until_serving(
     name: &str,
-    addr: &str,
+    addr: SocketAddr,
     child: &mut Child,
     started: Instant,
 ) -> anyhow::Result<Channel> {
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?;
     loop {
         anyhow::ensure!(started.elapsed() < START_TIMEOUT, "{name} did not start in {START_TIMEOUT:?}");
         if let Some(status) = child.try_wait()? {
             anyhow::bail!("{name} exited while starting: {status}");
         }
-        if let Ok(channel) = endpoint.connect().await {
-            let status = HealthClient::new(channel.clone())
-                .check(HealthCheckRequest { service: String::new() })
-                .await
-                .map(|r| r.into_inner().status);
-            if status.is_ok_and(|s| s == ServingStatus::Serving as i32) {
-                return Ok(channel);
-            }
+        if health_serving(addr).await {
+            return Ok(TestStack::channel(addr).await);
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
@@ -144,26 +134,28 @@ pub async fn run(bench: &Bench, concurrency: usize, duration: Duration) -> anyho
     eprintln!("service processes (start-up, idle and peak memory):");
     let database_url = bench.stack.db.url.as_str();
     let auth_addr = free_addr()?;
+    let auth_listen = auth_addr.to_string();
     let auth = Service::start(
         "auth-service",
         &binary("auth-service")?,
-        &auth_addr,
+        auth_addr,
         &[
             ("DATABASE_URL", database_url),
             ("STOREGATE_MASTER_KEY", TEST_MASTER_KEY),
-            ("AUTH_LISTEN_ADDR", &auth_addr),
+            ("AUTH_LISTEN_ADDR", &auth_listen),
         ],
     )
     .await?;
     let product_addr = free_addr()?;
+    let product_listen = product_addr.to_string();
     let auth_url = format!("http://{auth_addr}");
     let product = Service::start(
         "product-service",
         &binary("product-service")?,
-        &product_addr,
+        product_addr,
         &[
             ("DATABASE_URL", database_url),
-            ("PRODUCT_LISTEN_ADDR", &product_addr),
+            ("PRODUCT_LISTEN_ADDR", &product_listen),
             ("AUTH_SERVICE_URL", &auth_url),
         ],
     )

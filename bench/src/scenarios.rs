@@ -181,10 +181,6 @@ impl Bench {
         Ok(Bench { stack, token, auth, products, noop, db, users: Arc::new(users) })
     }
 
-    pub fn auth_channel(&self) -> Channel {
-        self.auth.clone()
-    }
-
     pub async fn noop(&self, concurrency: usize, duration: Duration) -> Outcome {
         let channel = self.noop.clone();
         measure("noop", concurrency, duration, move |worker, i| {

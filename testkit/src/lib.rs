@@ -258,7 +258,6 @@ impl TestStack {
 
     /// Waits until the server answers health checks (or has failed).
     async fn wait_ready(&self, addr: SocketAddr) {
-        use tonic_health_client::*;
         for _ in 0..200 {
             if let Some(failed) = self.servers.iter().find(|s| s.is_finished()) {
                 panic!("a server stopped during start-up: {failed:?}");
@@ -379,6 +378,8 @@ pub fn bearer<T>(message: T, token: &str) -> tonic::Request<T> {
     request.metadata_mut().insert("authorization", format!("Bearer {token}").parse().expect("ascii token"));
     request
 }
+
+pub use tonic_health_client::health_serving;
 
 mod tonic_health_client {
     use std::net::SocketAddr;
