@@ -9,6 +9,7 @@ pub mod error;
 pub mod metrics;
 mod redact;
 pub mod server;
+pub mod sqlite_reads;
 pub mod telemetry;
 pub mod token;
 

@@ -4,23 +4,41 @@
 //! fixed-width text ("0000000999.99", so that text order is numeric order).
 //! Both read it back through `CAST(price AS CHAR)`.
 
-use chrono::{DateTime, Utc};
+use std::sync::Arc;
+
+use chrono::{DateTime, SecondsFormat, Utc};
 use prost::Message as _;
+use rusqlite::{
+    OptionalExtension as _,
+    types::{ToSqlOutput, Type, Value, ValueRef},
+};
 use storegate::{
     ApiError, Db,
     db::{Backend, BeginWrite as _, InsertId as _, is_unique_violation},
     on_db,
     pb::product::v1::Product,
+    sqlite_reads::{ReadCounts, SqliteReads},
 };
 
 use crate::domain::{MAX_STOCK, OrderBy, Price, SortField, etag};
 
-const COLUMNS: &str = "id, name, description, CAST(price AS CHAR) AS price, stock, version, \
-                       created_by, updated_by, create_time, update_time";
+/// The columns of a product row, in [`ProductRow`]'s order (the in-line
+/// SQLite reads take them by position).
+macro_rules! columns {
+    () => {
+        "id, name, description, CAST(price AS CHAR) AS price, stock, version, \
+         created_by, updated_by, create_time, update_time"
+    };
+}
+const COLUMNS: &str = columns!();
+const SELECT_BY_ID: &str = concat!("SELECT ", columns!(), " FROM products WHERE id = ?");
 
 #[derive(Clone, Debug)]
 pub struct ProductStore {
     db: Db,
+    /// On SQLite, reads run in-line on the calling thread first (see
+    /// `storegate::sqlite_reads`); the pool is their fallback.
+    reads: Option<Arc<SqliteReads>>,
 }
 
 /// A row of a listing: the product, and without a query the total count.
@@ -39,7 +57,7 @@ pub struct Page {
 }
 
 /// A product as stored.
-#[derive(sqlx::FromRow, Debug, Clone)]
+#[derive(sqlx::FromRow, Debug, Clone, PartialEq, Eq)]
 pub struct ProductRow {
     pub id: i64,
     pub name: String,
@@ -163,10 +181,50 @@ pub struct ListQuery<'a> {
     pub limit: i64,
 }
 
-/// A sort value bound as its column's type.
-enum SortParam {
+/// A listing's parameter, bound to the pool's statement or to the in-line
+/// read's as the same value.
+#[derive(Clone)]
+enum ListParam {
     Text(String),
     Time(DateTime<Utc>),
+    Int(i64),
+}
+
+impl rusqlite::ToSql for ListParam {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(match self {
+            ListParam::Text(text) => ToSqlOutput::Borrowed(ValueRef::Text(text.as_bytes())),
+            // The text sqlx binds for a time on SQLite, so both compare alike.
+            ListParam::Time(time) => {
+                ToSqlOutput::Owned(Value::Text(time.to_rfc3339_opts(SecondsFormat::AutoSi, false)))
+            }
+            ListParam::Int(n) => ToSqlOutput::Owned(Value::Integer(*n)),
+        })
+    }
+}
+
+/// A product row read in-line, by the positions of [`columns!`]. Times are
+/// read as the RFC 3339 text the service writes; any other stored form fails
+/// here and is read through the pool, which decodes every form.
+fn inline_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<ProductRow> {
+    let time = |i: usize| -> rusqlite::Result<DateTime<Utc>> {
+        let text = row.get_ref(i)?.as_str()?;
+        DateTime::parse_from_rfc3339(text)
+            .map(|t| t.with_timezone(&Utc))
+            .map_err(|e| rusqlite::Error::FromSqlConversionFailure(i, Type::Text, Box::new(e)))
+    };
+    Ok(ProductRow {
+        id: row.get(0)?,
+        name: row.get(1)?,
+        description: row.get(2)?,
+        price: row.get(3)?,
+        stock: row.get(4)?,
+        version: row.get(5)?,
+        created_by: row.get(6)?,
+        updated_by: row.get(7)?,
+        create_time: time(8)?,
+        update_time: time(9)?,
+    })
 }
 
 /// `%text%` for LIKE, with `!` escaping the wildcards (a character both
@@ -237,11 +295,30 @@ macro_rules! count_products {
     };
 }
 
+/// Where an unfiltered listing's statement has its `total_size`: after the
+/// ten product columns.
+const TOTAL_SIZE_COLUMN: usize = 10;
+
 const FILTER: &str = " AND (LOWER(name) LIKE ? ESCAPE '!' OR LOWER(description) LIKE ? ESCAPE '!')";
 
 impl ProductStore {
     pub fn new(db: Db) -> Self {
-        ProductStore { db }
+        let reads = match &db {
+            Db::Sqlite(pool) => SqliteReads::for_pool(pool).map(Arc::new),
+            Db::MySql(_) => None,
+        };
+        ProductStore { db, reads }
+    }
+
+    /// A store that reads only through the pool, also on SQLite: the
+    /// reference the in-line reads are tested against.
+    pub fn pool_only(db: Db) -> Self {
+        ProductStore { db, reads: None }
+    }
+
+    /// On SQLite, how many reads were done in-line and how many gave way.
+    pub fn inline_read_counts(&self) -> Option<ReadCounts> {
+        self.reads.as_ref().map(|reads| reads.counts())
     }
 
     pub fn db(&self) -> &Db {
@@ -257,8 +334,13 @@ impl ProductStore {
     }
 
     pub async fn get(&self, id: i64) -> Result<Option<ProductRow>, ApiError> {
-        let sql = format!("SELECT {COLUMNS} FROM products WHERE id = ?");
-        Ok(on_db!(&self.db, pool => sqlx::query_as(&sql).bind(id).fetch_optional(pool).await)?)
+        if let Some(reads) = &self.reads
+            && let Some(row) =
+                reads.read(|c| c.prepare_cached(SELECT_BY_ID)?.query_row([id], inline_row).optional())
+        {
+            return Ok(row);
+        }
+        Ok(on_db!(&self.db, pool => sqlx::query_as(SELECT_BY_ID).bind(id).fetch_optional(pool).await)?)
     }
 
     /// The recorded answer of an earlier request with this id.
@@ -290,7 +372,6 @@ impl ProductStore {
         now: DateTime<Utc>,
     ) -> Result<Idempotent<Product>, ApiError> {
         let price = self.price_param(fields.price);
-        let select = format!("SELECT {COLUMNS} FROM products WHERE id = ?");
         // An async block, so that `return` leaves only the transaction.
         let created: Option<Product> = on_db!(&self.db, pool => async {
             let mut tx = pool.begin_write().await?;
@@ -311,7 +392,7 @@ impl ProductStore {
             .await?
             .insert_id();
             count_products!(tx, id, 1_i64);
-            let row: ProductRow = sqlx::query_as(&select).bind(id).fetch_one(&mut *tx).await?;
+            let row: ProductRow = sqlx::query_as(SELECT_BY_ID).bind(id).fetch_one(&mut *tx).await?;
             let product = row.into_product()?;
             record_response!(tx, request, product);
             tx.commit().await?;
@@ -338,7 +419,6 @@ impl ProductStore {
         user_id: Option<i64>,
         now: DateTime<Utc>,
     ) -> Result<Idempotent<Adjusted>, ApiError> {
-        let select = format!("SELECT {COLUMNS} FROM products WHERE id = ?");
         let adjusted: Option<Adjusted> = on_db!(&self.db, pool => async {
             let mut tx = pool.begin_write().await?;
             claim_request_id!(tx, request, now);
@@ -356,7 +436,7 @@ impl ProductStore {
             .execute(&mut *tx)
             .await?
             .rows_affected();
-            let row: Option<ProductRow> = sqlx::query_as(&select).bind(id).fetch_optional(&mut *tx).await?;
+            let row: Option<ProductRow> = sqlx::query_as(SELECT_BY_ID).bind(id).fetch_optional(&mut *tx).await?;
             let Some(row) = row else { return Ok(Some(Adjusted::NotFound)) };
             if changed != 1 {
                 // Nothing changed; the transaction (and the claim) roll back.
@@ -402,23 +482,31 @@ impl ProductStore {
                  FROM products WHERE 1 = 1"
             )
         };
+        let mut params = Vec::new();
+        if let Some(pattern) = pattern {
+            params.push(ListParam::Text(pattern.clone()));
+            params.push(ListParam::Text(pattern));
+        }
         let sort_param = match (q.after, q.order.field) {
             (None, _) | (Some(_), SortField::Id) => None,
-            (Some(after), SortField::Name) => Some(SortParam::Text(after.sort_value.clone())),
-            (Some(after), SortField::Price) => Some(SortParam::Text(
+            (Some(after), SortField::Name) => Some(ListParam::Text(after.sort_value.clone())),
+            (Some(after), SortField::Price) => Some(ListParam::Text(
                 self.price_param(
                     Price::parse(&after.sort_value)
                         .map_err(|_| ApiError::invalid("page_token", "is not valid"))?,
                 ),
             )),
-            (Some(after), SortField::CreateTime) => Some(SortParam::Time(
+            (Some(after), SortField::CreateTime) => Some(ListParam::Time(
                 parse_cursor_time(&after.sort_value)
                     .ok_or_else(|| ApiError::invalid("page_token", "is not valid"))?,
             )),
         };
-        match (q.after, &sort_param) {
-            (Some(_), None) => sql.push_str(&format!(" AND products.id {cmp} ?")),
-            (Some(_), Some(_)) => {
+        match (q.after, sort_param) {
+            (Some(after), None) => {
+                sql.push_str(&format!(" AND products.id {cmp} ?"));
+                params.push(ListParam::Int(after.id));
+            }
+            (Some(after), Some(sort_param)) => {
                 // MySQL compares a DECIMAL with a string as doubles; cast the
                 // bound price so the comparison stays exact. SQLite compares
                 // its fixed-width text as text.
@@ -428,7 +516,8 @@ impl ProductStore {
                 };
                 sql.push_str(&format!(
                     " AND ({column} {cmp} {value} OR ({column} = {value} AND products.id {cmp} ?))"
-                ))
+                ));
+                params.extend([sort_param.clone(), sort_param, ListParam::Int(after.id)]);
             }
             (None, _) => {}
         }
@@ -437,26 +526,42 @@ impl ProductStore {
         } else {
             sql.push_str(&format!(" ORDER BY {column} {dir}, products.id {dir} LIMIT ?"));
         }
-        let rows: Vec<ListedRow> = on_db!(&self.db, pool => {
-            let mut query = sqlx::query_as(&sql);
-            if let Some(pattern) = &pattern {
-                query = query.bind(pattern).bind(pattern);
-            }
-            match &sort_param {
-                Some(SortParam::Text(value)) => query = query.bind(value).bind(value),
-                Some(SortParam::Time(value)) => query = query.bind(*value).bind(*value),
-                None => {}
-            }
-            if let Some(after) = q.after {
-                query = query.bind(after.id);
-            }
-            query.bind(q.limit).fetch_all(pool).await
-        })?;
+        params.push(ListParam::Int(q.limit));
+        let rows = match self.list_inline(&sql, &params) {
+            Some(rows) => rows,
+            None => on_db!(&self.db, pool => {
+                let mut query = sqlx::query_as(&sql);
+                for param in &params {
+                    query = match param {
+                        ListParam::Text(text) => query.bind(text),
+                        ListParam::Time(time) => query.bind(time),
+                        ListParam::Int(n) => query.bind(n),
+                    };
+                }
+                query.fetch_all(pool).await
+            })?,
+        };
         let total_size = match rows.first().and_then(|row| row.total_size) {
             Some(total) => total,
             None => self.count(q.query).await?,
         };
         Ok(Page { rows: rows.into_iter().map(|row| row.product).collect(), total_size })
+    }
+
+    /// A listing's rows read in-line, if that could be done now.
+    fn list_inline(&self, sql: &str, params: &[ListParam]) -> Option<Vec<ListedRow>> {
+        self.reads.as_ref()?.read(|c| {
+            let mut statement = c.prepare_cached(sql)?;
+            // Only the unfiltered listing carries the total, after the row.
+            let with_total = statement.column_count() > TOTAL_SIZE_COLUMN;
+            let rows = statement.query_map(rusqlite::params_from_iter(params), |row| {
+                Ok(ListedRow {
+                    product: inline_row(row)?,
+                    total_size: if with_total { row.get(TOTAL_SIZE_COLUMN)? } else { None },
+                })
+            })?;
+            rows.collect()
+        })
     }
 
     /// How many products there are, or match `query`. The unfiltered
@@ -515,7 +620,6 @@ impl ProductStore {
         now: DateTime<Utc>,
     ) -> Result<Written<ProductRow>, ApiError> {
         let price = self.price_param(fields.price);
-        let select = format!("SELECT {COLUMNS} FROM products WHERE id = ?");
         // The write and the read of what it wrote in one transaction: the
         // answer is this write's state, whatever comes after.
         let written: Option<ProductRow> = on_db!(&self.db, pool => async {
@@ -538,7 +642,7 @@ impl ProductStore {
             if rows != 1 {
                 return Ok::<_, ApiError>(None);
             }
-            let row = sqlx::query_as(&select).bind(id).fetch_one(&mut *tx).await?;
+            let row = sqlx::query_as(SELECT_BY_ID).bind(id).fetch_one(&mut *tx).await?;
             tx.commit().await?;
             Ok(Some(row))
         }

@@ -28,6 +28,7 @@ backend_tests!(
     database_errors_never_leak,
     total_size_follows_concurrent_creates_and_deletes,
     a_catalogue_from_before_the_count_is_counted_by_its_migration,
+    reads_in_line_return_what_the_pool_returns,
 );
 
 struct Shop {
@@ -542,4 +543,84 @@ async fn database_errors_never_leak(backend: Backend) {
             err.message()
         );
     }
+}
+
+/// On SQLite, gets and listings are read in-line on the calling thread
+/// (storegate::sqlite_reads); they must return exactly what the pool's
+/// reads return, for every listing shape, and give way to the pool for a
+/// row they cannot read (here: a time written by hand in another format).
+async fn reads_in_line_return_what_the_pool_returns(backend: Backend) {
+    use product_service::{
+        domain::{OrderBy, SortField},
+        store::{Cursor, ListQuery, ProductStore},
+    };
+    let is_sqlite = matches!(backend, Backend::Sqlite);
+    let shop = Shop::open(backend).await;
+    let (mut ids, mut names) = (Vec::new(), Vec::new());
+    for i in 0..23 {
+        // Repeated names and prices, so that ties are broken by id.
+        let name = format!("{} item {}", ["Teapot", "Mug", "Tray"][i % 3], i % 5);
+        ids.push(shop.create(&name, &format!("{}.{:02}", i % 4, i * 7 % 100), i as i64).await.id);
+        names.push(name.to_lowercase());
+    }
+    let db = shop.stack.db.open().await;
+    let (store, pool) = (ProductStore::new(db.clone()), ProductStore::pool_only(db.clone()));
+
+    for &id in ids.iter().chain([&999_999]) {
+        assert_eq!(store.get(id).await.unwrap(), pool.get(id).await.unwrap(), "product {id}");
+    }
+    let mut listings = 0;
+    for field in [SortField::Id, SortField::Name, SortField::Price, SortField::CreateTime] {
+        for descending in [false, true] {
+            for query in [None, Some("mug"), Some("ITEM 3")] {
+                let order = OrderBy { field, descending };
+                let mut after: Option<Cursor> = None;
+                let mut seen = 0;
+                loop {
+                    let q = ListQuery { order, query, after: after.as_ref(), limit: 4 };
+                    let (inline, pooled) = (store.list(&q).await.unwrap(), pool.list(&q).await.unwrap());
+                    assert_eq!(inline.rows, pooled.rows, "{order:?} {query:?} after {after:?}");
+                    assert_eq!(inline.total_size, pooled.total_size);
+                    listings += 1;
+                    seen += inline.rows.len();
+                    let Some(last) = inline.rows.last() else { break };
+                    after = Some(Cursor::after(&last.clone().into_product().unwrap(), order));
+                }
+                // Descriptions are "About <name>": a match is a name's match.
+                let expected = match query {
+                    None => 23,
+                    Some(q) => names.iter().filter(|n| n.contains(&q.to_lowercase())).count(),
+                };
+                assert_eq!(seen, expected, "{order:?} {query:?}");
+            }
+        }
+    }
+    let counts = store.inline_read_counts();
+    if is_sqlite {
+        let counts = counts.expect("in-line reads on SQLite");
+        assert_eq!(counts.done, 24 + listings, "every read was done in-line");
+        assert_eq!(counts.gave_way, 0);
+    } else {
+        assert_eq!(counts, None, "no in-line reads on MySQL");
+    }
+
+    // A row whose times were written by hand in SQL's own format.
+    on_db!(&db, pool => {
+        sqlx::query(
+            "UPDATE products SET create_time = '2026-01-02 03:04:05', update_time = '2026-01-02 03:04:05' \
+             WHERE id = ?",
+        )
+        .bind(ids[0])
+        .execute(pool)
+        .await
+        .map(drop)
+    })
+    .unwrap();
+    let row = store.get(ids[0]).await.unwrap().expect("the product");
+    assert_eq!(row.create_time.to_rfc3339(), "2026-01-02T03:04:05+00:00");
+    assert_eq!(Some(row), pool.get(ids[0]).await.unwrap());
+    if is_sqlite {
+        assert_eq!(store.inline_read_counts().unwrap().gave_way, 1, "read through the pool instead");
+    }
+    db.close().await;
 }

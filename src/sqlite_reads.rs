@@ -1,0 +1,198 @@
+//! Reads on the embedded SQLite file, run in-line on the calling thread.
+//!
+//! sqlx gives every SQLite connection a worker thread: each statement is
+//! handed to it, each row handed back, and the connection is pinged on its
+//! way back to the pool. For a point read those hand-offs (thread wake-ups and
+//! context switches) cost several times the read itself: profiling GetProduct
+//! put a third of all CPU time in them and under 3% in SQLite. SQLite is a
+//! library, so a read that finds its pages in the cache takes microseconds
+//! when called directly, about what answering from memory would.
+//!
+//! [`SqliteReads`] keeps a few read-only connections to the same file and runs
+//! a read on one of them, on the caller's thread. A read never waits: the
+//! connections have no busy timeout, so when the file is locked (a checkpoint,
+//! WAL recovery) or anything else goes wrong, [`SqliteReads::read`] returns
+//! `None` and the caller reads through the sqlx pool instead, which waits,
+//! decodes every stored format and maps errors. Each read is its own
+//! transaction on a committed state of the file, so a write that has
+//! committed through the pool is seen at once (read-your-writes holds).
+
+use std::{
+    path::PathBuf,
+    sync::{
+        Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use rusqlite::{Connection, OpenFlags};
+use sqlx::{Pool, Sqlite};
+
+/// Connections kept for reuse; more are opened while more threads read at
+/// once (at most one per thread, as a read never yields), and closed after.
+const KEPT_CONNECTIONS: usize = 8;
+/// Every distinct listing statement fits (sort fields × directions × cursor ×
+/// query filter), so none is re-prepared.
+const STATEMENT_CACHE: usize = 64;
+
+/// Read-only connections to a SQLite file for reads on the calling thread.
+#[derive(Debug)]
+pub struct SqliteReads {
+    path: PathBuf,
+    idle: Mutex<Vec<Connection>>,
+    done: AtomicU64,
+    gave_way: AtomicU64,
+}
+
+/// How many reads were done in-line and how many gave way to the pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadCounts {
+    pub done: u64,
+    pub gave_way: u64,
+}
+
+impl SqliteReads {
+    /// In-line reads of the file behind `pool`; `None` for an in-memory
+    /// database, which other connections cannot see.
+    pub fn for_pool(pool: &Pool<Sqlite>) -> Option<SqliteReads> {
+        let options = pool.connect_options();
+        let path = options.get_filename();
+        let name = path.to_str().unwrap_or_default();
+        if name.is_empty() || name == ":memory:" || name.starts_with("file:") {
+            return None;
+        }
+        Some(SqliteReads {
+            path: path.to_path_buf(),
+            idle: Mutex::new(Vec::new()),
+            done: AtomicU64::new(0),
+            gave_way: AtomicU64::new(0),
+        })
+    }
+
+    pub fn counts(&self) -> ReadCounts {
+        ReadCounts {
+            done: self.done.load(Ordering::Relaxed),
+            gave_way: self.gave_way.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Runs `read` on a connection of its own, on this thread. `None` when
+    /// it could not be done now (the caller then reads through the pool);
+    /// the reason is logged at debug level by its SQLite code only.
+    pub fn read<T>(&self, read: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Option<T> {
+        let reused = self.idle.lock().ok().and_then(|mut idle| idle.pop());
+        let connection = match reused {
+            Some(connection) => connection,
+            None => match self.open() {
+                Ok(connection) => connection,
+                Err(e) => {
+                    tracing::debug!(code = ?e.sqlite_error_code(), "in-line SQLite read unavailable");
+                    self.gave_way.fetch_add(1, Ordering::Relaxed);
+                    return None;
+                }
+            },
+        };
+        let result = read(&connection);
+        match &result {
+            Ok(_) => self.done.fetch_add(1, Ordering::Relaxed),
+            Err(e) => {
+                tracing::debug!(code = ?e.sqlite_error_code(), "in-line SQLite read gave way to the pool");
+                self.gave_way.fetch_add(1, Ordering::Relaxed)
+            }
+        };
+        // Even after an error the connection is sound: a failed read leaves
+        // no transaction open in autocommit mode.
+        if let Ok(mut idle) = self.idle.lock()
+            && idle.len() < KEPT_CONNECTIONS
+        {
+            idle.push(connection);
+        }
+        result.ok()
+    }
+
+    fn open(&self) -> rusqlite::Result<Connection> {
+        let connection = Connection::open_with_flags(
+            &self.path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        // Never wait for a lock on this thread: give way to the pool instead.
+        connection.busy_timeout(std::time::Duration::ZERO)?;
+        connection.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+        Ok(connection)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
+
+    /// A pool on a fresh file named after the test, in `journal` mode.
+    async fn pool_on_file(test: &str, journal: SqliteJournalMode) -> Pool<Sqlite> {
+        let dir = std::env::temp_dir().join(format!("storegate-reads-{}-{test}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let options = SqliteConnectOptions::new()
+            .filename(dir.join("reads.db"))
+            .create_if_missing(true)
+            .journal_mode(journal)
+            .busy_timeout(std::time::Duration::from_secs(10));
+        let pool = SqlitePoolOptions::new().connect_with(options).await.unwrap();
+        sqlx::query("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT NOT NULL)").execute(&pool).await.unwrap();
+        pool
+    }
+
+    fn value_of(reads: &SqliteReads, id: i64) -> Option<Option<String>> {
+        reads.read(|c| {
+            use rusqlite::OptionalExtension as _;
+            c.prepare_cached("SELECT v FROM t WHERE id = ?")?.query_row([id], |row| row.get(0)).optional()
+        })
+    }
+
+    #[tokio::test]
+    async fn a_committed_write_is_read_at_once() {
+        let pool = pool_on_file("committed", SqliteJournalMode::Wal).await;
+        let reads = SqliteReads::for_pool(&pool).expect("a file-backed database");
+        assert_eq!(value_of(&reads, 1), Some(None));
+        sqlx::query("INSERT INTO t (id, v) VALUES (1, 'a')").execute(&pool).await.unwrap();
+        assert_eq!(value_of(&reads, 1), Some(Some("a".into())));
+        sqlx::query("UPDATE t SET v = 'b' WHERE id = 1").execute(&pool).await.unwrap();
+        assert_eq!(value_of(&reads, 1), Some(Some("b".into())));
+    }
+
+    #[tokio::test]
+    async fn a_locked_file_gives_way_at_once_instead_of_waiting() {
+        // The services' files are in WAL mode, where readers are locked out
+        // only briefly (recovery, an exclusive checkpoint); a rollback-journal
+        // file shows the same refusal on demand: a writer's exclusive lock
+        // keeps readers out until it commits.
+        let pool = pool_on_file("locked", SqliteJournalMode::Delete).await;
+        let reads = SqliteReads::for_pool(&pool).unwrap();
+        assert_eq!(value_of(&reads, 1), Some(None));
+        let mut writer = pool.acquire().await.unwrap();
+        sqlx::query("BEGIN EXCLUSIVE").execute(&mut *writer).await.unwrap();
+        sqlx::query("INSERT INTO t (id, v) VALUES (1, 'c')").execute(&mut *writer).await.unwrap();
+        let started = std::time::Instant::now();
+        assert_eq!(value_of(&reads, 1), None, "a locked file is not read in-line");
+        assert!(started.elapsed() < std::time::Duration::from_millis(500), "and not waited for");
+        sqlx::query("COMMIT").execute(&mut *writer).await.unwrap();
+        assert_eq!(value_of(&reads, 1), Some(Some("c".into())), "the connection is fine after giving way");
+        assert_eq!(reads.counts(), ReadCounts { done: 2, gave_way: 1 });
+    }
+
+    #[tokio::test]
+    async fn a_failed_read_gives_way() {
+        let pool = pool_on_file("failed", SqliteJournalMode::Wal).await;
+        let reads = SqliteReads::for_pool(&pool).unwrap();
+        let missing =
+            reads.read(|c| c.query_row("SELECT v FROM no_such_table", [], |row| row.get::<_, String>(0)));
+        assert_eq!(missing, None);
+        assert_eq!(value_of(&reads, 1), Some(None));
+    }
+
+    #[tokio::test]
+    async fn an_in_memory_database_has_no_in_line_reads() {
+        let pool = SqlitePoolOptions::new().connect("sqlite::memory:").await.unwrap();
+        assert!(SqliteReads::for_pool(&pool).is_none());
+    }
+}
