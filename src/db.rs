@@ -21,6 +21,9 @@ pub const DEFAULT_DATABASE_URL: &str = "sqlite://storegate-data/storegate.db";
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 static MYSQL_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/mysql");
 
+/// A pooled MySQL connection idle this long is pinged before it is used.
+const CHECK_IF_IDLE_FOR: Duration = Duration::from_secs(1);
+
 /// A connection pool on one of the two supported backends.
 #[derive(Clone, Debug)]
 pub enum Db {
@@ -99,6 +102,20 @@ impl Db {
             let pool = MySqlPoolOptions::new()
                 .max_connections(16)
                 .acquire_timeout(Duration::from_secs(5))
+                // sqlx pings every connection on its way back to the pool;
+                // pinging it again when it is taken out (sqlx's default) made
+                // each query three round trips. Only a connection that has sat
+                // idle, where the server or a proxy may have dropped it since,
+                // is checked before use.
+                .test_before_acquire(false)
+                .before_acquire(|connection, meta| {
+                    Box::pin(async move {
+                        if meta.idle_for >= CHECK_IF_IDLE_FOR {
+                            sqlx::Connection::ping(connection).await?;
+                        }
+                        Ok(true)
+                    })
+                })
                 .connect_with(options)
                 .await
                 .context("cannot connect to MySQL")?;

@@ -26,8 +26,12 @@ struct Args {
     #[arg(long)]
     mysql_server_url: Option<String>,
     /// Seconds per scenario.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 8)]
     seconds: u64,
+    /// Slices each scenario's time is cut into, run round-robin with the
+    /// other scenarios and the ceilings.
+    #[arg(long, default_value_t = 4)]
+    rounds: u32,
     /// Concurrent calls for the request scenarios and their ceilings.
     #[arg(long, default_value_t = 64)]
     concurrency: usize,
@@ -68,47 +72,62 @@ async fn main() -> anyhow::Result<()> {
     let backend_name = if args.mysql_server_url.is_some() { "MySQL" } else { "SQLite" };
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     eprintln!("storegate-bench on {backend_name}, {cores} cores, {} s per scenario", args.seconds);
-    let duration = Duration::from_secs(args.seconds);
     let (c, bench) = (args.concurrency, scenarios::Bench::start(backend).await?);
 
-    let wanted = |name: &str| args.only.is_empty() || args.only.iter().any(|o| o == name);
-    eprintln!("ceilings:");
-    let noop = if wanted("noop") { Some(bench.noop(c, duration).await) } else { None };
-    let db_point = if wanted("db-point") { Some(bench.db_point(c, duration).await) } else { None };
-    let db_page = if wanted("db-page") { Some(bench.db_page(c, duration).await) } else { None };
-    let argon2 = if wanted("argon2") { Some(bench.argon2(2 * cores, duration).await) } else { None };
-    eprintln!("scenarios:");
-    let get = if wanted("get") { Some(bench.get(c, duration).await) } else { None };
-    let list = if wanted("list") { Some(bench.list(c, duration).await) } else { None };
-    let create = if wanted("create") { Some(bench.create(c, duration).await) } else { None };
-    let adjust = if wanted("adjust") { Some(bench.adjust(c, duration).await) } else { None };
-    let login = if wanted("login") { Some(bench.login(2 * cores, duration).await) } else { None };
-    let storm = if wanted("storm") { Some(bench.storm().await) } else { None };
+    // Each scenario's time is cut into slices run round-robin with the
+    // ceilings, so that a slow patch of a shared machine (its speed varies
+    // by up to 2x in minutes) falls on a scenario and its ceiling alike.
+    let wanted = |name: &&str| args.only.is_empty() || args.only.iter().any(|o| o == name);
+    let timed: Vec<&str> = SCENARIOS.into_iter().filter(|&name| name != "storm").filter(wanted).collect();
+    let rounds = args.rounds.max(1);
+    let slice = Duration::from_secs(args.seconds) / rounds;
+    let mut outcomes: Vec<Outcome> = Vec::new();
+    for round in 1..=rounds {
+        eprintln!("round {round} of {rounds}:");
+        for (i, name) in timed.iter().enumerate() {
+            let concurrency = if matches!(*name, "argon2" | "login") { 2 * cores } else { c };
+            let part = bench.run(name, concurrency, slice).await;
+            match outcomes.get_mut(i) {
+                Some(outcome) => outcome.absorb(part),
+                None => outcomes.push(part),
+            }
+        }
+    }
+    let outcome = |name: &str| timed.iter().position(|n| *n == name).map(|i| &outcomes[i]);
+    let (noop, db_point, db_page, argon2) =
+        (outcome("noop"), outcome("db-point"), outcome("db-page"), outcome("argon2"));
+    let (get, list, create, adjust, login) =
+        (outcome("get"), outcome("list"), outcome("create"), outcome("adjust"), outcome("login"));
+    let storm = if wanted(&"storm") { Some(bench.storm().await) } else { None };
     let (peak, current) = memory_mib();
+    let duration = Duration::from_secs(args.seconds);
     let processes = if args.only.is_empty() { Some(processes::run(&bench, c, duration).await) } else { None };
 
-    let rps = |o: &Option<Outcome>| o.as_ref().map(Outcome::rps);
-    let point_ceiling = match (rps(&noop), rps(&db_point)) {
+    let rps = |o: Option<&Outcome>| o.map(Outcome::rps);
+    let point_ceiling = match (rps(noop), rps(db_point)) {
         (Some(noop), Some(db)) if noop < db => Some(("noop", noop)),
         (Some(noop), None) => Some(("noop", noop)),
         (_, Some(db)) => Some(("db-point", db)),
         (None, None) => None,
     };
     let table: Vec<(&Outcome, Option<(&str, f64)>)> = [
-        (&noop, None),
-        (&db_point, None),
-        (&db_page, None),
-        (&argon2, None),
-        (&get, point_ceiling),
-        (&list, rps(&db_page).map(|r| ("db-page", r))),
-        (&create, None),
-        (&adjust, None),
-        (&login, rps(&argon2).map(|r| ("argon2", r))),
+        (noop, None),
+        (db_point, None),
+        (db_page, None),
+        (argon2, None),
+        (get, point_ceiling),
+        (list, rps(db_page).map(|r| ("db-page", r))),
+        (create, None),
+        (adjust, None),
+        (login, rps(argon2).map(|r| ("argon2", r))),
     ]
     .into_iter()
-    .filter_map(|(outcome, ceiling)| outcome.as_ref().map(|o| (o, ceiling)))
+    .filter_map(|(outcome, ceiling)| outcome.map(|o| (o, ceiling)))
     .collect();
-    println!("\nstoregate-bench on {backend_name}, {cores} cores, {} s per scenario\n", args.seconds);
+    println!(
+        "\nstoregate-bench on {backend_name}, {cores} cores, {} s per scenario in {rounds} round-robin slices\n",
+        args.seconds
+    );
     println!("| scenario   | conc | req/s     | p50 ms  | p99 ms  | p999 ms | errors | vs ceiling |");
     println!("|------------|------|-----------|---------|---------|---------|--------|------------|");
     for (outcome, ceiling) in &table {
@@ -130,6 +149,7 @@ async fn main() -> anyhow::Result<()> {
         "backend": backend_name,
         "cores": cores,
         "seconds_per_scenario": args.seconds,
+        "rounds": rounds,
         "scenarios": table.iter().map(|(o, c)| o.json(*c)).collect::<Vec<_>>(),
         "storm": storm.as_ref().map(scenarios::Storm::json),
         "peak_rss_mib": peak,

@@ -30,6 +30,15 @@ impl Outcome {
         self.latencies[((self.latencies.len() - 1) as f64 * p).round() as usize]
     }
 
+    /// Adds another slice of the same scenario.
+    pub fn absorb(&mut self, slice: Outcome) {
+        self.ok += slice.ok;
+        self.errors += slice.errors;
+        self.elapsed += slice.elapsed;
+        self.latencies.extend(slice.latencies);
+        self.latencies.sort_unstable();
+    }
+
     pub fn json(&self, ceiling: Option<(&str, f64)>) -> serde_json::Value {
         let ms = |d: Duration| (d.as_secs_f64() * 1e6).round() / 1e3;
         json!({

@@ -181,6 +181,22 @@ impl Bench {
         Ok(Bench { stack, token, auth, products, noop, db, users: Arc::new(users) })
     }
 
+    /// Runs the scenario or ceiling called `name` (see `SCENARIOS` in main.rs).
+    pub async fn run(&self, name: &str, concurrency: usize, duration: Duration) -> Outcome {
+        match name {
+            "noop" => self.noop(concurrency, duration).await,
+            "db-point" => self.db_point(concurrency, duration).await,
+            "db-page" => self.db_page(concurrency, duration).await,
+            "argon2" => self.argon2(concurrency, duration).await,
+            "get" => self.get(concurrency, duration).await,
+            "list" => self.list(concurrency, duration).await,
+            "create" => self.create(concurrency, duration).await,
+            "adjust" => self.adjust(concurrency, duration).await,
+            "login" => self.login(concurrency, duration).await,
+            other => unreachable!("no timed scenario {other}"),
+        }
+    }
+
     pub async fn noop(&self, concurrency: usize, duration: Duration) -> Outcome {
         let channel = self.noop.clone();
         measure("noop", concurrency, duration, move |worker, i| {

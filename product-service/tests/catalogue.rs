@@ -29,6 +29,7 @@ backend_tests!(
     total_size_follows_concurrent_creates_and_deletes,
     a_catalogue_from_before_the_count_is_counted_by_its_migration,
     reads_in_line_return_what_the_pool_returns,
+    connections_the_server_dropped_are_replaced_before_use,
 );
 
 struct Shop {
@@ -622,5 +623,56 @@ async fn reads_in_line_return_what_the_pool_returns(backend: Backend) {
     if is_sqlite {
         assert_eq!(store.inline_read_counts().unwrap().gave_way, 1, "read through the pool instead");
     }
+    db.close().await;
+}
+
+/// The MySQL pool skips sqlx's ping before each use for a connection that
+/// was just returned (and pinged then), but checks one that sat idle: after
+/// the server drops every connection, no call fails. SQLite has no server to
+/// drop connections.
+async fn connections_the_server_dropped_are_replaced_before_use(backend: Backend) {
+    if matches!(backend, Backend::Sqlite) {
+        return;
+    }
+    let shop = Arc::new(Shop::open(backend).await);
+    let kettle = shop.create("Kettle", "30.00", 3).await;
+    let gets = |shop: Arc<Shop>| async move {
+        let calls: Vec<_> = (0..32)
+            .map(|_| {
+                let shop = shop.clone();
+                tokio::spawn(async move {
+                    let request = GetProductRequest { id: kettle.id };
+                    shop.stack
+                        .products()
+                        .await
+                        .get_product(bearer(request, &shop.token))
+                        .await
+                        .map(|r| r.into_inner())
+                })
+            })
+            .collect();
+        for call in calls {
+            assert_eq!(call.await.unwrap().expect("get after the drop").name, "Kettle");
+        }
+    };
+    // Many pooled connections, then all of them dropped by the server.
+    gets(shop.clone()).await;
+    let db = shop.stack.db.open().await;
+    let Db::MySql(pool) = &db else { unreachable!() };
+    let mut own = pool.acquire().await.unwrap();
+    let others: Vec<i64> = sqlx::query_scalar(
+        "SELECT ID FROM information_schema.PROCESSLIST WHERE DB = DATABASE() AND ID <> CONNECTION_ID()",
+    )
+    .fetch_all(&mut *own)
+    .await
+    .unwrap();
+    assert!(others.len() > 1, "the services hold pooled connections");
+    for id in others {
+        // A connection may end by itself meanwhile.
+        let _ = sqlx::query(&format!("KILL {id}")).execute(&mut *own).await;
+    }
+    drop(own);
+    tokio::time::sleep(std::time::Duration::from_millis(1_200)).await;
+    gets(shop.clone()).await;
     db.close().await;
 }
