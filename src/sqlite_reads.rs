@@ -16,6 +16,9 @@
 //! decodes every stored format and maps errors. Each read is its own
 //! transaction on a committed state of the file, so a write that has
 //! committed through the pool is seen at once (read-your-writes holds).
+//!
+//! Use it only for reads bounded by an index (a point read, a keyset page): a
+//! read holds the calling thread, an async runtime's worker, until it ends.
 
 use std::{
     path::PathBuf,

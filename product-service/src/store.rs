@@ -527,7 +527,10 @@ impl ProductStore {
             sql.push_str(&format!(" ORDER BY {column} {dir}, products.id {dir} LIMIT ?"));
         }
         params.push(ListParam::Int(q.limit));
-        let rows = match self.list_inline(&sql, &params) {
+        // A filtered listing scans the table: too long to hold the calling
+        // thread, so only a keyset page (an index range) is read in-line.
+        let inline = if q.query.is_none() { self.list_inline(&sql, &params) } else { None };
+        let rows = match inline {
             Some(rows) => rows,
             None => on_db!(&self.db, pool => {
                 let mut query = sqlx::query_as(&sql);
@@ -552,7 +555,7 @@ impl ProductStore {
     fn list_inline(&self, sql: &str, params: &[ListParam]) -> Option<Vec<ListedRow>> {
         self.reads.as_ref()?.read(|c| {
             let mut statement = c.prepare_cached(sql)?;
-            // Only the unfiltered listing carries the total, after the row.
+            // The unfiltered listing carries the total after the row.
             let with_total = statement.column_count() > TOTAL_SIZE_COLUMN;
             let rows = statement.query_map(rusqlite::params_from_iter(params), |row| {
                 Ok(ListedRow {
