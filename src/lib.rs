@@ -7,6 +7,7 @@ pub mod config;
 pub mod db;
 pub mod error;
 pub mod metrics;
+pub mod mysql_reads;
 mod redact;
 pub mod server;
 pub mod sqlite_reads;

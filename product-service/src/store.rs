@@ -15,6 +15,7 @@ use rusqlite::{
 use storegate::{
     ApiError, Db,
     db::{Backend, BeginWrite as _, InsertId as _, is_unique_violation},
+    mysql_reads::MySqlReads,
     on_db,
     pb::product::v1::Product,
     sqlite_reads::{ReadCounts, SqliteReads},
@@ -36,9 +37,19 @@ const SELECT_BY_ID: &str = concat!("SELECT ", columns!(), " FROM products WHERE 
 #[derive(Clone, Debug)]
 pub struct ProductStore {
     db: Db,
-    /// On SQLite, reads run in-line on the calling thread first (see
-    /// `storegate::sqlite_reads`); the pool is their fallback.
-    reads: Option<Arc<SqliteReads>>,
+    /// How gets and keyset pages are read; `None`: through the pool.
+    reads: Option<Reads>,
+}
+
+/// The hot reads' own path on each backend.
+#[derive(Clone, Debug)]
+enum Reads {
+    /// In-line on the calling thread first (`storegate::sqlite_reads`); the
+    /// pool is their fallback.
+    Sqlite(Arc<SqliteReads>),
+    /// Connections without sqlx's ping after each query
+    /// (`storegate::mysql_reads`).
+    MySql(Arc<MySqlReads>),
 }
 
 /// A row of a listing: the product, and without a query the total count.
@@ -203,6 +214,21 @@ impl rusqlite::ToSql for ListParam {
     }
 }
 
+/// `$query` with every listing parameter bound, in order.
+macro_rules! bind_all {
+    ($query:expr, $params:expr) => {{
+        let mut query = $query;
+        for param in $params {
+            query = match param {
+                ListParam::Text(text) => query.bind(text),
+                ListParam::Time(time) => query.bind(time),
+                ListParam::Int(n) => query.bind(n),
+            };
+        }
+        query
+    }};
+}
+
 /// A product row read in-line, by the positions of [`columns!`]. Times are
 /// read as the RFC 3339 text the service writes; any other stored form fails
 /// here and is read through the pool, which decodes every form.
@@ -295,6 +321,9 @@ macro_rules! count_products {
     };
 }
 
+/// Connections for gets and keyset pages on MySQL, beside the pool's.
+const READ_CONNECTIONS: usize = 16;
+
 /// Where an unfiltered listing's statement has its `total_size`: after the
 /// ten product columns.
 const TOTAL_SIZE_COLUMN: usize = 10;
@@ -304,8 +333,12 @@ const FILTER: &str = " AND (LOWER(name) LIKE ? ESCAPE '!' OR LOWER(description) 
 impl ProductStore {
     pub fn new(db: Db) -> Self {
         let reads = match &db {
-            Db::Sqlite(pool) => SqliteReads::for_pool(pool).map(Arc::new),
-            Db::MySql(_) => None,
+            Db::Sqlite(pool) => SqliteReads::for_pool(pool).map(|reads| Reads::Sqlite(Arc::new(reads))),
+            Db::MySql(pool) => Some(Reads::MySql(MySqlReads::new(
+                (*pool.connect_options()).clone(),
+                READ_CONNECTIONS,
+                pool.options().get_acquire_timeout(),
+            ))),
         };
         ProductStore { db, reads }
     }
@@ -318,7 +351,18 @@ impl ProductStore {
 
     /// On SQLite, how many reads were done in-line and how many gave way.
     pub fn inline_read_counts(&self) -> Option<ReadCounts> {
-        self.reads.as_ref().map(|reads| reads.counts())
+        match &self.reads {
+            Some(Reads::Sqlite(reads)) => Some(reads.counts()),
+            _ => None,
+        }
+    }
+
+    /// On MySQL, how many read connections are idle, ready to be lent.
+    pub fn idle_read_connections(&self) -> Option<usize> {
+        match &self.reads {
+            Some(Reads::MySql(reads)) => Some(reads.idle_connections()),
+            _ => None,
+        }
     }
 
     pub fn db(&self) -> &Db {
@@ -334,11 +378,21 @@ impl ProductStore {
     }
 
     pub async fn get(&self, id: i64) -> Result<Option<ProductRow>, ApiError> {
-        if let Some(reads) = &self.reads
-            && let Some(row) =
-                reads.read(|c| c.prepare_cached(SELECT_BY_ID)?.query_row([id], inline_row).optional())
-        {
-            return Ok(row);
+        match &self.reads {
+            Some(Reads::Sqlite(reads)) => {
+                if let Some(row) =
+                    reads.read(|c| c.prepare_cached(SELECT_BY_ID)?.query_row([id], inline_row).optional())
+                {
+                    return Ok(row);
+                }
+            }
+            Some(Reads::MySql(reads)) => {
+                let mut lease = reads.lease().await?;
+                let row = sqlx::query_as(SELECT_BY_ID).bind(id).fetch_optional(lease.connection()).await?;
+                lease.finish();
+                return Ok(row);
+            }
+            None => {}
         }
         Ok(on_db!(&self.db, pool => sqlx::query_as(SELECT_BY_ID).bind(id).fetch_optional(pool).await)?)
     }
@@ -529,20 +583,19 @@ impl ProductStore {
         params.push(ListParam::Int(q.limit));
         // A filtered listing scans the table: too long to hold the calling
         // thread, so only a keyset page (an index range) is read in-line.
-        let inline = if q.query.is_none() { self.list_inline(&sql, &params) } else { None };
-        let rows = match inline {
+        let rows = match (&self.reads, q.query) {
+            (Some(Reads::Sqlite(reads)), None) => Self::list_inline(reads, &sql, &params),
+            (Some(Reads::MySql(reads)), None) => {
+                let mut lease = reads.lease().await?;
+                let rows = bind_all!(sqlx::query_as(&sql), &params).fetch_all(lease.connection()).await?;
+                lease.finish();
+                Some(rows)
+            }
+            _ => None,
+        };
+        let rows = match rows {
             Some(rows) => rows,
-            None => on_db!(&self.db, pool => {
-                let mut query = sqlx::query_as(&sql);
-                for param in &params {
-                    query = match param {
-                        ListParam::Text(text) => query.bind(text),
-                        ListParam::Time(time) => query.bind(time),
-                        ListParam::Int(n) => query.bind(n),
-                    };
-                }
-                query.fetch_all(pool).await
-            })?,
+            None => on_db!(&self.db, pool => bind_all!(sqlx::query_as(&sql), &params).fetch_all(pool).await)?,
         };
         let total_size = match rows.first().and_then(|row| row.total_size) {
             Some(total) => total,
@@ -552,8 +605,8 @@ impl ProductStore {
     }
 
     /// A listing's rows read in-line, if that could be done now.
-    fn list_inline(&self, sql: &str, params: &[ListParam]) -> Option<Vec<ListedRow>> {
-        self.reads.as_ref()?.read(|c| {
+    fn list_inline(reads: &SqliteReads, sql: &str, params: &[ListParam]) -> Option<Vec<ListedRow>> {
+        reads.read(|c| {
             let mut statement = c.prepare_cached(sql)?;
             // The unfiltered listing carries the total after the row.
             let with_total = statement.column_count() > TOTAL_SIZE_COLUMN;

@@ -28,7 +28,7 @@ backend_tests!(
     database_errors_never_leak,
     total_size_follows_concurrent_creates_and_deletes,
     a_catalogue_from_before_the_count_is_counted_by_its_migration,
-    reads_in_line_return_what_the_pool_returns,
+    hot_read_paths_return_what_the_pool_returns,
     connections_the_server_dropped_are_replaced_before_use,
 );
 
@@ -546,11 +546,13 @@ async fn database_errors_never_leak(backend: Backend) {
     }
 }
 
-/// On SQLite, gets and unfiltered listings are read in-line on the calling
-/// thread (storegate::sqlite_reads); they must return exactly what the
-/// pool's reads return, for every listing shape, and give way to the pool for a
-/// row they cannot read (here: a time written by hand in another format).
-async fn reads_in_line_return_what_the_pool_returns(backend: Backend) {
+/// Gets and unfiltered listings have their own read path (on SQLite in-line
+/// on the calling thread, storegate::sqlite_reads; on MySQL connections
+/// without a ping per query, storegate::mysql_reads); they must return
+/// exactly what the pool's reads return, for every listing shape, and on
+/// SQLite give way to the pool for a row they cannot read (here: a time
+/// written by hand in another format).
+async fn hot_read_paths_return_what_the_pool_returns(backend: Backend) {
     use product_service::{
         domain::{OrderBy, SortField},
         store::{Cursor, ListQuery, ProductStore},
@@ -604,6 +606,9 @@ async fn reads_in_line_return_what_the_pool_returns(backend: Backend) {
         assert_eq!(counts.gave_way, 0);
     } else {
         assert_eq!(counts, None, "no in-line reads on MySQL");
+        // There, gets and keyset pages go through connections of their own.
+        assert!(store.idle_read_connections().unwrap() >= 1);
+        assert_eq!(pool.idle_read_connections(), None);
     }
 
     // A row whose times were written by hand in SQL's own format.

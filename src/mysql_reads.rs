@@ -1,0 +1,183 @@
+//! Connections for a service's hot MySQL reads, kept without sqlx's
+//! per-query ping.
+//!
+//! sqlx's pool pings every connection on its way back, so each query through
+//! it is two round trips to the server, each one waking a server thread and a
+//! client task. On a machine the database shares, those wake-ups cost more
+//! than the statement. [`MySqlReads`] lends connections for one read at a time
+//! and takes them back without a ping when the read finished; a connection
+//! whose read did not finish (an error, or a caller that gave up mid-way) is
+//! dropped instead, as its state is unknown. Like the main pool, a connection
+//! that sat idle for a while is pinged before it is lent, so one the server or
+//! a proxy dropped meanwhile is replaced without a failed call.
+
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use sqlx::{ConnectOptions as _, Connection as _, MySqlConnection, mysql::MySqlConnectOptions};
+use tokio::sync::{Semaphore, SemaphorePermit};
+
+/// An idle connection this old is pinged before it is lent.
+pub const CHECK_IF_IDLE_FOR: Duration = Duration::from_secs(1);
+/// An idle connection this old is closed rather than lent (servers and
+/// proxies drop idle connections after their own timeouts).
+const CLOSE_IF_IDLE_FOR: Duration = Duration::from_secs(5 * 60);
+
+/// Up to `size` connections to one MySQL database, lent for one read each.
+#[derive(Debug)]
+pub struct MySqlReads {
+    options: MySqlConnectOptions,
+    idle: Mutex<Vec<(MySqlConnection, Instant)>>,
+    permits: Semaphore,
+    acquire_timeout: Duration,
+}
+
+/// A connection lent for one read; call [`Lease::finish`] when the read has
+/// finished to give it back.
+pub struct Lease<'a> {
+    reads: &'a MySqlReads,
+    connection: Option<MySqlConnection>,
+    _permit: SemaphorePermit<'a>,
+}
+
+impl MySqlReads {
+    pub fn new(options: MySqlConnectOptions, size: usize, acquire_timeout: Duration) -> Arc<MySqlReads> {
+        Arc::new(MySqlReads {
+            options,
+            idle: Mutex::new(Vec::new()),
+            permits: Semaphore::new(size),
+            acquire_timeout,
+        })
+    }
+
+    /// A connection for one read: an idle one (pinged first if it sat idle
+    /// for a while), or a new one. Fails like sqlx's pool: `PoolTimedOut`
+    /// when all are lent for longer than the acquire timeout, or the error
+    /// of connecting.
+    pub async fn lease(&self) -> Result<Lease<'_>, sqlx::Error> {
+        let permit = tokio::time::timeout(self.acquire_timeout, self.permits.acquire())
+            .await
+            .map_err(|_| sqlx::Error::PoolTimedOut)?
+            .map_err(|_| sqlx::Error::PoolClosed)?;
+        loop {
+            let idle = self.idle.lock().ok().and_then(|mut idle| idle.pop());
+            let Some((mut connection, since)) = idle else {
+                let connection = self.options.connect().await?;
+                return Ok(Lease { reads: self, connection: Some(connection), _permit: permit });
+            };
+            let idle_for = since.elapsed();
+            if idle_for >= CLOSE_IF_IDLE_FOR {
+                let _ = connection.close().await;
+                continue;
+            }
+            if idle_for >= CHECK_IF_IDLE_FOR && connection.ping().await.is_err() {
+                tracing::info!("a pooled MySQL connection was gone; replacing it");
+                continue;
+            }
+            return Ok(Lease { reads: self, connection: Some(connection), _permit: permit });
+        }
+    }
+
+    /// Connections kept idle now.
+    pub fn idle_connections(&self) -> usize {
+        self.idle.lock().map_or(0, |idle| idle.len())
+    }
+}
+
+impl Lease<'_> {
+    pub fn connection(&mut self) -> &mut MySqlConnection {
+        self.connection.as_mut().expect("a lease holds its connection until it ends")
+    }
+
+    /// The read finished: the connection goes back as it is.
+    pub fn finish(mut self) {
+        if let Some(connection) = self.connection.take()
+            && let Ok(mut idle) = self.reads.idle.lock()
+        {
+            idle.push((connection, Instant::now()));
+        }
+    }
+}
+
+// A lease dropped without `finish` drops its connection (closing the socket):
+// a read cut short may have left a reply unread on it.
+
+#[cfg(test)]
+mod tests {
+    use std::str::FromStr as _;
+
+    use super::*;
+
+    /// Reads on the test server (no database needed), or `None` to skip
+    /// outside CI, as every MySQL test does.
+    fn reads(size: usize, acquire_timeout: Duration) -> Option<Arc<MySqlReads>> {
+        match std::env::var("STOREGATE_TEST_MYSQL_URL") {
+            Ok(url) if !url.is_empty() => {
+                let options = MySqlConnectOptions::from_str(&url).expect("a MySQL URL");
+                Some(MySqlReads::new(options, size, acquire_timeout))
+            }
+            _ if std::env::var_os("CI").is_some() => panic!("STOREGATE_TEST_MYSQL_URL must be set in CI"),
+            _ => None,
+        }
+    }
+
+    async fn connection_id(lease: &mut Lease<'_>) -> u64 {
+        sqlx::query_scalar("SELECT CONNECTION_ID()").fetch_one(lease.connection()).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_finished_read_gives_its_connection_back() {
+        let Some(reads) = reads(4, Duration::from_secs(5)) else { return };
+        let mut lease = reads.lease().await.unwrap();
+        let first = connection_id(&mut lease).await;
+        lease.finish();
+        assert_eq!(reads.idle_connections(), 1);
+        let mut lease = reads.lease().await.unwrap();
+        assert_eq!(connection_id(&mut lease).await, first, "the same connection, lent again");
+        lease.finish();
+    }
+
+    #[tokio::test]
+    async fn a_read_cut_short_does_not_give_its_connection_back() {
+        let Some(reads) = reads(4, Duration::from_secs(5)) else { return };
+        let mut lease = reads.lease().await.unwrap();
+        let first = connection_id(&mut lease).await;
+        // The caller gives up while the server is still answering.
+        let cut_short = tokio::time::timeout(
+            Duration::from_millis(100),
+            sqlx::query("SELECT SLEEP(2)").execute(lease.connection()),
+        )
+        .await;
+        assert!(cut_short.is_err());
+        drop(lease);
+        assert_eq!(reads.idle_connections(), 0);
+        let mut lease = reads.lease().await.unwrap();
+        assert_ne!(connection_id(&mut lease).await, first, "a fresh connection");
+        lease.finish();
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_server_dropped_while_idle_is_replaced() {
+        let Some(reads) = reads(4, Duration::from_secs(5)) else { return };
+        let mut lease = reads.lease().await.unwrap();
+        let first = connection_id(&mut lease).await;
+        lease.finish();
+        let mut killer = reads.options.connect().await.unwrap();
+        sqlx::query(&format!("KILL {first}")).execute(&mut killer).await.unwrap();
+        tokio::time::sleep(CHECK_IF_IDLE_FOR + Duration::from_millis(200)).await;
+        let mut lease = reads.lease().await.unwrap();
+        assert_ne!(connection_id(&mut lease).await, first);
+        lease.finish();
+    }
+
+    #[tokio::test]
+    async fn all_connections_lent_for_too_long_is_a_pool_timeout() {
+        let Some(reads) = reads(1, Duration::from_millis(200)) else { return };
+        let held = reads.lease().await.unwrap();
+        assert!(matches!(reads.lease().await, Err(sqlx::Error::PoolTimedOut)));
+        held.finish();
+        reads.lease().await.unwrap().finish();
+    }
+}
