@@ -9,10 +9,11 @@
 //! whose read did not finish (an error, or a caller that gave up mid-way) is
 //! dropped instead, as its state is unknown. Like the main pool, a connection
 //! that sat idle for a while is pinged before it is lent, so one the server or
-//! a proxy dropped meanwhile is replaced without a failed call.
+//! a proxy dropped meanwhile is replaced without a failed call, and one idle
+//! for minutes or open for half an hour is closed instead of lent.
 
 use std::{
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, PoisonError},
     time::{Duration, Instant},
 };
 
@@ -24,12 +25,15 @@ pub const CHECK_IF_IDLE_FOR: Duration = Duration::from_secs(1);
 /// An idle connection this old is closed rather than lent (servers and
 /// proxies drop idle connections after their own timeouts).
 const CLOSE_IF_IDLE_FOR: Duration = Duration::from_secs(5 * 60);
+/// A connection this old is closed rather than lent again, as sqlx's pool
+/// does, so that a failover behind a DNS name is followed.
+const MAX_LIFETIME: Duration = Duration::from_secs(30 * 60);
 
 /// Up to `size` connections to one MySQL database, lent for one read each.
 #[derive(Debug)]
 pub struct MySqlReads {
     options: MySqlConnectOptions,
-    idle: Mutex<Vec<(MySqlConnection, Instant)>>,
+    idle: Mutex<Vec<Kept>>,
     permits: Semaphore,
     acquire_timeout: Duration,
 }
@@ -38,8 +42,16 @@ pub struct MySqlReads {
 /// finished to give it back.
 pub struct Lease<'a> {
     reads: &'a MySqlReads,
-    connection: Option<MySqlConnection>,
+    kept: Option<Kept>,
     _permit: SemaphorePermit<'a>,
+}
+
+/// A connection and its age.
+#[derive(Debug)]
+struct Kept {
+    connection: MySqlConnection,
+    opened: Instant,
+    idle_since: Instant,
 }
 
 impl MySqlReads {
@@ -57,46 +69,71 @@ impl MySqlReads {
     /// when all are lent for longer than the acquire timeout, or the error
     /// of connecting.
     pub async fn lease(&self) -> Result<Lease<'_>, sqlx::Error> {
-        let permit = tokio::time::timeout(self.acquire_timeout, self.permits.acquire())
+        // One limit for all of it, as sqlx's pool has: a ping or a connect
+        // to a peer that vanished must not hold the caller for minutes.
+        tokio::time::timeout(self.acquire_timeout, self.lease_untimed())
             .await
             .map_err(|_| sqlx::Error::PoolTimedOut)?
-            .map_err(|_| sqlx::Error::PoolClosed)?;
+    }
+
+    async fn lease_untimed(&self) -> Result<Lease<'_>, sqlx::Error> {
+        let permit = self.permits.acquire().await.map_err(|_| sqlx::Error::PoolClosed)?;
         loop {
-            let idle = self.idle.lock().ok().and_then(|mut idle| idle.pop());
-            let Some((mut connection, since)) = idle else {
-                let connection = self.options.connect().await?;
-                return Ok(Lease { reads: self, connection: Some(connection), _permit: permit });
+            let (idle, stale) = {
+                let mut idle = self.idle();
+                // Lent newest first (its pages are warm); the oldest is
+                // looked at too, so that a connection left at the bottom
+                // after a burst does not stay open for ever.
+                let stale = match idle.first() {
+                    Some(oldest) if idle.len() > 1 && oldest.idle_since.elapsed() >= CLOSE_IF_IDLE_FOR => {
+                        Some(idle.remove(0))
+                    }
+                    _ => None,
+                };
+                (idle.pop(), stale)
             };
-            let idle_for = since.elapsed();
-            if idle_for >= CLOSE_IF_IDLE_FOR {
-                let _ = connection.close().await;
+            if let Some(stale) = stale {
+                let _ = stale.connection.close().await;
+            }
+            let Some(mut kept) = idle else {
+                let connection = self.options.connect().await?;
+                let kept = Kept { connection, opened: Instant::now(), idle_since: Instant::now() };
+                return Ok(Lease { reads: self, kept: Some(kept), _permit: permit });
+            };
+            let idle_for = kept.idle_since.elapsed();
+            if idle_for >= CLOSE_IF_IDLE_FOR || kept.opened.elapsed() >= MAX_LIFETIME {
+                let _ = kept.connection.close().await;
                 continue;
             }
-            if idle_for >= CHECK_IF_IDLE_FOR && connection.ping().await.is_err() {
+            if idle_for >= CHECK_IF_IDLE_FOR && kept.connection.ping().await.is_err() {
                 tracing::info!("a pooled MySQL connection was gone; replacing it");
                 continue;
             }
-            return Ok(Lease { reads: self, connection: Some(connection), _permit: permit });
+            return Ok(Lease { reads: self, kept: Some(kept), _permit: permit });
         }
+    }
+
+    fn idle(&self) -> std::sync::MutexGuard<'_, Vec<Kept>> {
+        // A poisoned lock only means a panic elsewhere; the list is whole.
+        self.idle.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Connections kept idle now.
     pub fn idle_connections(&self) -> usize {
-        self.idle.lock().map_or(0, |idle| idle.len())
+        self.idle().len()
     }
 }
 
 impl Lease<'_> {
     pub fn connection(&mut self) -> &mut MySqlConnection {
-        self.connection.as_mut().expect("a lease holds its connection until it ends")
+        &mut self.kept.as_mut().expect("a lease holds its connection until it ends").connection
     }
 
     /// The read finished: the connection goes back as it is.
     pub fn finish(mut self) {
-        if let Some(connection) = self.connection.take()
-            && let Ok(mut idle) = self.reads.idle.lock()
-        {
-            idle.push((connection, Instant::now()));
+        if let Some(mut kept) = self.kept.take() {
+            kept.idle_since = Instant::now();
+            self.reads.idle().push(kept);
         }
     }
 }

@@ -23,13 +23,14 @@
 use std::{
     path::PathBuf,
     sync::{
-        Mutex,
+        Mutex, PoisonError,
         atomic::{AtomicU64, Ordering},
     },
 };
 
 use rusqlite::{Connection, OpenFlags};
-use sqlx::{Pool, Sqlite};
+
+use crate::Db;
 
 /// Connections kept for reuse; more are opened while more threads read at
 /// once (at most one per thread, as a read never yields), and closed after.
@@ -55,17 +56,14 @@ pub struct ReadCounts {
 }
 
 impl SqliteReads {
-    /// In-line reads of the file behind `pool`; `None` for an in-memory
-    /// database, which other connections cannot see.
-    pub fn for_pool(pool: &Pool<Sqlite>) -> Option<SqliteReads> {
-        let options = pool.connect_options();
-        let path = options.get_filename();
-        let name = path.to_str().unwrap_or_default();
-        if name.is_empty() || name == ":memory:" || name.starts_with("file:") {
-            return None;
-        }
+    /// In-line reads of the file behind `db`; `None` for MySQL and for an
+    /// in-memory database, which other connections cannot see. The path is
+    /// the one SQLite itself reports for the pool's database (absolute), so
+    /// these connections open the very same file.
+    pub async fn for_db(db: &Db) -> Option<SqliteReads> {
+        let path = db.sqlite_path().await?;
         Some(SqliteReads {
-            path: path.to_path_buf(),
+            path,
             idle: Mutex::new(Vec::new()),
             done: AtomicU64::new(0),
             gave_way: AtomicU64::new(0),
@@ -83,7 +81,7 @@ impl SqliteReads {
     /// it could not be done now (the caller then reads through the pool);
     /// the reason is logged at debug level by its SQLite code only.
     pub fn read<T>(&self, read: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Option<T> {
-        let reused = self.idle.lock().ok().and_then(|mut idle| idle.pop());
+        let reused = self.idle().pop();
         let connection = match reused {
             Some(connection) => connection,
             None => match self.open() {
@@ -105,12 +103,16 @@ impl SqliteReads {
         };
         // Even after an error the connection is sound: a failed read leaves
         // no transaction open in autocommit mode.
-        if let Ok(mut idle) = self.idle.lock()
-            && idle.len() < KEPT_CONNECTIONS
-        {
+        let mut idle = self.idle();
+        if idle.len() < KEPT_CONNECTIONS {
             idle.push(connection);
         }
         result.ok()
+    }
+
+    fn idle(&self) -> std::sync::MutexGuard<'_, Vec<Connection>> {
+        // A poisoned lock only means a panic elsewhere; the list is whole.
+        self.idle.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn open(&self) -> rusqlite::Result<Connection> {
@@ -128,7 +130,10 @@ impl SqliteReads {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
+    use sqlx::{
+        Pool, Sqlite,
+        sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions},
+    };
 
     /// A pool on a fresh file named after the test, in `journal` mode.
     async fn pool_on_file(test: &str, journal: SqliteJournalMode) -> Pool<Sqlite> {
@@ -155,7 +160,7 @@ mod tests {
     #[tokio::test]
     async fn a_committed_write_is_read_at_once() {
         let pool = pool_on_file("committed", SqliteJournalMode::Wal).await;
-        let reads = SqliteReads::for_pool(&pool).expect("a file-backed database");
+        let reads = SqliteReads::for_db(&Db::Sqlite(pool.clone())).await.expect("a file-backed database");
         assert_eq!(value_of(&reads, 1), Some(None));
         sqlx::query("INSERT INTO t (id, v) VALUES (1, 'a')").execute(&pool).await.unwrap();
         assert_eq!(value_of(&reads, 1), Some(Some("a".into())));
@@ -170,7 +175,7 @@ mod tests {
         // file shows the same refusal on demand: a writer's exclusive lock
         // keeps readers out until it commits.
         let pool = pool_on_file("locked", SqliteJournalMode::Delete).await;
-        let reads = SqliteReads::for_pool(&pool).unwrap();
+        let reads = SqliteReads::for_db(&Db::Sqlite(pool.clone())).await.unwrap();
         assert_eq!(value_of(&reads, 1), Some(None));
         let mut writer = pool.acquire().await.unwrap();
         sqlx::query("BEGIN EXCLUSIVE").execute(&mut *writer).await.unwrap();
@@ -186,7 +191,7 @@ mod tests {
     #[tokio::test]
     async fn a_failed_read_gives_way() {
         let pool = pool_on_file("failed", SqliteJournalMode::Wal).await;
-        let reads = SqliteReads::for_pool(&pool).unwrap();
+        let reads = SqliteReads::for_db(&Db::Sqlite(pool.clone())).await.unwrap();
         let missing =
             reads.read(|c| c.query_row("SELECT v FROM no_such_table", [], |row| row.get::<_, String>(0)));
         assert_eq!(missing, None);
@@ -196,6 +201,6 @@ mod tests {
     #[tokio::test]
     async fn an_in_memory_database_has_no_in_line_reads() {
         let pool = SqlitePoolOptions::new().connect("sqlite::memory:").await.unwrap();
-        assert!(SqliteReads::for_pool(&pool).is_none());
+        assert!(SqliteReads::for_db(&Db::Sqlite(pool)).await.is_none());
     }
 }

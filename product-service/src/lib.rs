@@ -45,12 +45,12 @@ pub async fn run(
         tracing::warn!("no signing keys yet; serving anyway and retrying in the background");
     }
 
-    let sweeper = tokio::spawn(sweep_request_ids(store::ProductStore::new(db.clone())));
+    let sweeper = tokio::spawn(sweep_request_ids(store::ProductStore::new(db.clone()).await));
     let metrics = storegate::metrics::Metrics::new("product-service");
     let metrics_server =
         storegate::server::spawn_metrics(&metrics, &config.metrics_listen_addr, db.clone()).await?;
     let verifier = TokenVerifier::new(&config.common.jwt_issuer, &config.common.jwt_audience);
-    let api = service::ProductApi::new(store::ProductStore::new(db.clone()));
+    let api = service::ProductApi::new(store::ProductStore::new(db.clone()).await);
     let product_server = auth::AwaitNewKeys::new(
         tonic::service::interceptor::InterceptedService::new(
             ProductServiceServer::new(api).max_decoding_message_size(MAX_REQUEST_BYTES),
@@ -84,7 +84,7 @@ pub async fn run(
 /// during a rolling upgrade, or SQL run by hand.
 pub async fn recount_products(config: &ProductConfig) -> anyhow::Result<()> {
     let db = Db::open(&config.common.database_url).await?;
-    let products = store::ProductStore::new(db.clone()).recount().await?;
+    let products = store::ProductStore::new(db.clone()).await.recount().await?;
     tracing::info!(products, "counted the products");
     db.close().await;
     Ok(())

@@ -334,9 +334,9 @@ const TOTAL_SIZE_COLUMN: usize = 10;
 const FILTER: &str = " AND (LOWER(name) LIKE ? ESCAPE '!' OR LOWER(description) LIKE ? ESCAPE '!')";
 
 impl ProductStore {
-    pub fn new(db: Db) -> Self {
+    pub async fn new(db: Db) -> Self {
         let reads = match &db {
-            Db::Sqlite(pool) => SqliteReads::for_pool(pool).map(|reads| Reads::Sqlite(Arc::new(reads))),
+            Db::Sqlite(_) => SqliteReads::for_db(&db).await.map(|reads| Reads::Sqlite(Arc::new(reads))),
             Db::MySql(pool) => Some(Reads::MySql(MySqlReads::new(
                 (*pool.connect_options()).clone(),
                 READ_CONNECTIONS,
@@ -571,10 +571,14 @@ impl ProductStore {
                     (SortField::Price, Backend::MySql) => "CAST(? AS DECIMAL(12,2))",
                     _ => "?",
                 };
+                // The leading bound makes the page a range of the column's
+                // index; without it SQLite walks the index from its start
+                // and filters, so deep pages cost more and more.
                 sql.push_str(&format!(
-                    " AND ({column} {cmp} {value} OR ({column} = {value} AND products.id {cmp} ?))"
+                    " AND {column} {cmp}= {value} \
+                     AND ({column} {cmp} {value} OR ({column} = {value} AND products.id {cmp} ?))"
                 ));
-                params.extend([sort_param.clone(), sort_param, ListParam::Int(after.id)]);
+                params.extend([sort_param.clone(), sort_param.clone(), sort_param, ListParam::Int(after.id)]);
             }
             (None, _) => {}
         }

@@ -212,7 +212,7 @@ async fn total_size_follows_concurrent_creates_and_deletes(backend: Backend) {
     assert_eq!(total, count(&db, "SELECT COUNT(*) FROM products WHERE LOWER(name) LIKE 'item 1%'").await);
 
     // A row written around the service is not counted until a recount.
-    let store = product_service::store::ProductStore::new(db.clone());
+    let store = product_service::store::ProductStore::new(db.clone()).await;
     on_db!(&db, pool => {
         sqlx::query(
             "INSERT INTO products (name, description, price, stock, version, create_time, update_time) \
@@ -267,7 +267,7 @@ async fn a_catalogue_from_before_the_count_is_counted_by_its_migration(backend: 
         .unwrap();
     }
     db.migrate().await.unwrap();
-    let store = product_service::store::ProductStore::new(db.clone());
+    let store = product_service::store::ProductStore::new(db.clone()).await;
     assert_eq!(store.count(None).await.unwrap(), 37);
     db.close().await;
     let _ = std::fs::remove_dir_all(before);
@@ -563,11 +563,11 @@ async fn hot_read_paths_return_what_the_pool_returns(backend: Backend) {
     for i in 0..23 {
         // Repeated names and prices, so that ties are broken by id.
         let name = format!("{} item {}", ["Teapot", "Mug", "Tray"][i % 3], i % 5);
-        ids.push(shop.create(&name, &format!("{}.{:02}", i % 4, i * 7 % 100), i as i64).await.id);
+        ids.push(shop.create(&name, &format!("{}.50", i % 4), i as i64).await.id);
         names.push(name.to_lowercase());
     }
     let db = shop.stack.db.open().await;
-    let (store, pool) = (ProductStore::new(db.clone()), ProductStore::pool_only(db.clone()));
+    let (store, pool) = (ProductStore::new(db.clone()).await, ProductStore::pool_only(db.clone()));
 
     for &id in ids.iter().chain([&999_999]) {
         assert_eq!(store.get(id).await.unwrap(), pool.get(id).await.unwrap(), "product {id}");
@@ -632,10 +632,11 @@ async fn hot_read_paths_return_what_the_pool_returns(backend: Backend) {
     db.close().await;
 }
 
-/// The MySQL pool skips sqlx's ping before each use for a connection that
-/// was just returned (and pinged then), but checks one that sat idle: after
-/// the server drops every connection, no call fails. SQLite has no server to
-/// drop connections.
+/// Both MySQL paths skip the ping before each use for a connection that was
+/// just returned, but check one that sat idle: after the server drops every
+/// connection, no call fails, neither reads (product-service's read
+/// connections) nor writes (the pool). SQLite has no server to drop
+/// connections.
 async fn connections_the_server_dropped_are_replaced_before_use(backend: Backend) {
     if matches!(backend, Backend::Sqlite) {
         return;
@@ -680,5 +681,17 @@ async fn connections_the_server_dropped_are_replaced_before_use(backend: Backend
     drop(own);
     tokio::time::sleep(std::time::Duration::from_millis(1_200)).await;
     gets(shop.clone()).await;
+    // Writes go through the pool, whose connections were dropped too.
+    let writes: Vec<_> = (0..16)
+        .map(|i| {
+            let shop = shop.clone();
+            tokio::spawn(
+                async move { shop.create_with_id(product(&format!("Cup {i}"), "4.00", 1), "").await },
+            )
+        })
+        .collect();
+    for write in writes {
+        write.await.unwrap().expect("a write after the drop");
+    }
     db.close().await;
 }
