@@ -21,9 +21,6 @@ pub const DEFAULT_DATABASE_URL: &str = "sqlite://storegate-data/storegate.db";
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 static MYSQL_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/mysql");
 
-/// A pooled MySQL connection idle this long is pinged before it is used.
-const CHECK_IF_IDLE_FOR: Duration = Duration::from_secs(1);
-
 /// A connection pool on one of the two supported backends.
 #[derive(Clone, Debug)]
 pub enum Db {
@@ -110,7 +107,7 @@ impl Db {
                 .test_before_acquire(false)
                 .before_acquire(|connection, meta| {
                     Box::pin(async move {
-                        if meta.idle_for >= CHECK_IF_IDLE_FOR {
+                        if meta.idle_for >= crate::mysql_reads::CHECK_IF_IDLE_FOR {
                             sqlx::Connection::ping(connection).await?;
                         }
                         Ok(true)

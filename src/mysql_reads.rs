@@ -20,7 +20,8 @@ use std::{
 use sqlx::{ConnectOptions as _, Connection as _, MySqlConnection, mysql::MySqlConnectOptions};
 use tokio::sync::{Semaphore, SemaphorePermit};
 
-/// An idle connection this old is pinged before it is lent.
+/// An idle connection this old is pinged before it is lent (here and in the
+/// services' sqlx pools, see `Db::connect`).
 pub const CHECK_IF_IDLE_FOR: Duration = Duration::from_secs(1);
 /// An idle connection this old is closed rather than lent (servers and
 /// proxies drop idle connections after their own timeouts).
@@ -164,16 +165,20 @@ mod tests {
         sqlx::query_scalar("SELECT CONNECTION_ID()").fetch_one(lease.connection()).await.unwrap()
     }
 
+    /// The server's id of the connection a finished read was lent.
+    async fn lent_connection_id(reads: &MySqlReads) -> u64 {
+        let mut lease = reads.lease().await.unwrap();
+        let id = connection_id(&mut lease).await;
+        lease.finish();
+        id
+    }
+
     #[tokio::test]
     async fn a_finished_read_gives_its_connection_back() {
         let Some(reads) = reads(4, Duration::from_secs(5)) else { return };
-        let mut lease = reads.lease().await.unwrap();
-        let first = connection_id(&mut lease).await;
-        lease.finish();
+        let first = lent_connection_id(&reads).await;
         assert_eq!(reads.idle_connections(), 1);
-        let mut lease = reads.lease().await.unwrap();
-        assert_eq!(connection_id(&mut lease).await, first, "the same connection, lent again");
-        lease.finish();
+        assert_eq!(lent_connection_id(&reads).await, first, "the same connection, lent again");
     }
 
     #[tokio::test]
@@ -190,23 +195,17 @@ mod tests {
         assert!(cut_short.is_err());
         drop(lease);
         assert_eq!(reads.idle_connections(), 0);
-        let mut lease = reads.lease().await.unwrap();
-        assert_ne!(connection_id(&mut lease).await, first, "a fresh connection");
-        lease.finish();
+        assert_ne!(lent_connection_id(&reads).await, first, "a fresh connection");
     }
 
     #[tokio::test]
     async fn a_connection_the_server_dropped_while_idle_is_replaced() {
         let Some(reads) = reads(4, Duration::from_secs(5)) else { return };
-        let mut lease = reads.lease().await.unwrap();
-        let first = connection_id(&mut lease).await;
-        lease.finish();
+        let first = lent_connection_id(&reads).await;
         let mut killer = reads.options.connect().await.unwrap();
         sqlx::query(&format!("KILL {first}")).execute(&mut killer).await.unwrap();
         tokio::time::sleep(CHECK_IF_IDLE_FOR + Duration::from_millis(200)).await;
-        let mut lease = reads.lease().await.unwrap();
-        assert_ne!(connection_id(&mut lease).await, first);
-        lease.finish();
+        assert_ne!(lent_connection_id(&reads).await, first);
     }
 
     #[tokio::test]

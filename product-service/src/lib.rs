@@ -45,12 +45,14 @@ pub async fn run(
         tracing::warn!("no signing keys yet; serving anyway and retrying in the background");
     }
 
-    let sweeper = tokio::spawn(sweep_request_ids(store::ProductStore::new(db.clone()).await));
+    // One store for the API and the sweeper: one set of read connections.
+    let store = store::ProductStore::new(db.clone()).await;
+    let sweeper = tokio::spawn(sweep_request_ids(store.clone()));
     let metrics = storegate::metrics::Metrics::new("product-service");
     let metrics_server =
         storegate::server::spawn_metrics(&metrics, &config.metrics_listen_addr, db.clone()).await?;
     let verifier = TokenVerifier::new(&config.common.jwt_issuer, &config.common.jwt_audience);
-    let api = service::ProductApi::new(store::ProductStore::new(db.clone()).await);
+    let api = service::ProductApi::new(store);
     let product_server = auth::AwaitNewKeys::new(
         tonic::service::interceptor::InterceptedService::new(
             ProductServiceServer::new(api).max_decoding_message_size(MAX_REQUEST_BYTES),

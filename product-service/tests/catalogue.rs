@@ -646,20 +646,14 @@ async fn connections_the_server_dropped_are_replaced_before_use(backend: Backend
     let gets = |shop: Arc<Shop>| async move {
         let calls: Vec<_> = (0..32)
             .map(|_| {
-                let shop = shop.clone();
-                tokio::spawn(async move {
-                    let request = GetProductRequest { id: kettle.id };
-                    shop.stack
-                        .products()
-                        .await
-                        .get_product(bearer(request, &shop.token))
-                        .await
-                        .map(|r| r.into_inner())
+                tokio::spawn({
+                    let shop = shop.clone();
+                    async move { shop.get(kettle.id).await }
                 })
             })
             .collect();
         for call in calls {
-            assert_eq!(call.await.unwrap().expect("get after the drop").name, "Kettle");
+            assert_eq!(call.await.expect("get after the drop").name, "Kettle");
         }
     };
     // Many pooled connections, then all of them dropped by the server.
