@@ -232,6 +232,17 @@ pub fn is_unique_violation(err: &sqlx::Error) -> bool {
     err.as_database_error().is_some_and(|e| e.is_unique_violation())
 }
 
+/// True when `err` is a MySQL deadlock: the server rolled the whole
+/// transaction back, so running it again is safe.
+pub fn is_deadlock(err: &sqlx::Error) -> bool {
+    err.as_database_error()
+        .and_then(|e| e.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>())
+        .is_some_and(|e| e.number() == 1213)
+}
+
+/// How often a transaction ended as a deadlock victim is tried in all.
+pub const DEADLOCK_ATTEMPTS: u32 = 3;
+
 /// True when `url` names the embedded SQLite backend.
 pub fn is_sqlite_url(url: &str) -> bool {
     url.starts_with("sqlite:")

@@ -6,7 +6,7 @@ use std::sync::LazyLock;
 use chrono::{DateTime, Utc};
 use storegate::{
     ApiError, Db,
-    db::{BeginWrite as _, InsertId as _, is_unique_violation},
+    db::{BeginWrite as _, DEADLOCK_ATTEMPTS, InsertId as _, is_deadlock, is_unique_violation},
     on_db,
 };
 
@@ -300,6 +300,30 @@ impl AuthStore {
         refresh: &NewRefreshToken,
         now: DateTime<Utc>,
     ) -> Result<Result<bool, CompleteLoginRefused>, ApiError> {
+        // Parallel completions for one user lock the same rows; InnoDB may
+        // end one as a deadlock victim, rolling all of it back, so rerunning
+        // it is safe (and it then meets the winner's committed state).
+        let mut attempt = 1;
+        loop {
+            match self
+                .complete_login_once(ticket_hash, user_id, factor, new_recovery_codes, refresh, now)
+                .await
+            {
+                Err(e) if is_deadlock(&e) && attempt < DEADLOCK_ATTEMPTS => attempt += 1,
+                result => return Ok(result?),
+            }
+        }
+    }
+
+    async fn complete_login_once(
+        &self,
+        ticket_hash: &[u8],
+        user_id: i64,
+        factor: &SecondFactor,
+        new_recovery_codes: Option<&[Vec<u8>]>,
+        refresh: &NewRefreshToken,
+        now: DateTime<Utc>,
+    ) -> Result<Result<bool, CompleteLoginRefused>, sqlx::Error> {
         on_db!(&self.db, pool => {
             let mut tx = pool.begin_write().await?;
             let burned = sqlx::query(
