@@ -22,7 +22,9 @@ use crate::{
     keys::SigningKeys,
     password::PasswordHasher,
     recovery,
-    store::{AuthStore, CompleteLoginRefused, NewRefreshToken, Rotation, SecondFactor, TotpState},
+    store::{
+        AuthStore, CompleteLoginRefused, CompletingLogin, NewRefreshToken, Rotation, SecondFactor, TotpState,
+    },
     throttle, totp,
 };
 
@@ -147,21 +149,18 @@ impl AuthState {
             Err(_) => None,
         };
         // Unknown users are checked against a dummy hash: same answer, same time.
-        let (user_id, stored_hash) = match user {
-            Some(u) => (Some(u.id), Some(u.password_hash)),
+        let (stored_hash, user) = match user {
+            Some(u) => (Some(u.password_hash), Some((u.id, u.totp))),
             None => (None, None),
         };
         let password_ok = self.hasher.verify(req.password, stored_hash).await?;
-        let Some(user_id) = user_id.filter(|_| password_ok) else {
+        let Some((user_id, totp_state)) = user.filter(|_| password_ok) else {
             return Err(ApiError::Unauthenticated(BAD_CREDENTIALS));
         };
 
         let ticket = random_token();
         let expires_at = now + Duration::seconds(TICKET_TTL_SECS);
         self.store.create_ticket(&token_hash(&ticket), user_id, expires_at, now).await?;
-
-        let totp_state =
-            self.store.totp_state(user_id).await?.ok_or(ApiError::Unauthenticated(BAD_CREDENTIALS))?;
         // The secret goes out only after a correct password and only until
         // the first code confirms it.
         let enrollment = match totp_state.totp_confirmed_at {
@@ -188,8 +187,7 @@ impl AuthState {
         let ticket_hash = token_hash(&req.login_ticket);
         let ticket =
             self.store.live_ticket(&ticket_hash, now).await?.ok_or(ApiError::Unauthenticated(BAD_TICKET))?;
-        let totp_state =
-            self.store.totp_state(ticket.user_id).await?.ok_or(ApiError::Unauthenticated(BAD_TICKET))?;
+        let totp_state = &ticket.totp;
 
         // Wrong codes count against the account's name as wrong passwords do,
         // so a known password cannot buy unlimited code guesses.
@@ -201,9 +199,12 @@ impl AuthState {
         .await
         {
             Ok(attempt) => {
-                let outcome = self
-                    .check_code_and_issue_tokens(&req.code, &ticket_hash, ticket.user_id, &totp_state, now)
-                    .await;
+                let login = CompletingLogin {
+                    ticket_hash: &ticket_hash,
+                    user_id: ticket.user_id,
+                    throttle_subject: attempt.subject(),
+                };
+                let outcome = self.check_code_and_issue_tokens(&req.code, &login, totp_state, now).await;
                 attempt.settle(&self.store, &outcome, true).await;
                 outcome
             }
@@ -222,11 +223,11 @@ impl AuthState {
     async fn check_code_and_issue_tokens(
         &self,
         code: &str,
-        ticket_hash: &[u8],
-        user_id: i64,
+        login: &CompletingLogin<'_>,
         totp_state: &TotpState,
         now: DateTime<Utc>,
     ) -> Result<CompleteLoginResponse, ApiError> {
+        let user_id = login.user_id;
         let factor = if let Some(recovery_code) = recovery::normalise(code) {
             SecondFactor::RecoveryCode(recovery::hash(&self.master_key, &recovery_code))
         } else {
@@ -252,11 +253,7 @@ impl AuthState {
             expires_at: now + Duration::days(REFRESH_TOKEN_TTL_DAYS),
         };
         let confirming = (!recovery_hashes.is_empty()).then_some(recovery_hashes.as_slice());
-        let confirmed = match self
-            .store
-            .complete_login(ticket_hash, user_id, &factor, confirming, &refresh, now)
-            .await?
-        {
+        let confirmed = match self.store.complete_login(login, &factor, confirming, &refresh, now).await? {
             Ok(confirmed) => confirmed,
             Err(CompleteLoginRefused::TicketInvalid) => return Err(ApiError::Unauthenticated(BAD_TICKET)),
             Err(CompleteLoginRefused::FactorSpent) => return Err(ApiError::Unauthenticated(BAD_CODE)),

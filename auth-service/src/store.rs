@@ -45,11 +45,14 @@ pub struct AuthStore {
     db: Db,
 }
 
-/// What BeginLogin needs to know about an account.
+/// What BeginLogin needs to know about an account, read in one statement
+/// (the TOTP state is used only after the password proved right).
 #[derive(sqlx::FromRow)]
 pub struct LoginUser {
     pub id: i64,
     pub password_hash: String,
+    #[sqlx(flatten)]
+    pub totp: TotpState,
 }
 
 /// An account's TOTP state, for CompleteLogin and enrollment.
@@ -61,9 +64,28 @@ pub struct TotpState {
     pub totp_confirmed_at: Option<DateTime<Utc>>,
 }
 
+/// A live login ticket and its account's TOTP state, read in one statement.
 #[derive(sqlx::FromRow)]
 pub struct Ticket {
     pub user_id: i64,
+    #[sqlx(flatten)]
+    pub totp: TotpState,
+}
+
+/// The TOTP columns of `users`, as [`TotpState`] reads them.
+macro_rules! totp_columns {
+    ($table:literal) => {
+        concat!(
+            $table,
+            ".username, ",
+            $table,
+            ".totp_secret, ",
+            $table,
+            ".totp_last_step, ",
+            $table,
+            ".totp_confirmed_at"
+        )
+    };
 }
 
 #[derive(sqlx::FromRow)]
@@ -107,6 +129,14 @@ pub enum SecondFactor {
     TotpStep(i64),
     /// A recovery code, by its keyed hash.
     RecoveryCode(Vec<u8>),
+}
+
+/// The login CompleteLogin is finishing.
+pub struct CompletingLogin<'a> {
+    pub ticket_hash: &'a [u8],
+    pub user_id: i64,
+    /// Whose failed attempts a completed login clears (`throttle::subject`).
+    pub throttle_subject: &'a [u8],
 }
 
 /// Why the last step of a login was refused.
@@ -167,7 +197,11 @@ impl AuthStore {
 
     pub async fn find_login_user(&self, username: &str) -> Result<Option<LoginUser>, ApiError> {
         Ok(on_db!(&self.db, pool => {
-            sqlx::query_as("SELECT id, password_hash FROM users WHERE username = ?")
+            sqlx::query_as(concat!(
+                "SELECT users.id, users.password_hash, ",
+                totp_columns!("users"),
+                " FROM users WHERE username = ?"
+            ))
                 .bind(username)
                 .fetch_optional(pool)
                 .await
@@ -186,17 +220,6 @@ impl AuthStore {
                 .bind(username)
                 .fetch_optional(pool)
                 .await
-        })?)
-    }
-
-    pub async fn totp_state(&self, user_id: i64) -> Result<Option<TotpState>, ApiError> {
-        Ok(on_db!(&self.db, pool => {
-            sqlx::query_as(
-                "SELECT username, totp_secret, totp_last_step, totp_confirmed_at FROM users WHERE id = ?",
-            )
-            .bind(user_id)
-            .fetch_optional(pool)
-            .await
         })?)
     }
 
@@ -248,16 +271,21 @@ impl AuthStore {
         Ok(())
     }
 
-    /// A ticket that may still be used: known, not expired, attempts left.
+    /// A ticket that may still be used (known, not expired, attempts left),
+    /// with its account's TOTP state.
     pub async fn live_ticket(
         &self,
         ticket_hash: &[u8],
         now: DateTime<Utc>,
     ) -> Result<Option<Ticket>, ApiError> {
         Ok(on_db!(&self.db, pool => {
-            sqlx::query_as(
-                "SELECT user_id FROM login_tickets WHERE ticket_hash = ? AND expires_at > ? AND failed_codes < ?",
-            )
+            sqlx::query_as(concat!(
+                "SELECT login_tickets.user_id, ",
+                totp_columns!("users"),
+                " FROM login_tickets JOIN users ON users.id = login_tickets.user_id \
+                 WHERE login_tickets.ticket_hash = ? AND login_tickets.expires_at > ? \
+                 AND login_tickets.failed_codes < ?"
+            ))
             .bind(ticket_hash)
             .bind(now)
             .bind(MAX_WRONG_CODES_PER_TICKET)
@@ -289,12 +317,12 @@ impl AuthStore {
     /// caller can delete it), spends the second factor (a TOTP step only if
     /// later than the last one used; a recovery code only if unused),
     /// confirms enrollment with its recovery codes when `new_recovery_codes`
-    /// is given, and stores the refresh token. Ok(true) when this call
+    /// is given, stores the refresh token and clears the failed attempts
+    /// counted against `login.throttle_subject`. Ok(true) when this call
     /// confirmed the enrollment.
     pub async fn complete_login(
         &self,
-        ticket_hash: &[u8],
-        user_id: i64,
+        login: &CompletingLogin<'_>,
         factor: &SecondFactor,
         new_recovery_codes: Option<&[Vec<u8>]>,
         refresh: &NewRefreshToken,
@@ -305,10 +333,7 @@ impl AuthStore {
         // it is safe (and it then meets the winner's committed state).
         let mut attempt = 1;
         loop {
-            match self
-                .complete_login_once(ticket_hash, user_id, factor, new_recovery_codes, refresh, now)
-                .await
-            {
+            match self.complete_login_once(login, factor, new_recovery_codes, refresh, now).await {
                 Err(e) if is_deadlock(&e) && attempt < DEADLOCK_ATTEMPTS => attempt += 1,
                 result => return Ok(result?),
             }
@@ -317,13 +342,13 @@ impl AuthStore {
 
     async fn complete_login_once(
         &self,
-        ticket_hash: &[u8],
-        user_id: i64,
+        login: &CompletingLogin<'_>,
         factor: &SecondFactor,
         new_recovery_codes: Option<&[Vec<u8>]>,
         refresh: &NewRefreshToken,
         now: DateTime<Utc>,
     ) -> Result<Result<bool, CompleteLoginRefused>, sqlx::Error> {
+        let &CompletingLogin { ticket_hash, user_id, throttle_subject } = login;
         on_db!(&self.db, pool => {
             let mut tx = pool.begin_write().await?;
             let burned = sqlx::query(
@@ -384,6 +409,16 @@ impl AuthStore {
             .bind(user_id)
             .bind(refresh.expires_at)
             .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            // Zeroed, not deleted: the next login's count is then one UPDATE
+            // (a missing row costs a read and an insert first); the sweeper
+            // deletes the row after a day without attempts.
+            sqlx::query(
+                "UPDATE login_throttle SET failures = 0, locked_until = NULL, updated_at = ? WHERE subject = ?",
+            )
+            .bind(now)
+            .bind(throttle_subject)
             .execute(&mut *tx)
             .await?;
             tx.commit().await?;
@@ -451,14 +486,6 @@ impl AuthStore {
                 .execute(pool)
                 .await
                 .map(drop)
-        })?;
-        Ok(())
-    }
-
-    /// A completed login: the name starts from zero failures.
-    pub async fn reset_login_attempts(&self, subject: &[u8]) -> Result<(), ApiError> {
-        on_db!(&self.db, pool => {
-            sqlx::query("DELETE FROM login_throttle WHERE subject = ?").bind(subject).execute(pool).await.map(drop)
         })?;
         Ok(())
     }

@@ -5,7 +5,7 @@
 //! atomic UPDATE that also refuses attempts while the name is locked), so
 //! parallel attempts cannot slip past the limit. An attempt that turns out
 //! right, or is never evaluated, gives its count back; a completed login
-//! clears the count. The delays after [`FREE_FAILURES`] consecutive failures
+//! clears the count, in the transaction that completes it. The delays after [`FREE_FAILURES`] consecutive failures
 //! are in `store.rs` next to the SQL that applies them.
 
 use sha2::{Digest as _, Sha256};
@@ -51,12 +51,18 @@ pub async fn admit(store: &AuthStore, subject: Vec<u8>, now_unix: i64) -> Result
 }
 
 impl Attempt {
+    /// The subject the attempt is counted against.
+    pub fn subject(&self) -> &[u8] {
+        &self.subject
+    }
+
     /// Settles the attempt by its outcome: a wrong credential stays counted;
     /// anything else (a right one, or an error before evaluation) is given
-    /// back. `completed` clears the count: the whole login succeeded.
+    /// back. A completed login (`completed` and Ok) has nothing left to
+    /// settle: the transaction that completed it cleared the count.
     pub async fn settle<T>(self, store: &AuthStore, outcome: &Result<T, ApiError>, completed: bool) {
         let settled = match outcome {
-            Ok(_) if completed => store.reset_login_attempts(&self.subject).await,
+            Ok(_) if completed => Ok(()),
             Err(ApiError::Unauthenticated(_)) => Ok(()),
             _ => store.refund_login_attempt(&self.subject).await,
         };

@@ -31,6 +31,7 @@ backend_tests!(
     common_and_oversized_passwords_are_refused_before_hashing,
     a_wrong_master_key_stops_start_up_with_a_clear_error,
     logs_never_contain_passwords_codes_tickets_or_tokens,
+    the_sweeper_forgets_idle_counts_but_keeps_locks,
 );
 
 async fn begin(stack: &TestStack, username: &str, password: &str) -> Result<String, tonic::Status> {
@@ -103,7 +104,20 @@ async fn five_failures_lock_even_the_right_password_with_growing_delays(backend:
     let begun = stack.begin_login("mallory", PASSWORD).await;
     let secret = begun.enrollment.unwrap().secret;
     complete(&stack, &begun.login_ticket, &totp_code(&secret, 0)).await.unwrap();
-    assert!(throttle_failures(&db).await.is_empty(), "a completed login resets the count");
+    assert_eq!(throttle_failures(&db).await, [0], "a completed login resets the count");
+    let locks: Vec<Option<i64>> = on_db!(&db, pool => {
+        sqlx::query_scalar("SELECT locked_until FROM login_throttle").fetch_all(pool).await
+    })
+    .unwrap();
+    assert_eq!(locks, [None], "and lifts the lock");
+    // The count starts afresh: four wrong passwords leave the right one in.
+    for _ in 0..4 {
+        assert_eq!(
+            begin(&stack, "mallory", "wrong once more").await.unwrap_err().code(),
+            Code::Unauthenticated
+        );
+    }
+    begin(&stack, "mallory", PASSWORD).await.expect("the right password after four failures");
 }
 
 async fn unknown_names_are_throttled_like_known_ones(backend: Backend) {
@@ -385,4 +399,38 @@ async fn logs_never_contain_passwords_codes_tickets_or_tokens(backend: Backend) 
     for sql in ["SELECT ", "INSERT INTO", "UPDATE users"] {
         assert!(!text.contains(sql), "SQL text {sql:?} is in the logs");
     }
+}
+
+/// A completed login leaves its name's count at zero; the sweeper deletes a
+/// count after a day without attempts, unless a lock is still in force.
+async fn the_sweeper_forgets_idle_counts_but_keeps_locks(backend: Backend) {
+    let stack = TestStack::start_auth(backend).await;
+    stack.register_and_login("carol", PASSWORD).await;
+    stack.register("dave", PASSWORD).await;
+    for _ in 0..5 {
+        begin(&stack, "dave", "wrong password!").await.unwrap_err();
+    }
+    begin(&stack, "erin", "no such user").await.unwrap_err();
+    let db = stack.db.open().await;
+    let mut failures = throttle_failures(&db).await;
+    failures.sort();
+    assert_eq!(failures, [0, 1, 5], "carol cleared, erin counted, dave locked");
+
+    let store = auth_service::store::AuthStore::new(db.clone());
+    let now = chrono::Utc::now();
+    store.sweep_expired(now).await.unwrap();
+    assert_eq!(throttle_failures(&db).await.len(), 3, "counts touched today stay");
+
+    // A day and a minute later, with dave's lock still in force then.
+    let later = now + chrono::Duration::minutes(24 * 60 + 1);
+    on_db!(&db, pool => {
+        sqlx::query("UPDATE login_throttle SET locked_until = ? WHERE failures = 5")
+            .bind(later.timestamp() + 60)
+            .execute(pool)
+            .await
+            .map(drop)
+    })
+    .unwrap();
+    store.sweep_expired(later).await.unwrap();
+    assert_eq!(throttle_failures(&db).await, [5], "idle counts are forgotten, a lock in force is kept");
 }

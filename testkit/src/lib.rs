@@ -356,11 +356,15 @@ impl Drop for TestStack {
 /// The TOTP code for the current time step plus `step_offset` steps, from a
 /// base32 secret, as an authenticator app would compute it.
 pub fn totp_code(secret_base32: &str, step_offset: i64) -> String {
+    totp_code_at_step(secret_base32, chrono::Utc::now().timestamp() / 30 + step_offset)
+}
+
+/// The TOTP code of 30-second time step `step` (Unix time / 30).
+pub fn totp_code_at_step(secret_base32: &str, step: i64) -> String {
     let secret = totp_rs::Secret::Encoded(secret_base32.to_owned()).to_bytes().expect("base32 secret");
     let totp =
         totp_rs::TOTP::new(totp_rs::Algorithm::SHA1, 6, 0, 30, secret, None, "test".into()).expect("totp");
-    let now = chrono::Utc::now().timestamp() + step_offset * 30;
-    totp.generate(now as u64)
+    totp.generate((step * 30) as u64)
 }
 
 /// A 6-digit code that is none of the codes accepted right now.
