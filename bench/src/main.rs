@@ -63,7 +63,7 @@ fn row(outcome: &Outcome, ceiling: Option<(&str, f64)>) -> String {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    storegate::alloc::release_large_allocations();
+    storegate::alloc::return_freed_memory_promptly();
     let args = Args::parse();
     let backend = match &args.mysql_server_url {
         Some(url) => Backend::MySql(url.clone()),

@@ -47,7 +47,7 @@ enum Command {
 
 #[tokio::main]
 async fn main() {
-    storegate::alloc::release_large_allocations();
+    storegate::alloc::return_freed_memory_promptly();
     let cli = Cli::parse();
     let out = output::Output { json: cli.json };
     let result = match cli.command {

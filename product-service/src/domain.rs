@@ -41,7 +41,12 @@ impl Price {
             return Err("must be below 10000000000");
         }
         let whole: i64 = if whole.is_empty() { 0 } else { whole.parse().map_err(|_| "is not a number")? };
-        let cents: i64 = format!("{fraction:0<2}").parse().map_err(|_| "is not a number")?;
+        // At most two digits, checked above: "5" is 50 cents, "05" five.
+        let cents = fraction
+            .bytes()
+            .chain(std::iter::repeat(b'0'))
+            .take(2)
+            .fold(0, |n, b| n * 10 + i64::from(b - b'0'));
         Ok(Price(whole * 100 + cents))
     }
 

@@ -23,6 +23,7 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    storegate::alloc::return_freed_memory_promptly();
     let cli = Cli::parse();
     storegate::telemetry::init(cli.config.common.log_format);
     match cli.command.unwrap_or(Command::Serve) {

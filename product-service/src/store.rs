@@ -4,7 +4,7 @@
 //! fixed-width text ("0000000999.99", so that text order is numeric order).
 //! Both read it back through `CAST(price AS CHAR)`.
 
-use std::sync::Arc;
+use std::{fmt::Write as _, sync::Arc};
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use prost::Message as _;
@@ -53,12 +53,21 @@ enum Reads {
 }
 
 /// A row of a listing: the product, and without a query the total count.
-#[derive(sqlx::FromRow)]
 struct ListedRow {
-    #[sqlx(flatten)]
     product: ProductRow,
-    #[sqlx(default)]
     total_size: Option<i64>,
+}
+
+impl<'r, R: sqlx::Row> sqlx::FromRow<'r, R> for ListedRow
+where
+    ProductRow: sqlx::FromRow<'r, R>,
+    usize: sqlx::ColumnIndex<R>,
+    i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    fn from_row(row: &'r R) -> sqlx::Result<Self> {
+        let total_size = if row.len() > TOTAL_SIZE_COLUMN { row.try_get(TOTAL_SIZE_COLUMN)? } else { None };
+        Ok(ListedRow { product: ProductRow::from_row(row)?, total_size })
+    }
 }
 
 /// One page of a listing and how many products the listing has in all.
@@ -68,7 +77,7 @@ pub struct Page {
 }
 
 /// A product as stored.
-#[derive(sqlx::FromRow, Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProductRow {
     pub id: i64,
     pub name: String,
@@ -80,6 +89,31 @@ pub struct ProductRow {
     pub updated_by: Option<i64>,
     pub create_time: DateTime<Utc>,
     pub update_time: DateTime<Utc>,
+}
+
+/// Read by the positions of [`columns!`] (a lookup by name per column and
+/// row showed in profiles of 50-row pages).
+impl<'r, R: sqlx::Row> sqlx::FromRow<'r, R> for ProductRow
+where
+    usize: sqlx::ColumnIndex<R>,
+    i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    DateTime<Utc>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    fn from_row(row: &'r R) -> sqlx::Result<Self> {
+        Ok(ProductRow {
+            id: row.try_get(0)?,
+            name: row.try_get(1)?,
+            description: row.try_get(2)?,
+            price: row.try_get(3)?,
+            stock: row.try_get(4)?,
+            version: row.try_get(5)?,
+            created_by: row.try_get(6)?,
+            updated_by: row.try_get(7)?,
+            create_time: row.try_get(8)?,
+            update_time: row.try_get(9)?,
+        })
+    }
 }
 
 fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
@@ -103,8 +137,13 @@ impl ProductRow {
 
     /// The API message: prices always with two fraction digits.
     pub fn into_product(self) -> Result<Product, ApiError> {
+        let price = self.price()?;
+        // The stored text's buffer takes the API's spelling of the price.
+        let mut price_text = self.price;
+        price_text.clear();
+        write!(price_text, "{price}").map_err(|e| ApiError::Internal(e.into()))?;
         Ok(Product {
-            price: self.price()?.to_string(),
+            price: price_text,
             id: self.id,
             name: self.name,
             description: self.description,
