@@ -74,17 +74,8 @@ pub struct Ticket {
 
 /// The TOTP columns of `users`, as [`TotpState`] reads them.
 macro_rules! totp_columns {
-    ($table:literal) => {
-        concat!(
-            $table,
-            ".username, ",
-            $table,
-            ".totp_secret, ",
-            $table,
-            ".totp_last_step, ",
-            $table,
-            ".totp_confirmed_at"
-        )
+    () => {
+        "users.username, users.totp_secret, users.totp_last_step, users.totp_confirmed_at"
     };
 }
 
@@ -199,7 +190,7 @@ impl AuthStore {
         Ok(on_db!(&self.db, pool => {
             sqlx::query_as(concat!(
                 "SELECT users.id, users.password_hash, ",
-                totp_columns!("users"),
+                totp_columns!(),
                 " FROM users WHERE username = ?"
             ))
                 .bind(username)
@@ -281,7 +272,7 @@ impl AuthStore {
         Ok(on_db!(&self.db, pool => {
             sqlx::query_as(concat!(
                 "SELECT login_tickets.user_id, ",
-                totp_columns!("users"),
+                totp_columns!(),
                 " FROM login_tickets JOIN users ON users.id = login_tickets.user_id \
                  WHERE login_tickets.ticket_hash = ? AND login_tickets.expires_at > ? \
                  AND login_tickets.failed_codes < ?"

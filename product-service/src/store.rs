@@ -32,6 +32,26 @@ macro_rules! columns {
     };
 }
 const COLUMNS: &str = columns!();
+
+/// A [`ProductRow`] from the positions of [`columns!`]: `$row.$get(i)`
+/// reads column `i`, `$time(i)` a time (the in-line reads decode those
+/// their own way).
+macro_rules! product_row {
+    ($row:ident.$get:ident, $time:expr) => {
+        ProductRow {
+            id: $row.$get(0)?,
+            name: $row.$get(1)?,
+            description: $row.$get(2)?,
+            price: $row.$get(3)?,
+            stock: $row.$get(4)?,
+            version: $row.$get(5)?,
+            created_by: $row.$get(6)?,
+            updated_by: $row.$get(7)?,
+            create_time: $time(8)?,
+            update_time: $time(9)?,
+        }
+    };
+}
 const SELECT_BY_ID: &str = concat!("SELECT ", columns!(), " FROM products WHERE id = ?");
 
 #[derive(Clone, Debug)]
@@ -101,18 +121,7 @@ where
     DateTime<Utc>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
 {
     fn from_row(row: &'r R) -> sqlx::Result<Self> {
-        Ok(ProductRow {
-            id: row.try_get(0)?,
-            name: row.try_get(1)?,
-            description: row.try_get(2)?,
-            price: row.try_get(3)?,
-            stock: row.try_get(4)?,
-            version: row.try_get(5)?,
-            created_by: row.try_get(6)?,
-            updated_by: row.try_get(7)?,
-            create_time: row.try_get(8)?,
-            update_time: row.try_get(9)?,
-        })
+        Ok(product_row!(row.try_get, |i: usize| row.try_get(i)))
     }
 }
 
@@ -278,18 +287,7 @@ fn inline_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<ProductRow> {
             .map(|t| t.with_timezone(&Utc))
             .map_err(|e| rusqlite::Error::FromSqlConversionFailure(i, Type::Text, Box::new(e)))
     };
-    Ok(ProductRow {
-        id: row.get(0)?,
-        name: row.get(1)?,
-        description: row.get(2)?,
-        price: row.get(3)?,
-        stock: row.get(4)?,
-        version: row.get(5)?,
-        created_by: row.get(6)?,
-        updated_by: row.get(7)?,
-        create_time: time(8)?,
-        update_time: time(9)?,
-    })
+    Ok(product_row!(row.get, time))
 }
 
 /// `%text%` for LIKE, with `!` escaping the wildcards (a character both
