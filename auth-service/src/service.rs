@@ -40,6 +40,14 @@ const BAD_REFRESH_TOKEN: &str = "refresh token is invalid, expired or revoked; l
 /// Longest ticket or code we bother hashing; anything longer is not ours.
 const MAX_OPAQUE_LEN: usize = 256;
 
+/// A login whose transaction committed: what its answer carries besides the
+/// access token.
+struct CompletedLogin {
+    refresh_token: String,
+    /// Only on the call that confirmed the enrollment.
+    recovery_codes: Vec<String>,
+}
+
 /// Everything the handlers share; cheap to clone.
 #[derive(Clone)]
 pub struct AuthState {
@@ -162,14 +170,18 @@ impl AuthState {
         let expires_at = now + Duration::seconds(TICKET_TTL_SECS);
         self.store.create_ticket(&token_hash(&ticket), user_id, expires_at, now).await?;
         // The secret goes out only after a correct password and only until
-        // the first code confirms it.
-        let enrollment = match totp_state.totp_confirmed_at {
-            Some(_) => None,
-            None => {
-                let secret = self.open_totp_secret(user_id, &totp_state.totp_secret)?;
-                let e = totp::enrollment(&secret, &self.totp_issuer, &totp_state.username)?;
-                Some(TotpEnrollment { otpauth_uri: e.otpauth_uri, qr_png: e.qr_png, secret: e.secret_base32 })
-            }
+        // the first code confirms it. An account still enrolling is read
+        // again: another login may have confirmed it during the hash.
+        let confirmed = match totp_state.totp_confirmed_at {
+            Some(_) => true,
+            None => self.store.totp_confirmed(user_id).await?,
+        };
+        let enrollment = if confirmed {
+            None
+        } else {
+            let secret = self.open_totp_secret(user_id, &totp_state.totp_secret)?;
+            let e = totp::enrollment(&secret, &self.totp_issuer, &totp_state.username)?;
+            Some(TotpEnrollment { otpauth_uri: e.otpauth_uri, qr_png: e.qr_png, secret: e.secret_base32 })
         };
         tracing::info!(user_id, enrolling = enrollment.is_some(), "password accepted; ticket issued");
         Ok(BeginLoginResponse {
@@ -204,9 +216,15 @@ impl AuthState {
                     user_id: ticket.user_id,
                     throttle_subject: attempt.subject(),
                 };
-                let outcome = self.check_code_and_issue_tokens(&req.code, &login, totp_state, now).await;
-                attempt.settle(&self.store, &outcome, true).await;
-                outcome
+                let completed = self.check_code_and_complete(&req.code, &login, totp_state, now).await;
+                // Settled by what the transaction did: once it committed (and
+                // cleared the count), a failure to sign the token is no
+                // attempt's outcome and must not refund a count added since.
+                attempt.settle(&self.store, &completed, true).await;
+                match completed {
+                    Ok(completed) => self.issue_tokens(ticket.user_id, &totp_state.username, completed).await,
+                    Err(e) => Err(e),
+                }
             }
             Err(refused) => Err(refused),
         };
@@ -220,13 +238,15 @@ impl AuthState {
         outcome
     }
 
-    async fn check_code_and_issue_tokens(
+    /// Checks the code and completes the login in one transaction (see
+    /// `AuthStore::complete_login`).
+    async fn check_code_and_complete(
         &self,
         code: &str,
         login: &CompletingLogin<'_>,
         totp_state: &TotpState,
         now: DateTime<Utc>,
-    ) -> Result<CompleteLoginResponse, ApiError> {
+    ) -> Result<CompletedLogin, ApiError> {
         let user_id = login.user_id;
         let factor = if let Some(recovery_code) = recovery::normalise(code) {
             SecondFactor::RecoveryCode(recovery::hash(&self.master_key, &recovery_code))
@@ -259,15 +279,28 @@ impl AuthState {
             Err(CompleteLoginRefused::FactorSpent) => return Err(ApiError::Unauthenticated(BAD_CODE)),
         };
 
-        let access_token = self.issue_access_token(user_id, &totp_state.username).await?;
         let used_recovery_code = matches!(factor, SecondFactor::RecoveryCode(_));
         tracing::info!(user_id, confirmed_enrollment = confirmed, used_recovery_code, "login completed");
-        Ok(CompleteLoginResponse {
-            access_token,
+        Ok(CompletedLogin {
             refresh_token,
+            recovery_codes: if confirmed { recovery_codes } else { Vec::new() },
+        })
+    }
+
+    /// The answer to a completed login: its refresh token and recovery
+    /// codes, and an access token signed now.
+    async fn issue_tokens(
+        &self,
+        user_id: i64,
+        username: &str,
+        completed: CompletedLogin,
+    ) -> Result<CompleteLoginResponse, ApiError> {
+        Ok(CompleteLoginResponse {
+            access_token: self.issue_access_token(user_id, username).await?,
+            refresh_token: completed.refresh_token,
             token_type: "Bearer".to_owned(),
             expires_in: ACCESS_TOKEN_TTL_SECS,
-            recovery_codes: if confirmed { recovery_codes } else { Vec::new() },
+            recovery_codes: completed.recovery_codes,
         })
     }
 

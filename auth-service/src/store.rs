@@ -214,6 +214,17 @@ impl AuthStore {
         })?)
     }
 
+    /// Whether the account's TOTP enrollment is confirmed now.
+    pub async fn totp_confirmed(&self, user_id: i64) -> Result<bool, ApiError> {
+        let confirmed_at: Option<Option<DateTime<Utc>>> = on_db!(&self.db, pool => {
+            sqlx::query_scalar("SELECT totp_confirmed_at FROM users WHERE id = ?")
+                .bind(user_id)
+                .fetch_optional(pool)
+                .await
+        })?;
+        Ok(confirmed_at.flatten().is_some())
+    }
+
     pub async fn roles(&self, user_id: i64) -> Result<Vec<String>, ApiError> {
         Ok(on_db!(&self.db, pool => {
             sqlx::query_scalar("SELECT role FROM user_roles WHERE user_id = ? ORDER BY role")

@@ -5,8 +5,9 @@
 //! atomic UPDATE that also refuses attempts while the name is locked), so
 //! parallel attempts cannot slip past the limit. An attempt that turns out
 //! right, or is never evaluated, gives its count back; a completed login
-//! clears the count, in the transaction that completes it. The delays after [`FREE_FAILURES`] consecutive failures
-//! are in `store.rs` next to the SQL that applies them.
+//! clears the count, in the transaction that completes it. The delays after
+//! [`FREE_FAILURES`] consecutive failures are in `store.rs` next to the SQL
+//! that applies them.
 
 use sha2::{Digest as _, Sha256};
 use storegate::ApiError;
@@ -58,8 +59,9 @@ impl Attempt {
 
     /// Settles the attempt by its outcome: a wrong credential stays counted;
     /// anything else (a right one, or an error before evaluation) is given
-    /// back. A completed login (`completed` and Ok) has nothing left to
-    /// settle: the transaction that completed it cleared the count.
+    /// back. A completed login (`completed` and Ok: its transaction
+    /// committed) has nothing left to settle: that transaction cleared the
+    /// count.
     pub async fn settle<T>(self, store: &AuthStore, outcome: &Result<T, ApiError>, completed: bool) {
         let settled = match outcome {
             Ok(_) if completed => Ok(()),
