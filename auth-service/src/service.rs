@@ -134,15 +134,14 @@ impl AuthState {
             return Err(ApiError::Unauthenticated(BAD_CREDENTIALS));
         }
         let now = storegate::db::now();
-        let outcome =
-            match throttle::admit(&self.store, throttle::subject(&req.username), now.timestamp()).await {
-                Ok(attempt) => {
-                    let outcome = self.check_password_and_issue_ticket(req, now).await;
-                    attempt.settle(&self.store, &outcome, false).await;
-                    outcome
-                }
-                Err(refused) => Err(refused),
-            };
+        let outcome = async {
+            let attempt =
+                throttle::admit(&self.store, throttle::subject(&req.username), now.timestamp()).await?;
+            let outcome = self.check_password_and_issue_ticket(req, now).await;
+            attempt.settle(&self.store, &outcome, false).await;
+            outcome
+        }
+        .await;
         self.count_login("begin", &outcome);
         outcome
     }
@@ -203,31 +202,23 @@ impl AuthState {
 
         // Wrong codes count against the account's name as wrong passwords do,
         // so a known password cannot buy unlimited code guesses.
-        let outcome = match throttle::admit(
-            &self.store,
-            throttle::subject(&totp_state.username),
-            now.timestamp(),
-        )
-        .await
-        {
-            Ok(attempt) => {
-                let login = CompletingLogin {
-                    ticket_hash: &ticket_hash,
-                    user_id: ticket.user_id,
-                    throttle_subject: attempt.subject(),
-                };
-                let completed = self.check_code_and_complete(&req.code, &login, totp_state, now).await;
-                // Settled by what the transaction did: once it committed (and
-                // cleared the count), a failure to sign the token is no
-                // attempt's outcome and must not refund a count added since.
-                attempt.settle(&self.store, &completed, true).await;
-                match completed {
-                    Ok(completed) => self.issue_tokens(ticket.user_id, &totp_state.username, completed).await,
-                    Err(e) => Err(e),
-                }
-            }
-            Err(refused) => Err(refused),
-        };
+        let outcome = async {
+            let attempt =
+                throttle::admit(&self.store, throttle::subject(&totp_state.username), now.timestamp())
+                    .await?;
+            let login = CompletingLogin {
+                ticket_hash: &ticket_hash,
+                user_id: ticket.user_id,
+                throttle_subject: attempt.subject(),
+            };
+            let completed = self.check_code_and_complete(&req.code, &login, totp_state, now).await;
+            // Settled by what the transaction did: once it committed (and
+            // cleared the count), a failure to sign the token is no
+            // attempt's outcome and must not refund a count added since.
+            attempt.settle(&self.store, &completed, true).await;
+            self.issue_tokens(ticket.user_id, &totp_state.username, completed?).await
+        }
+        .await;
         self.count_login("complete", &outcome);
         if matches!(outcome, Err(ApiError::Unauthenticated(BAD_CODE)))
             && let Err(e) = self.store.record_wrong_code(&ticket_hash).await
