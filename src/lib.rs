@@ -10,6 +10,7 @@ pub mod metrics;
 pub mod mysql_reads;
 mod redact;
 pub mod server;
+pub mod shared_reads;
 pub mod sqlite_reads;
 pub mod telemetry;
 pub mod token;

@@ -143,14 +143,14 @@ impl Lease<'_> {
 // a read cut short may have left a reply unread on it.
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::str::FromStr as _;
 
     use super::*;
 
     /// Reads on the test server (no database needed), or `None` to skip
     /// outside CI, as every MySQL test does.
-    fn reads(size: usize, acquire_timeout: Duration) -> Option<Arc<MySqlReads>> {
+    pub(crate) fn reads(size: usize, acquire_timeout: Duration) -> Option<Arc<MySqlReads>> {
         match std::env::var("STOREGATE_TEST_MYSQL_URL") {
             Ok(url) if !url.is_empty() => {
                 let options = MySqlConnectOptions::from_str(&url).expect("a MySQL URL");

@@ -34,6 +34,13 @@ pub struct ProductConfig {
     /// How often the key set is refreshed even when nothing asks for it.
     #[arg(long, env = "JWKS_REFRESH_INTERVAL_SECS", default_value_t = 300)]
     pub jwks_refresh_interval_secs: u64,
+
+    /// MySQL only: connections for GetProduct and unfiltered ListProducts
+    /// pages, beside the pool (default: one per CPU core). Reads waiting
+    /// for one share its next statement; raise it when MySQL is across a
+    /// network and many different pages are read at once.
+    #[arg(long, env = "DB_READ_CONNECTIONS", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub db_read_connections: Option<u16>,
 }
 
 impl ProductConfig {
@@ -46,6 +53,30 @@ impl ProductConfig {
             auth_service_url: DEFAULT_AUTH_SERVICE_URL.to_owned(),
             jwks_file: None,
             jwks_refresh_interval_secs: 300,
+            db_read_connections: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        config: ProductConfig,
+    }
+
+    #[test]
+    fn read_connections_are_one_or_more_when_given() {
+        let parse = |args: &[&str]| Cli::try_parse_from([&["product-service"], args].concat());
+        assert_eq!(parse(&[]).unwrap().config.db_read_connections, None, "one per core then");
+        assert_eq!(parse(&["--db-read-connections", "4"]).unwrap().config.db_read_connections, Some(4));
+        for wrong in ["0", "-1", "many", "5000"] {
+            assert!(parse(&["--db-read-connections", wrong]).is_err(), "{wrong}");
         }
     }
 }

@@ -46,7 +46,9 @@ pub async fn run(
     }
 
     // One store for the API and the sweeper: one set of read connections.
-    let store = store::ProductStore::new(db.clone()).await;
+    let read_connections =
+        config.db_read_connections.map_or_else(store::default_read_connections, usize::from);
+    let store = store::ProductStore::with_read_connections(db.clone(), read_connections).await;
     let sweeper = tokio::spawn(sweep_request_ids(store.clone()));
     let metrics = storegate::metrics::Metrics::new("product-service");
     let metrics_server =

@@ -4,7 +4,10 @@
 //! fixed-width text ("0000000999.99", so that text order is numeric order).
 //! Both read it back through `CAST(price AS CHAR)`.
 
-use std::{fmt::Write as _, sync::Arc};
+use std::{
+    fmt::Write as _,
+    sync::{Arc, LazyLock},
+};
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use prost::Message as _;
@@ -12,12 +15,14 @@ use rusqlite::{
     OptionalExtension as _,
     types::{ToSqlOutput, Type, Value, ValueRef},
 };
+use sqlx::MySqlConnection;
 use storegate::{
     ApiError, Db,
     db::{Backend, BeginWrite as _, InsertId as _, is_unique_violation},
     mysql_reads::MySqlReads,
     on_db,
     pb::product::v1::Product,
+    shared_reads::{SharedReads, Sharing},
     sqlite_reads::{ReadCounts, SqliteReads},
 };
 
@@ -54,6 +59,21 @@ macro_rules! product_row {
 }
 const SELECT_BY_ID: &str = concat!("SELECT ", columns!(), " FROM products WHERE id = ?");
 
+/// Point reads that share a statement on MySQL: at most this many ids in one
+/// `IN (…)`.
+const SHARED_GETS: usize = 32;
+
+/// `SELECT … WHERE id IN (?, …)` with 1, 2, 4 … [`SHARED_GETS`] places: a few
+/// statements each connection prepares once; a list of ids is padded to
+/// the next size by repeating its last id.
+static SELECT_BY_IDS: LazyLock<Vec<String>> = LazyLock::new(|| {
+    (0..=SHARED_GETS.trailing_zeros())
+        .map(|bits| {
+            format!("SELECT {COLUMNS} FROM products WHERE id IN ({})", vec!["?"; 1 << bits].join(", "))
+        })
+        .collect()
+});
+
 #[derive(Clone, Debug)]
 pub struct ProductStore {
     db: Db,
@@ -68,11 +88,31 @@ enum Reads {
     /// pool is their fallback.
     Sqlite(Arc<SqliteReads>),
     /// Connections without sqlx's ping after each query
-    /// (`storegate::mysql_reads`).
-    MySql(Arc<MySqlReads>),
+    /// (`storegate::mysql_reads`), and statements shared by the reads
+    /// waiting for one (`storegate::shared_reads`).
+    MySql(Arc<MySqlShared>),
+}
+
+/// The MySQL read connections and the reads queued for them.
+#[derive(Debug)]
+struct MySqlShared {
+    connections: Arc<MySqlReads>,
+    /// Gets by id: any waiting ids share one `IN (…)`.
+    gets: SharedReads<i64, Option<ProductRow>>,
+    /// Keyset pages: callers waiting for the very same page share its
+    /// statement (a catalogue's first page is asked for most).
+    pages: SharedReads<Arc<PageRead>, Vec<ListedRow>>,
+}
+
+/// A page's statement and its parameters.
+#[derive(Debug, PartialEq)]
+struct PageRead {
+    sql: String,
+    params: Vec<ListParam>,
 }
 
 /// A row of a listing: the product, and without a query the total count.
+#[derive(Clone, Debug)]
 struct ListedRow {
     product: ProductRow,
     total_size: Option<i64>,
@@ -242,7 +282,7 @@ pub struct ListQuery<'a> {
 
 /// A listing's parameter, bound to the pool's statement or to the in-line
 /// read's as the same value.
-#[derive(Clone)]
+#[derive(Clone, Debug, PartialEq)]
 enum ListParam {
     Text(String),
     Time(DateTime<Utc>),
@@ -288,6 +328,42 @@ fn inline_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<ProductRow> {
             .map_err(|e| rusqlite::Error::FromSqlConversionFailure(i, Type::Text, Box::new(e)))
     };
     Ok(product_row!(row.get, time))
+}
+
+/// The products with these ids, in one statement: for each id its row, or
+/// `None` where there is none.
+async fn read_by_ids(connection: &mut MySqlConnection, ids: &[i64]) -> sqlx::Result<Vec<Option<ProductRow>>> {
+    let places = ids.len().next_power_of_two();
+    let Some(sql) = SELECT_BY_IDS.get(places.trailing_zeros() as usize) else {
+        return Err(sqlx::Error::Protocol(format!("{} ids in one read, more than {SHARED_GETS}", ids.len())));
+    };
+    let mut query = sqlx::query_as(sql);
+    for place in 0..places {
+        query = query.bind(ids[place.min(ids.len() - 1)]);
+    }
+    let mut rows: Vec<ProductRow> = query.fetch_all(connection).await?;
+    Ok(ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| {
+            let found = rows.iter().position(|row| row.id == *id)?;
+            // The row is moved to its last asker, cloned for any before.
+            Some(if ids[i + 1..].contains(id) { rows[found].clone() } else { rows.swap_remove(found) })
+        })
+        .collect())
+}
+
+/// One page, read once for every caller that asked for it.
+async fn read_page(
+    connection: &mut MySqlConnection,
+    callers: &[Arc<PageRead>],
+) -> sqlx::Result<Vec<Vec<ListedRow>>> {
+    let Some(page) = callers.first() else { return Ok(Vec::new()) };
+    let rows: Vec<ListedRow> =
+        bind_all!(sqlx::query_as(&page.sql), &page.params).fetch_all(connection).await?;
+    let mut answers = vec![rows.clone(); callers.len() - 1];
+    answers.push(rows);
+    Ok(answers)
 }
 
 /// `%text%` for LIKE, with `!` escaping the wildcards (a character both
@@ -358,11 +434,15 @@ macro_rules! count_products {
     };
 }
 
-/// Connections for gets and keyset pages on MySQL, beside the pool's. On two
-/// cores shared with the server, 8 served more gets than 4 or 16 (fewer
-/// server threads to wake, enough to keep it busy); a raw sqlx point read
-/// was as fast with 8 as with 16.
-const READ_CONNECTIONS: usize = 8;
+/// How many connections gets and keyset pages have on MySQL, beside the
+/// pool's, unless configured: one per core. Reads that wait for one share
+/// its next statement, so fewer connections mean fewer statements and fewer
+/// server threads to wake; on two cores shared with the server, 1 or 2 served
+/// 40–80% more gets and pages than 8 (BENCHMARKS.md). Across a network, where
+/// each statement waits a round trip, more may serve more different pages.
+pub fn default_read_connections() -> usize {
+    std::thread::available_parallelism().map_or(2, |cores| cores.get())
+}
 
 /// Where an unfiltered listing's statement has its `total_size`: after the
 /// ten product columns.
@@ -372,13 +452,23 @@ const FILTER: &str = " AND (LOWER(name) LIKE ? ESCAPE '!' OR LOWER(description) 
 
 impl ProductStore {
     pub async fn new(db: Db) -> Self {
+        Self::with_read_connections(db, default_read_connections()).await
+    }
+
+    /// A store whose MySQL gets and keyset pages have `read_connections`
+    /// connections of their own (unused on SQLite).
+    pub async fn with_read_connections(db: Db, read_connections: usize) -> Self {
         let reads = match &db {
             Db::Sqlite(_) => SqliteReads::for_db(&db).await.map(|reads| Reads::Sqlite(Arc::new(reads))),
-            Db::MySql(pool) => Some(Reads::MySql(MySqlReads::new(
-                (*pool.connect_options()).clone(),
-                READ_CONNECTIONS,
-                pool.options().get_acquire_timeout(),
-            ))),
+            Db::MySql(pool) => Some(Reads::MySql(Arc::new(MySqlShared {
+                connections: MySqlReads::new(
+                    (*pool.connect_options()).clone(),
+                    read_connections.max(1),
+                    pool.options().get_acquire_timeout(),
+                ),
+                gets: SharedReads::new(Sharing { up_to: SHARED_GETS, joins: |_, _| true }),
+                pages: SharedReads::new(Sharing { up_to: usize::MAX, joins: |a, b| a == b }),
+            }))),
         };
         ProductStore { db, reads }
     }
@@ -400,7 +490,7 @@ impl ProductStore {
     /// On MySQL, how many read connections are idle, ready to be lent.
     pub fn idle_read_connections(&self) -> Option<usize> {
         match &self.reads {
-            Some(Reads::MySql(reads)) => Some(reads.idle_connections()),
+            Some(Reads::MySql(reads)) => Some(reads.connections.idle_connections()),
             _ => None,
         }
     }
@@ -427,10 +517,7 @@ impl ProductStore {
                 }
             }
             Some(Reads::MySql(reads)) => {
-                let mut lease = reads.lease().await?;
-                let row = sqlx::query_as(SELECT_BY_ID).bind(id).fetch_optional(lease.connection()).await?;
-                lease.finish();
-                return Ok(row);
+                return Ok(reads.gets.read(&reads.connections, id, read_by_ids).await?);
             }
             None => {}
         }
@@ -630,10 +717,9 @@ impl ProductStore {
         let rows = match (&self.reads, q.query) {
             (Some(Reads::Sqlite(reads)), None) => Self::list_inline(reads, &sql, &params),
             (Some(Reads::MySql(reads)), None) => {
-                let mut lease = reads.lease().await?;
-                let rows = bind_all!(sqlx::query_as(&sql), &params).fetch_all(lease.connection()).await?;
-                lease.finish();
-                Some(rows)
+                let page = Arc::new(PageRead { sql, params });
+                let rows = reads.pages.read(&reads.connections, page, read_page).await?;
+                return self.page_of(rows, q.query).await;
             }
             _ => None,
         };
@@ -641,9 +727,15 @@ impl ProductStore {
             Some(rows) => rows,
             None => on_db!(&self.db, pool => bind_all!(sqlx::query_as(&sql), &params).fetch_all(pool).await)?,
         };
+        self.page_of(rows, q.query).await
+    }
+
+    /// The page of these rows, with the total they carry or else one
+    /// counted now.
+    async fn page_of(&self, rows: Vec<ListedRow>, query: Option<&str>) -> Result<Page, ApiError> {
         let total_size = match rows.first().and_then(|row| row.total_size) {
             Some(total) => total,
-            None => self.count(q.query).await?,
+            None => self.count(query).await?,
         };
         Ok(Page { rows: rows.into_iter().map(|row| row.product).collect(), total_size })
     }
