@@ -137,8 +137,10 @@ impl AuthState {
         let outcome = async {
             let attempt =
                 throttle::admit(&self.store, throttle::subject(&req.username), now.timestamp()).await?;
-            let outcome = self.check_password_and_issue_ticket(req, now).await;
-            attempt.settle(&self.store, &outcome, false).await;
+            let outcome = self.check_password_and_issue_ticket(req, attempt.subject(), now).await;
+            // A ticket is the outcome's last step, stored in the transaction
+            // that gives the attempt back: an Ok has settled it.
+            attempt.settle(&self.store, &outcome).await;
             outcome
         }
         .await;
@@ -149,6 +151,7 @@ impl AuthState {
     async fn check_password_and_issue_ticket(
         &self,
         req: BeginLoginRequest,
+        throttle_subject: &[u8],
         now: DateTime<Utc>,
     ) -> Result<BeginLoginResponse, ApiError> {
         let user = match Username::parse(&req.username) {
@@ -165,9 +168,6 @@ impl AuthState {
             return Err(ApiError::Unauthenticated(BAD_CREDENTIALS));
         };
 
-        let ticket = random_token();
-        let expires_at = now + Duration::seconds(TICKET_TTL_SECS);
-        self.store.create_ticket(&token_hash(&ticket), user_id, expires_at, now).await?;
         // The secret goes out only after a correct password and only until
         // the first code confirms it. An account still enrolling is read
         // again: another login may have confirmed it during the hash.
@@ -182,6 +182,11 @@ impl AuthState {
             let e = totp::enrollment(&secret, &self.totp_issuer, &totp_state.username)?;
             Some(TotpEnrollment { otpauth_uri: e.otpauth_uri, qr_png: e.qr_png, secret: e.secret_base32 })
         };
+        // Last, so that nothing can fail once the ticket is stored and the
+        // attempt given back.
+        let ticket = random_token();
+        let expires_at = now + Duration::seconds(TICKET_TTL_SECS);
+        self.store.create_ticket(&token_hash(&ticket), user_id, expires_at, now, throttle_subject).await?;
         tracing::info!(user_id, enrolling = enrollment.is_some(), "password accepted; ticket issued");
         Ok(BeginLoginResponse {
             login_ticket: ticket,
@@ -215,7 +220,7 @@ impl AuthState {
             // Settled by what the transaction did: once it committed (and
             // cleared the count), a failure to sign the token is no
             // attempt's outcome and must not refund a count added since.
-            attempt.settle(&self.store, &completed, true).await;
+            attempt.settle(&self.store, &completed).await;
             self.issue_tokens(ticket.user_id, &totp_state.username, completed?).await
         }
         .await;

@@ -18,6 +18,10 @@ pub const MAX_WRONG_CODES_PER_TICKET: i32 = 5;
 const INSERT_REFRESH_TOKEN: &str =
     "INSERT INTO refresh_tokens (token_hash, family, user_id, expires_at, created_at) VALUES (?, ?, ?, ?, ?)";
 
+/// Gives back one counted attempt, and any lock with it (see
+/// [`AuthStore::refund_login_attempt`]).
+const REFUND_ATTEMPT_SQL: &str = "UPDATE login_throttle SET failures = failures - 1, locked_until = NULL WHERE subject = ? AND failures > 0";
+
 /// Counts one attempt unless the name is locked, and sets the lock when the
 /// count reaches [`FREE_FAILURES`]: 30 s after the 5th failure, doubling up
 /// to 15 minutes. `locked_until` is assigned before `failures` on purpose:
@@ -250,14 +254,19 @@ impl AuthStore {
         })
     }
 
+    /// Stores a login ticket and gives back the attempt counted against
+    /// `throttle_subject` (a right password is no failure), in one
+    /// transaction: one commit instead of two on every login.
     pub async fn create_ticket(
         &self,
         ticket_hash: &[u8],
         user_id: i64,
         expires_at: DateTime<Utc>,
         now: DateTime<Utc>,
+        throttle_subject: &[u8],
     ) -> Result<(), ApiError> {
-        on_db!(&self.db, pool => {
+        on_db!(&self.db, pool => async {
+            let mut tx = pool.begin_write().await?;
             sqlx::query(
                 "INSERT INTO login_tickets (ticket_hash, user_id, failed_codes, expires_at, created_at) \
                  VALUES (?, ?, 0, ?, ?)",
@@ -266,10 +275,12 @@ impl AuthStore {
             .bind(user_id)
             .bind(expires_at)
             .bind(now)
-            .execute(pool)
-            .await
-            .map(drop)
-        })?;
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(REFUND_ATTEMPT_SQL).bind(throttle_subject).execute(&mut *tx).await?;
+            tx.commit().await
+        }
+        .await)?;
         Ok(())
     }
 
@@ -482,13 +493,7 @@ impl AuthStore {
     /// Any lock goes with it: the attempt was admitted, so no earlier lock
     /// was in force, and a failure in parallel keeps its own count.
     pub async fn refund_login_attempt(&self, subject: &[u8]) -> Result<(), ApiError> {
-        on_db!(&self.db, pool => {
-            sqlx::query("UPDATE login_throttle SET failures = failures - 1, locked_until = NULL WHERE subject = ? AND failures > 0")
-                .bind(subject)
-                .execute(pool)
-                .await
-                .map(drop)
-        })?;
+        on_db!(&self.db, pool => sqlx::query(REFUND_ATTEMPT_SQL).bind(subject).execute(pool).await.map(drop))?;
         Ok(())
     }
 

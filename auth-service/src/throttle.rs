@@ -58,13 +58,12 @@ impl Attempt {
     }
 
     /// Settles the attempt by its outcome: a wrong credential stays counted;
-    /// anything else (a right one, or an error before evaluation) is given
-    /// back. A completed login (`completed` and Ok: its transaction
-    /// committed) has nothing left to settle: that transaction cleared the
-    /// count.
-    pub async fn settle<T>(self, store: &AuthStore, outcome: &Result<T, ApiError>, completed: bool) {
+    /// an error before evaluation is given back. An Ok outcome has nothing
+    /// left to settle: its own transaction gave the count back (BeginLogin's
+    /// ticket) or cleared it (a completed login).
+    pub async fn settle<T>(self, store: &AuthStore, outcome: &Result<T, ApiError>) {
         let settled = match outcome {
-            Ok(_) if completed => Ok(()),
+            Ok(_) => Ok(()),
             Err(ApiError::Unauthenticated(_)) => Ok(()),
             _ => store.refund_login_attempt(&self.subject).await,
         };
