@@ -13,7 +13,10 @@
 //! callers that were waiting before it started, so it sees every write that
 //! committed before any of them asked.
 
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{
+    Mutex, MutexGuard, PoisonError,
+    atomic::{AtomicU64, Ordering},
+};
 
 use sqlx::MySqlConnection;
 use tokio::sync::oneshot;
@@ -23,7 +26,7 @@ use crate::mysql_reads::MySqlReads;
 /// Which waiting reads one statement answers.
 #[derive(Clone, Copy, Debug)]
 pub struct Sharing<K> {
-    /// At most this many callers per statement.
+    /// At most this many callers per statement (at least one).
     pub up_to: usize,
     /// Whether a read for the second key can join the first's statement.
     pub joins: fn(&K, &K) -> bool,
@@ -35,61 +38,108 @@ pub struct Sharing<K> {
 pub struct SharedReads<K, V> {
     waiting: Mutex<Vec<Waiting<K, V>>>,
     sharing: Sharing<K>,
+    next_caller: AtomicU64,
+    statements: AtomicU64,
+    answers: AtomicU64,
 }
 
 #[derive(Debug)]
 struct Waiting<K, V> {
+    caller: u64,
     key: K,
-    answer: oneshot::Sender<V>,
+    answer: oneshot::Sender<Answer<V>>,
+}
+
+/// What a caller hears from the statement that took its key.
+#[derive(Debug)]
+enum Answer<V> {
+    Value(V),
+    /// The statement failed: read alone, to get an error of one's own.
+    ReadAlone,
+}
+
+/// How many statements ran for shared reads and how many callers they
+/// answered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SharedCounts {
+    pub statements: u64,
+    pub answers: u64,
 }
 
 impl<K: Clone, V> SharedReads<K, V> {
     pub fn new(sharing: Sharing<K>) -> Self {
-        SharedReads { waiting: Mutex::new(Vec::new()), sharing }
+        SharedReads {
+            waiting: Mutex::new(Vec::new()),
+            sharing: Sharing { up_to: sharing.up_to.max(1), ..sharing },
+            next_caller: AtomicU64::new(0),
+            statements: AtomicU64::new(0),
+            answers: AtomicU64::new(0),
+        }
     }
 
     /// `key`'s answer. `run` reads the answers of a list of keys in one
     /// statement, in their order, on the connection it is lent; it may be
-    /// given `key` alone or with others. A statement that fails or is cut
-    /// short answers no one: each of its callers then reads alone, so that
-    /// every caller gets its own error.
+    /// given `key` alone or with others. A statement that fails answers no
+    /// one: each of its callers then reads alone, so that every caller gets
+    /// its own error. One whose caller gave up mid-way (its future dropped)
+    /// leaves its other callers to queue again.
     pub async fn read(
         &self,
         reads: &MySqlReads,
         key: K,
         run: impl AsyncFn(&mut MySqlConnection, &[K]) -> Result<Vec<V>, sqlx::Error>,
     ) -> Result<V, sqlx::Error> {
-        let (answer, mut answered) = oneshot::channel();
-        self.waiting().push(Waiting { key: key.clone(), answer });
-        // Until another caller's statement took this key, compete for a
-        // connection and serve whoever waits when one comes.
-        let mut queued = true;
-        loop {
-            tokio::select! {
-                biased;
-                answer = &mut answered => match answer {
-                    Ok(value) => return Ok(value),
-                    Err(_) => break,
-                },
-                lease = reads.lease(), if queued => {
-                    let mut lease = lease?;
-                    let batch = self.take_batch();
-                    if batch.is_empty() {
-                        // Another caller's statement has this key.
+        'queue: loop {
+            let caller = self.next_caller.fetch_add(1, Ordering::Relaxed);
+            let (answer, mut answered) = oneshot::channel();
+            self.waiting().push(Waiting { caller, key: key.clone(), answer });
+            // Until a statement took this key, compete for a connection and
+            // serve whoever waits when one comes.
+            let mut queued = true;
+            loop {
+                tokio::select! {
+                    biased;
+                    answer = &mut answered => match answer {
+                        Ok(Answer::Value(value)) => return Ok(value),
+                        Ok(Answer::ReadAlone) => break 'queue,
+                        // Its statement's caller gave up mid-way.
+                        Err(_) => continue 'queue,
+                    },
+                    lease = reads.lease(), if queued => {
+                        let mut lease = match lease {
+                            Ok(lease) => lease,
+                            // Unless a statement has taken this key already,
+                            // its caller gets the error (and leaves the queue).
+                            Err(e) if self.leave_queue(caller) => return Err(e),
+                            Err(_) => {
+                                queued = false;
+                                continue;
+                            }
+                        };
+                        let batch = self.take_batch();
+                        if batch.is_empty() {
+                            // A statement has taken this key.
+                            lease.finish();
+                            queued = false;
+                            continue;
+                        }
+                        let keys: Vec<K> = batch.iter().map(|waiting| waiting.key.clone()).collect();
+                        self.statements.fetch_add(1, Ordering::Relaxed);
+                        let Ok(values) = run(lease.connection(), &keys).await else {
+                            // The lease is dropped, closing the connection.
+                            tracing::warn!(callers = batch.len(), "a shared read failed; its callers read alone");
+                            for waiting in batch {
+                                let _ = waiting.answer.send(Answer::ReadAlone);
+                            }
+                            continue;
+                        };
                         lease.finish();
-                        queued = false;
-                        continue;
-                    }
-                    let keys: Vec<K> = batch.iter().map(|waiting| waiting.key.clone()).collect();
-                    if let Ok(values) = run(lease.connection(), &keys).await {
-                        lease.finish();
+                        self.answers.fetch_add(batch.len() as u64, Ordering::Relaxed);
                         for (waiting, value) in batch.into_iter().zip(values) {
                             // A caller that gave up has no one to answer.
-                            let _ = waiting.answer.send(value);
+                            let _ = waiting.answer.send(Answer::Value(value));
                         }
                     }
-                    // On an error the lease and the batch are dropped here:
-                    // the connection is closed and its callers read alone.
                 }
             }
         }
@@ -110,16 +160,33 @@ impl<K: Clone, V> SharedReads<K, V> {
         let mut taken = 0;
         waiting
             .extract_if(.., |w| {
-                let take = taken < up_to && joins(&first, &w.key);
+                let take = taken == 0 || (taken < up_to && joins(&first, &w.key));
                 taken += usize::from(take);
                 take
             })
             .collect()
     }
 
+    /// Takes `caller` out of the queue, with any caller that gave up; false
+    /// when a statement had taken it already.
+    fn leave_queue(&self, caller: u64) -> bool {
+        let mut waiting = self.waiting();
+        let was_queued = waiting.iter().any(|w| w.caller == caller);
+        waiting.retain(|w| w.caller != caller && !w.answer.is_closed());
+        was_queued
+    }
+
     fn waiting(&self) -> MutexGuard<'_, Vec<Waiting<K, V>>> {
         // A poisoned lock only means a panic elsewhere; the list is whole.
         self.waiting.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Statements run and callers they answered, so far.
+    pub fn counts(&self) -> SharedCounts {
+        SharedCounts {
+            statements: self.statements.load(Ordering::Relaxed),
+            answers: self.answers.load(Ordering::Relaxed),
+        }
     }
 }
 
@@ -143,21 +210,45 @@ mod tests {
     /// Each statement's keys, in the order they ran.
     type Statements = Arc<StdMutex<Vec<Vec<u32>>>>;
 
+    /// What a test's statement does for its keys.
+    enum Step {
+        Answer,
+        Fail,
+        /// Holds the connection for seconds first.
+        Stall,
+    }
+
+    fn answer_all(_: &[u32]) -> Step {
+        Step::Answer
+    }
+
+    fn fail_shared(keys: &[u32]) -> Step {
+        if keys.len() > 1 { Step::Fail } else { Step::Answer }
+    }
+
     /// Reads `key` as ten times itself, in a statement that really runs on
-    /// the lent connection and is recorded; with `fail_shared`, any
-    /// statement for more than one key fails.
+    /// the lent connection and is recorded, doing what `step` says.
     async fn read_ten_times(
         shared: &SharedReads<u32, u32>,
         reads: &MySqlReads,
         statements: &Statements,
         key: u32,
-        fail_shared: bool,
+        step: fn(&[u32]) -> Step,
     ) -> Result<u32, sqlx::Error> {
         shared
             .read(reads, key, async |connection, keys| {
                 statements.lock().unwrap().push(keys.to_vec());
-                if fail_shared && keys.len() > 1 {
-                    return Err(sqlx::query("SELECT no_such_column").execute(connection).await.unwrap_err());
+                match step(keys) {
+                    Step::Answer => {}
+                    Step::Fail => {
+                        return Err(sqlx::query("SELECT no_such_column")
+                            .execute(connection)
+                            .await
+                            .unwrap_err());
+                    }
+                    Step::Stall => {
+                        sqlx::query("SELECT SLEEP(5)").execute(&mut *connection).await?;
+                    }
                 }
                 let ten: i64 = sqlx::query_scalar("SELECT 10").fetch_one(connection).await?;
                 Ok(keys.iter().map(|k| k * ten as u32).collect())
@@ -171,7 +262,7 @@ mod tests {
         reads: &Arc<MySqlReads>,
         shared: &Arc<SharedReads<u32, u32>>,
         keys: &[u32],
-        fail_shared: bool,
+        step: fn(&[u32]) -> Step,
     ) -> (Vec<JoinHandle<Result<u32, sqlx::Error>>>, Statements) {
         let statements = Statements::default();
         let held = reads.lease().await.unwrap();
@@ -179,9 +270,7 @@ mod tests {
             .iter()
             .map(|&key| {
                 let (reads, shared, statements) = (reads.clone(), shared.clone(), statements.clone());
-                spawn_local(
-                    async move { read_ten_times(&shared, &reads, &statements, key, fail_shared).await },
-                )
+                spawn_local(async move { read_ten_times(&shared, &reads, &statements, key, step).await })
             })
             .collect();
         while shared.waiting().len() < keys.len() {
@@ -201,7 +290,7 @@ mod tests {
             .run_until(async {
                 let Some(reads) = reads(1, Duration::from_secs(5)) else { return };
                 let keys: Vec<u32> = (1..=10).collect();
-                let (calls, statements) = queued_reads(&reads, &any_reads(4), &keys, false).await;
+                let (calls, statements) = queued_reads(&reads, &any_reads(4), &keys, answer_all).await;
                 for (call, key) in calls.into_iter().zip(&keys) {
                     assert_eq!(call.await.unwrap().unwrap(), key * 10, "each caller gets its own answer");
                 }
@@ -220,7 +309,7 @@ mod tests {
                 let (shared, statements) = (any_reads(4), Statements::default());
                 for key in [3, 4, 3] {
                     assert_eq!(
-                        read_ten_times(&shared, &reads, &statements, key, false).await.unwrap(),
+                        read_ten_times(&shared, &reads, &statements, key, answer_all).await.unwrap(),
                         key * 10
                     );
                 }
@@ -236,7 +325,7 @@ mod tests {
             .run_until(async {
                 let Some(reads) = reads(1, Duration::from_secs(5)) else { return };
                 let same = Arc::new(SharedReads::new(Sharing { up_to: usize::MAX, joins: |a, b| a == b }));
-                let (calls, statements) = queued_reads(&reads, &same, &[7, 7, 8, 7, 8], false).await;
+                let (calls, statements) = queued_reads(&reads, &same, &[7, 7, 8, 7, 8], answer_all).await;
                 for (call, key) in calls.into_iter().zip([7, 7, 8, 7, 8]) {
                     assert_eq!(call.await.unwrap().unwrap(), key * 10);
                 }
@@ -250,7 +339,7 @@ mod tests {
         LocalSet::new()
             .run_until(async {
                 let Some(reads) = reads(1, Duration::from_secs(5)) else { return };
-                let (calls, statements) = queued_reads(&reads, &any_reads(8), &[1, 2, 3], true).await;
+                let (calls, statements) = queued_reads(&reads, &any_reads(8), &[1, 2, 3], fail_shared).await;
                 for (call, key) in calls.into_iter().zip([1, 2, 3]) {
                     assert_eq!(call.await.unwrap().unwrap(), key * 10);
                 }
@@ -272,7 +361,9 @@ mod tests {
                 let held = reads.lease().await.unwrap();
                 let start = |key| {
                     let (reads, shared, statements) = (reads.clone(), shared.clone(), statements.clone());
-                    spawn_local(async move { read_ten_times(&shared, &reads, &statements, key, false).await })
+                    spawn_local(
+                        async move { read_ten_times(&shared, &reads, &statements, key, answer_all).await },
+                    )
                 };
                 let (gives_up, stays) = (start(1), start(2));
                 while shared.waiting().len() < 2 {
@@ -286,5 +377,61 @@ mod tests {
                 assert!(shared.waiting().is_empty());
             })
             .await;
+    }
+
+    #[tokio::test]
+    async fn a_failed_statement_gives_each_caller_an_error_of_its_own() {
+        LocalSet::new()
+            .run_until(async {
+                let Some(reads) = reads(1, Duration::from_secs(5)) else { return };
+                let (calls, statements) =
+                    queued_reads(&reads, &any_reads(8), &[1, 2, 3], |_| Step::Fail).await;
+                for call in calls {
+                    assert!(matches!(call.await.unwrap(), Err(sqlx::Error::Database(_))));
+                }
+                let mut statements = statements.lock().unwrap().clone();
+                assert_eq!(statements.remove(0), [1, 2, 3]);
+                statements.sort();
+                assert_eq!(statements, [vec![1], vec![2], vec![3]], "then each alone");
+            })
+            .await;
+    }
+
+    #[tokio::test]
+    async fn when_a_statement_is_cut_short_its_other_callers_queue_again() {
+        LocalSet::new()
+            .run_until(async {
+                let Some(reads) = reads(1, Duration::from_secs(10)) else { return };
+                let stall_for_1 = |keys: &[u32]| if keys.contains(&1) { Step::Stall } else { Step::Answer };
+                let (mut calls, statements) =
+                    queued_reads(&reads, &any_reads(8), &[1, 2, 3], stall_for_1).await;
+                while statements.lock().unwrap().is_empty() {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                // The caller running the statement for all three gives up.
+                let leader = calls.remove(0);
+                leader.abort();
+                assert!(leader.await.unwrap_err().is_cancelled());
+                for (call, key) in calls.into_iter().zip([2, 3]) {
+                    assert_eq!(call.await.unwrap().unwrap(), key * 10);
+                }
+                let mut statements = statements.lock().unwrap().clone();
+                statements[1].sort();
+                assert_eq!(statements, [vec![1, 2, 3], vec![2, 3]], "the other two shared again");
+            })
+            .await;
+    }
+
+    #[tokio::test]
+    async fn a_caller_that_gets_no_connection_in_time_leaves_the_queue() {
+        let Some(reads) = reads(1, Duration::from_millis(200)) else { return };
+        let (shared, statements) = (any_reads(8), Statements::default());
+        let held = reads.lease().await.unwrap();
+        let read = read_ten_times(&shared, &reads, &statements, 4, answer_all).await;
+        assert!(matches!(read, Err(sqlx::Error::PoolTimedOut)));
+        assert!(shared.waiting().is_empty());
+        held.finish();
+        assert_eq!(read_ten_times(&shared, &reads, &statements, 4, answer_all).await.unwrap(), 40);
+        assert_eq!(shared.counts(), SharedCounts { statements: 1, answers: 1 });
     }
 }

@@ -60,7 +60,10 @@ impl Attempt {
     /// Settles the attempt by its outcome: a wrong credential stays counted;
     /// an error before evaluation is given back. An Ok outcome has nothing
     /// left to settle: its own transaction gave the count back (BeginLogin's
-    /// ticket) or cleared it (a completed login).
+    /// ticket) or cleared it (a completed login). A commit whose answer was
+    /// lost on the way (an error, yet committed) is refunded once more here:
+    /// one wrong attempt of that name is forgotten, the rare cost of never
+    /// counting a right password.
     pub async fn settle<T>(self, store: &AuthStore, outcome: &Result<T, ApiError>) {
         let settled = match outcome {
             Ok(_) => Ok(()),

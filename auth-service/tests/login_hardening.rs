@@ -118,7 +118,7 @@ async fn five_failures_lock_even_the_right_password_with_growing_delays(backend:
         );
     }
     begin(&stack, "mallory", PASSWORD).await.expect("the right password after four failures");
-    // Its ticket was stored in the transaction that gave its count back.
+    // Its count was given back and its ticket stored.
     assert_eq!(throttle_failures(&db).await, [4], "a right password is no failure, even before its code");
     let tickets: i64 = on_db!(&db, pool => {
         sqlx::query_scalar("SELECT COUNT(*) FROM login_tickets").fetch_one(pool).await

@@ -36,7 +36,7 @@ pub struct ProductConfig {
     pub jwks_refresh_interval_secs: u64,
 
     /// MySQL only: connections for GetProduct and unfiltered ListProducts
-    /// pages, beside the pool (default: one per CPU core). Reads waiting
+    /// pages, beside the pool (default: one per CPU core, at most 16). Reads waiting
     /// for one share its next statement; raise it when MySQL is across a
     /// network and many different pages are read at once.
     #[arg(long, env = "DB_READ_CONNECTIONS", value_parser = clap::value_parser!(u16).range(1..=1024))]
@@ -76,7 +76,7 @@ mod tests {
         assert_eq!(parse(&[]).unwrap().config.db_read_connections, None, "one per core then");
         assert_eq!(parse(&["--db-read-connections", "4"]).unwrap().config.db_read_connections, Some(4));
         for wrong in ["0", "-1", "many", "5000"] {
-            assert!(parse(&["--db-read-connections", wrong]).is_err(), "{wrong}");
+            assert!(parse(&[&format!("--db-read-connections={wrong}")]).is_err(), "{wrong}");
         }
     }
 }

@@ -22,7 +22,7 @@ use storegate::{
     mysql_reads::MySqlReads,
     on_db,
     pb::product::v1::Product,
-    shared_reads::{SharedReads, Sharing},
+    shared_reads::{SharedCounts, SharedReads, Sharing},
     sqlite_reads::{ReadCounts, SqliteReads},
 };
 
@@ -333,6 +333,9 @@ fn inline_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<ProductRow> {
 /// The products with these ids, in one statement: for each id its row, or
 /// `None` where there is none.
 async fn read_by_ids(connection: &mut MySqlConnection, ids: &[i64]) -> sqlx::Result<Vec<Option<ProductRow>>> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
     let places = ids.len().next_power_of_two();
     let Some(sql) = SELECT_BY_IDS.get(places.trailing_zeros() as usize) else {
         return Err(sqlx::Error::Protocol(format!("{} ids in one read, more than {SHARED_GETS}", ids.len())));
@@ -435,13 +438,13 @@ macro_rules! count_products {
 }
 
 /// How many connections gets and keyset pages have on MySQL, beside the
-/// pool's, unless configured: one per core. Reads that wait for one share
+/// pool's, unless configured: one per core, at most 16. Reads that wait for one share
 /// its next statement, so fewer connections mean fewer statements and fewer
 /// server threads to wake; on two cores shared with the server, 1 or 2 served
 /// 40–80% more gets and pages than 8 (BENCHMARKS.md). Across a network, where
 /// each statement waits a round trip, more may serve more different pages.
 pub fn default_read_connections() -> usize {
-    std::thread::available_parallelism().map_or(2, |cores| cores.get())
+    std::thread::available_parallelism().map_or(2, |cores| cores.get().min(16))
 }
 
 /// Where an unfiltered listing's statement has its `total_size`: after the
@@ -483,6 +486,15 @@ impl ProductStore {
     pub fn inline_read_counts(&self) -> Option<ReadCounts> {
         match &self.reads {
             Some(Reads::Sqlite(reads)) => Some(reads.counts()),
+            _ => None,
+        }
+    }
+
+    /// On MySQL, how many statements the gets that shared them ran, and how
+    /// many gets they answered.
+    pub fn shared_get_counts(&self) -> Option<SharedCounts> {
+        match &self.reads {
+            Some(Reads::MySql(reads)) => Some(reads.gets.counts()),
             _ => None,
         }
     }
