@@ -125,13 +125,16 @@ impl<K: Clone, V> SharedReads<K, V> {
                         }
                         let keys: Vec<K> = batch.iter().map(|waiting| waiting.key.clone()).collect();
                         self.statements.fetch_add(1, Ordering::Relaxed);
-                        let Ok(values) = run(lease.connection(), &keys).await else {
-                            // The lease is dropped, closing the connection.
-                            tracing::warn!(callers = batch.len(), "a shared read failed; its callers read alone");
-                            for waiting in batch {
-                                let _ = waiting.answer.send(Answer::ReadAlone);
+                        let values = match run(lease.connection(), &keys).await {
+                            Ok(values) if values.len() == batch.len() => values,
+                            _ => {
+                                // The lease is dropped, closing the connection.
+                                tracing::warn!(callers = batch.len(), "a shared read failed; its callers read alone");
+                                for waiting in batch {
+                                    let _ = waiting.answer.send(Answer::ReadAlone);
+                                }
+                                continue;
                             }
-                            continue;
                         };
                         lease.finish();
                         self.answers.fetch_add(batch.len() as u64, Ordering::Relaxed);
