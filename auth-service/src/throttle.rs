@@ -58,7 +58,8 @@ impl Attempt {
     }
 
     /// Settles the attempt by its outcome: a wrong credential stays counted;
-    /// an error before evaluation is given back. An Ok outcome has nothing
+    /// any other error (before evaluation, or one that rolled the outcome's
+    /// transaction back) is given back. An Ok outcome has nothing
     /// left to settle: its own transaction gave the count back (BeginLogin's
     /// ticket) or cleared it (a completed login). A commit whose answer was
     /// lost on the way (an error, yet committed) is refunded once more here:

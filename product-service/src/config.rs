@@ -36,9 +36,9 @@ pub struct ProductConfig {
     pub jwks_refresh_interval_secs: u64,
 
     /// MySQL only: connections for GetProduct and unfiltered ListProducts
-    /// pages, beside the pool (default: one per CPU core, at most 16). Reads waiting
-    /// for one share its next statement; raise it when MySQL is across a
-    /// network and many different pages are read at once.
+    /// pages, beside the pool (default: one per CPU core, at most 16).
+    /// Reads waiting for one share its next statement; raise it when MySQL
+    /// is across a network and many different pages are read at once.
     #[arg(long, env = "DB_READ_CONNECTIONS", value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub db_read_connections: Option<u16>,
 }
