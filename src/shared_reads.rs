@@ -205,10 +205,16 @@ mod tests {
     use super::*;
     use crate::mysql_reads::tests::reads;
 
-    // The reads run as local tasks: a test's `run` closure borrows from its
-    // caller, and the compiler cannot yet show such an async closure's
-    // future to be `Send` for every lifetime (the services pass named
-    // `async fn`s, which it can).
+    /// Runs `test` with one read connection on the test server, lent for at
+    /// most `acquire_timeout`; skipped, as every MySQL test is, outside CI
+    /// without a server. Its reads run as local tasks: a test's `run`
+    /// closure borrows from its caller, and the compiler cannot yet show such
+    /// an async closure's future to be `Send` for every lifetime (the
+    /// services pass named `async fn`s, which it can).
+    async fn with_one_connection(acquire_timeout: Duration, test: impl AsyncFnOnce(Arc<MySqlReads>)) {
+        let Some(reads) = reads(1, acquire_timeout) else { return };
+        LocalSet::new().run_until(test(reads)).await;
+    }
 
     /// Each statement's keys, in the order they ran.
     type Statements = Arc<StdMutex<Vec<Vec<u32>>>>;
@@ -289,152 +295,138 @@ mod tests {
 
     #[tokio::test]
     async fn reads_waiting_for_a_connection_share_statements() {
-        LocalSet::new()
-            .run_until(async {
-                let Some(reads) = reads(1, Duration::from_secs(5)) else { return };
-                let keys: Vec<u32> = (1..=10).collect();
-                let (calls, statements) = queued_reads(&reads, &any_reads(4), &keys, answer_all).await;
-                for (call, key) in calls.into_iter().zip(&keys) {
-                    assert_eq!(call.await.unwrap().unwrap(), key * 10, "each caller gets its own answer");
-                }
-                // Oldest first, at most four a statement.
-                let statements = statements.lock().unwrap().clone();
-                assert_eq!(statements, [vec![1, 2, 3, 4], vec![5, 6, 7, 8], vec![9, 10]]);
-            })
-            .await;
+        with_one_connection(Duration::from_secs(5), async |reads| {
+            let keys: Vec<u32> = (1..=10).collect();
+            let (calls, statements) = queued_reads(&reads, &any_reads(4), &keys, answer_all).await;
+            for (call, key) in calls.into_iter().zip(&keys) {
+                assert_eq!(call.await.unwrap().unwrap(), key * 10, "each caller gets its own answer");
+            }
+            // Oldest first, at most four a statement.
+            let statements = statements.lock().unwrap().clone();
+            assert_eq!(statements, [vec![1, 2, 3, 4], vec![5, 6, 7, 8], vec![9, 10]]);
+        })
+        .await;
     }
 
     #[tokio::test]
     async fn a_free_connection_reads_at_once_alone() {
-        LocalSet::new()
-            .run_until(async {
-                let Some(reads) = reads(1, Duration::from_secs(5)) else { return };
-                let (shared, statements) = (any_reads(4), Statements::default());
-                for key in [3, 4, 3] {
-                    assert_eq!(
-                        read_ten_times(&shared, &reads, &statements, key, answer_all).await.unwrap(),
-                        key * 10
-                    );
-                }
-                assert_eq!(*statements.lock().unwrap(), [vec![3], vec![4], vec![3]]);
-                assert_eq!(reads.idle_connections(), 1, "the connection went back");
-            })
-            .await;
+        with_one_connection(Duration::from_secs(5), async |reads| {
+            let (shared, statements) = (any_reads(4), Statements::default());
+            for key in [3, 4, 3] {
+                assert_eq!(
+                    read_ten_times(&shared, &reads, &statements, key, answer_all).await.unwrap(),
+                    key * 10
+                );
+            }
+            assert_eq!(*statements.lock().unwrap(), [vec![3], vec![4], vec![3]]);
+            assert_eq!(reads.idle_connections(), 1, "the connection went back");
+        })
+        .await;
     }
 
     #[tokio::test]
     async fn only_reads_that_may_join_share_a_statement() {
-        LocalSet::new()
-            .run_until(async {
-                let Some(reads) = reads(1, Duration::from_secs(5)) else { return };
-                let same = Arc::new(SharedReads::new(Sharing { up_to: usize::MAX, joins: |a, b| a == b }));
-                let (calls, statements) = queued_reads(&reads, &same, &[7, 7, 8, 7, 8], answer_all).await;
-                for (call, key) in calls.into_iter().zip([7, 7, 8, 7, 8]) {
-                    assert_eq!(call.await.unwrap().unwrap(), key * 10);
-                }
-                assert_eq!(*statements.lock().unwrap(), [vec![7, 7, 7], vec![8, 8]]);
-            })
-            .await;
+        with_one_connection(Duration::from_secs(5), async |reads| {
+            let same = Arc::new(SharedReads::new(Sharing { up_to: usize::MAX, joins: |a, b| a == b }));
+            let (calls, statements) = queued_reads(&reads, &same, &[7, 7, 8, 7, 8], answer_all).await;
+            for (call, key) in calls.into_iter().zip([7, 7, 8, 7, 8]) {
+                assert_eq!(call.await.unwrap().unwrap(), key * 10);
+            }
+            assert_eq!(*statements.lock().unwrap(), [vec![7, 7, 7], vec![8, 8]]);
+        })
+        .await;
     }
 
     #[tokio::test]
     async fn after_a_failed_shared_statement_each_caller_reads_alone() {
-        LocalSet::new()
-            .run_until(async {
-                let Some(reads) = reads(1, Duration::from_secs(5)) else { return };
-                let (calls, statements) = queued_reads(&reads, &any_reads(8), &[1, 2, 3], fail_shared).await;
-                for (call, key) in calls.into_iter().zip([1, 2, 3]) {
-                    assert_eq!(call.await.unwrap().unwrap(), key * 10);
-                }
-                let mut statements = statements.lock().unwrap().clone();
-                assert_eq!(statements.remove(0), [1, 2, 3], "the shared statement, which failed");
-                statements.sort();
-                assert_eq!(statements, [vec![1], vec![2], vec![3]]);
-            })
-            .await;
+        with_one_connection(Duration::from_secs(5), async |reads| {
+            let (calls, statements) = queued_reads(&reads, &any_reads(8), &[1, 2, 3], fail_shared).await;
+            for (call, key) in calls.into_iter().zip([1, 2, 3]) {
+                assert_eq!(call.await.unwrap().unwrap(), key * 10);
+            }
+            let mut statements = statements.lock().unwrap().clone();
+            assert_eq!(statements.remove(0), [1, 2, 3], "the shared statement, which failed");
+            statements.sort();
+            assert_eq!(statements, [vec![1], vec![2], vec![3]]);
+        })
+        .await;
     }
 
     #[tokio::test]
     async fn a_caller_that_gave_up_is_left_out() {
-        LocalSet::new()
-            .run_until(async {
-                let Some(reads) = reads(1, Duration::from_secs(5)) else { return };
-                let shared = any_reads(8);
-                let statements = Statements::default();
-                let held = reads.lease().await.unwrap();
-                let start = |key| {
-                    let (reads, shared, statements) = (reads.clone(), shared.clone(), statements.clone());
-                    spawn_local(
-                        async move { read_ten_times(&shared, &reads, &statements, key, answer_all).await },
-                    )
-                };
-                let (gives_up, stays) = (start(1), start(2));
-                while shared.waiting().len() < 2 {
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-                gives_up.abort();
-                assert!(gives_up.await.unwrap_err().is_cancelled());
-                held.finish();
-                assert_eq!(stays.await.unwrap().unwrap(), 20);
-                assert_eq!(*statements.lock().unwrap(), [vec![2]]);
-                assert!(shared.waiting().is_empty());
-            })
-            .await;
+        with_one_connection(Duration::from_secs(5), async |reads| {
+            let shared = any_reads(8);
+            let statements = Statements::default();
+            let held = reads.lease().await.unwrap();
+            let start = |key| {
+                let (reads, shared, statements) = (reads.clone(), shared.clone(), statements.clone());
+                spawn_local(
+                    async move { read_ten_times(&shared, &reads, &statements, key, answer_all).await },
+                )
+            };
+            let (gives_up, stays) = (start(1), start(2));
+            while shared.waiting().len() < 2 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            gives_up.abort();
+            assert!(gives_up.await.unwrap_err().is_cancelled());
+            held.finish();
+            assert_eq!(stays.await.unwrap().unwrap(), 20);
+            assert_eq!(*statements.lock().unwrap(), [vec![2]]);
+            assert!(shared.waiting().is_empty());
+        })
+        .await;
     }
 
     #[tokio::test]
     async fn a_failed_statement_gives_each_caller_an_error_of_its_own() {
-        LocalSet::new()
-            .run_until(async {
-                let Some(reads) = reads(1, Duration::from_secs(5)) else { return };
-                let (calls, statements) =
-                    queued_reads(&reads, &any_reads(8), &[1, 2, 3], |_| Step::Fail).await;
-                for call in calls {
-                    assert!(matches!(call.await.unwrap(), Err(sqlx::Error::Database(_))));
-                }
-                let mut statements = statements.lock().unwrap().clone();
-                assert_eq!(statements.remove(0), [1, 2, 3]);
-                statements.sort();
-                assert_eq!(statements, [vec![1], vec![2], vec![3]], "then each alone");
-            })
-            .await;
+        with_one_connection(Duration::from_secs(5), async |reads| {
+            let (calls, statements) = queued_reads(&reads, &any_reads(8), &[1, 2, 3], |_| Step::Fail).await;
+            for call in calls {
+                assert!(matches!(call.await.unwrap(), Err(sqlx::Error::Database(_))));
+            }
+            let mut statements = statements.lock().unwrap().clone();
+            assert_eq!(statements.remove(0), [1, 2, 3]);
+            statements.sort();
+            assert_eq!(statements, [vec![1], vec![2], vec![3]], "then each alone");
+        })
+        .await;
     }
 
     #[tokio::test]
     async fn when_a_statement_is_cut_short_its_other_callers_queue_again() {
-        LocalSet::new()
-            .run_until(async {
-                let Some(reads) = reads(1, Duration::from_secs(10)) else { return };
-                let stall_for_1 = |keys: &[u32]| if keys.contains(&1) { Step::Stall } else { Step::Answer };
-                let (mut calls, statements) =
-                    queued_reads(&reads, &any_reads(8), &[1, 2, 3], stall_for_1).await;
-                while statements.lock().unwrap().is_empty() {
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-                // The caller running the statement for all three gives up.
-                let leader = calls.remove(0);
-                leader.abort();
-                assert!(leader.await.unwrap_err().is_cancelled());
-                for (call, key) in calls.into_iter().zip([2, 3]) {
-                    assert_eq!(call.await.unwrap().unwrap(), key * 10);
-                }
-                let mut statements = statements.lock().unwrap().clone();
-                statements[1].sort();
-                assert_eq!(statements, [vec![1, 2, 3], vec![2, 3]], "the other two shared again");
-            })
-            .await;
+        with_one_connection(Duration::from_secs(10), async |reads| {
+            let stall_for_1 = |keys: &[u32]| if keys.contains(&1) { Step::Stall } else { Step::Answer };
+            let (mut calls, statements) = queued_reads(&reads, &any_reads(8), &[1, 2, 3], stall_for_1).await;
+            while statements.lock().unwrap().is_empty() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            // The caller running the statement for all three gives up.
+            let leader = calls.remove(0);
+            leader.abort();
+            assert!(leader.await.unwrap_err().is_cancelled());
+            for (call, key) in calls.into_iter().zip([2, 3]) {
+                assert_eq!(call.await.unwrap().unwrap(), key * 10);
+            }
+            let mut statements = statements.lock().unwrap().clone();
+            statements[1].sort();
+            assert_eq!(statements, [vec![1, 2, 3], vec![2, 3]], "the other two shared again");
+        })
+        .await;
     }
 
     #[tokio::test]
     async fn a_caller_that_gets_no_connection_in_time_leaves_the_queue() {
-        let Some(reads) = reads(1, Duration::from_millis(200)) else { return };
-        let (shared, statements) = (any_reads(8), Statements::default());
-        let held = reads.lease().await.unwrap();
-        let read = read_ten_times(&shared, &reads, &statements, 4, answer_all).await;
-        assert!(matches!(read, Err(sqlx::Error::PoolTimedOut)));
-        assert!(shared.waiting().is_empty());
-        held.finish();
-        assert_eq!(read_ten_times(&shared, &reads, &statements, 4, answer_all).await.unwrap(), 40);
-        assert_eq!(shared.counts(), SharedCounts { statements: 1, answers: 1 });
+        with_one_connection(Duration::from_millis(200), async |reads| {
+            let (shared, statements) = (any_reads(8), Statements::default());
+            let held = reads.lease().await.unwrap();
+            let read = read_ten_times(&shared, &reads, &statements, 4, answer_all).await;
+            assert!(matches!(read, Err(sqlx::Error::PoolTimedOut)));
+            assert!(shared.waiting().is_empty());
+            held.finish();
+            assert_eq!(read_ten_times(&shared, &reads, &statements, 4, answer_all).await.unwrap(), 40);
+            assert_eq!(shared.counts(), SharedCounts { statements: 1, answers: 1 });
+        })
+        .await;
     }
 }

@@ -67,8 +67,7 @@ impl Attempt {
     /// counting a right password.
     pub async fn settle<T>(self, store: &AuthStore, outcome: &Result<T, ApiError>) {
         let settled = match outcome {
-            Ok(_) => Ok(()),
-            Err(ApiError::Unauthenticated(_)) => Ok(()),
+            Ok(_) | Err(ApiError::Unauthenticated(_)) => Ok(()),
             _ => store.refund_login_attempt(&self.subject).await,
         };
         if let Err(e) = settled {
