@@ -29,6 +29,16 @@ pub struct CommonConfig {
     #[arg(long, env = "JWT_AUDIENCE", default_value = DEFAULT_AUDIENCE)]
     pub jwt_audience: String,
 
+    /// Bring the schema up to date at start-up (under a lock, safe with any
+    /// number of replicas). `false`: wait, reporting NOT_SERVING, until a
+    /// `migrate` step (or another replica) has done it.
+    #[arg(long, env = "MIGRATE_ON_START", default_value_t = true, action = clap::ArgAction::Set)]
+    pub migrate_on_start: bool,
+
+    /// How long a migration waits for another process's before giving up.
+    #[arg(long, env = "MIGRATION_LOCK_TIMEOUT_SECS", default_value_t = 120)]
+    pub migration_lock_timeout_secs: u64,
+
     /// On SIGTERM, how long to keep serving while health reports
     /// NOT_SERVING (for load balancers to notice) before draining.
     #[arg(long, env = "SHUTDOWN_GRACE_SECS", default_value_t = 2)]
@@ -36,6 +46,36 @@ pub struct CommonConfig {
 }
 
 impl CommonConfig {
+    /// Connects to the database and makes sure its schema is this build's:
+    /// migrating it, or waiting for it when `migrate_on_start` is off.
+    pub async fn open_database(&self) -> anyhow::Result<crate::Db> {
+        let db = crate::Db::connect(&self.database_url).await?;
+        let prepared = if self.migrate_on_start {
+            crate::migrate::run(&db, self.migration_lock_timeout())
+                .await
+                .map_err(|e| e.context("database migration failed"))
+        } else {
+            crate::migrate::wait_for_schema(&db, std::time::Duration::from_secs(1)).await
+        };
+        if let Err(e) = prepared {
+            db.close().await;
+            return Err(e);
+        }
+        Ok(db)
+    }
+
+    /// Migrates the database now (the `migrate` command of either service).
+    pub async fn migrate_database(&self) -> anyhow::Result<()> {
+        let db = crate::Db::connect(&self.database_url).await?;
+        let migrated = crate::migrate::run(&db, self.migration_lock_timeout()).await;
+        db.close().await;
+        migrated.map_err(|e| e.context("database migration failed"))
+    }
+
+    fn migration_lock_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.migration_lock_timeout_secs)
+    }
+
     /// The defaults, as if no flag or variable were given, but without a
     /// shutdown grace (for tests and embedding).
     pub fn with_database_url(database_url: impl Into<String>) -> Self {
@@ -45,6 +85,8 @@ impl CommonConfig {
             log_format: LogFormat::Text,
             jwt_issuer: DEFAULT_ISSUER.to_owned(),
             jwt_audience: DEFAULT_AUDIENCE.to_owned(),
+            migrate_on_start: true,
+            migration_lock_timeout_secs: crate::migrate::DEFAULT_LOCK_TIMEOUT.as_secs(),
             shutdown_grace_secs: 0,
         }
     }

@@ -9,6 +9,7 @@
 use std::{path::Path, str::FromStr, time::Duration};
 
 use anyhow::Context as _;
+use crate::ApiError;
 use sqlx::{
     ConnectOptions as _, MySql, Pool, Sqlite, Transaction,
     mysql::{MySqlConnectOptions, MySqlPoolOptions, MySqlQueryResult},
@@ -17,9 +18,6 @@ use sqlx::{
 
 /// The default store: a SQLite file created on first start.
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://storegate-data/storegate.db";
-
-static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
-static MYSQL_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/mysql");
 
 /// A connection pool on one of the two supported backends.
 #[derive(Clone, Debug)]
@@ -105,6 +103,7 @@ impl Db {
                 // idle, where the server or a proxy may have dropped it since,
                 // is checked before use.
                 .test_before_acquire(false)
+                .after_connect(|connection, _| Box::pin(prepare_mysql_session(connection)))
                 .before_acquire(|connection, meta| {
                     Box::pin(async move {
                         if meta.idle_for >= crate::mysql_reads::CHECK_IF_IDLE_FOR {
@@ -122,20 +121,10 @@ impl Db {
         }
     }
 
-    /// Brings the schema up to date. Safe when several processes start at
-    /// once: MySQL migrations hold a server-side lock, SQLite ones an
-    /// exclusive lock on a file beside the database.
+    /// Brings the schema up to date; safe when several processes start at
+    /// once (see [`crate::migrate`]).
     pub async fn migrate(&self) -> anyhow::Result<()> {
-        match self {
-            Db::MySql(pool) => MYSQL_MIGRATIONS.run(pool).await?,
-            Db::Sqlite(pool) => {
-                let lock = self.sqlite_lock_file().await?;
-                let result = SQLITE_MIGRATIONS.run(pool).await;
-                drop(lock);
-                result?
-            }
-        }
-        Ok(())
+        crate::migrate::run(self, crate::migrate::DEFAULT_LOCK_TIMEOUT).await
     }
 
     /// The SQLite file's path, if this is a file-backed SQLite database.
@@ -146,24 +135,6 @@ impl Db {
             .await
             .ok()?;
         (!path.is_empty()).then(|| path.into())
-    }
-
-    async fn sqlite_lock_file(&self) -> anyhow::Result<Option<std::fs::File>> {
-        let Some(path) = self.sqlite_path().await else {
-            return Ok(None);
-        };
-        let lock_path = path.with_extension("migrate.lock");
-        tokio::task::spawn_blocking(move || -> anyhow::Result<Option<std::fs::File>> {
-            let file = std::fs::OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .open(&lock_path)
-                .with_context(|| format!("cannot open {}", lock_path.display()))?;
-            file.lock().context("cannot lock the migration lock file")?;
-            Ok(Some(file))
-        })
-        .await?
     }
 
     /// Opens and migrates: what every service does at start-up.
@@ -232,16 +203,87 @@ pub fn is_unique_violation(err: &sqlx::Error) -> bool {
     err.as_database_error().is_some_and(|e| e.is_unique_violation())
 }
 
-/// True when `err` is a MySQL deadlock: the server rolled the whole
-/// transaction back, so running it again is safe.
-pub fn is_deadlock(err: &sqlx::Error) -> bool {
+/// True when the database rolled `err`'s whole transaction back because it
+/// met another one: an InnoDB deadlock, or on Galera a write set that failed
+/// certification at commit (also reported as 1213). Running it again is safe.
+/// A lock wait timeout (1205) is not one: it rolls back only the statement,
+/// and comes after a long wait that a rerun would repeat.
+pub fn is_transaction_conflict(err: &sqlx::Error) -> bool {
     err.as_database_error()
         .and_then(|e| e.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>())
         .is_some_and(|e| e.number() == 1213)
 }
 
-/// How often a transaction ended as a deadlock victim is tried in all.
-pub const DEADLOCK_ATTEMPTS: u32 = 3;
+/// How often a transaction that ended in a conflict is run in all. Conflicts
+/// on one hot row from several Galera nodes can repeat; each rerun waits a
+/// random time that grows with the attempt, up to [`CONFLICT_BACKOFF_MAX`].
+pub const CONFLICT_ATTEMPTS: u32 = 10;
+const CONFLICT_BACKOFF_MAX: Duration = Duration::from_millis(100);
+
+/// Runs `transaction` until it ends in anything but a conflict
+/// ([`ApiError::TransactionConflict`]), at most [`CONFLICT_ATTEMPTS`] times.
+/// `transaction` must be one database transaction (or one statement): a
+/// conflict rolled all of it back, so nothing of a failed run remains.
+/// Every rerun and every give-up is counted (`storegate_db_transaction_conflicts_total`).
+///
+/// Call it as `retry_conflicts(move || async move { … })` with only
+/// references and `Copy` values captured (an `async ||` closure's future is
+/// not `Send` for tonic's handlers, rust-lang/rust#110338).
+pub async fn retry_conflicts<T, Fut>(mut transaction: impl FnMut() -> Fut) -> Result<T, ApiError>
+where
+    Fut: Future<Output = Result<T, ApiError>>,
+{
+    let mut attempt = 1;
+    loop {
+        match transaction().await {
+            Err(ApiError::TransactionConflict) if attempt < CONFLICT_ATTEMPTS => {
+                crate::metrics::count_transaction_conflict("retried");
+                // Full jitter: replicas that collided once do not collide
+                // again in lock step.
+                let ceiling = (Duration::from_millis(2) * 2u32.pow(attempt.min(8))).min(CONFLICT_BACKOFF_MAX);
+                tokio::time::sleep(ceiling.mul_f64(random_fraction())).await;
+                attempt += 1;
+            }
+            Err(ApiError::TransactionConflict) => {
+                crate::metrics::count_transaction_conflict("gave_up");
+                tracing::warn!(attempts = attempt, "a transaction kept conflicting with others; giving up");
+                return Err(ApiError::TransactionConflict);
+            }
+            other => return other,
+        }
+    }
+}
+
+/// A number in [0, 1) that differs between calls and processes (for
+/// jitter; not for anything secret).
+pub fn random_fraction() -> f64 {
+    use std::hash::{BuildHasher as _, RandomState};
+    let bits = RandomState::new().hash_one(std::time::Instant::now());
+    (bits >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// Settings every MySQL connection gets when it is opened. On a Galera node
+/// (`wsrep_on`), reads and transactions (1) and UPDATE/DELETE (2) first
+/// wait until the node has applied every write the cluster committed before
+/// them: a read on one node then sees a write just acknowledged by another,
+/// and a transaction rerun after a certification failure sees the write that
+/// won. Costs one cluster round trip per statement; a single writer (all
+/// traffic to one node) does not need it, but loses nothing by it either.
+pub async fn prepare_mysql_session(connection: &mut sqlx::MySqlConnection) -> Result<(), sqlx::Error> {
+    let wsrep: Option<(String, String)> =
+        sqlx::query_as("SHOW VARIABLES LIKE 'wsrep_on'").fetch_optional(&mut *connection).await?;
+    if wsrep.is_some_and(|(_, value)| value.eq_ignore_ascii_case("ON")) {
+        sqlx::query("SET SESSION wsrep_sync_wait = 3").execute(&mut *connection).await?;
+    }
+    Ok(())
+}
+
+/// A new MySQL connection outside the pool, set up like the pool's.
+pub async fn connect_mysql(options: &MySqlConnectOptions) -> Result<sqlx::MySqlConnection, sqlx::Error> {
+    let mut connection = options.connect().await?;
+    prepare_mysql_session(&mut connection).await?;
+    Ok(connection)
+}
 
 /// True when `url` names the embedded SQLite backend.
 pub fn is_sqlite_url(url: &str) -> bool {

@@ -43,6 +43,12 @@ pub enum ApiError {
     ResourceExhausted { message: &'static str, retry_after: Option<Duration> },
     #[error("{0}")]
     Unavailable(&'static str),
+    /// The database rolled the transaction back because it met another one
+    /// (a deadlock, a failed Galera certification): safe to run again, see
+    /// [`crate::db::retry_conflicts`]. Reaches a client as UNAVAILABLE only
+    /// when the reruns ran out.
+    #[error("the database is busy; try again")]
+    TransactionConflict,
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
 }
@@ -71,6 +77,7 @@ impl From<sqlx::Error> for ApiError {
                 tracing::warn!(error = %err, "database unavailable");
                 ApiError::Unavailable("the database is unavailable; try again")
             }
+            sqlx::Error::Database(db) if is_transaction_conflict(db.as_ref()) => ApiError::TransactionConflict,
             sqlx::Error::Database(db) if is_contention(db.as_ref()) => {
                 tracing::warn!(error = %db, "database contention");
                 ApiError::Unavailable("the database is busy; try again")
@@ -80,12 +87,18 @@ impl From<sqlx::Error> for ApiError {
     }
 }
 
-/// Lock waits and deadlocks: the request was fine, the moment was not.
-/// SQLite: SQLITE_BUSY / SQLITE_LOCKED (and their extended codes) after the
-/// busy timeout. MySQL: deadlock (1213), lock wait timeout (1205).
+/// MySQL's deadlock or Galera's certification failure (both 1213): the
+/// whole transaction was rolled back.
+fn is_transaction_conflict(err: &dyn sqlx::error::DatabaseError) -> bool {
+    err.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>().is_some_and(|e| e.number() == 1213)
+}
+
+/// Lock waits: the request was fine, the moment was not. SQLite:
+/// SQLITE_BUSY / SQLITE_LOCKED (and their extended codes) after the busy
+/// timeout. MySQL: lock wait timeout (1205).
 fn is_contention(err: &dyn sqlx::error::DatabaseError) -> bool {
     if let Some(mysql) = err.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>() {
-        return matches!(mysql.number(), 1205 | 1213);
+        return mysql.number() == 1205;
     }
     if err.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
         let code: Option<i32> = err.code().and_then(|c| c.parse().ok());
@@ -126,6 +139,7 @@ impl From<ApiError> for Status {
                 None => Status::resource_exhausted(message),
             },
             ApiError::Unavailable(m) => Status::unavailable(m),
+            ApiError::TransactionConflict => Status::unavailable("the database is busy; try again"),
             ApiError::Internal(cause) => {
                 tracing::error!(error = format!("{cause:#}"), "internal error");
                 Status::internal("internal error")

@@ -5,8 +5,10 @@
 pub mod alloc;
 pub mod config;
 pub mod db;
+pub mod db_health;
 pub mod error;
 pub mod metrics;
+pub mod migrate;
 pub mod mysql_reads;
 mod redact;
 pub mod server;

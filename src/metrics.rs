@@ -59,6 +59,22 @@ fn known_methods() -> HashSet<String> {
     known
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ConflictLabels {
+    outcome: &'static str,
+}
+
+/// Transactions the database rolled back for a conflict, by what was done
+/// about it. Process-wide: the stores that meet conflicts hold no metrics
+/// handle, and one process (`storegate up`) may run both services.
+static TRANSACTION_CONFLICTS: std::sync::LazyLock<Family<ConflictLabels, Counter>> =
+    std::sync::LazyLock::new(Family::default);
+
+/// Counts a transaction conflict: `retried` or `gave_up`.
+pub fn count_transaction_conflict(outcome: &'static str) {
+    TRANSACTION_CONFLICTS.get_or_create(&ConflictLabels { outcome }).inc();
+}
+
 /// A service's metrics: build, register extras, then serve and layer.
 #[derive(Clone)]
 pub struct Metrics {
@@ -93,6 +109,12 @@ impl Metrics {
             "db_pool_idle_connections",
             "Database connections idle in the pool",
             pool_idle.clone(),
+        );
+        registry.register(
+            "db_transaction_conflicts",
+            "Transactions the database rolled back for a conflict (deadlock, Galera certification), \
+             by outcome: retried, or gave_up after the last attempt",
+            TRANSACTION_CONFLICTS.clone(),
         );
         Metrics {
             known_methods: Arc::new(known_methods()),

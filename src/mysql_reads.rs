@@ -17,7 +17,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use sqlx::{ConnectOptions as _, Connection as _, MySqlConnection, mysql::MySqlConnectOptions};
+use sqlx::{Connection as _, MySqlConnection, mysql::MySqlConnectOptions};
 use tokio::sync::{Semaphore, SemaphorePermit};
 
 /// An idle connection this old is pinged before it is lent (here and in the
@@ -97,7 +97,7 @@ impl MySqlReads {
                 let _ = stale.connection.close().await;
             }
             let Some(mut kept) = idle else {
-                let connection = self.options.connect().await?;
+                let connection = crate::db::connect_mysql(&self.options).await?;
                 let kept = Kept { connection, opened: Instant::now(), idle_since: Instant::now() };
                 return Ok(Lease { reads: self, kept: Some(kept), _permit: permit });
             };
@@ -202,7 +202,7 @@ pub(crate) mod tests {
     async fn a_connection_the_server_dropped_while_idle_is_replaced() {
         let Some(reads) = reads(4, Duration::from_secs(5)) else { return };
         let first = lent_connection_id(&reads).await;
-        let mut killer = reads.options.connect().await.unwrap();
+        let mut killer = sqlx::ConnectOptions::connect(&reads.options).await.unwrap();
         sqlx::query(&format!("KILL {first}")).execute(&mut killer).await.unwrap();
         tokio::time::sleep(CHECK_IF_IDLE_FOR + Duration::from_millis(200)).await;
         assert_ne!(lent_connection_id(&reads).await, first);

@@ -1,19 +1,27 @@
-//! What every storegate server has besides its own service: health checks,
-//! server reflection (v1 and v1alpha), gRPC-Web with CORS, and graceful
-//! shutdown on a signal.
+//! What every storegate server has besides its own service: health checks
+//! that say SERVING only when the service can answer, server reflection (v1
+//! and v1alpha), gRPC-Web with CORS, a gate that fails calls fast while the
+//! database is gone, and graceful shutdown on a signal.
 
-use std::{future::Future, time::Duration};
+use std::{
+    convert::Infallible,
+    future::Future,
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
 
 use http::{HeaderName, HeaderValue, Method};
 use tokio::net::TcpListener;
 use tonic::{
+    codegen::{BoxFuture, Service},
+    server::NamedService,
     service::{Routes, RoutesBuilder},
     transport::server::TcpIncoming,
 };
 use tonic_health::{ServingStatus, server::HealthReporter};
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
-use crate::{Db, config::CommonConfig, metrics::Metrics, pb::FILE_DESCRIPTOR_SET};
+use crate::{Db, config::CommonConfig, db_health::DbHealth, metrics::Metrics, pb::FILE_DESCRIPTOR_SET};
 
 /// The routes every server starts from: health and reflection. The caller
 /// adds its own service and hands the reporter to [`serve`].
@@ -61,76 +69,183 @@ fn cors_layer(allowed_origins: &[String]) -> CorsLayer {
         .max_age(std::time::Duration::from_secs(24 * 60 * 60))
 }
 
-/// How a server reports itself on `grpc.health.v1.Health`: the overall
-/// status ("") and its own service's, following the database.
-pub struct Readiness {
-    pub reporter: HealthReporter,
-    /// The fully qualified gRPC service name, e.g. `storegate.auth.v1.AuthService`.
-    pub service: &'static str,
-    pub db: Db,
+/// A service that answers UNAVAILABLE until start-up has opened it, and
+/// while the database is known to be gone. The server listens (and health
+/// says NOT_SERVING) from the first moment; the API answers once the
+/// database, its schema and the keys are there.
+pub struct Gate<S> {
+    open: Arc<OnceLock<(S, DbHealth)>>,
 }
 
-const READINESS_INTERVAL: Duration = Duration::from_secs(5);
-const DB_PING_TIMEOUT: Duration = Duration::from_secs(2);
+impl<S> Clone for Gate<S> {
+    fn clone(&self) -> Self {
+        Gate { open: self.open.clone() }
+    }
+}
 
-impl Readiness {
+impl<S> Default for Gate<S> {
+    fn default() -> Self {
+        Gate { open: Arc::new(OnceLock::new()) }
+    }
+}
+
+impl<S> Gate<S> {
+    /// Lets calls through to `service`; failing fast while `db` is down.
+    pub fn open(&self, service: S, db: DbHealth) {
+        if self.open.set((service, db)).is_err() {
+            tracing::warn!("a service gate was opened twice; the first service stays");
+        }
+    }
+}
+
+impl<S: NamedService> NamedService for Gate<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+fn unavailable(message: &'static str) -> http::Response<tonic::body::Body> {
+    tonic::Status::unavailable(message).into_http()
+}
+
+impl<S, ResBody> Service<http::Request<tonic::body::Body>> for Gate<S>
+where
+    S: Service<http::Request<tonic::body::Body>, Response = http::Response<ResBody>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    ResBody: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    ResBody::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response, Infallible>;
+
+    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Infallible>> {
+        // Readiness of the inner service is awaited per call below.
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        let Some((service, db)) = self.open.get() else {
+            return Box::pin(async { Ok(unavailable("the server is starting; try again")) });
+        };
+        if !db.is_up() {
+            return Box::pin(async { Ok(unavailable("the database is unavailable; try again")) });
+        }
+        let (mut service, db) = (service.clone(), db.clone());
+        Box::pin(async move {
+            let call = async {
+                std::future::poll_fn(|cx| service.poll_ready(cx)).await?;
+                Ok(service.call(request).await?.map(tonic::body::Body::new))
+            };
+            // A call waiting for a connection when the database goes is
+            // answered now, not after the pool's acquire timeout. A write
+            // cut short this way is either committed or rolled back whole,
+            // and a retry with its request_id finds out which.
+            tokio::select! {
+                response = call => response,
+                () = db.went_down() => Ok(unavailable("the database is unavailable; try again")),
+            }
+        })
+    }
+}
+
+/// What a server's start-up hands over once the API is open.
+pub struct Started {
+    pub db: Db,
+    pub db_health: DbHealth,
+    /// Besides the database, what must hold for SERVING (product-service:
+    /// token keys loaded).
+    pub also_ready: Option<Box<dyn Fn() -> bool + Send + Sync>>,
+    /// Background work that ends with the server.
+    pub background: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// How often health looks at `also_ready` (the database's state it is told).
+const READINESS_POLL: Duration = Duration::from_millis(250);
+
+/// Reports the server's state on `grpc.health.v1.Health`: the overall
+/// status ("") and its own service's.
+struct Health {
+    reporter: HealthReporter,
+    service: &'static str,
+}
+
+impl Health {
     async fn set(&self, status: ServingStatus) {
         self.reporter.set_service_status("", status).await;
         self.reporter.set_service_status(self.service, status).await;
     }
 
-    /// SERVING while the database answers, NOT_SERVING while it does not:
-    /// a load balancer then sends calls to replicas that can do them.
-    async fn follow_database(&self) {
+    /// SERVING while the database answers and `also_ready` holds,
+    /// NOT_SERVING otherwise: a load balancer then sends calls to replicas
+    /// that can do them. Never returns.
+    async fn follow(&self, started: &Started) {
         let mut last = None;
-        let mut interval = tokio::time::interval(READINESS_INTERVAL);
+        let mut db = started.db_health.clone();
         loop {
-            interval.tick().await;
-            let reachable =
-                tokio::time::timeout(DB_PING_TIMEOUT, self.db.ping()).await.is_ok_and(|r| r.is_ok());
-            let status = if reachable { ServingStatus::Serving } else { ServingStatus::NotServing };
+            let db_up = db.is_up();
+            let ready = db_up && started.also_ready.as_ref().is_none_or(|ready| ready());
+            let status = if ready { ServingStatus::Serving } else { ServingStatus::NotServing };
             if last != Some(status) {
-                if !reachable {
-                    tracing::warn!("the database does not answer; reporting NOT_SERVING");
-                } else if last.is_some() {
-                    tracing::info!("the database answers again; reporting SERVING");
-                }
+                tracing::info!(serving = ready, database = db_up, "readiness changed");
                 self.set(status).await;
                 last = Some(status);
+            }
+            tokio::select! {
+                _ = db.changed() => {}
+                () = tokio::time::sleep(READINESS_POLL) => {}
             }
         }
     }
 }
 
 /// Serves `routes` on `listener` (gRPC over HTTP/2, gRPC-Web over HTTP/1.1)
-/// until `shutdown` completes. Then health turns NOT_SERVING first, the
-/// server keeps serving for `shutdown_grace` (so load balancers stop sending
-/// calls), stops accepting, and lets in-flight calls finish.
+/// at once, reporting NOT_SERVING, while `start` opens the database and the
+/// service's [`Gate`]; then health follows the database. A failed start
+/// stops the server and returns its error. When `shutdown` completes, health
+/// turns NOT_SERVING first, the server keeps serving for `shutdown_grace`
+/// (so load balancers stop sending calls), stops accepting, and lets
+/// in-flight calls finish.
+#[allow(clippy::too_many_arguments)]
 pub async fn serve(
     routes: RoutesBuilder,
-    readiness: Readiness,
+    reporter: HealthReporter,
+    service: &'static str,
     metrics: &Metrics,
     listener: TcpListener,
     config: &CommonConfig,
-    shutdown: impl Future<Output = ()> + Send,
+    start: impl Future<Output = anyhow::Result<Started>>,
+    shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let readiness = std::sync::Arc::new(readiness);
-    let follower = tokio::spawn({
-        let readiness = readiness.clone();
-        async move { readiness.follow_database().await }
-    });
+    let health = Health { reporter, service };
+    health.set(ServingStatus::NotServing).await;
     let grace = Duration::from_secs(config.shutdown_grace_secs);
-    let draining = async move {
-        shutdown.await;
-        // Wait until the follower is gone: a SERVING it is still writing
-        // must not land after the NOT_SERVING below.
-        follower.abort();
-        let _ = follower.await;
-        readiness.set(ServingStatus::NotServing).await;
+    let mut outcome: Option<anyhow::Result<Started>> = None;
+    let lifecycle = async {
+        let mut shutdown = std::pin::pin!(shutdown);
+        let started = tokio::select! {
+            started = start => started,
+            // A signal during start-up: nothing was served, stop at once.
+            () = &mut shutdown => return,
+        };
+        let started = match started {
+            Ok(started) => started,
+            Err(e) => {
+                outcome = Some(Err(e));
+                return;
+            }
+        };
+        tokio::select! {
+            () = health.follow(&started) => {}
+            () = &mut shutdown => {}
+        }
+        health.set(ServingStatus::NotServing).await;
+        outcome = Some(Ok(started));
         tracing::info!(grace = ?grace, "reporting NOT_SERVING; draining");
         tokio::time::sleep(grace).await;
     };
-    tonic::transport::Server::builder()
+    let served = tonic::transport::Server::builder()
         .accept_http1(true)
         .layer(cors_layer(&config.cors_allowed_origins))
         .layer(tonic_web::GrpcWebLayer::new())
@@ -140,10 +255,20 @@ pub async fn serve(
         .serve_with_incoming_shutdown(
             // Without TCP_NODELAY, small responses wait out delayed ACKs (~40 ms).
             TcpIncoming::from(listener).with_nodelay(Some(true)),
-            draining,
+            lifecycle,
         )
-        .await?;
-    Ok(())
+        .await;
+    match outcome {
+        Some(Ok(started)) => {
+            for task in &started.background {
+                task.abort();
+            }
+            started.db.close().await;
+            Ok(served?)
+        }
+        Some(Err(e)) => Err(e.context("start-up failed")),
+        None => Ok(served?),
+    }
 }
 
 /// Completes on Ctrl-C (SIGINT) or SIGTERM. The handlers are installed when
@@ -185,11 +310,16 @@ pub async fn spawn_metrics(
     metrics: &Metrics,
     addr: &str,
     db: Db,
-) -> anyhow::Result<Option<tokio::task::JoinHandle<anyhow::Result<()>>>> {
+) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
     if addr.is_empty() {
         return Ok(None);
     }
     let listener = bind(addr).await?;
     tracing::info!(addr = %listener.local_addr()?, "metrics at /metrics");
-    Ok(Some(tokio::spawn(metrics.clone().serve(listener, db))))
+    let metrics = metrics.clone();
+    Ok(Some(tokio::spawn(async move {
+        if let Err(e) = metrics.serve(listener, db).await {
+            tracing::error!(error = %e, "the metrics server stopped");
+        }
+    })))
 }

@@ -70,7 +70,19 @@ impl MasterKey {
         }
         std::fs::create_dir_all(dir)?;
         let encoded = Self::generate_base64();
-        write_private_file(&path, encoded.as_bytes())?;
+        // Written whole under a private name, then linked into place: a
+        // process starting beside this one either links first or finds the
+        // complete file of the one that did, never a half-written one.
+        let staging = dir.join(format!(".master.key.{}", std::process::id()));
+        let _ = std::fs::remove_file(&staging);
+        write_private_file(&staging, encoded.as_bytes())?;
+        let linked = std::fs::hard_link(&staging, &path);
+        let _ = std::fs::remove_file(&staging);
+        match linked {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Self::load(None, Some(dir)),
+            Err(e) => return Err(anyhow::Error::new(e).context(format!("cannot create {}", path.display()))),
+        }
         tracing::warn!(
             path = %path.display(),
             "no STOREGATE_MASTER_KEY configured: created a development master key; \

@@ -16,7 +16,12 @@ pub mod totp;
 use std::{future::Future, time::Duration};
 
 use anyhow::Context as _;
-use storegate::{Db, db, pb::auth::v1::auth_service_server::AuthServiceServer};
+use storegate::{
+    db,
+    db_health::DbHealth,
+    pb::auth::v1::auth_service_server::AuthServiceServer,
+    server::{Gate, Started},
+};
 use tokio::net::TcpListener;
 
 pub use config::AuthConfig;
@@ -33,11 +38,12 @@ use store::AuthStore;
 const MAX_REQUEST_BYTES: usize = 2 * 1024 * 1024;
 const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 
-/// Opens the database (migrating it), the master key and the signing keys.
+/// Opens the database (migrating it, or waiting for its schema), the master
+/// key and the signing keys.
 pub async fn open_state(config: &AuthConfig) -> anyhow::Result<AuthState> {
-    let url = &config.common.database_url;
-    let store = AuthStore::new(Db::open(url).await?);
+    // A missing master key fails before anything touches the database.
     let master_key = load_master_key(config)?;
+    let store = AuthStore::new(config.common.open_database().await?);
     let keys = SigningKeys::load(store.clone(), master_key.clone()).await?;
     let hasher = tokio::task::spawn_blocking(PasswordHasher::new).await??;
     Ok(AuthState {
@@ -53,39 +59,34 @@ pub async fn open_state(config: &AuthConfig) -> anyhow::Result<AuthState> {
 }
 
 /// Serves AuthService (with health, reflection and gRPC-Web) on `listener`
-/// until `shutdown` completes.
+/// until `shutdown` completes. The port answers at once; health says
+/// SERVING once the database, its schema and the signing keys are there.
 pub async fn run(
     config: AuthConfig,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
-    let state = open_state(&config).await?;
-    let sweeper = tokio::spawn(sweep_expired(state.store.clone()));
     let metrics = storegate::metrics::Metrics::new("auth-service");
-    metrics.register("login_attempts", "Login steps by outcome", state.login_attempts.clone());
-    let metrics_server =
-        storegate::server::spawn_metrics(&metrics, &config.metrics_listen_addr, state.store.db().clone())
-            .await?;
-
+    let api = Gate::default();
     let (mut routes, health) = storegate::server::base_routes()?;
-    routes.add_service(
-        AuthServiceServer::new(AuthApi::new(state.clone())).max_decoding_message_size(MAX_REQUEST_BYTES),
-    );
-    let readiness = storegate::server::Readiness {
-        reporter: health,
-        service: <AuthServiceServer<AuthApi> as tonic::server::NamedService>::NAME,
-        db: state.store.db().clone(),
+    routes.add_service(api.clone());
+    tracing::info!(addr = %listener.local_addr()?, "auth-service listening; starting");
+    let start = async {
+        let state = open_state(&config).await?;
+        let db = state.store.db().clone();
+        let db_health = DbHealth::watch(&db);
+        metrics.register("login_attempts", "Login steps by outcome", state.login_attempts.clone());
+        let mut background = vec![tokio::spawn(sweep_expired(state.store.clone()))];
+        background.extend(storegate::server::spawn_metrics(&metrics, &config.metrics_listen_addr, db.clone()).await?);
+        api.open(
+            AuthServiceServer::new(AuthApi::new(state)).max_decoding_message_size(MAX_REQUEST_BYTES),
+            db_health.clone(),
+        );
+        tracing::info!("auth-service started");
+        Ok(Started { db, db_health, also_ready: None, background })
     };
-    tracing::info!(addr = %listener.local_addr()?, "auth-service listening");
-    let served =
-        storegate::server::serve(routes, readiness, &metrics, listener, &config.common, shutdown).await;
-
-    sweeper.abort();
-    if let Some(server) = metrics_server {
-        server.abort();
-    }
-    state.store.db().close().await;
-    served
+    let name = <AuthServiceServer<AuthApi> as tonic::server::NamedService>::NAME;
+    storegate::server::serve(routes, health, name, &metrics, listener, &config.common, start, shutdown).await
 }
 
 /// Deletes expired tickets and refresh tokens now and then; correctness
@@ -107,9 +108,10 @@ fn load_master_key(config: &AuthConfig) -> anyhow::Result<MasterKey> {
     MasterKey::load(config.master_key.as_ref(), dev_key_dir.as_deref())
 }
 
-/// Opens the store for an admin command (migrating, like the server).
+/// Opens the store for an admin command (migrating or waiting for the
+/// schema, like the server).
 async fn admin_store(config: &AuthConfig) -> anyhow::Result<AuthStore> {
-    Ok(AuthStore::new(Db::open(&config.common.database_url).await?))
+    Ok(AuthStore::new(config.common.open_database().await?))
 }
 
 fn parse_role(role: &str) -> anyhow::Result<&str> {

@@ -16,6 +16,10 @@ struct Cli {
 enum Command {
     /// Serve the gRPC API (the default).
     Serve,
+    /// Bring the database schema up to date and exit (for deployments that
+    /// migrate as a step of their own and start the services with
+    /// MIGRATE_ON_START=false). Safe to run while services run or migrate.
+    Migrate,
     /// Give a user a role (e.g. `admin`, which may change the catalogue).
     GrantRole { username: String, role: String },
     /// Take a role away; it leaves tokens already issued (at most 15 minutes).
@@ -36,6 +40,7 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     storegate::telemetry::init(cli.config.common.log_format);
     match cli.command.unwrap_or(Command::Serve) {
+        Command::Migrate => cli.config.common.migrate_database().await,
         Command::Serve => {
             let shutdown = storegate::server::shutdown_signal();
             let listener = storegate::server::bind(&cli.config.listen_addr).await?;

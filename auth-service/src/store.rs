@@ -6,7 +6,7 @@ use std::sync::LazyLock;
 use chrono::{DateTime, Utc};
 use storegate::{
     ApiError, Db,
-    db::{BeginWrite as _, DEADLOCK_ATTEMPTS, InsertId as _, is_deadlock, is_unique_violation},
+    db::{BeginWrite as _, InsertId as _, is_unique_violation, retry_conflicts},
     on_db,
 };
 
@@ -162,7 +162,8 @@ impl AuthStore {
         seal_totp_secret: impl Fn(i64) -> anyhow::Result<Vec<u8>>,
         now: DateTime<Utc>,
     ) -> Result<i64, ApiError> {
-        on_db!(&self.db, pool => {
+        let seal_totp_secret = &seal_totp_secret;
+        retry_conflicts(move || async move { on_db!(&self.db, pool => {
             let mut tx = pool.begin_write().await?;
             let inserted = sqlx::query(
                 "INSERT INTO users (username, password_hash, totp_secret, created_at) VALUES (?, ?, ?, ?)",
@@ -187,7 +188,8 @@ impl AuthStore {
                 .await?;
             tx.commit().await?;
             Ok(id)
-        })
+        }) })
+        .await
     }
 
     pub async fn find_login_user(&self, username: &str) -> Result<Option<LoginUser>, ApiError> {
@@ -240,7 +242,7 @@ impl AuthStore {
 
     /// Grants `role`; false if the user already had it.
     pub async fn grant_role(&self, user_id: i64, role: &str) -> Result<bool, ApiError> {
-        on_db!(&self.db, pool => {
+        retry_conflicts(move || async move { on_db!(&self.db, pool => {
             match sqlx::query("INSERT INTO user_roles (user_id, role) VALUES (?, ?)")
                 .bind(user_id)
                 .bind(role)
@@ -251,7 +253,8 @@ impl AuthStore {
                 Err(e) if is_unique_violation(&e) => Ok(false),
                 Err(e) => Err(e.into()),
             }
-        })
+        }) })
+        .await
     }
 
     /// Stores a login ticket and gives back the attempt counted against
@@ -265,7 +268,7 @@ impl AuthStore {
         now: DateTime<Utc>,
         throttle_subject: &[u8],
     ) -> Result<(), ApiError> {
-        on_db!(&self.db, pool => async {
+        retry_conflicts(move || async move { on_db!(&self.db, pool => async {
             let mut tx = pool.begin_write().await?;
             sqlx::query(
                 "INSERT INTO login_tickets (ticket_hash, user_id, failed_codes, expires_at, created_at) \
@@ -278,10 +281,10 @@ impl AuthStore {
             .execute(&mut *tx)
             .await?;
             sqlx::query(REFUND_ATTEMPT_SQL).bind(throttle_subject).execute(&mut *tx).await?;
-            tx.commit().await
+            Ok(tx.commit().await?)
         }
-        .await)?;
-        Ok(())
+        .await) })
+        .await
     }
 
     /// A ticket that may still be used (known, not expired, attempts left),
@@ -311,19 +314,22 @@ impl AuthStore {
     /// parallel attempts on several replicas add up; a ticket out of attempts
     /// is deleted.
     pub async fn record_wrong_code(&self, ticket_hash: &[u8]) -> Result<(), ApiError> {
-        on_db!(&self.db, pool => {
+        // One transaction, so that a conflict reruns both statements or none.
+        retry_conflicts(move || async move { on_db!(&self.db, pool => async {
+            let mut tx = pool.begin_write().await?;
             sqlx::query("UPDATE login_tickets SET failed_codes = failed_codes + 1 WHERE ticket_hash = ?")
                 .bind(ticket_hash)
-                .execute(pool)
+                .execute(&mut *tx)
                 .await?;
             sqlx::query("DELETE FROM login_tickets WHERE ticket_hash = ? AND failed_codes >= ?")
                 .bind(ticket_hash)
                 .bind(MAX_WRONG_CODES_PER_TICKET)
-                .execute(pool)
-                .await
-                .map(drop)
-        })?;
-        Ok(())
+                .execute(&mut *tx)
+                .await?;
+            Ok(tx.commit().await?)
+        }
+        .await) })
+        .await
     }
 
     /// The last step of a login, all or nothing: burns the ticket (only one
@@ -342,15 +348,13 @@ impl AuthStore {
         now: DateTime<Utc>,
     ) -> Result<Result<bool, CompleteLoginRefused>, ApiError> {
         // Parallel completions for one user lock the same rows; InnoDB may
-        // end one as a deadlock victim, rolling all of it back, so rerunning
-        // it is safe (and it then meets the winner's committed state).
-        let mut attempt = 1;
-        loop {
-            match self.complete_login_once(login, factor, new_recovery_codes, refresh, now).await {
-                Err(e) if is_deadlock(&e) && attempt < DEADLOCK_ATTEMPTS => attempt += 1,
-                result => return Ok(result?),
-            }
-        }
+        // end one as a deadlock victim (Galera: a failed certification),
+        // rolling all of it back, so rerunning it is safe (and it then meets
+        // the winner's committed state).
+        retry_conflicts(move || async move {
+            Ok(self.complete_login_once(login, factor, new_recovery_codes, refresh, now).await?)
+        })
+        .await
     }
 
     async fn complete_login_once(
@@ -447,7 +451,8 @@ impl AuthStore {
         now_unix: i64,
     ) -> Result<Result<(), i64>, ApiError> {
         for _ in 0..3 {
-            let admitted = on_db!(&self.db, pool => {
+            // Each statement here stands alone: a conflict reruns just it.
+            let admitted = retry_conflicts(move || async move { Ok(on_db!(&self.db, pool => {
                 sqlx::query(&ADMIT_ATTEMPT_SQL)
                     .bind(now_unix)
                     .bind(storegate::db::now())
@@ -456,7 +461,8 @@ impl AuthStore {
                     .execute(pool)
                     .await
                     .map(|r| r.rows_affected())
-            })?;
+            })?) })
+            .await?;
             if admitted == 1 {
                 return Ok(Ok(()));
             }
@@ -470,7 +476,7 @@ impl AuthStore {
                 Some(Some(until)) if until > now_unix => return Ok(Err(until)),
                 // First attempt for this name: create its row (a parallel
                 // attempt may win that race), then count again.
-                None => on_db!(&self.db, pool => {
+                None => retry_conflicts(move || async move { on_db!(&self.db, pool => {
                     match sqlx::query("INSERT INTO login_throttle (subject, failures, updated_at) VALUES (?, 0, ?)")
                         .bind(subject)
                         .bind(storegate::db::now())
@@ -481,7 +487,8 @@ impl AuthStore {
                         Err(e) if is_unique_violation(&e) => Ok(()),
                         Err(e) => Err(ApiError::from(e)),
                     }
-                })?,
+                }) })
+                .await?,
                 // The lock ended in between: count again.
                 Some(_) => {}
             }
@@ -493,8 +500,10 @@ impl AuthStore {
     /// Any lock goes with it: the attempt was admitted, so no earlier lock
     /// was in force, and a failure in parallel keeps its own count.
     pub async fn refund_login_attempt(&self, subject: &[u8]) -> Result<(), ApiError> {
-        on_db!(&self.db, pool => sqlx::query(REFUND_ATTEMPT_SQL).bind(subject).execute(pool).await.map(drop))?;
-        Ok(())
+        retry_conflicts(move || async move {
+            Ok(on_db!(&self.db, pool => sqlx::query(REFUND_ATTEMPT_SQL).bind(subject).execute(pool).await.map(drop))?)
+        })
+        .await
     }
 
     /// Rotates a refresh token: the old one is marked rotated (only one
@@ -507,12 +516,14 @@ impl AuthStore {
         new_expires_at: DateTime<Utc>,
         now: DateTime<Utc>,
     ) -> Result<Rotation, ApiError> {
-        let Some(old) = self.refresh_token(old_hash).await? else { return Ok(Rotation::Invalid) };
+        let Some(old) = &self.refresh_token(old_hash).await? else { return Ok(Rotation::Invalid) };
         if old.revoked_at.is_some() || old.expires_at <= now {
             return Ok(Rotation::Invalid);
         }
         // An async block, so that `return` leaves only the transaction.
-        let rotated = on_db!(&self.db, pool => async {
+        // On a cluster, the same token redeemed on two nodes at once: one
+        // commit fails certification, and its rerun finds the token rotated.
+        let rotated = retry_conflicts(move || async move { on_db!(&self.db, pool => async {
             let mut tx = pool.begin_write().await?;
             let claimed = sqlx::query(
                 "UPDATE refresh_tokens SET rotated_at = ? \
@@ -537,7 +548,8 @@ impl AuthStore {
             tx.commit().await?;
             Ok(true)
         }
-        .await)?;
+        .await) })
+        .await?;
         if rotated {
             return Ok(Rotation::Rotated { user_id: old.user_id });
         }
@@ -569,15 +581,17 @@ impl AuthStore {
     }
 
     async fn revoke_family(&self, family: &[u8], now: DateTime<Utc>) -> Result<(), ApiError> {
-        on_db!(&self.db, pool => {
-            sqlx::query("UPDATE refresh_tokens SET revoked_at = ? WHERE family = ? AND revoked_at IS NULL")
-                .bind(now)
-                .bind(family)
-                .execute(pool)
-                .await
-                .map(drop)
-        })?;
-        Ok(())
+        retry_conflicts(move || async move {
+            Ok(on_db!(&self.db, pool => {
+                sqlx::query("UPDATE refresh_tokens SET revoked_at = ? WHERE family = ? AND revoked_at IS NULL")
+                    .bind(now)
+                    .bind(family)
+                    .execute(pool)
+                    .await
+                    .map(drop)
+            })?)
+        })
+        .await
     }
 
     /// Takes `role` away; false if the user did not have it.
@@ -650,7 +664,7 @@ impl AuthStore {
         now: DateTime<Utc>,
         active_at: DateTime<Utc>,
     ) -> Result<(), ApiError> {
-        on_db!(&self.db, pool => {
+        retry_conflicts(move || async move { on_db!(&self.db, pool => {
             let mut tx = pool.begin_write().await?;
             sqlx::query(
                 "UPDATE signing_keys SET retired_at = ? WHERE retired_at IS NULL OR retired_at > ?",
@@ -669,9 +683,9 @@ impl AuthStore {
             .bind(active_at)
             .execute(&mut *tx)
             .await?;
-            tx.commit().await
-        })?;
-        Ok(())
+            Ok(tx.commit().await?)
+        }) })
+        .await
     }
 
     /// Keys to publish: every key not retired, and retired keys whose tokens

@@ -112,17 +112,4 @@ pub fn memory_mib() -> (f64, f64) {
     (peak, current)
 }
 
-/// Current (VmRSS) and peak (VmHWM) resident memory in MiB, from a
-/// `/proc/<pid>/status` file; zeros where there is none.
-pub fn memory_of(status_path: &str) -> (f64, f64) {
-    let status = std::fs::read_to_string(status_path).unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|kib| kib.parse::<f64>().ok())
-            .map_or(0.0, |kib| kib / 1024.0)
-    };
-    (field("VmRSS:"), field("VmHWM:"))
-}
+pub use storegate_testkit::process::memory_of;

@@ -125,6 +125,12 @@ impl JwksCache {
         self.refresh_wanted.notify_one();
     }
 
+    /// Whether a key set has arrived (health says SERVING only then: no call
+    /// can be answered without keys).
+    pub fn is_loaded(&self) -> bool {
+        self.fetches.borrow().loaded
+    }
+
     /// Waits until the first key set has arrived, or `timeout` passes.
     pub async fn wait_loaded(&self, timeout: Duration) -> bool {
         let mut fetches = self.fetches.subscribe();

@@ -12,7 +12,12 @@ pub mod store;
 
 use std::{future::Future, time::Duration};
 
-use storegate::{Db, pb::product::v1::product_service_server::ProductServiceServer, token::TokenVerifier};
+use storegate::{
+    db_health::DbHealth,
+    pb::product::v1::product_service_server::ProductServiceServer,
+    server::{Gate, Started},
+    token::TokenVerifier,
+};
 use tokio::net::TcpListener;
 
 pub use config::ProductConfig;
@@ -21,73 +26,63 @@ use keys::{JwksCache, KeySource};
 /// Largest request accepted: a product with a 5000-character description
 /// fits many times over.
 const MAX_REQUEST_BYTES: usize = 256 * 1024;
-/// How long start-up waits for the first key set before serving anyway
-/// (calls then get UNAVAILABLE until the keys arrive).
-const FIRST_KEYS_WAIT: Duration = Duration::from_secs(10);
 
 /// Serves ProductService (with health, reflection and gRPC-Web) on
-/// `listener` until `shutdown` completes.
+/// `listener` until `shutdown` completes. The port answers at once; health
+/// says SERVING once the database, its schema and the token keys are there.
 pub async fn run(
     config: ProductConfig,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
-    let db = Db::open(&config.common.database_url).await?;
-    let source = match &config.jwks_file {
-        Some(path) => KeySource::File(path.clone()),
-        None => KeySource::auth(&config.auth_service_url)?,
-    };
-    let keys = JwksCache::default();
-    let refresher = tokio::spawn(
-        keys.clone().keep_fresh(source, Duration::from_secs(config.jwks_refresh_interval_secs.max(1))),
-    );
-    if !keys.wait_loaded(FIRST_KEYS_WAIT).await {
-        tracing::warn!("no signing keys yet; serving anyway and retrying in the background");
-    }
-
-    // One store for the API and the sweeper: one set of read connections.
-    let read_connections =
-        config.db_read_connections.map_or_else(store::default_read_connections, usize::from);
-    let store = store::ProductStore::with_read_connections(db.clone(), read_connections).await;
-    let sweeper = tokio::spawn(sweep_request_ids(store.clone()));
     let metrics = storegate::metrics::Metrics::new("product-service");
-    let metrics_server =
-        storegate::server::spawn_metrics(&metrics, &config.metrics_listen_addr, db.clone()).await?;
-    let verifier = TokenVerifier::new(&config.common.jwt_issuer, &config.common.jwt_audience);
-    let api = service::ProductApi::new(store);
-    let product_server = auth::AwaitNewKeys::new(
-        tonic::service::interceptor::InterceptedService::new(
-            ProductServiceServer::new(api).max_decoding_message_size(MAX_REQUEST_BYTES),
-            auth::JwtAuth::new(keys.clone(), verifier),
-        ),
-        keys,
-    );
-
+    let api = Gate::default();
     let (mut routes, health) = storegate::server::base_routes()?;
-    routes.add_service(product_server);
-    let readiness = storegate::server::Readiness {
-        reporter: health,
-        service: <ProductServiceServer<service::ProductApi> as tonic::server::NamedService>::NAME,
-        db: db.clone(),
+    routes.add_service(api.clone());
+    tracing::info!(addr = %listener.local_addr()?, "product-service listening; starting");
+    let start = async {
+        let source = match &config.jwks_file {
+            Some(path) => KeySource::File(path.clone()),
+            None => KeySource::auth(&config.auth_service_url)?,
+        };
+        let db = config.common.open_database().await?;
+        let db_health = DbHealth::watch(&db);
+        let keys = JwksCache::default();
+        let mut background = vec![tokio::spawn(
+            keys.clone()
+                .keep_fresh(source, Duration::from_secs(config.jwks_refresh_interval_secs.max(1))),
+        )];
+        // One store for the API and the sweeper: one set of read connections.
+        let read_connections =
+            config.db_read_connections.map_or_else(store::default_read_connections, usize::from);
+        let store = store::ProductStore::with_read_connections(db.clone(), read_connections).await;
+        background.push(tokio::spawn(sweep_request_ids(store.clone())));
+        background.extend(storegate::server::spawn_metrics(&metrics, &config.metrics_listen_addr, db.clone()).await?);
+        let verifier = TokenVerifier::new(&config.common.jwt_issuer, &config.common.jwt_audience);
+        api.open(
+            auth::AwaitNewKeys::new(
+                tonic::service::interceptor::InterceptedService::new(
+                    ProductServiceServer::new(service::ProductApi::new(store))
+                        .max_decoding_message_size(MAX_REQUEST_BYTES),
+                    auth::JwtAuth::new(keys.clone(), verifier),
+                ),
+                keys.clone(),
+            ),
+            db_health.clone(),
+        );
+        tracing::info!("product-service started; serving once the token keys are in");
+        let also_ready: Box<dyn Fn() -> bool + Send + Sync> = Box::new(move || keys.is_loaded());
+        Ok(Started { db, db_health, also_ready: Some(also_ready), background })
     };
-    tracing::info!(addr = %listener.local_addr()?, "product-service listening");
-    let served =
-        storegate::server::serve(routes, readiness, &metrics, listener, &config.common, shutdown).await;
-
-    refresher.abort();
-    sweeper.abort();
-    if let Some(server) = metrics_server {
-        server.abort();
-    }
-    db.close().await;
-    served
+    let name = <ProductServiceServer<service::ProductApi> as tonic::server::NamedService>::NAME;
+    storegate::server::serve(routes, health, name, &metrics, listener, &config.common, start, shutdown).await
 }
 
 /// Counts the products afresh (`product-service recount-products`), after
 /// writes that did not keep the count: replicas of a version before it
 /// during a rolling upgrade, or SQL run by hand.
 pub async fn recount_products(config: &ProductConfig) -> anyhow::Result<()> {
-    let db = Db::open(&config.common.database_url).await?;
+    let db = config.common.open_database().await?;
     let products = store::ProductStore::new(db.clone()).await.recount().await?;
     tracing::info!(products, "counted the products");
     db.close().await;

@@ -16,6 +16,10 @@ struct Cli {
 enum Command {
     /// Serve the gRPC API (the default).
     Serve,
+    /// Bring the database schema up to date and exit (for deployments that
+    /// migrate as a step of their own and start the services with
+    /// MIGRATE_ON_START=false). Safe to run while services run or migrate.
+    Migrate,
     /// Count the products afresh for ListProducts' total_size, after writes
     /// that did not keep the count (older replicas, SQL run by hand).
     RecountProducts,
@@ -27,6 +31,7 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     storegate::telemetry::init(cli.config.common.log_format);
     match cli.command.unwrap_or(Command::Serve) {
+        Command::Migrate => cli.config.common.migrate_database().await,
         Command::Serve => {
             let shutdown = storegate::server::shutdown_signal();
             let listener = storegate::server::bind(&cli.config.listen_addr).await?;

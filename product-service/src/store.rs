@@ -18,7 +18,7 @@ use rusqlite::{
 use sqlx::MySqlConnection;
 use storegate::{
     ApiError, Db,
-    db::{Backend, BeginWrite as _, InsertId as _, is_unique_violation},
+    db::{Backend, BeginWrite as _, InsertId as _, is_unique_violation, retry_conflicts},
     mysql_reads::MySqlReads,
     on_db,
     pb::product::v1::Product,
@@ -565,9 +565,9 @@ impl ProductStore {
         user_id: Option<i64>,
         now: DateTime<Utc>,
     ) -> Result<Idempotent<Product>, ApiError> {
-        let price = self.price_param(fields.price);
+        let price = &self.price_param(fields.price);
         // An async block, so that `return` leaves only the transaction.
-        let created: Option<Product> = on_db!(&self.db, pool => async {
+        let created: Option<Product> = retry_conflicts(move || async move { on_db!(&self.db, pool => async {
             let mut tx = pool.begin_write().await?;
             claim_request_id!(tx, request, now);
             let id = sqlx::query(
@@ -592,7 +592,8 @@ impl ProductStore {
             tx.commit().await?;
             Ok(Some(product))
         }
-        .await)?;
+        .await) })
+        .await?;
         match (created, request) {
             (Some(product), _) => Ok(Idempotent::Fresh(product)),
             (None, Some(request)) => self.replay(request).await,
@@ -613,7 +614,7 @@ impl ProductStore {
         user_id: Option<i64>,
         now: DateTime<Utc>,
     ) -> Result<Idempotent<Adjusted>, ApiError> {
-        let adjusted: Option<Adjusted> = on_db!(&self.db, pool => async {
+        let adjusted: Option<Adjusted> = retry_conflicts(move || async move { on_db!(&self.db, pool => async {
             let mut tx = pool.begin_write().await?;
             claim_request_id!(tx, request, now);
             let changed = sqlx::query(
@@ -641,7 +642,8 @@ impl ProductStore {
             tx.commit().await?;
             Ok(Some(Adjusted::Done(product)))
         }
-        .await)?;
+        .await) })
+        .await?;
         match (adjusted, request) {
             (Some(adjusted), _) => Ok(Idempotent::Fresh(adjusted)),
             (None, Some(request)) => self.replay(request).await,
@@ -793,7 +795,7 @@ impl ProductStore {
     /// either committed before or updates its row after. Creates and deletes
     /// wait for the length of the scan.
     pub async fn recount(&self) -> Result<i64, ApiError> {
-        on_db!(&self.db, pool => async {
+        retry_conflicts(move || async move { on_db!(&self.db, pool => async {
             let mut tx = pool.begin_write().await?;
             sqlx::query("UPDATE product_counts SET products = 0").execute(&mut *tx).await?;
             let counts: Vec<(i64, i64)> = sqlx::query_as(&format!(
@@ -811,7 +813,8 @@ impl ProductStore {
             tx.commit().await?;
             Ok(counts.iter().map(|(_, products)| products).sum())
         }
-        .await)
+        .await) })
+        .await
     }
 
     /// Writes `fields` if the product is still at `version` (optimistic
@@ -824,10 +827,10 @@ impl ProductStore {
         user_id: Option<i64>,
         now: DateTime<Utc>,
     ) -> Result<Written<ProductRow>, ApiError> {
-        let price = self.price_param(fields.price);
+        let price = &self.price_param(fields.price);
         // The write and the read of what it wrote in one transaction: the
         // answer is this write's state, whatever comes after.
-        let written: Option<ProductRow> = on_db!(&self.db, pool => async {
+        let written: Option<ProductRow> = retry_conflicts(move || async move { on_db!(&self.db, pool => async {
             let mut tx = pool.begin_write().await?;
             let rows = sqlx::query(
                 "UPDATE products SET name = ?, description = ?, price = ?, stock = ?, version = version + 1, \
@@ -851,7 +854,8 @@ impl ProductStore {
             tx.commit().await?;
             Ok(Some(row))
         }
-        .await)?;
+        .await) })
+        .await?;
         if let Some(row) = written {
             return Ok(Written::Done(row));
         }
@@ -860,7 +864,7 @@ impl ProductStore {
 
     /// Deletes the product, only at `version` when one is given.
     pub async fn delete(&self, id: i64, version: Option<i64>) -> Result<Written<()>, ApiError> {
-        let rows: u64 = on_db!(&self.db, pool => async {
+        let rows: u64 = retry_conflicts(move || async move { on_db!(&self.db, pool => async {
             let mut tx = pool.begin_write().await?;
             let rows = match version {
                 Some(v) => sqlx::query("DELETE FROM products WHERE id = ? AND version = ?").bind(id).bind(v).execute(&mut *tx).await,
@@ -873,7 +877,8 @@ impl ProductStore {
             tx.commit().await?;
             Ok::<_, ApiError>(rows)
         }
-        .await)?;
+        .await) })
+        .await?;
         if rows == 1 {
             return Ok(Written::Done(()));
         }

@@ -383,6 +383,8 @@ pub fn bearer<T>(message: T, token: &str) -> tonic::Request<T> {
     request
 }
 
+pub mod process;
+
 pub use tonic_health_client::health_serving;
 
 mod tonic_health_client {

@@ -1,0 +1,166 @@
+//! Helpers for the topology tests: replicas of both services as processes
+//! (the binaries of this build), each on a database URL of its own choosing
+//! (one server, or different nodes of a cluster), and the repo's scripts for
+//! the cluster and the gateway.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use storegate::pb::{
+    auth::v1::{
+        BeginLoginRequest, CompleteLoginRequest, CompleteLoginResponse, RegisterRequest,
+        auth_service_client::AuthServiceClient,
+    },
+    product::v1::product_service_client::ProductServiceClient,
+};
+use storegate_testkit::{
+    TEST_MASTER_KEY, TestStack,
+    process::{ServiceProcess, free_addr},
+    totp_code,
+};
+use tonic::transport::Channel;
+
+/// How long a replica may take to say SERVING (a cold MySQL, a migration
+/// another replica runs, a cluster node catching up).
+pub const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A folder for logs and files of one test, removed when dropped unless the
+/// test failed (then kept for a look, its path in the panic message).
+pub struct Scratch {
+    pub path: PathBuf,
+}
+
+impl Scratch {
+    pub fn new(name: &str) -> Scratch {
+        let path = std::env::temp_dir().join(format!(
+            "storegate-{name}-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos()
+        ));
+        std::fs::create_dir_all(&path).expect("scratch folder");
+        Scratch { path }
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+/// Which database URL each replica uses: the same for all, or one node each.
+pub struct Placement<'a> {
+    pub auth: Vec<&'a str>,
+    pub product: Vec<&'a str>,
+}
+
+impl<'a> Placement<'a> {
+    /// `auth` auth-service and `product` product-service replicas, all on `url`.
+    pub fn all_on(url: &'a str, auth: usize, product: usize) -> Self {
+        Placement { auth: vec![url; auth], product: vec![url; product] }
+    }
+}
+
+/// Replicas of both services, product replica i fetching its keys from auth
+/// replica i % auth replicas.
+pub struct Replicas {
+    pub auth: Vec<ServiceProcess>,
+    pub product: Vec<ServiceProcess>,
+}
+
+impl Replicas {
+    /// Spawns every replica at the same moment (no waiting in between), with
+    /// `extra` environment on each, logs in `logs`.
+    pub fn spawn(
+        placement: &Placement<'_>,
+        master_key: bool,
+        extra: &[(&str, String)],
+        logs: &Path,
+    ) -> anyhow::Result<Replicas> {
+        let auth_addrs: Vec<SocketAddr> = placement.auth.iter().map(|_| free_addr()).collect();
+        let key: Vec<(&str, String)> =
+            if master_key { vec![("STOREGATE_MASTER_KEY", TEST_MASTER_KEY.to_owned())] } else { Vec::new() };
+        let mut auth = Vec::new();
+        for (i, (url, addr)) in placement.auth.iter().zip(&auth_addrs).enumerate() {
+            let mut envs = vec![("DATABASE_URL", url.to_string()), ("AUTH_LISTEN_ADDR", addr.to_string())];
+            envs.extend(key.iter().cloned());
+            envs.extend(extra.iter().cloned());
+            auth.push(ServiceProcess::spawn(format!("auth-{i}"), "auth-service", *addr, &envs, logs)?);
+        }
+        let mut product = Vec::new();
+        for (i, url) in placement.product.iter().enumerate() {
+            let addr = free_addr();
+            let auth_url = format!("http://{}", auth_addrs[i % auth_addrs.len()]);
+            let mut envs = vec![
+                ("DATABASE_URL", url.to_string()),
+                ("PRODUCT_LISTEN_ADDR", addr.to_string()),
+                ("AUTH_SERVICE_URL", auth_url),
+            ];
+            envs.extend(extra.iter().cloned());
+            product.push(ServiceProcess::spawn(format!("product-{i}"), "product-service", addr, &envs, logs)?);
+        }
+        Ok(Replicas { auth, product })
+    }
+
+    pub fn all(&mut self) -> impl Iterator<Item = &mut ServiceProcess> {
+        self.auth.iter_mut().chain(self.product.iter_mut())
+    }
+
+    /// Waits until every replica says SERVING.
+    pub async fn wait_serving(&mut self) -> anyhow::Result<()> {
+        for replica in self.all() {
+            replica.wait_serving(START_TIMEOUT).await?;
+        }
+        Ok(())
+    }
+
+    pub async fn auth_client(&self, i: usize) -> AuthServiceClient<Channel> {
+        AuthServiceClient::new(TestStack::channel(self.auth[i % self.auth.len()].addr).await)
+    }
+
+    pub async fn product_client(&self, i: usize) -> ProductServiceClient<Channel> {
+        ProductServiceClient::new(TestStack::channel(self.product[i % self.product.len()].addr).await)
+    }
+
+    /// Registers `username`, optionally grants it `admin` (as an operator
+    /// would, with the auth-service binary), and logs in: the password on
+    /// one auth replica, the code on another.
+    pub async fn login(&self, database_url: &str, username: &str, admin: bool) -> CompleteLoginResponse {
+        let password = "correct horse battery";
+        self.auth_client(0)
+            .await
+            .register(RegisterRequest { username: username.into(), password: password.into() })
+            .await
+            .expect("register");
+        if admin {
+            let granted = tokio::process::Command::new(storegate_testkit::process::binary("auth-service").unwrap())
+                .args(["grant-role", username, "admin"])
+                .env("DATABASE_URL", database_url)
+                .env("STOREGATE_MASTER_KEY", TEST_MASTER_KEY)
+                .env("RUST_LOG", "warn")
+                .output()
+                .await
+                .expect("run auth-service grant-role");
+            assert!(granted.status.success(), "grant-role: {}", String::from_utf8_lossy(&granted.stderr));
+        }
+        let begun = self
+            .auth_client(1)
+            .await
+            .begin_login(BeginLoginRequest { username: username.into(), password: password.into() })
+            .await
+            .expect("begin login")
+            .into_inner();
+        let secret = begun.enrollment.expect("enrollment on the first login").secret;
+        self.auth_client(0)
+            .await
+            .complete_login(CompleteLoginRequest { login_ticket: begun.login_ticket, code: totp_code(&secret, 0) })
+            .await
+            .expect("complete login on another replica")
+            .into_inner()
+    }
+}

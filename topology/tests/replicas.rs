@@ -1,0 +1,130 @@
+//! Replicas of both services as processes, started together on a fresh
+//! database, on SQLite and on MySQL/MariaDB: every one comes up, the schema
+//! is migrated exactly once, and they behave as one service (a login begun
+//! on one replica completes on another; stock taken through every replica
+//! adds up).
+//!
+//! `STOREGATE_REPLICA_ROUNDS` sets how many fresh databases each backend
+//! gets (default 3).
+
+use std::time::Duration;
+
+use storegate::{
+    Db,
+    migrate::{self, SchemaState},
+    on_db,
+    pb::product::v1::{AdjustStockRequest, CreateProductRequest, GetProductRequest, Product},
+};
+use storegate_testkit::{Backend, TestDb, backend_tests, bearer};
+use storegate_topology::{Placement, Replicas, Scratch};
+
+backend_tests!(replicas_started_together_on_a_fresh_database_all_serve, a_product_replica_waits_for_the_migrate_step);
+
+fn rounds() -> usize {
+    std::env::var("STOREGATE_REPLICA_ROUNDS").ok().and_then(|r| r.parse().ok()).unwrap_or(3)
+}
+
+async fn replicas_started_together_on_a_fresh_database_all_serve(backend: Backend) {
+    for round in 0..rounds() {
+        let db = TestDb::new(&backend).await;
+        let scratch = Scratch::new("replicas");
+        // SQLite goes without a master key: the development key is created
+        // by whichever replica comes first, and the other must use it.
+        let master_key = matches!(backend, Backend::MySql(_));
+        let mut replicas =
+            Replicas::spawn(&Placement::all_on(&db.url, 2, 2), master_key, &[], &scratch.path).unwrap();
+        if let Err(e) = replicas.wait_serving().await {
+            panic!("round {round}: {e:#}\n(logs in {})", scratch.path.display());
+        }
+
+        let pool = Db::connect(&db.url).await.unwrap();
+        assert_eq!(migrate::schema_state(&pool).await.unwrap(), SchemaState::Current, "round {round}");
+        let versions: Vec<(i64, bool)> = on_db!(&pool, p => {
+            sqlx::query_as("SELECT version, success FROM _sqlx_migrations ORDER BY version").fetch_all(p).await
+        })
+        .unwrap();
+        assert_eq!(versions, vec![(1, true), (2, true), (3, true)], "round {round}");
+        let keys: i64 = on_db!(&pool, p => sqlx::query_scalar("SELECT COUNT(*) FROM signing_keys").fetch_one(p).await)
+            .unwrap();
+        assert!((1..=2).contains(&keys), "round {round}: {keys} first signing keys");
+
+        if round == 0 {
+            behave_as_one(&replicas, &db.url).await;
+        }
+        for replica in replicas.all() {
+            assert!(replica.exited().is_none(), "{} exited:\n{}", replica.name, replica.log_tail(20));
+        }
+        pool.close().await;
+    }
+}
+
+/// A login begun on one replica completes on another; a product created on
+/// one is read on the other; 40 decrements spread over both add up.
+async fn behave_as_one(replicas: &Replicas, database_url: &str) {
+    let token = replicas.login(database_url, "operator", true).await.access_token;
+    let created = replicas
+        .product_client(0)
+        .await
+        .create_product(bearer(
+            CreateProductRequest {
+                product: Some(Product {
+                    name: "Teapot".into(),
+                    price: "12.50".into(),
+                    stock: 100,
+                    ..Default::default()
+                }),
+                request_id: String::new(),
+            },
+            &token,
+        ))
+        .await
+        .expect("create on replica 0")
+        .into_inner();
+    let clients = [replicas.product_client(0).await, replicas.product_client(1).await];
+    let calls: Vec<_> = (0..40)
+        .map(|i| {
+            let (token, id, mut client) = (token.clone(), created.id, clients[i % 2].clone());
+            tokio::spawn(async move {
+                client.adjust_stock(bearer(AdjustStockRequest { id, delta: -1, request_id: String::new() }, &token)).await
+            })
+        })
+        .collect();
+    for call in calls {
+        call.await.unwrap().expect("every decrement succeeds");
+    }
+    let read = replicas
+        .product_client(1)
+        .await
+        .get_product(bearer(GetProductRequest { id: created.id }, &token))
+        .await
+        .expect("read on replica 1")
+        .into_inner();
+    assert_eq!(read.stock, 60);
+}
+
+/// With MIGRATE_ON_START=false a replica reports NOT_SERVING and waits; the
+/// `migrate` command brings it up without a restart.
+async fn a_product_replica_waits_for_the_migrate_step(backend: Backend) {
+    let db = TestDb::new(&backend).await;
+    let scratch = Scratch::new("migrate-step");
+    let waiting = [("MIGRATE_ON_START", "false".to_owned())];
+    let mut replicas = Replicas::spawn(&Placement::all_on(&db.url, 1, 1), true, &waiting, &scratch.path).unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for replica in replicas.all() {
+        assert!(replica.exited().is_none(), "{} exited:\n{}", replica.name, replica.log_tail(20));
+        assert!(!storegate_testkit::health_serving(replica.addr).await, "{} serves without a schema", replica.name);
+    }
+    let pool = Db::connect(&db.url).await.unwrap();
+    assert!(matches!(migrate::schema_state(&pool).await.unwrap(), SchemaState::Behind(_)), "nobody migrated");
+
+    let migrated = tokio::process::Command::new(storegate_testkit::process::binary("product-service").unwrap())
+        .arg("migrate")
+        .env("DATABASE_URL", &db.url)
+        .env("RUST_LOG", "warn")
+        .output()
+        .await
+        .unwrap();
+    assert!(migrated.status.success(), "migrate: {}", String::from_utf8_lossy(&migrated.stderr));
+    replicas.wait_serving().await.expect("both serve once the schema is there");
+    pool.close().await;
+}
