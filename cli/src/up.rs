@@ -35,8 +35,9 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     product.auth_service_url = format!("http://{auth_addr}");
     product.metrics_listen_addr = args.product_metrics_listen_addr.clone();
 
-    // Migrate once up front, so the two services do not race to it.
-    storegate::Db::open(&args.auth.common.database_url).await?.close().await;
+    // Migrate once up front: the services then start on a current schema
+    // (they could migrate side by side, safely, but this logs it once).
+    args.auth.common.migrate_database().await?;
 
     let (stop, _) = watch::channel(false);
     let stopped = |stop: &watch::Sender<bool>| {
@@ -48,12 +49,20 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     let mut auth_task = tokio::spawn(auth_service::run(args.auth, auth_listener, stopped(&stop)));
     let mut product_task = tokio::spawn(product_service::run(product, product_listener, stopped(&stop)));
 
-    announce(&format!(
-        "storegate is up:\n  \
-         auth-service     http://{auth_addr}   (storegate.auth.v1.AuthService)\n  \
-         product-service  http://{product_addr}   (storegate.product.v1.ProductService)\n\
-         Press Ctrl-C to stop.\n"
-    ));
+    // "Up" once both answer: a script that waits for the banner may call
+    // at once.
+    let mut shutdown = std::pin::pin!(shutdown);
+    tokio::select! {
+        () = wait_serving(auth_addr, product_addr) => announce(&format!(
+            "storegate is up:\n  \
+             auth-service     http://{auth_addr}   (storegate.auth.v1.AuthService)\n  \
+             product-service  http://{product_addr}   (storegate.product.v1.ProductService)\n\
+             Press Ctrl-C to stop.\n"
+        )),
+        () = &mut shutdown => {}
+        result = &mut auth_task => return finished("auth-service", result),
+        result = &mut product_task => return finished("product-service", result),
+    }
 
     tokio::select! {
         () = shutdown => {}
@@ -66,6 +75,27 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     auth.context("auth-service crashed")??;
     product.context("product-service crashed")??;
     Ok(())
+}
+
+/// Completes once both servers' health checks say SERVING.
+async fn wait_serving(auth: std::net::SocketAddr, product: std::net::SocketAddr) {
+    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+    for addr in [auth, product] {
+        let Ok(endpoint) = tonic::transport::Endpoint::from_shared(format!("http://{addr}")) else { return };
+        loop {
+            let serving = match endpoint.connect().await {
+                Ok(channel) => HealthClient::new(channel)
+                    .check(HealthCheckRequest { service: String::new() })
+                    .await
+                    .is_ok_and(|r| r.into_inner().status == ServingStatus::Serving as i32),
+                Err(_) => false,
+            };
+            if serving {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
 }
 
 /// Writes the banner to stdout. A reader that has gone away (`storegate up |
