@@ -384,6 +384,7 @@ pub fn bearer<T>(message: T, token: &str) -> tonic::Request<T> {
 }
 
 pub mod process;
+pub mod proxy;
 
 pub use tonic_health_client::health_serving;
 
