@@ -176,7 +176,10 @@ async fn run_mysql(pool: &Pool<MySql>, lock_timeout: Duration) -> anyhow::Result
     if schema_state(&Db::MySql(pool.clone())).await? == SchemaState::Current {
         return Ok(());
     }
-    let lease = Lease::take(pool, lock_timeout).await?;
+    let Some(lease) = Lease::take(pool, lock_timeout).await? else {
+        // Another process finished the migrations while this one waited.
+        return Ok(());
+    };
     let renewer = tokio::spawn(lease.clone().keep_renewed());
     let result = apply_mysql(pool).await;
     renewer.abort();
@@ -303,19 +306,31 @@ struct Lease {
 }
 
 impl Lease {
-    async fn take(pool: &Pool<MySql>, timeout: Duration) -> anyhow::Result<Lease> {
+    /// The lease, once free; None when the schema became current meanwhile.
+    async fn take(pool: &Pool<MySql>, timeout: Duration) -> anyhow::Result<Option<Lease>> {
         let holder = format!("{}-{:016x}", std::process::id(), rand_u64());
         let lease = Lease { pool: pool.clone(), holder };
         let deadline = Instant::now() + timeout;
+        // The table and its one row, once: CREATE TABLE is a cluster-wide
+        // DDL on Galera even when the table exists, so it is not polled.
+        while let Err(e) = lease.create_row().await {
+            if !crate::db::is_transaction_conflict(&e) || Instant::now() >= deadline {
+                return Err(anyhow::Error::new(e).context("cannot create the migration lock"));
+            }
+            tokio::time::sleep(LOCK_POLL).await;
+        }
         let mut said = false;
         loop {
             match lease.try_take().await {
-                Ok(true) => return Ok(lease),
+                Ok(true) => return Ok(Some(lease)),
                 Ok(false) => {}
-                // Two nodes of a cluster creating the row at once: one
-                // loses certification; the next poll finds the winner's.
+                // Taken on two nodes of a cluster at once: one commit fails
+                // certification; the next poll finds the winner's.
                 Err(e) if crate::db::is_transaction_conflict(&e) => {}
                 Err(e) => return Err(anyhow::Error::new(e).context("cannot take the migration lock")),
+            }
+            if schema_state(&Db::MySql(pool.clone())).await? == SchemaState::Current {
+                return Ok(None);
             }
             if Instant::now() >= deadline {
                 anyhow::bail!(
@@ -332,9 +347,13 @@ impl Lease {
         }
     }
 
-    async fn try_take(&self) -> Result<bool, sqlx::Error> {
+    async fn create_row(&self) -> Result<(), sqlx::Error> {
         sqlx::query(CREATE_LOCK_TABLE).execute(&self.pool).await?;
         sqlx::query("INSERT IGNORE INTO storegate_migration_lock (id) VALUES (1)").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn try_take(&self) -> Result<bool, sqlx::Error> {
         let taken = sqlx::query(&format!(
             "UPDATE storegate_migration_lock SET holder = ?, expires_at = NOW(6) + INTERVAL {LEASE_SECS} SECOND \
              WHERE id = 1 AND (holder IS NULL OR expires_at < NOW(6))"
@@ -345,18 +364,31 @@ impl Lease {
         Ok(taken.rows_affected() == 1)
     }
 
+    /// Runs a statement on the lease's row by its holder; on Galera, waiting
+    /// processes polling the same row can make it fail certification, so a
+    /// conflict is tried again (a few times, briefly).
+    async fn update_own(&self, sql: &str) -> Result<u64, sqlx::Error> {
+        let mut attempt = 0;
+        loop {
+            match sqlx::query(sql).bind(&self.holder).execute(&self.pool).await {
+                Err(e) if crate::db::is_transaction_conflict(&e) && attempt < 20 => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(10) * attempt).await;
+                }
+                result => return result.map(|r| r.rows_affected()),
+            }
+        }
+    }
+
     async fn keep_renewed(self) {
+        let renew = format!(
+            "UPDATE storegate_migration_lock SET expires_at = NOW(6) + INTERVAL {LEASE_SECS} SECOND \
+             WHERE id = 1 AND holder = ?"
+        );
         loop {
             tokio::time::sleep(LEASE_RENEW_EVERY).await;
-            let renewed = sqlx::query(&format!(
-                "UPDATE storegate_migration_lock SET expires_at = NOW(6) + INTERVAL {LEASE_SECS} SECOND \
-                 WHERE id = 1 AND holder = ?"
-            ))
-            .bind(&self.holder)
-            .execute(&self.pool)
-            .await;
-            match renewed {
-                Ok(r) if r.rows_affected() == 1 => {}
+            match self.update_own(&renew).await {
+                Ok(1) => {}
                 Ok(_) => tracing::error!("the migration lock was lost (not renewed in time)"),
                 Err(e) => tracing::warn!(error = %e, "cannot renew the migration lock"),
             }
@@ -364,12 +396,9 @@ impl Lease {
     }
 
     async fn release(&self) {
-        let released = sqlx::query(
-            "UPDATE storegate_migration_lock SET holder = NULL, expires_at = NULL WHERE id = 1 AND holder = ?",
-        )
-        .bind(&self.holder)
-        .execute(&self.pool)
-        .await;
+        let released = self
+            .update_own("UPDATE storegate_migration_lock SET holder = NULL, expires_at = NULL WHERE id = 1 AND holder = ?")
+            .await;
         if let Err(e) = released {
             tracing::warn!(error = %e, "cannot release the migration lock; it expires in {LEASE_SECS}s");
         }

@@ -11,10 +11,21 @@ use std::{
 
 use crate::health_serving;
 
-/// A port free now on 127.0.0.1 (the OS may hand it out again, but rarely
-/// does so soon).
+/// A port free now on 127.0.0.1, for a child process to listen on. Taken
+/// below Linux's ephemeral range (32768 up): a port the OS handed out as
+/// port 0 may be handed out again as the source port of any outgoing
+/// connection before the child binds it.
 pub fn free_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free loopback port")
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    // Processes running tests at once start at different places.
+    let start = std::process::id() * 7919;
+    loop {
+        let port = 20_000 + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % 12_000;
+        if let Ok(listener) = TcpListener::bind(("127.0.0.1", port as u16)) {
+            return listener.local_addr().expect("a bound address");
+        }
+    }
 }
 
 /// A binary of this build: beside the running test or benchmark binary, or
@@ -53,6 +64,7 @@ impl ServiceProcess {
             .env("METRICS_LISTEN_ADDR", "")
             .env("RUST_LOG", "info")
             .env("SHUTDOWN_GRACE_SECS", "0")
+            .env("RUST_BACKTRACE", "0")
             .env_remove("DATABASE_URL")
             .envs(envs.iter().map(|(k, v)| (*k, v.as_str())))
             .stdin(Stdio::null())
