@@ -217,8 +217,8 @@ pub fn is_transaction_conflict(err: &sqlx::Error) -> bool {
 /// How often a transaction that ended in a conflict is run in all. Conflicts
 /// on one hot row from several Galera nodes can repeat; each rerun waits a
 /// random time that grows with the attempt, up to [`CONFLICT_BACKOFF_MAX`].
-pub const CONFLICT_ATTEMPTS: u32 = 10;
-const CONFLICT_BACKOFF_MAX: Duration = Duration::from_millis(100);
+pub const CONFLICT_ATTEMPTS: u32 = 20;
+const CONFLICT_BACKOFF_MAX: Duration = Duration::from_millis(200);
 
 /// Runs `transaction` until it ends in anything but a conflict
 /// ([`ApiError::TransactionConflict`]), at most [`CONFLICT_ATTEMPTS`] times.

@@ -236,10 +236,23 @@ impl Galera {
     pub fn url(&self, n: u16, database: &str) -> String {
         format!("{}/{database}", self.node_url(n))
     }
+
+    /// Starts HAProxy as the cluster's single writer
+    /// (`deploy/haproxy/galera-single-writer.cfg`): node 1, the others as
+    /// backups.
+    pub fn start_writer_proxy(&self) -> anyhow::Result<()> {
+        run_script("haproxy.sh", &["start"], &self.envs).map(drop)
+    }
+
+    /// The single writer's URL for `database` (through HAProxy).
+    pub fn writer_url(&self, database: &str) -> String {
+        format!("mysql://root@127.0.0.1:{}/{database}", self.base_port + 10)
+    }
 }
 
 impl Drop for Galera {
     fn drop(&mut self) {
+        let _ = run_script("haproxy.sh", &["stop"], &self.envs);
         if let Err(e) = self.script(&["clean"]) {
             eprintln!("stopping the Galera cluster failed: {e:#}");
         }

@@ -1,8 +1,18 @@
-//! Replicas on different nodes of a 3-node MariaDB Galera cluster (Debian's
-//! galera-4, started by `scripts/topology/galera.sh` on loopback ports):
-//! multi-primary, the hardest case, where every node takes writes and
-//! conflicting ones fail certification at commit. Each scenario gets a fresh
-//! database; the cluster is started once for all of them.
+//! storegate on a 3-node MariaDB Galera cluster (Debian's galera-4, started
+//! by `scripts/topology/galera.sh` on loopback ports). Each scenario gets a
+//! fresh database; the cluster is started once for all of them.
+//!
+//! Two ways to use it, as README's "How it scales" describes:
+//! - **single writer** (every replica through HAProxy, one node takes all
+//!   the writes, the others stand by): the supported production shape;
+//!   every race is exact (stock, retried creates).
+//! - **multi-primary** (replicas on different nodes): replicas starting
+//!   together, reads right after writes on another node (the services set
+//!   `wsrep_sync_wait`), and one-row races settled by certification (a
+//!   ticket, a TOTP step, a refresh token), where the loser's rerun finds the
+//!   winner's write. Concurrent writes to one hot row from several nodes are
+//!   not exact on Galera (MDEV-29044: an acknowledged write can be lost), so
+//!   counters are not tested, nor supported, that way.
 //!
 //! Runs under CI, or with `STOREGATE_TEST_GALERA=1` (after
 //! `scripts/topology/install.sh`); skipped otherwise.
@@ -37,7 +47,8 @@ async fn replicas_on_different_galera_nodes_behave_as_one_service() {
     let scratch = Scratch::new("galera");
     let started = std::time::Instant::now();
     let galera = Galera::start(&scratch.path.join("cluster"), BASE_PORT).expect("the Galera cluster starts");
-    eprintln!("cluster Synced in {:?}", started.elapsed());
+    galera.start_writer_proxy().expect("HAProxy starts");
+    eprintln!("cluster Synced and HAProxy up in {:?}", started.elapsed());
 
     let galera = Arc::new(galera);
     let mut failures = Vec::new();
@@ -54,10 +65,10 @@ async fn replicas_on_different_galera_nodes_behave_as_one_service() {
         };
     }
     scenario!(replicas_started_together_migrate_once);
-    scenario!(stock_taken_on_every_node_adds_up);
+    scenario!(stock_taken_through_the_writer_adds_up);
     scenario!(a_ticket_and_a_code_are_spent_once_across_nodes);
     scenario!(a_refresh_token_redeemed_on_two_nodes_revokes_the_login);
-    scenario!(a_create_retried_on_every_node_makes_one_product);
+    scenario!(a_create_retried_on_every_replica_makes_one_product);
     scenario!(a_write_is_read_at_once_on_another_node);
     drop(galera);
     assert!(failures.is_empty(), "failed scenarios:\n{}\n(logs in {})", failures.join("\n"), scratch.path.display());
@@ -66,9 +77,26 @@ async fn replicas_on_different_galera_nodes_behave_as_one_service() {
 /// A fresh database on the cluster and replicas spread over the nodes:
 /// auth i and product i on node (i % 3) + 1 and (i + 1) % 3 + 1.
 async fn spread(galera: &Galera, name: &str, auth: usize, product: usize, logs: &std::path::Path) -> (Replicas, String) {
+    replicas_on(galera, name, auth, product, logs, false).await
+}
+
+/// A fresh database and replicas that all go through the single writer.
+async fn through_writer(galera: &Galera, name: &str, auth: usize, product: usize, logs: &std::path::Path) -> (Replicas, String) {
+    replicas_on(galera, name, auth, product, logs, true).await
+}
+
+async fn replicas_on(
+    galera: &Galera,
+    name: &str,
+    auth: usize,
+    product: usize,
+    logs: &std::path::Path,
+    single_writer: bool,
+) -> (Replicas, String) {
     let database = galera.create_database(&format!("sg_{name}_{}", std::process::id())).await.unwrap();
-    let auth_urls: Vec<String> = (0..auth).map(|i| galera.url(i as u16 % 3 + 1, &database)).collect();
-    let product_urls: Vec<String> = (0..product).map(|i| galera.url((i as u16 + 1) % 3 + 1, &database)).collect();
+    let node = |i: usize| if single_writer { galera.writer_url(&database) } else { galera.url(i as u16 % 3 + 1, &database) };
+    let auth_urls: Vec<String> = (0..auth).map(node).collect();
+    let product_urls: Vec<String> = (0..product).map(|i| node(i + 1)).collect();
     let placement = Placement {
         auth: auth_urls.iter().map(String::as_str).collect(),
         product: product_urls.iter().map(String::as_str).collect(),
@@ -104,8 +132,8 @@ fn product(name: &str, stock: i64) -> Option<Product> {
     Some(Product { name: name.into(), price: "10.00".into(), stock, ..Default::default() })
 }
 
-async fn stock_taken_on_every_node_adds_up(galera: &Galera, logs: &std::path::Path) {
-    let (replicas, url) = spread(galera, "stock", 2, 3, logs).await;
+async fn stock_taken_through_the_writer_adds_up(galera: &Galera, logs: &std::path::Path) {
+    let (replicas, url) = through_writer(galera, "stock", 2, 3, logs).await;
     let token = replicas.login(&url, "operator", true).await.access_token;
     let mut first = replicas.product_client(0).await;
     let created = first
@@ -137,7 +165,7 @@ async fn stock_taken_on_every_node_adds_up(galera: &Galera, logs: &std::path::Pa
     }
     for i in 0..3 {
         let read = replicas.product_client(i).await.get_product(bearer(GetProductRequest { id: created.id }, &token)).await;
-        assert_eq!(read.unwrap().into_inner().stock, 0, "as read through node {}", (i + 1) % 3 + 1);
+        assert_eq!(read.unwrap().into_inner().stock, 0, "as read through replica {i}");
     }
 }
 
@@ -246,8 +274,8 @@ async fn a_refresh_token_redeemed_on_two_nodes_revokes_the_login(galera: &Galera
     }
 }
 
-async fn a_create_retried_on_every_node_makes_one_product(galera: &Galera, logs: &std::path::Path) {
-    let (replicas, url) = spread(galera, "create", 2, 3, logs).await;
+async fn a_create_retried_on_every_replica_makes_one_product(galera: &Galera, logs: &std::path::Path) {
+    let (replicas, url) = through_writer(galera, "create", 2, 3, logs).await;
     let token = replicas.login(&url, "operator", true).await.access_token;
     for round in 0..10 {
         let request_id = uuid(round);
