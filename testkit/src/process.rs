@@ -45,6 +45,7 @@ pub struct ServiceProcess {
     pub addr: SocketAddr,
     child: Child,
     log: PathBuf,
+    command: Command,
 }
 
 impl ServiceProcess {
@@ -59,19 +60,31 @@ impl ServiceProcess {
     ) -> anyhow::Result<ServiceProcess> {
         let name = name.into();
         let log = log_dir.join(format!("{name}.log"));
-        let out = std::fs::File::create(&log)?;
-        let child = Command::new(binary(binary_name)?)
+        let mut command = Command::new(binary(binary_name)?);
+        command
             .env("METRICS_LISTEN_ADDR", "")
             .env("RUST_LOG", "info")
             .env("SHUTDOWN_GRACE_SECS", "0")
             .env("RUST_BACKTRACE", "0")
             .env_remove("DATABASE_URL")
             .envs(envs.iter().map(|(k, v)| (*k, v.as_str())))
-            .stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out)
-            .spawn()?;
-        Ok(ServiceProcess { name, addr, child, log })
+            .stdin(Stdio::null());
+        let child = Self::start(&mut command, &log)?;
+        Ok(ServiceProcess { name, addr, child, log, command })
+    }
+
+    fn start(command: &mut Command, log: &Path) -> anyhow::Result<Child> {
+        let out = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
+        Ok(command.stdout(out.try_clone()?).stderr(out).spawn()?)
+    }
+
+    /// Starts the same command again (same address, same log) once the
+    /// process has exited; kills it first if it still runs.
+    pub fn respawn(&mut self) -> anyhow::Result<()> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = Self::start(&mut self.command, &self.log)?;
+        Ok(())
     }
 
     /// Waits until health says SERVING; fails with the log's tail when the

@@ -241,7 +241,12 @@ impl Galera {
     /// (`deploy/haproxy/galera-single-writer.cfg`): node 1, the others as
     /// backups.
     pub fn start_writer_proxy(&self) -> anyhow::Result<()> {
-        run_script("haproxy.sh", &["start"], &self.envs).map(drop)
+        self.writer_proxy("start").map(drop)
+    }
+
+    /// `haproxy.sh <command>`: `start`, `stop`, `status`, `writer`.
+    pub fn writer_proxy(&self, command: &str) -> anyhow::Result<String> {
+        run_script("haproxy.sh", &[command], &self.envs)
     }
 
     /// The single writer's URL for `database` (through HAProxy).
@@ -252,9 +257,43 @@ impl Galera {
 
 impl Drop for Galera {
     fn drop(&mut self) {
-        let _ = run_script("haproxy.sh", &["stop"], &self.envs);
+        let _ = self.writer_proxy("stop");
         if let Err(e) = self.script(&["clean"]) {
             eprintln!("stopping the Galera cluster failed: {e:#}");
+        }
+    }
+}
+
+/// The nginx gateway (`deploy/nginx/storegate.conf` through
+/// `scripts/topology/nginx.sh`) in front of replicas; stopped when dropped.
+pub struct Gateway {
+    envs: Vec<(&'static str, String)>,
+    /// gRPC over HTTP/2, routed by path to auth or product replicas.
+    pub grpc: SocketAddr,
+    /// gRPC-Web over HTTP/1.1.
+    pub web: SocketAddr,
+}
+
+impl Gateway {
+    pub fn start(dir: &Path, replicas: &Replicas) -> anyhow::Result<Gateway> {
+        let list = |services: &[ServiceProcess]| services.iter().map(|s| s.addr.to_string()).collect::<Vec<_>>().join(" ");
+        let (grpc, web) = (free_addr(), free_addr());
+        let envs = vec![
+            ("TOPOLOGY_DIR", dir.display().to_string()),
+            ("AUTH_REPLICAS", list(&replicas.auth)),
+            ("PRODUCT_REPLICAS", list(&replicas.product)),
+            ("GATEWAY_GRPC_PORT", grpc.port().to_string()),
+            ("GATEWAY_WEB_PORT", web.port().to_string()),
+        ];
+        run_script("nginx.sh", &["start"], &envs)?;
+        Ok(Gateway { envs, grpc, web })
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Err(e) = run_script("nginx.sh", &["stop"], &self.envs) {
+            eprintln!("stopping nginx failed: {e:#}");
         }
     }
 }
