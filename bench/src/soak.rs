@@ -1,0 +1,281 @@
+//! storegate-soak: mixed traffic through the nginx gateway to 2 auth-service
+//! and 2 product-service replicas (processes of this build) for a long time,
+//! reporting every interval the calls, errors by status code, latency and
+//! each replica's resident memory, to show memory flat after warm-up and no
+//! error without a cause.
+//!
+//!     cargo build --release --workspace --bins
+//!     scripts/topology/install.sh    # nginx (and galera-4 for --galera)
+//!     target/release/storegate-soak --minutes 10 [--mysql-server-url mysql://root@127.0.0.1:3306] [--galera]
+//!
+//! The traffic: reads of random products (60%), listing pages of random
+//! sizes and orders, first pages and continuations (15%), stock adjustments
+//! of ±1 with request ids (10%), creates (5%), token refreshes (8%), and
+//! complete sign-ups with a two-factor login (2%).
+
+use std::{
+    collections::BTreeMap,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use clap::Parser;
+use storegate::pb::{
+    auth::v1::{
+        BeginLoginRequest, CompleteLoginRequest, RefreshTokenRequest, RegisterRequest,
+        auth_service_client::AuthServiceClient,
+    },
+    product::v1::{
+        AdjustStockRequest, CreateProductRequest, GetProductRequest, ListProductsRequest, Product,
+        product_service_client::ProductServiceClient,
+    },
+};
+use storegate_testkit::{Backend, TestDb, TestStack, bearer, totp_code};
+use storegate_topology::{Galera, Gateway, Placement, Replicas, Scratch};
+use tonic::transport::Channel;
+
+#[derive(Parser)]
+#[command(name = "storegate-soak", about = "Long mixed load through the gateway: errors and memory over time")]
+struct Args {
+    /// The MySQL/MariaDB server to make a fresh database on.
+    #[arg(long, default_value = "mysql://root@127.0.0.1:3306")]
+    mysql_server_url: String,
+    /// Run on a 3-node Galera cluster through the HAProxy single writer
+    /// (started from scripts/topology/) instead.
+    #[arg(long)]
+    galera: bool,
+    #[arg(long, default_value_t = 10)]
+    minutes: u64,
+    /// Seconds between reports.
+    #[arg(long, default_value_t = 30)]
+    report_secs: u64,
+    /// Clients calling at once.
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+    /// Products seeded before the run.
+    #[arg(long, default_value_t = 5_000)]
+    products: usize,
+    /// Where the JSON results go.
+    #[arg(long, default_value = "soak-results.json")]
+    json: std::path::PathBuf,
+}
+
+/// Calls, errors by code and latencies of the current interval.
+#[derive(Default)]
+struct Interval {
+    calls: usize,
+    errors: BTreeMap<String, usize>,
+    latencies_us: Vec<u64>,
+}
+
+struct Traffic {
+    ids: Vec<i64>,
+    admin: String,
+    sessions: Mutex<Vec<String>>,
+    interval: Mutex<Interval>,
+    stop: AtomicBool,
+    next: AtomicUsize,
+}
+
+impl Traffic {
+    fn record<T>(&self, started: Instant, result: &Result<T, tonic::Status>) {
+        let mut interval = self.interval.lock().unwrap_or_else(|e| e.into_inner());
+        interval.calls += 1;
+        interval.latencies_us.push(started.elapsed().as_micros() as u64);
+        if let Err(status) = result {
+            *interval.errors.entry(format!("{:?}", status.code())).or_default() += 1;
+        }
+    }
+
+    /// A number that differs per call, for picking (not for anything secret).
+    fn pick(&self, n: usize, modulo: usize) -> usize {
+        (n.wrapping_mul(2_654_435_761) >> 7) % modulo.max(1)
+    }
+}
+
+fn uuid(n: usize) -> String {
+    format!("00000000-0000-4000-8000-{n:012}")
+}
+
+async fn client_loop(traffic: Arc<Traffic>, channel: Channel) {
+    let mut products = ProductServiceClient::new(channel.clone());
+    let mut auth = AuthServiceClient::new(channel);
+    let mut page_tokens: Vec<(String, String)> = Vec::new();
+    while !traffic.stop.load(Ordering::Relaxed) {
+        let n = traffic.next.fetch_add(1, Ordering::Relaxed);
+        let id = traffic.ids[traffic.pick(n, traffic.ids.len())];
+        let admin = &traffic.admin;
+        let started = Instant::now();
+        match n % 100 {
+            0..60 => {
+                let result = products.get_product(bearer(GetProductRequest { id }, admin)).await;
+                traffic.record(started, &result);
+            }
+            60..75 => {
+                let order_by = ["", "name", "price desc", "create_time", "id desc"][traffic.pick(n, 5)].to_owned();
+                let page_size = [10, 20, 50, 100][traffic.pick(n / 5, 4)];
+                // Half of the pages continue a listing seen before.
+                let page_token = match page_tokens.pop() {
+                    Some((order, token)) if order == order_by && n % 2 == 0 => token,
+                    _ => String::new(),
+                };
+                let request = ListProductsRequest { page_size, page_token, order_by: order_by.clone(), query: String::new() };
+                let result = products.list_products(bearer(request, admin)).await;
+                traffic.record(started, &result);
+                if let Ok(page) = result
+                    && !page.get_ref().next_page_token.is_empty()
+                {
+                    page_tokens.push((order_by, page.into_inner().next_page_token));
+                    page_tokens.truncate(16);
+                }
+            }
+            75..85 => {
+                let delta = if n % 2 == 0 { 1 } else { -1 };
+                let request = AdjustStockRequest { id, delta, request_id: uuid(n) };
+                let result = products.adjust_stock(bearer(request, admin)).await.map(drop);
+                // Out of stock is an answer, not an error of the service.
+                let result = result.or_else(|s| if s.code() == tonic::Code::FailedPrecondition { Ok(()) } else { Err(s) });
+                traffic.record(started, &result);
+            }
+            85..90 => {
+                let product = Product { name: format!("Soak {n}"), price: "3.50".into(), stock: 10, ..Default::default() };
+                let request = CreateProductRequest { product: Some(product), request_id: uuid(n) };
+                let result = products.create_product(bearer(request, admin)).await;
+                traffic.record(started, &result);
+            }
+            90..98 => {
+                let session = traffic.sessions.lock().unwrap_or_else(|e| e.into_inner()).pop();
+                let Some(refresh_token) = session else { continue };
+                let result = auth.refresh_token(RefreshTokenRequest { refresh_token }).await;
+                traffic.record(started, &result);
+                if let Ok(rotated) = result {
+                    traffic.sessions.lock().unwrap_or_else(|e| e.into_inner()).push(rotated.into_inner().refresh_token);
+                }
+            }
+            _ => {
+                let result = sign_up(&mut auth, &format!("soak{n}")).await;
+                traffic.record(started, &result);
+                if let Ok(refresh_token) = result {
+                    let mut sessions = traffic.sessions.lock().unwrap_or_else(|e| e.into_inner());
+                    sessions.push(refresh_token);
+                    // A bounded set of live sessions, as users come and go.
+                    if sessions.len() > 200 {
+                        sessions.remove(0);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Register, password, enrollment code: a new user's refresh token.
+async fn sign_up(auth: &mut AuthServiceClient<Channel>, username: &str) -> Result<String, tonic::Status> {
+    let password = "correct horse battery";
+    auth.register(RegisterRequest { username: username.into(), password: password.into() }).await?;
+    let begun = auth.begin_login(BeginLoginRequest { username: username.into(), password: password.into() }).await?.into_inner();
+    let secret = begun.enrollment.map(|e| e.secret).unwrap_or_default();
+    let done = auth
+        .complete_login(CompleteLoginRequest { login_ticket: begun.login_ticket, code: totp_code(&secret, 0) })
+        .await?;
+    Ok(done.into_inner().refresh_token)
+}
+
+fn percentile(sorted: &[u64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[((sorted.len() - 1) as f64 * p) as usize] as f64 / 1000.0
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let scratch = Scratch::new("soak");
+    let test_db;
+    let galera;
+    let url = if args.galera {
+        galera = Some(Galera::start(&scratch.path.join("cluster"), 4800)?);
+        let cluster = galera.as_ref().expect("just started");
+        cluster.start_writer_proxy()?;
+        let database = cluster.create_database("storegate_soak").await?;
+        cluster.writer_url(&database)
+    } else {
+        test_db = TestDb::new(&Backend::MySql(args.mysql_server_url.clone())).await;
+        test_db.url.clone()
+    };
+    let mut replicas = Replicas::spawn(&Placement::all_on(&url, 2, 2), true, &[], &scratch.path)?;
+    replicas.wait_serving().await?;
+    let gateway = Gateway::start(&scratch.path.join("gateway"), &replicas)?;
+    let admin = replicas.login(&url, "soak-admin", true).await.access_token;
+    let channel = TestStack::channel(gateway.grpc).await;
+
+    eprintln!("seeding {} products", args.products);
+    let mut ids = Vec::with_capacity(args.products);
+    let mut products = ProductServiceClient::new(channel.clone());
+    for i in 0..args.products {
+        let product = Product {
+            name: format!("Seed {i:05} {}", ["teapot", "kettle", "mug", "cup", "saucer"][i % 5]),
+            description: "x".repeat(i % 400),
+            price: format!("{}.{:02}", 1 + i % 500, i % 100),
+            stock: 1_000,
+            ..Default::default()
+        };
+        let created = products.create_product(bearer(CreateProductRequest { product: Some(product), request_id: String::new() }, &admin)).await?;
+        ids.push(created.into_inner().id);
+    }
+
+    let traffic = Arc::new(Traffic {
+        ids,
+        admin,
+        sessions: Mutex::default(),
+        interval: Mutex::default(),
+        stop: AtomicBool::new(false),
+        next: AtomicUsize::new(1_000_000),
+    });
+    let clients: Vec<_> =
+        (0..args.concurrency).map(|_| tokio::spawn(client_loop(traffic.clone(), channel.clone()))).collect();
+    let started = Instant::now();
+    let total = Duration::from_secs(args.minutes * 60);
+    let mut reports = Vec::new();
+    println!("| minute | calls/s | p50 ms | p99 ms | errors | auth-0 / auth-1 / product-0 / product-1 RSS MiB |");
+    println!("|--------|---------|--------|--------|--------|----------------------------------------------|");
+    while started.elapsed() < total {
+        tokio::time::sleep(Duration::from_secs(args.report_secs)).await;
+        let interval = std::mem::take(&mut *traffic.interval.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut latencies = interval.latencies_us;
+        latencies.sort_unstable();
+        let rss: Vec<f64> = replicas.all().map(|r| r.memory_mib().0).collect();
+        let exited: Vec<String> = replicas.all().filter_map(|r| r.exited().map(|s| format!("{} {s}", r.name))).collect();
+        anyhow::ensure!(exited.is_empty(), "replicas exited: {exited:?}");
+        let row = serde_json::json!({
+            "minute": started.elapsed().as_secs_f64() / 60.0,
+            "calls_per_s": interval.calls as f64 / args.report_secs as f64,
+            "p50_ms": percentile(&latencies, 0.5),
+            "p99_ms": percentile(&latencies, 0.99),
+            "errors": interval.errors,
+            "rss_mib": rss,
+        });
+        println!(
+            "| {:>6.1} | {:>7.0} | {:>6.2} | {:>6.2} | {:>6} | {} |",
+            started.elapsed().as_secs_f64() / 60.0,
+            interval.calls as f64 / args.report_secs as f64,
+            percentile(&latencies, 0.5),
+            percentile(&latencies, 0.99),
+            if interval.errors.is_empty() { "0".to_owned() } else { format!("{:?}", interval.errors) },
+            rss.iter().map(|m| format!("{m:.1}")).collect::<Vec<_>>().join(" / "),
+        );
+        reports.push(row);
+    }
+    traffic.stop.store(true, Ordering::Relaxed);
+    for client in clients {
+        let _ = client.await;
+    }
+    std::fs::write(&args.json, serde_json::to_string_pretty(&serde_json::json!({ "galera": args.galera, "intervals": reports }))?)?;
+    eprintln!("results written to {}", args.json.display());
+    drop(gateway);
+    drop(replicas);
+    Ok(())
+}
