@@ -305,3 +305,52 @@ pub fn now() -> chrono::DateTime<chrono::Utc> {
     let t = chrono::Utc::now();
     t.with_nanosecond(t.nanosecond() / 1_000 * 1_000).unwrap_or(t)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use super::*;
+    use crate::metrics::transaction_conflicts;
+
+    // One test, so that the process-wide counts it reads are its own.
+    #[tokio::test(start_paused = true)]
+    async fn conflicts_are_rerun_counted_and_bounded() {
+        // Two conflicts, then success: the third run's answer.
+        let (retried, gave_up) = (transaction_conflicts("retried"), transaction_conflicts("gave_up"));
+        let runs = AtomicU32::new(0);
+        let answer = retry_conflicts(|| async {
+            match runs.fetch_add(1, Ordering::Relaxed) {
+                0 | 1 => Err(ApiError::TransactionConflict),
+                n => Ok(n),
+            }
+        })
+        .await;
+        assert_eq!(answer.unwrap(), 2);
+        assert_eq!(transaction_conflicts("retried") - retried, 2);
+        assert_eq!(transaction_conflicts("gave_up"), gave_up);
+
+        // A conflict every time: CONFLICT_ATTEMPTS runs, then UNAVAILABLE.
+        let runs = AtomicU32::new(0);
+        let answer: Result<(), ApiError> = retry_conflicts(|| async {
+            runs.fetch_add(1, Ordering::Relaxed);
+            Err(ApiError::TransactionConflict)
+        })
+        .await;
+        assert!(matches!(answer, Err(ApiError::TransactionConflict)));
+        assert_eq!(runs.load(Ordering::Relaxed), CONFLICT_ATTEMPTS);
+        assert_eq!(transaction_conflicts("gave_up") - gave_up, 1);
+        let status: tonic::Status = answer.unwrap_err().into();
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+
+        // Any other error is the answer at once.
+        let runs = AtomicU32::new(0);
+        let answer: Result<(), ApiError> = retry_conflicts(|| async {
+            runs.fetch_add(1, Ordering::Relaxed);
+            Err(ApiError::Aborted("etag"))
+        })
+        .await;
+        assert!(matches!(answer, Err(ApiError::Aborted(_))));
+        assert_eq!(runs.load(Ordering::Relaxed), 1);
+    }
+}

@@ -75,6 +75,11 @@ pub fn count_transaction_conflict(outcome: &'static str) {
     TRANSACTION_CONFLICTS.get_or_create(&ConflictLabels { outcome }).inc();
 }
 
+/// The count of conflicts with `outcome` so far in this process.
+pub fn transaction_conflicts(outcome: &'static str) -> u64 {
+    TRANSACTION_CONFLICTS.get_or_create(&ConflictLabels { outcome }).get()
+}
+
 /// A service's metrics: build, register extras, then serve and layer.
 #[derive(Clone)]
 pub struct Metrics {

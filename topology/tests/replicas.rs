@@ -18,7 +18,11 @@ use storegate::{
 use storegate_testkit::{Backend, TestDb, backend_tests, bearer};
 use storegate_topology::{Placement, Replicas, Scratch};
 
-backend_tests!(replicas_started_together_on_a_fresh_database_all_serve, a_product_replica_waits_for_the_migrate_step);
+backend_tests!(
+    replicas_started_together_on_a_fresh_database_all_serve,
+    a_product_replica_waits_for_the_migrate_step,
+    a_product_replica_without_token_keys_is_not_serving,
+);
 
 fn rounds() -> usize {
     std::env::var("STOREGATE_REPLICA_ROUNDS").ok().and_then(|r| r.parse().ok()).unwrap_or(3)
@@ -127,4 +131,50 @@ async fn a_product_replica_waits_for_the_migrate_step(backend: Backend) {
     assert!(migrated.status.success(), "migrate: {}", String::from_utf8_lossy(&migrated.stderr));
     replicas.wait_serving().await.expect("both serve once the schema is there");
     pool.close().await;
+}
+
+/// product-service can answer nothing without token keys: NOT_SERVING (and
+/// UNAVAILABLE) until auth-service is there to give them, then SERVING
+/// without a restart.
+async fn a_product_replica_without_token_keys_is_not_serving(backend: Backend) {
+    use storegate_testkit::{TEST_MASTER_KEY, process::{ServiceProcess, free_addr}};
+    let db = TestDb::new(&backend).await;
+    let scratch = Scratch::new("no-keys");
+    let auth_addr = free_addr();
+    let product_addr = free_addr();
+    let mut product = ServiceProcess::spawn(
+        "product",
+        "product-service",
+        product_addr,
+        &[
+            ("DATABASE_URL", db.url.clone()),
+            ("PRODUCT_LISTEN_ADDR", product_addr.to_string()),
+            ("AUTH_SERVICE_URL", format!("http://{auth_addr}")),
+        ],
+        &scratch.path,
+    )
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(product.exited().is_none(), "{}", product.log_tail(20));
+    assert!(!storegate_testkit::health_serving(product_addr).await, "SERVING without keys");
+    let mut client = storegate::pb::product::v1::product_service_client::ProductServiceClient::new(
+        storegate_testkit::TestStack::channel(product_addr).await,
+    );
+    let err = client.get_product(bearer(GetProductRequest { id: 1 }, "any.token.here")).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+
+    let mut auth = ServiceProcess::spawn(
+        "auth",
+        "auth-service",
+        auth_addr,
+        &[
+            ("DATABASE_URL", db.url.clone()),
+            ("AUTH_LISTEN_ADDR", auth_addr.to_string()),
+            ("STOREGATE_MASTER_KEY", TEST_MASTER_KEY.to_owned()),
+        ],
+        &scratch.path,
+    )
+    .unwrap();
+    auth.wait_serving(Duration::from_secs(30)).await.unwrap();
+    product.wait_serving(Duration::from_secs(30)).await.expect("SERVING once the keys arrive");
 }
