@@ -48,14 +48,6 @@ impl DbHealth {
         DbHealth { up }
     }
 
-    /// Always up: for tests of what does not depend on the database.
-    pub fn always_up() -> DbHealth {
-        let (tx, up) = watch::channel(true);
-        // Keep the sender for ever, so that `went_down` never completes.
-        std::mem::forget(tx);
-        DbHealth { up }
-    }
-
     pub fn is_up(&self) -> bool {
         *self.up.borrow()
     }

@@ -193,7 +193,8 @@ impl Health {
                 last = Some(status);
             }
             tokio::select! {
-                _ = db.changed() => {}
+                // A probe that has stopped (None) leaves only the timer.
+                Some(_) = db.changed() => {}
                 () = tokio::time::sleep(READINESS_POLL) => {}
             }
         }

@@ -29,7 +29,10 @@ use storegate::{
         product_service_client::ProductServiceClient,
     },
 };
-use storegate_testkit::{TestStack, bearer};
+use storegate_testkit::{
+    TestStack, bearer,
+    proxy::{CuttableProxy, Link},
+};
 use storegate_topology::{Galera, Gateway, Placement, Replicas, Scratch};
 use tonic::{Code, transport::Channel};
 
@@ -49,6 +52,8 @@ struct Ledger {
     decrements: Vec<usize>,
     creates: Vec<(String, i64)>,
     failures: BTreeMap<(&'static str, String), usize>,
+    /// The slowest call that succeeded, per fault.
+    slowest: BTreeMap<&'static str, Duration>,
     unresolved: usize,
 }
 
@@ -59,7 +64,7 @@ struct Load {
     next: AtomicUsize,
 }
 
-const PHASES: [&str; 7] = [
+const PHASES: [&str; 8] = [
     "steady",
     "kill -9 the writer node",
     "restart the writer node",
@@ -67,12 +72,20 @@ const PHASES: [&str; 7] = [
     "kill -9 a product replica",
     "SIGTERM an auth replica",
     "cut the database (HAProxy down)",
+    "one product replica loses its database",
 ];
 
 impl Load {
     fn failed(&self, code: Code) {
         let phase = PHASES[self.phase.load(Ordering::Relaxed)];
         *self.ledger.lock().unwrap().failures.entry((phase, format!("{code:?}"))).or_default() += 1;
+    }
+
+    fn succeeded(&self, started: Instant) {
+        let phase = PHASES[self.phase.load(Ordering::Relaxed)];
+        let mut ledger = self.ledger.lock().unwrap();
+        let slowest = ledger.slowest.entry(phase).or_default();
+        *slowest = (*slowest).max(started.elapsed());
     }
 
     /// Sends `call` until it answers something definite (not UNAVAILABLE /
@@ -84,8 +97,12 @@ impl Load {
     ) -> Option<Result<T, Code>> {
         let started = Instant::now();
         loop {
+            let attempt = Instant::now();
             match call().await {
-                Ok(value) => return Some(Ok(value)),
+                Ok(value) => {
+                    self.succeeded(attempt);
+                    return Some(Ok(value));
+                }
                 Err(status) if matches!(status.code(), Code::Unavailable | Code::Aborted | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded) => {
                     self.failed(status.code());
                 }
@@ -100,6 +117,30 @@ impl Load {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+}
+
+/// A gRPC-Web call (HTTP/1.1, `application/grpc-web+proto`) through the
+/// gateway's web port: GetJwks, answered with a message and `grpc-status:0`
+/// in the trailer frame.
+fn grpc_web_answers_through_the_gateway(web: std::net::SocketAddr) {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect(web).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let body = [0u8, 0, 0, 0, 0]; // one empty, uncompressed GetJwksRequest
+    let head = format!(
+        "POST /storegate.auth.v1.AuthService/GetJwks HTTP/1.1\r\nHost: gateway\r\n\
+         Content-Type: application/grpc-web+proto\r\nX-Grpc-Web: 1\r\nContent-Length: {}\r\n\
+         Connection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).unwrap();
+    stream.write_all(&body).unwrap();
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).unwrap();
+    let text = String::from_utf8_lossy(&response);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.contains("\"keys\""), "a JWK Set in the answer: {text}");
+    assert!(text.contains("grpc-status:0"), "OK in the trailer frame: {text}");
 }
 
 fn uuid(n: usize) -> String {
@@ -154,8 +195,10 @@ async fn worker(load: Arc<Load>, channel: Channel, token: String, ids: Vec<i64>)
                 }
             }
             _ => {
-                if let Err(status) = client.get_product(bearer(GetProductRequest { id: ids[product] }, &token)).await {
-                    load.failed(status.code());
+                let started = Instant::now();
+                match client.get_product(bearer(GetProductRequest { id: ids[product] }, &token)).await {
+                    Ok(_) => load.succeeded(started),
+                    Err(status) => load.failed(status.code()),
                 }
             }
         }
@@ -177,9 +220,16 @@ async fn faults_under_load_through_the_gateway_lose_nothing() {
     std::fs::create_dir_all(&logs).unwrap();
     // A grace period, as in production: health says NOT_SERVING first.
     let grace = [("SHUTDOWN_GRACE_SECS", "1".to_owned())];
-    let mut replicas = Replicas::spawn(&Placement::all_on(&url, 2, 2), true, &grace, &logs).unwrap();
+    // Product replica 1 reaches the writer through a proxy of its own, so
+    // that it alone can lose its database.
+    let writer: std::net::SocketAddr = format!("127.0.0.1:{}", BASE_PORT + 10).parse().unwrap();
+    let own_link = CuttableProxy::start(writer).await.unwrap();
+    let own_url = own_link.url_through(&url);
+    let placement = Placement { auth: vec![&url, &url], product: vec![&url, &own_url] };
+    let mut replicas = Replicas::spawn(&placement, true, &grace, &logs).unwrap();
     replicas.wait_serving().await.unwrap();
     let gateway = Gateway::start(&scratch.path.join("gateway"), &replicas).expect("nginx starts");
+    grpc_web_answers_through_the_gateway(gateway.web);
     let token = replicas.login(&url, "operator", true).await.access_token;
 
     let channel = TestStack::channel(gateway.grpc).await;
@@ -237,6 +287,11 @@ async fn faults_under_load_through_the_gateway_lose_nothing() {
     pause(3).await;
     galera.writer_proxy("start").unwrap();
     pause(4).await;
+    phase(7);
+    own_link.set(Link::Refused);
+    pause(3).await;
+    own_link.set(Link::Up);
+    pause(3).await;
 
     load.stop.store(true, Ordering::Relaxed);
     for worker in workers {
@@ -254,6 +309,14 @@ async fn faults_under_load_through_the_gateway_lose_nothing() {
     for ((phase, code), count) in &ledger.failures {
         eprintln!("  {phase:<34} {code:<18} {count}");
     }
+    eprintln!("slowest successful call per fault:");
+    for (phase, slowest) in &ledger.slowest {
+        eprintln!("  {phase:<40} {slowest:?}");
+    }
+    // The replica without its database answers at once, so it does not
+    // hold up the calls the gateway sends to the others.
+    let beside_outage = ledger.slowest.get(PHASES[7]).copied().unwrap_or_default();
+    assert!(beside_outage < Duration::from_secs(2), "calls stalled beside a replica without its database: {beside_outage:?}");
     eprintln!(
         "acknowledged: {} decrements, {} creates; unresolved: {}",
         ledger.decrements.len(),
