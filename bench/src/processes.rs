@@ -4,14 +4,12 @@
 //! load (auth-service through the login storm, product-service through
 //! `get`). The in-process scenarios cannot tell the services' memory apart.
 
-use std::{
-    net::{SocketAddr, TcpListener},
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    time::{Duration, Instant},
-};
+use std::{net::SocketAddr, path::Path, time::Duration};
 
-use storegate_testkit::{TEST_MASTER_KEY, TestStack, health_serving};
+use storegate_testkit::{
+    TEST_MASTER_KEY, TestStack,
+    process::{ServiceProcess, free_addr},
+};
 use tonic::transport::Channel;
 
 use crate::{
@@ -38,56 +36,32 @@ pub struct Processes {
     pub get: Outcome,
 }
 
-/// A service binary running as a child; killed when dropped.
+/// A service binary running as a child (killed when dropped), with a
+/// channel to it and how long it took to say SERVING.
 struct Service {
     name: &'static str,
-    child: Child,
+    process: ServiceProcess,
     channel: Channel,
     startup: Duration,
 }
 
-impl Drop for Service {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_addr() -> anyhow::Result<SocketAddr> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
-}
-
 impl Service {
-    /// Spawns `binary` with `envs` and waits until its health check says
-    /// SERVING; the time that took is its start-up time.
+    /// Spawns `binary_name` with `envs` and waits until its health check
+    /// says SERVING; the time that took is its start-up time.
     async fn start(
         name: &'static str,
-        binary: &Path,
         addr: SocketAddr,
-        envs: &[(&str, &str)],
+        envs: &[(&str, String)],
+        logs: &Path,
     ) -> anyhow::Result<Service> {
-        let started = Instant::now();
-        let mut child = Command::new(binary)
-            .envs(envs.iter().copied())
-            .env("METRICS_LISTEN_ADDR", "")
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .map_err(|e| anyhow::anyhow!("cannot start {}: {e}", binary.display()))?;
-        match wait_until_serving(name, addr, &mut child, started).await {
-            Ok(channel) => Ok(Service { name, startup: started.elapsed(), child, channel }),
-            Err(e) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                Err(e)
-            }
-        }
+        let mut process = ServiceProcess::spawn(name, name, addr, envs, logs)?;
+        let startup = process.wait_serving(START_TIMEOUT).await?;
+        Ok(Service { name, process, channel: TestStack::channel(addr).await, startup })
     }
 
     /// VmRSS and VmHWM (peak) of the process, in MiB.
     fn memory_mib(&self) -> (f64, f64) {
-        crate::runner::memory_of(&format!("/proc/{}/status", self.child.id()))
+        self.process.memory_mib()
     }
 
     async fn numbers_around(&self, load: impl Future<Output = ()>) -> ServiceNumbers {
@@ -100,64 +74,33 @@ impl Service {
     }
 }
 
-/// A channel to `child` once its health check says SERVING.
-async fn wait_until_serving(
-    name: &str,
-    addr: SocketAddr,
-    child: &mut Child,
-    started: Instant,
-) -> anyhow::Result<Channel> {
-    loop {
-        anyhow::ensure!(started.elapsed() < START_TIMEOUT, "{name} did not start in {START_TIMEOUT:?}");
-        if let Some(status) = child.try_wait()? {
-            anyhow::bail!("{name} exited while starting: {status}");
-        }
-        if health_serving(addr).await {
-            return Ok(TestStack::channel(addr).await);
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-}
-
-/// The service binaries of this build, beside the benchmark's own binary.
-fn binary(name: &str) -> anyhow::Result<PathBuf> {
-    let path = std::env::current_exe()?.with_file_name(name);
-    anyhow::ensure!(
-        path.exists(),
-        "{} is missing: build the services first (cargo build --release --workspace --bins)",
-        path.display()
-    );
-    Ok(path)
-}
-
 pub async fn run(bench: &Bench, concurrency: usize, duration: Duration) -> anyhow::Result<Processes> {
     eprintln!("service processes (start-up, idle and peak memory):");
-    let database_url = bench.stack.db.url.as_str();
-    let auth_addr = free_addr()?;
-    let auth_listen = auth_addr.to_string();
+    let database_url = bench.stack.db.url.clone();
+    let logs = storegate_topology::Scratch::new("bench-processes");
+    let (auth_addr, product_addr) = (free_addr(), free_addr());
     let auth = Service::start(
         "auth-service",
-        &binary("auth-service")?,
         auth_addr,
         &[
-            ("DATABASE_URL", database_url),
-            ("STOREGATE_MASTER_KEY", TEST_MASTER_KEY),
-            ("AUTH_LISTEN_ADDR", &auth_listen),
+            ("DATABASE_URL", database_url.clone()),
+            ("STOREGATE_MASTER_KEY", TEST_MASTER_KEY.to_owned()),
+            ("AUTH_LISTEN_ADDR", auth_addr.to_string()),
+            ("RUST_LOG", "warn".to_owned()),
         ],
+        &logs.path,
     )
     .await?;
-    let product_addr = free_addr()?;
-    let product_listen = product_addr.to_string();
-    let auth_url = format!("http://{auth_addr}");
     let product = Service::start(
         "product-service",
-        &binary("product-service")?,
         product_addr,
         &[
             ("DATABASE_URL", database_url),
-            ("PRODUCT_LISTEN_ADDR", &product_listen),
-            ("AUTH_SERVICE_URL", &auth_url),
+            ("PRODUCT_LISTEN_ADDR", product_addr.to_string()),
+            ("AUTH_SERVICE_URL", format!("http://{auth_addr}")),
+            ("RUST_LOG", "warn".to_owned()),
         ],
+        &logs.path,
     )
     .await?;
 
