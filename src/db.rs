@@ -101,12 +101,15 @@ impl Db {
                 // pinging it again when it is taken out (sqlx's default) made
                 // each query three round trips. Only a connection that has sat
                 // idle, where the server or a proxy may have dropped it since,
-                // is checked before use.
+                // or that was opened before the last outage, is checked
+                // before use.
                 .test_before_acquire(false)
                 .after_connect(|connection, _| Box::pin(prepare_mysql_session(connection)))
                 .before_acquire(|connection, meta| {
                     Box::pin(async move {
-                        if meta.idle_for >= crate::mysql_reads::CHECK_IF_IDLE_FOR {
+                        if meta.idle_for >= crate::mysql_reads::CHECK_IF_IDLE_FOR
+                            || crate::db_health::opened_before_last_outage(meta.age)
+                        {
                             sqlx::Connection::ping(connection).await?;
                         }
                         Ok(true)
@@ -142,11 +145,6 @@ impl Db {
         let db = Db::connect(url).await?;
         db.migrate().await.context("database migration failed")?;
         Ok(db)
-    }
-
-    /// A round trip to the database.
-    pub async fn ping(&self) -> Result<(), sqlx::Error> {
-        on_db!(self, pool => sqlx::query("SELECT 1").execute(pool).await.map(drop))
     }
 
     pub async fn close(&self) {

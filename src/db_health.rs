@@ -4,10 +4,17 @@
 //!
 //! The probe has a connection of its own: a ping through the pool would wait
 //! behind busy connections under load and report a database that is only
-//! busy as gone. A ping or connect that takes longer than
-//! [`PROBE_TIMEOUT`] counts as gone (a cut network answers nothing at all).
+//! busy as gone. Every [`PROBE_EVERY`] it checks that connection and, if
+//! that fails, a new one; the database counts as gone when both fail or take
+//! longer than [`PROBE_TIMEOUT`] each (a cut network answers nothing at all).
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{
+        Arc, LazyLock,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
 
 use sqlx::ConnectOptions as _;
 use tokio::sync::watch;
@@ -15,7 +22,8 @@ use tokio::sync::watch;
 use crate::Db;
 
 const PROBE_EVERY: Duration = Duration::from_millis(250);
-const PROBE_TIMEOUT: Duration = Duration::from_millis(750);
+/// Per try; a round tries the kept connection, then a new one.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// Shared view of the probe's last answer; cheap to clone and to read.
 #[derive(Clone, Debug)]
@@ -68,9 +76,61 @@ impl DbHealth {
     }
 }
 
+/// When the probe last found the database gone, as time since [`BASE`].
+/// Process-wide on purpose: the pools' `before_acquire` hooks, made before
+/// any probe exists, read it to check connections opened before an outage
+/// (see [`opened_before_last_outage`]); a second database in the process
+/// (tests) only costs a ping more.
+static LAST_OUTAGE_NANOS: AtomicU64 = AtomicU64::new(0);
+static BASE: LazyLock<Instant> = LazyLock::new(Instant::now);
+
+fn note_outage() {
+    LAST_OUTAGE_NANOS.store(BASE.elapsed().as_nanos() as u64, Ordering::Relaxed);
+}
+
+/// Whether a connection opened `age` ago predates the last outage the probe
+/// saw: such a connection may be dead while looking idle for only a moment
+/// (its server or proxy dropped it), so it is checked before use.
+pub fn opened_before_last_outage(age: Duration) -> bool {
+    let outage = LAST_OUTAGE_NANOS.load(Ordering::Relaxed);
+    outage != 0 && BASE.elapsed().saturating_sub(age).as_nanos() as u64 <= outage
+}
+
+/// One check of a connection: a ping, or on a Galera node whether it is
+/// ready for queries (a node cut off from the cluster's majority still
+/// answers a ping, but no statement).
+pub trait Check: sqlx::Connection {
+    fn check(&mut self) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
+}
+
+impl Check for sqlx::SqliteConnection {
+    async fn check(&mut self) -> Result<(), sqlx::Error> {
+        sqlx::Connection::ping(self).await
+    }
+}
+
+impl Check for sqlx::MySqlConnection {
+    async fn check(&mut self) -> Result<(), sqlx::Error> {
+        // wsrep_ready is OFF on any server without a cluster, too.
+        let wsrep: Option<(String, String)> =
+            sqlx::query_as("SHOW VARIABLES LIKE 'wsrep_on'").fetch_optional(&mut *self).await?;
+        if !wsrep.is_some_and(|(_, on)| on.eq_ignore_ascii_case("ON")) {
+            return Ok(());
+        }
+        let ready: Option<(String, String)> =
+            sqlx::query_as("SHOW STATUS LIKE 'wsrep_ready'").fetch_optional(&mut *self).await?;
+        match ready {
+            Some((_, value)) if !value.eq_ignore_ascii_case("ON") => Err(sqlx::Error::Protocol(
+                "the Galera node is not ready (outside the cluster's primary component)".into(),
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
 async fn probe<C, F, Fut>(tx: watch::Sender<bool>, connect: F)
 where
-    C: sqlx::Connection,
+    C: Check,
     F: Fn() -> Fut,
     Fut: Future<Output = Result<C, sqlx::Error>>,
 {
@@ -82,20 +142,30 @@ where
         if tx.is_closed() {
             return;
         }
-        let answered = tokio::time::timeout(PROBE_TIMEOUT, async {
-            match connection.as_mut() {
-                Some(c) => c.ping().await,
-                None => {
+        // The kept connection first; if it fails (it may only have been
+        // dropped: a proxy moving clients, a server-side kill), a new one at
+        // once. Gone means both failed.
+        let mut answered = false;
+        for _ in 0..2 {
+            answered = tokio::time::timeout(PROBE_TIMEOUT, async {
+                if connection.is_none() {
                     connection = Some(connect().await?);
-                    Ok(())
                 }
+                match connection.as_mut() {
+                    Some(c) => c.check().await,
+                    None => Ok(()),
+                }
+            })
+            .await
+            .is_ok_and(|r| r.is_ok());
+            if answered {
+                break;
             }
-        })
-        .await
-        .is_ok_and(|r| r.is_ok());
-        if !answered {
-            // Its state is unknown: start afresh next time.
+            // Its state is unknown: start afresh.
             connection = None;
+        }
+        if !answered {
+            note_outage();
         }
         tx.send_if_modified(|up| {
             let changed = *up != answered;

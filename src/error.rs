@@ -78,6 +78,10 @@ impl From<sqlx::Error> for ApiError {
                 ApiError::Unavailable("the database is unavailable; try again")
             }
             sqlx::Error::Database(db) if is_transaction_conflict(db.as_ref()) => ApiError::TransactionConflict,
+            sqlx::Error::Database(db) if is_server_unavailable(db.as_ref()) => {
+                tracing::warn!(error = %db, "database unavailable");
+                ApiError::Unavailable("the database is unavailable; try again")
+            }
             sqlx::Error::Database(db) if is_contention(db.as_ref()) => {
                 tracing::warn!(error = %db, "database contention");
                 ApiError::Unavailable("the database is busy; try again")
@@ -85,6 +89,15 @@ impl From<sqlx::Error> for ApiError {
             other => ApiError::Internal(anyhow::Error::new(other)),
         }
     }
+}
+
+/// MySQL/MariaDB errors that say the server cannot take statements now,
+/// whatever the statement: 1040 too many connections, 1047 a Galera node
+/// outside the cluster's primary component, 1053 shutting down, 1290
+/// read-only (a replica after a failover), 1927 connection killed.
+fn is_server_unavailable(err: &dyn sqlx::error::DatabaseError) -> bool {
+    err.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
+        .is_some_and(|e| matches!(e.number(), 1040 | 1047 | 1053 | 1290 | 1927))
 }
 
 /// MySQL's deadlock or Galera's certification failure (both 1213): the

@@ -20,7 +20,13 @@
 //! SQLite migrations go through sqlx (each one is a transaction there)
 //! under an exclusive lock on a file beside the database.
 
-use std::time::{Duration, Instant};
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
 
 use anyhow::Context as _;
 use sqlx::{MySql, Pool, migrate::Migration};
@@ -157,13 +163,15 @@ fn check_checksums(applied: &[(i64, Vec<u8>, bool)], ours: &sqlx::migrate::Migra
 }
 
 async fn applied_rows(pool: &Pool<MySql>) -> anyhow::Result<Vec<(i64, Vec<u8>, bool)>> {
-    let exists: Option<String> = sqlx::query_scalar(
-        "SELECT table_name FROM information_schema.tables \
+    // A count, not the name: MySQL 8 sends information_schema's names as
+    // binary strings.
+    let exists: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM information_schema.tables \
          WHERE table_schema = DATABASE() AND table_name = '_sqlx_migrations'",
     )
-    .fetch_optional(pool)
+    .fetch_one(pool)
     .await?;
-    if exists.is_none() {
+    if exists == 0 {
         return Ok(Vec::new());
     }
     Ok(sqlx::query_as("SELECT version, checksum, success FROM _sqlx_migrations ORDER BY version")
@@ -181,15 +189,15 @@ async fn run_mysql(pool: &Pool<MySql>, lock_timeout: Duration) -> anyhow::Result
         return Ok(());
     };
     let renewer = tokio::spawn(lease.clone().keep_renewed());
-    let result = apply_mysql(pool).await;
+    let result = apply_mysql(pool, &lease).await;
     renewer.abort();
     lease.release().await;
     result
 }
 
 /// Applies every migration not yet applied, and finishes half-applied ones.
-/// Runs only under the lease.
-async fn apply_mysql(pool: &Pool<MySql>) -> anyhow::Result<()> {
+/// Runs only under the lease, and stops between statements if it was lost.
+async fn apply_mysql(pool: &Pool<MySql>, lease: &Lease) -> anyhow::Result<()> {
     sqlx::query(CREATE_MYSQL_MIGRATIONS_TABLE).execute(pool).await?;
     let applied = applied_rows(pool).await?;
     check_checksums(&applied, &MYSQL_MIGRATIONS)?;
@@ -213,12 +221,19 @@ async fn apply_mysql(pool: &Pool<MySql>) -> anyhow::Result<()> {
             }
         }
         let started = Instant::now();
-        apply_statements(pool, migration).await?;
-        sqlx::query("UPDATE _sqlx_migrations SET success = TRUE, execution_time = ? WHERE version = ?")
-            .bind(i64::try_from(started.elapsed().as_nanos()).unwrap_or(i64::MAX))
-            .bind(migration.version)
-            .execute(pool)
-            .await?;
+        apply_statements(pool, migration, lease).await?;
+        // Done only if the lease is still this process's: a holder that lost
+        // it (stalled past its expiry) leaves the migration to the next one.
+        let done = sqlx::query(
+            "UPDATE _sqlx_migrations SET success = TRUE, execution_time = ? WHERE version = ? \
+             AND EXISTS (SELECT 1 FROM storegate_migration_lock WHERE id = 1 AND holder = ?)",
+        )
+        .bind(i64::try_from(started.elapsed().as_nanos()).unwrap_or(i64::MAX))
+        .bind(migration.version)
+        .bind(&lease.holder)
+        .execute(pool)
+        .await?;
+        anyhow::ensure!(done.rows_affected() == 1, "the migration lock was lost during migration {}", migration.version);
         tracing::info!(version = migration.version, description = %migration.description, "applied migration");
     }
     Ok(())
@@ -226,10 +241,13 @@ async fn apply_mysql(pool: &Pool<MySql>) -> anyhow::Result<()> {
 
 /// Runs a migration's statements one at a time on one connection, counting
 /// "that already exists" as done, so that a migration cut short (MySQL DDL
-/// commits as it goes) can simply run again.
-async fn apply_statements(pool: &Pool<MySql>, migration: &Migration) -> anyhow::Result<()> {
+/// commits as it goes) can simply run again. So a statement may run twice:
+/// data statements in migrations must give the same result when they do
+/// (seed rows under a key, UPDATEs to fixed values).
+async fn apply_statements(pool: &Pool<MySql>, migration: &Migration, lease: &Lease) -> anyhow::Result<()> {
     let mut connection = pool.acquire().await?;
     for (index, statement) in statements(&migration.sql).enumerate() {
+        anyhow::ensure!(!lease.is_lost(), "the migration lock was lost during migration {}", migration.version);
         if let Err(e) = sqlx::query(statement).execute(&mut *connection).await {
             if already_done(&e, statement) {
                 tracing::debug!(version = migration.version, index, "statement was applied before");
@@ -303,13 +321,15 @@ fn already_done(err: &sqlx::Error, statement: &str) -> bool {
 struct Lease {
     pool: Pool<MySql>,
     holder: String,
+    /// Set by the renewer when the row no longer names this holder.
+    lost: Arc<AtomicBool>,
 }
 
 impl Lease {
     /// The lease, once free; None when the schema became current meanwhile.
     async fn take(pool: &Pool<MySql>, timeout: Duration) -> anyhow::Result<Option<Lease>> {
         let holder = format!("{}-{:016x}", std::process::id(), rand_u64());
-        let lease = Lease { pool: pool.clone(), holder };
+        let lease = Lease { pool: pool.clone(), holder, lost: Arc::default() };
         let deadline = Instant::now() + timeout;
         // The table and its one row, once: CREATE TABLE is a cluster-wide
         // DDL on Galera even when the table exists, so it is not polled.
@@ -345,6 +365,10 @@ impl Lease {
             }
             tokio::time::sleep(LOCK_POLL).await;
         }
+    }
+
+    fn is_lost(&self) -> bool {
+        self.lost.load(Ordering::Relaxed)
     }
 
     async fn create_row(&self) -> Result<(), sqlx::Error> {
@@ -389,7 +413,11 @@ impl Lease {
             tokio::time::sleep(LEASE_RENEW_EVERY).await;
             match self.update_own(&renew).await {
                 Ok(1) => {}
-                Ok(_) => tracing::error!("the migration lock was lost (not renewed in time)"),
+                Ok(_) => {
+                    tracing::error!("the migration lock was lost (not renewed in time); stopping");
+                    self.lost.store(true, Ordering::Relaxed);
+                    return;
+                }
                 Err(e) => tracing::warn!(error = %e, "cannot renew the migration lock"),
             }
         }

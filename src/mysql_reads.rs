@@ -106,7 +106,9 @@ impl MySqlReads {
                 let _ = kept.connection.close().await;
                 continue;
             }
-            if idle_for >= CHECK_IF_IDLE_FOR && kept.connection.ping().await.is_err() {
+            let check = idle_for >= CHECK_IF_IDLE_FOR
+                || crate::db_health::opened_before_last_outage(kept.opened.elapsed());
+            if check && kept.connection.ping().await.is_err() {
                 tracing::info!("a pooled MySQL connection was gone; replacing it");
                 continue;
             }

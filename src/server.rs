@@ -138,10 +138,12 @@ where
                 std::future::poll_fn(|cx| service.poll_ready(cx)).await?;
                 Ok(service.call(request).await?.map(tonic::body::Body::new))
             };
-            // A call waiting for a connection when the database goes is
-            // answered now, not after the pool's acquire timeout. A write
-            // cut short this way is either committed or rolled back whole,
-            // and a retry with its request_id finds out which.
+            // A call in flight when the database goes is answered now, not
+            // after the pool's acquire timeout or a TCP timeout. As with a
+            // client that gives up, its outcome is then unknown: a write is
+            // committed or rolled back whole, and retrying it with its
+            // request_id is applied once. (The probe declares the database
+            // gone only after the kept and a new connection both failed.)
             tokio::select! {
                 response = call => response,
                 () = db.went_down() => Ok(unavailable("the database is unavailable; try again")),
@@ -160,6 +162,10 @@ pub struct Started {
     /// Background work that ends with the server.
     pub background: Vec<tokio::task::JoinHandle<()>>,
 }
+
+/// How long in-flight calls and open streams may take to finish once the
+/// server stops accepting.
+const DRAIN_LIMIT: Duration = Duration::from_secs(15);
 
 /// How often health looks at `also_ready` (the database's state it is told).
 const READINESS_POLL: Duration = Duration::from_millis(250);
@@ -246,7 +252,20 @@ pub async fn serve(
         tracing::info!(grace = ?grace, "reporting NOT_SERVING; draining");
         tokio::time::sleep(grace).await;
     };
-    let served = tonic::transport::Server::builder()
+    // Ends when the lifecycle has ended and the drain has had its time:
+    // long-lived streams (Health/Watch, held open by some balancers) would
+    // otherwise keep a stopping or failed server alive for ever.
+    let ended = tokio::sync::Notify::new();
+    let lifecycle = async {
+        lifecycle.await;
+        ended.notify_one();
+    };
+    let drain_limit = async {
+        ended.notified().await;
+        tokio::time::sleep(DRAIN_LIMIT).await;
+        tracing::warn!(limit = ?DRAIN_LIMIT, "calls or streams still open after the drain limit; stopping anyway");
+    };
+    let server = tonic::transport::Server::builder()
         .accept_http1(true)
         .layer(cors_layer(&config.cors_allowed_origins))
         .layer(tonic_web::GrpcWebLayer::new())
@@ -257,8 +276,11 @@ pub async fn serve(
             // Without TCP_NODELAY, small responses wait out delayed ACKs (~40 ms).
             TcpIncoming::from(listener).with_nodelay(Some(true)),
             lifecycle,
-        )
-        .await;
+        );
+    let served = tokio::select! {
+        served = server => served,
+        () = drain_limit => Ok(()),
+    };
     match outcome {
         Some(Ok(started)) => {
             for task in &started.background {

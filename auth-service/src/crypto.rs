@@ -73,8 +73,9 @@ impl MasterKey {
         // Written whole under a private name, then linked into place: a
         // process starting beside this one either links first or finds the
         // complete file of the one that did, never a half-written one.
-        let staging = dir.join(format!(".master.key.{}", std::process::id()));
-        let _ = std::fs::remove_file(&staging);
+        // A random name: processes in containers sharing the folder all
+        // have pid 1.
+        let staging = dir.join(format!(".master.key.{}", URL_SAFE_NO_PAD.encode(random_bytes::<12>())));
         write_private_file(&staging, encoded.as_bytes())?;
         let linked = std::fs::hard_link(&staging, &path);
         let _ = std::fs::remove_file(&staging);

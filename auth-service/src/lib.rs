@@ -76,8 +76,10 @@ pub async fn run(
         let db = state.store.db().clone();
         let db_health = DbHealth::watch(&db);
         metrics.register("login_attempts", "Login steps by outcome", state.login_attempts.clone());
-        let mut background = vec![tokio::spawn(sweep_expired(state.store.clone()))];
-        background.extend(storegate::server::spawn_metrics(&metrics, &config.metrics_listen_addr, db.clone()).await?);
+        // What can fail first, so that a failed start leaves no task behind.
+        let mut background: Vec<_> =
+            storegate::server::spawn_metrics(&metrics, &config.metrics_listen_addr, db.clone()).await?.into_iter().collect();
+        background.push(tokio::spawn(sweep_expired(state.store.clone())));
         api.open(
             AuthServiceServer::new(AuthApi::new(state)).max_decoding_message_size(MAX_REQUEST_BYTES),
             db_health.clone(),
@@ -86,7 +88,10 @@ pub async fn run(
         Ok(Started { db, db_health, also_ready: None, background })
     };
     let name = <AuthServiceServer<AuthApi> as tonic::server::NamedService>::NAME;
-    storegate::server::serve(routes, health, name, &metrics, listener, &config.common, start, shutdown).await
+    // On the heap: the start-up and the server make a large future (debug
+    // builds), too large for a caller's stack when awaited in place.
+    Box::pin(storegate::server::serve(routes, health, name, &metrics, listener, &config.common, Box::pin(start), shutdown))
+        .await
 }
 
 /// Deletes expired tickets and refresh tokens now and then; correctness

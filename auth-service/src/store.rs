@@ -596,14 +596,17 @@ impl AuthStore {
 
     /// Takes `role` away; false if the user did not have it.
     pub async fn revoke_role(&self, user_id: i64, role: &str) -> Result<bool, ApiError> {
-        let removed = on_db!(&self.db, pool => {
-            sqlx::query("DELETE FROM user_roles WHERE user_id = ? AND role = ?")
-                .bind(user_id)
-                .bind(role)
-                .execute(pool)
-                .await
-                .map(|r| r.rows_affected())
-        })?;
+        let removed = retry_conflicts(move || async move {
+            Ok(on_db!(&self.db, pool => {
+                sqlx::query("DELETE FROM user_roles WHERE user_id = ? AND role = ?")
+                    .bind(user_id)
+                    .bind(role)
+                    .execute(pool)
+                    .await
+                    .map(|r| r.rows_affected())
+            })?)
+        })
+        .await?;
         Ok(removed == 1)
     }
 

@@ -46,18 +46,20 @@ pub async fn run(
             None => KeySource::auth(&config.auth_service_url)?,
         };
         let db = config.common.open_database().await?;
+        // What can fail first, so that a failed start leaves no task behind.
+        let mut background: Vec<_> =
+            storegate::server::spawn_metrics(&metrics, &config.metrics_listen_addr, db.clone()).await?.into_iter().collect();
         let db_health = DbHealth::watch(&db);
         let keys = JwksCache::default();
-        let mut background = vec![tokio::spawn(
+        background.push(tokio::spawn(
             keys.clone()
                 .keep_fresh(source, Duration::from_secs(config.jwks_refresh_interval_secs.max(1))),
-        )];
+        ));
         // One store for the API and the sweeper: one set of read connections.
         let read_connections =
             config.db_read_connections.map_or_else(store::default_read_connections, usize::from);
         let store = store::ProductStore::with_read_connections(db.clone(), read_connections).await;
         background.push(tokio::spawn(sweep_request_ids(store.clone())));
-        background.extend(storegate::server::spawn_metrics(&metrics, &config.metrics_listen_addr, db.clone()).await?);
         let verifier = TokenVerifier::new(&config.common.jwt_issuer, &config.common.jwt_audience);
         api.open(
             auth::AwaitNewKeys::new(
@@ -75,7 +77,10 @@ pub async fn run(
         Ok(Started { db, db_health, also_ready: Some(also_ready), background })
     };
     let name = <ProductServiceServer<service::ProductApi> as tonic::server::NamedService>::NAME;
-    storegate::server::serve(routes, health, name, &metrics, listener, &config.common, start, shutdown).await
+    // On the heap: the start-up and the server make a large future (debug
+    // builds), too large for a caller's stack when awaited in place.
+    Box::pin(storegate::server::serve(routes, health, name, &metrics, listener, &config.common, Box::pin(start), shutdown))
+        .await
 }
 
 /// Counts the products afresh (`product-service recount-products`), after

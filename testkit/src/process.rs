@@ -19,9 +19,9 @@ pub fn free_addr() -> SocketAddr {
     use std::sync::atomic::{AtomicU32, Ordering};
     static NEXT: AtomicU32 = AtomicU32::new(0);
     // Processes running tests at once start at different places.
-    let start = std::process::id() * 7919;
+    let start = std::process::id().wrapping_mul(7919);
     loop {
-        let port = 20_000 + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % 12_000;
+        let port = 20_000 + start.wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed)) % 12_000;
         if let Ok(listener) = TcpListener::bind(("127.0.0.1", port as u16)) {
             return listener.local_addr().expect("a bound address");
         }

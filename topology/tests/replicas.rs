@@ -48,6 +48,10 @@ async fn replicas_started_together_on_a_fresh_database_all_serve(backend: Backen
         })
         .unwrap();
         assert_eq!(versions, vec![(1, true), (2, true), (3, true)], "round {round}");
+        // Migration 3 ran to its end: all its seed rows are there.
+        let count_rows: i64 = on_db!(&pool, p => sqlx::query_scalar("SELECT COUNT(*) FROM product_counts").fetch_one(p).await)
+            .unwrap();
+        assert_eq!(count_rows, 16, "round {round}");
         let keys: i64 = on_db!(&pool, p => sqlx::query_scalar("SELECT COUNT(*) FROM signing_keys").fetch_one(p).await)
             .unwrap();
         assert!((1..=2).contains(&keys), "round {round}: {keys} first signing keys");
