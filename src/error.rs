@@ -93,11 +93,13 @@ impl From<sqlx::Error> for ApiError {
 
 /// MySQL/MariaDB errors that say the server cannot take statements now,
 /// whatever the statement: 1040 too many connections, 1047 a Galera node
-/// outside the cluster's primary component, 1053 shutting down, 1290
-/// read-only (a replica after a failover), 1927 connection killed.
+/// outside the cluster's primary component, 1053 shutting down, 1180 an
+/// error during COMMIT (on Galera: the node lost the primary component while
+/// replicating; a write with a request_id can be retried), 1290 read-only (a
+/// replica after a failover), 1927 connection killed.
 fn is_server_unavailable(err: &dyn sqlx::error::DatabaseError) -> bool {
     err.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
-        .is_some_and(|e| matches!(e.number(), 1040 | 1047 | 1053 | 1290 | 1927))
+        .is_some_and(|e| matches!(e.number(), 1040 | 1047 | 1053 | 1180 | 1290 | 1927))
 }
 
 /// MySQL's deadlock or Galera's certification failure (both 1213): the
