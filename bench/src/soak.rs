@@ -10,8 +10,8 @@
 //!
 //! The traffic: reads of random products (60%), listing pages of random
 //! sizes and orders, first pages and continuations (15%), stock adjustments
-//! of ±1 with request ids (10%), creates (5%), token refreshes (8%), and
-//! complete sign-ups with a two-factor login (2%).
+//! of ±1 with request ids (10%), creates (5%), token refreshes (9%), and
+//! complete sign-ups with a two-factor login (1%).
 
 use std::{
     collections::BTreeMap,
@@ -63,13 +63,18 @@ struct Args {
     json: std::path::PathBuf,
 }
 
-/// Calls, errors by code and latencies of the current interval.
+/// Calls, errors by code and latencies of the current interval; sign-ups
+/// apart (two argon2 hashes each, queued behind each other by design).
 #[derive(Default)]
 struct Interval {
     calls: usize,
     errors: BTreeMap<String, usize>,
     latencies_us: Vec<u64>,
+    sign_up_latencies_us: Vec<u64>,
 }
+
+/// The first message seen for each error code, to tell what caused it.
+static ERROR_SAMPLES: Mutex<BTreeMap<String, String>> = Mutex::new(BTreeMap::new());
 
 struct Traffic {
     ids: Vec<i64>,
@@ -82,11 +87,25 @@ struct Traffic {
 
 impl Traffic {
     fn record<T>(&self, started: Instant, result: &Result<T, tonic::Status>) {
+        self.record_as(started, result, false);
+    }
+
+    fn record_as<T>(&self, started: Instant, result: &Result<T, tonic::Status>, sign_up: bool) {
         let mut interval = self.interval.lock().unwrap_or_else(|e| e.into_inner());
         interval.calls += 1;
-        interval.latencies_us.push(started.elapsed().as_micros() as u64);
+        let micros = started.elapsed().as_micros() as u64;
+        if sign_up {
+            interval.sign_up_latencies_us.push(micros);
+        } else {
+            interval.latencies_us.push(micros);
+        }
         if let Err(status) = result {
-            *interval.errors.entry(format!("{:?}", status.code())).or_default() += 1;
+            let code = format!("{:?}", status.code());
+            *interval.errors.entry(code.clone()).or_default() += 1;
+            ERROR_SAMPLES.lock().unwrap_or_else(|e| e.into_inner()).entry(code).or_insert_with(|| {
+                use std::error::Error as _;
+                format!("{} (source: {:?})", status.message(), status.source())
+            });
         }
     }
 
@@ -146,7 +165,7 @@ async fn client_loop(traffic: Arc<Traffic>, channel: Channel) {
                 let result = products.create_product(bearer(request, admin)).await;
                 traffic.record(started, &result);
             }
-            90..98 => {
+            90..99 => {
                 let session = traffic.sessions.lock().unwrap_or_else(|e| e.into_inner()).pop();
                 let Some(refresh_token) = session else { continue };
                 let result = auth.refresh_token(RefreshTokenRequest { refresh_token }).await;
@@ -157,7 +176,7 @@ async fn client_loop(traffic: Arc<Traffic>, channel: Channel) {
             }
             _ => {
                 let result = sign_up(&mut auth, &format!("soak{n}")).await;
-                traffic.record(started, &result);
+                traffic.record_as(started, &result, true);
                 if let Ok(refresh_token) = result {
                     let mut sessions = traffic.sessions.lock().unwrap_or_else(|e| e.into_inner());
                     sessions.push(refresh_token);
@@ -240,13 +259,19 @@ async fn main() -> anyhow::Result<()> {
     let started = Instant::now();
     let total = Duration::from_secs(args.minutes * 60);
     let mut reports = Vec::new();
-    println!("| minute | calls/s | p50 ms | p99 ms | errors | auth-0 / auth-1 / product-0 / product-1 RSS MiB |");
-    println!("|--------|---------|--------|--------|--------|----------------------------------------------|");
+    println!("| minute | calls/s | p50 ms | p99 ms | sign-up p50 / p99 ms | errors | auth-0 / auth-1 / product-0 / product-1 RSS MiB |");
+    println!("|--------|---------|--------|--------|----------------------|--------|----------------------------------------------|");
+    let mut interrupted = std::pin::pin!(tokio::signal::ctrl_c());
     while started.elapsed() < total {
-        tokio::time::sleep(Duration::from_secs(args.report_secs)).await;
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(args.report_secs)) => {}
+            // Stop the replicas and the gateway on the way out.
+            _ = &mut interrupted => break,
+        }
         let interval = std::mem::take(&mut *traffic.interval.lock().unwrap_or_else(|e| e.into_inner()));
-        let mut latencies = interval.latencies_us;
+        let (mut latencies, mut sign_ups) = (interval.latencies_us, interval.sign_up_latencies_us);
         latencies.sort_unstable();
+        sign_ups.sort_unstable();
         let rss: Vec<f64> = replicas.all().map(|r| r.memory_mib().0).collect();
         let exited: Vec<String> = replicas.all().filter_map(|r| r.exited().map(|s| format!("{} {s}", r.name))).collect();
         anyhow::ensure!(exited.is_empty(), "replicas exited: {exited:?}");
@@ -255,15 +280,19 @@ async fn main() -> anyhow::Result<()> {
             "calls_per_s": interval.calls as f64 / args.report_secs as f64,
             "p50_ms": percentile(&latencies, 0.5),
             "p99_ms": percentile(&latencies, 0.99),
+            "sign_up_p50_ms": percentile(&sign_ups, 0.5),
+            "sign_up_p99_ms": percentile(&sign_ups, 0.99),
             "errors": interval.errors,
             "rss_mib": rss,
         });
         println!(
-            "| {:>6.1} | {:>7.0} | {:>6.2} | {:>6.2} | {:>6} | {} |",
+            "| {:>6.1} | {:>7.0} | {:>6.2} | {:>6.2} | {:>9.0} / {:>8.0} | {:>6} | {} |",
             started.elapsed().as_secs_f64() / 60.0,
             interval.calls as f64 / args.report_secs as f64,
             percentile(&latencies, 0.5),
             percentile(&latencies, 0.99),
+            percentile(&sign_ups, 0.5),
+            percentile(&sign_ups, 0.99),
             if interval.errors.is_empty() { "0".to_owned() } else { format!("{:?}", interval.errors) },
             rss.iter().map(|m| format!("{m:.1}")).collect::<Vec<_>>().join(" / "),
         );
@@ -273,7 +302,14 @@ async fn main() -> anyhow::Result<()> {
     for client in clients {
         let _ = client.await;
     }
-    std::fs::write(&args.json, serde_json::to_string_pretty(&serde_json::json!({ "galera": args.galera, "intervals": reports }))?)?;
+    let samples = ERROR_SAMPLES.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    for (code, message) in &samples {
+        eprintln!("first {code}: {message}");
+    }
+    std::fs::write(
+        &args.json,
+        serde_json::to_string_pretty(&serde_json::json!({ "galera": args.galera, "intervals": reports, "error_samples": samples }))?,
+    )?;
     eprintln!("results written to {}", args.json.display());
     drop(gateway);
     drop(replicas);
