@@ -79,6 +79,9 @@ pub async fn run(db: &Db, lock_timeout: Duration) -> anyhow::Result<()> {
     }
 }
 
+/// A row of `_sqlx_migrations`: version, checksum, success.
+type AppliedRow = (i64, Vec<u8>, bool);
+
 /// What the database's schema is, next to the migrations this build has.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SchemaState {
@@ -92,7 +95,7 @@ pub enum SchemaState {
 /// database cannot be read or an applied migration differs from this
 /// build's (a schema this build must not touch).
 pub async fn schema_state(db: &Db) -> anyhow::Result<SchemaState> {
-    let (applied, ours): (Vec<(i64, Vec<u8>, bool)>, &sqlx::migrate::Migrator) = match db {
+    let (applied, ours): (Vec<AppliedRow>, &sqlx::migrate::Migrator) = match db {
         Db::MySql(pool) => (applied_rows(pool).await?, &MYSQL_MIGRATIONS),
         Db::Sqlite(pool) => {
             let exists: Option<String> = sqlx::query_scalar(
@@ -147,7 +150,7 @@ pub async fn wait_for_schema(db: &Db, poll: Duration) -> anyhow::Result<()> {
 )]
 struct ChecksumMismatch(i64);
 
-fn check_checksums(applied: &[(i64, Vec<u8>, bool)], ours: &sqlx::migrate::Migrator) -> anyhow::Result<()> {
+fn check_checksums(applied: &[AppliedRow], ours: &sqlx::migrate::Migrator) -> anyhow::Result<()> {
     for (version, checksum, _) in applied {
         match ours.iter().find(|m| m.version == *version) {
             Some(m) if m.checksum.as_ref() != checksum.as_slice() => {
@@ -162,7 +165,7 @@ fn check_checksums(applied: &[(i64, Vec<u8>, bool)], ours: &sqlx::migrate::Migra
     Ok(())
 }
 
-async fn applied_rows(pool: &Pool<MySql>) -> anyhow::Result<Vec<(i64, Vec<u8>, bool)>> {
+async fn applied_rows(pool: &Pool<MySql>) -> anyhow::Result<Vec<AppliedRow>> {
     // A count, not the name: MySQL 8 sends information_schema's names as
     // binary strings.
     let exists: i64 = sqlx::query_scalar(

@@ -138,7 +138,7 @@ async fn client_loop(traffic: Arc<Traffic>, channel: Channel) {
                 let page_size = [10, 20, 50, 100][traffic.pick(n / 5, 4)];
                 // Half of the pages continue a listing seen before.
                 let page_token = match page_tokens.pop() {
-                    Some((order, token)) if order == order_by && n % 2 == 0 => token,
+                    Some((order, token)) if order == order_by && n.is_multiple_of(2) => token,
                     _ => String::new(),
                 };
                 let request = ListProductsRequest { page_size, page_token, order_by: order_by.clone(), query: String::new() };
@@ -152,7 +152,7 @@ async fn client_loop(traffic: Arc<Traffic>, channel: Channel) {
                 }
             }
             75..85 => {
-                let delta = if n % 2 == 0 { 1 } else { -1 };
+                let delta = if n.is_multiple_of(2) { 1 } else { -1 };
                 let request = AdjustStockRequest { id, delta, request_id: uuid(n) };
                 let result = products.adjust_stock(bearer(request, admin)).await.map(drop);
                 // Out of stock is an answer, not an error of the service.
