@@ -8,8 +8,8 @@
 
 use std::{path::Path, str::FromStr, time::Duration};
 
-use anyhow::Context as _;
 use crate::ApiError;
+use anyhow::Context as _;
 use sqlx::{
     ConnectOptions as _, MySql, Pool, Sqlite, Transaction,
     mysql::{MySqlConnectOptions, MySqlPoolOptions, MySqlQueryResult},

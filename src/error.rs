@@ -77,7 +77,9 @@ impl From<sqlx::Error> for ApiError {
                 tracing::warn!(error = %err, "database unavailable");
                 ApiError::Unavailable("the database is unavailable; try again")
             }
-            sqlx::Error::Database(db) if is_transaction_conflict(db.as_ref()) => ApiError::TransactionConflict,
+            sqlx::Error::Database(db) if is_transaction_conflict(db.as_ref()) => {
+                ApiError::TransactionConflict
+            }
             sqlx::Error::Database(db) if is_server_unavailable(db.as_ref()) => {
                 tracing::warn!(error = %db, "database unavailable");
                 ApiError::Unavailable("the database is unavailable; try again")

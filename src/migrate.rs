@@ -132,7 +132,10 @@ pub async fn wait_for_schema(db: &Db, poll: Duration) -> anyhow::Result<()> {
             Ok(SchemaState::Current) => return Ok(()),
             Ok(SchemaState::Behind(missing)) => {
                 if !said {
-                    tracing::info!(?missing, "waiting for the schema to be migrated (by `migrate` or a replica)");
+                    tracing::info!(
+                        ?missing,
+                        "waiting for the schema to be migrated (by `migrate` or a replica)"
+                    );
                     said = true;
                 }
             }
@@ -209,7 +212,10 @@ async fn apply_mysql(pool: &Pool<MySql>, lease: &Lease) -> anyhow::Result<()> {
         match row {
             Some((_, _, true)) => continue,
             Some((_, _, false)) => {
-                tracing::warn!(version = migration.version, "finishing a migration a process left half-applied");
+                tracing::warn!(
+                    version = migration.version,
+                    "finishing a migration a process left half-applied"
+                );
             }
             None => {
                 sqlx::query(
@@ -236,7 +242,11 @@ async fn apply_mysql(pool: &Pool<MySql>, lease: &Lease) -> anyhow::Result<()> {
         .bind(&lease.holder)
         .execute(pool)
         .await?;
-        anyhow::ensure!(done.rows_affected() == 1, "the migration lock was lost during migration {}", migration.version);
+        anyhow::ensure!(
+            done.rows_affected() == 1,
+            "the migration lock was lost during migration {}",
+            migration.version
+        );
         tracing::info!(version = migration.version, description = %migration.description, "applied migration");
     }
     Ok(())
@@ -250,7 +260,11 @@ async fn apply_mysql(pool: &Pool<MySql>, lease: &Lease) -> anyhow::Result<()> {
 async fn apply_statements(pool: &Pool<MySql>, migration: &Migration, lease: &Lease) -> anyhow::Result<()> {
     let mut connection = pool.acquire().await?;
     for (index, statement) in statements(&migration.sql).enumerate() {
-        anyhow::ensure!(!lease.is_lost(), "the migration lock was lost during migration {}", migration.version);
+        anyhow::ensure!(
+            !lease.is_lost(),
+            "the migration lock was lost during migration {}",
+            migration.version
+        );
         if let Err(e) = sqlx::query(statement).execute(&mut *connection).await {
             if already_done(&e, statement) {
                 tracing::debug!(version = migration.version, index, "statement was applied before");
@@ -376,7 +390,9 @@ impl Lease {
 
     async fn create_row(&self) -> Result<(), sqlx::Error> {
         sqlx::query(CREATE_LOCK_TABLE).execute(&self.pool).await?;
-        sqlx::query("INSERT IGNORE INTO storegate_migration_lock (id) VALUES (1)").execute(&self.pool).await?;
+        sqlx::query("INSERT IGNORE INTO storegate_migration_lock (id) VALUES (1)")
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 
@@ -462,7 +478,11 @@ async fn sqlite_lock_file(db: &Db, timeout: Duration) -> anyhow::Result<Option<s
                 tokio::time::sleep(LOCK_POLL).await;
             }
             Err(std::fs::TryLockError::WouldBlock) => {
-                anyhow::bail!("another process has held {} for over {}s", lock_path.display(), timeout.as_secs())
+                anyhow::bail!(
+                    "another process has held {} for over {}s",
+                    lock_path.display(),
+                    timeout.as_secs()
+                )
             }
             Err(std::fs::TryLockError::Error(e)) => {
                 return Err(anyhow::Error::new(e).context("cannot lock the migration lock file"));

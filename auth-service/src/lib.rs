@@ -78,7 +78,10 @@ pub async fn run(
         metrics.register("login_attempts", "Login steps by outcome", state.login_attempts.clone());
         // What can fail first, so that a failed start leaves no task behind.
         let mut background: Vec<_> =
-            storegate::server::spawn_metrics(&metrics, &config.metrics_listen_addr, db.clone()).await?.into_iter().collect();
+            storegate::server::spawn_metrics(&metrics, &config.metrics_listen_addr, db.clone())
+                .await?
+                .into_iter()
+                .collect();
         background.push(tokio::spawn(sweep_expired(state.store.clone())));
         api.open(
             AuthServiceServer::new(AuthApi::new(state)).max_decoding_message_size(MAX_REQUEST_BYTES),
@@ -90,8 +93,17 @@ pub async fn run(
     let name = <AuthServiceServer<AuthApi> as tonic::server::NamedService>::NAME;
     // On the heap: the start-up and the server make a large future (debug
     // builds), too large for a caller's stack when awaited in place.
-    Box::pin(storegate::server::serve(routes, health, name, &metrics, listener, &config.common, Box::pin(start), shutdown))
-        .await
+    Box::pin(storegate::server::serve(
+        routes,
+        health,
+        name,
+        &metrics,
+        listener,
+        &config.common,
+        Box::pin(start),
+        shutdown,
+    ))
+    .await
 }
 
 /// Deletes expired tickets and refresh tokens now and then; correctness

@@ -242,18 +242,20 @@ impl AuthStore {
 
     /// Grants `role`; false if the user already had it.
     pub async fn grant_role(&self, user_id: i64, role: &str) -> Result<bool, ApiError> {
-        retry_conflicts(move || async move { on_db!(&self.db, pool => {
-            match sqlx::query("INSERT INTO user_roles (user_id, role) VALUES (?, ?)")
-                .bind(user_id)
-                .bind(role)
-                .execute(pool)
-                .await
-            {
-                Ok(_) => Ok(true),
-                Err(e) if is_unique_violation(&e) => Ok(false),
-                Err(e) => Err(e.into()),
-            }
-        }) })
+        retry_conflicts(move || async move {
+            on_db!(&self.db, pool => {
+                match sqlx::query("INSERT INTO user_roles (user_id, role) VALUES (?, ?)")
+                    .bind(user_id)
+                    .bind(role)
+                    .execute(pool)
+                    .await
+                {
+                    Ok(_) => Ok(true),
+                    Err(e) if is_unique_violation(&e) => Ok(false),
+                    Err(e) => Err(e.into()),
+                }
+            })
+        })
         .await
     }
 
@@ -268,7 +270,8 @@ impl AuthStore {
         now: DateTime<Utc>,
         throttle_subject: &[u8],
     ) -> Result<(), ApiError> {
-        retry_conflicts(move || async move { on_db!(&self.db, pool => async {
+        retry_conflicts(move || async move {
+            on_db!(&self.db, pool => async {
             let mut tx = pool.begin_write().await?;
             sqlx::query(
                 "INSERT INTO login_tickets (ticket_hash, user_id, failed_codes, expires_at, created_at) \
@@ -283,7 +286,8 @@ impl AuthStore {
             sqlx::query(REFUND_ATTEMPT_SQL).bind(throttle_subject).execute(&mut *tx).await?;
             Ok(tx.commit().await?)
         }
-        .await) })
+        .await)
+        })
         .await
     }
 
@@ -315,7 +319,8 @@ impl AuthStore {
     /// is deleted.
     pub async fn record_wrong_code(&self, ticket_hash: &[u8]) -> Result<(), ApiError> {
         // One transaction, so that a conflict reruns both statements or none.
-        retry_conflicts(move || async move { on_db!(&self.db, pool => async {
+        retry_conflicts(move || async move {
+            on_db!(&self.db, pool => async {
             let mut tx = pool.begin_write().await?;
             sqlx::query("UPDATE login_tickets SET failed_codes = failed_codes + 1 WHERE ticket_hash = ?")
                 .bind(ticket_hash)
@@ -328,7 +333,8 @@ impl AuthStore {
                 .await?;
             Ok(tx.commit().await?)
         }
-        .await) })
+        .await)
+        })
         .await
     }
 
@@ -452,16 +458,18 @@ impl AuthStore {
     ) -> Result<Result<(), i64>, ApiError> {
         for _ in 0..3 {
             // Each statement here stands alone: a conflict reruns just it.
-            let admitted = retry_conflicts(move || async move { Ok(on_db!(&self.db, pool => {
-                sqlx::query(&ADMIT_ATTEMPT_SQL)
-                    .bind(now_unix)
-                    .bind(storegate::db::now())
-                    .bind(subject)
-                    .bind(now_unix)
-                    .execute(pool)
-                    .await
-                    .map(|r| r.rows_affected())
-            })?) })
+            let admitted = retry_conflicts(move || async move {
+                Ok(on_db!(&self.db, pool => {
+                    sqlx::query(&ADMIT_ATTEMPT_SQL)
+                        .bind(now_unix)
+                        .bind(storegate::db::now())
+                        .bind(subject)
+                        .bind(now_unix)
+                        .execute(pool)
+                        .await
+                        .map(|r| r.rows_affected())
+                })?)
+            })
             .await?;
             if admitted == 1 {
                 return Ok(Ok(()));
@@ -523,7 +531,8 @@ impl AuthStore {
         // An async block, so that `return` leaves only the transaction.
         // On a cluster, the same token redeemed on two nodes at once: one
         // commit fails certification, and its rerun finds the token rotated.
-        let rotated = retry_conflicts(move || async move { on_db!(&self.db, pool => async {
+        let rotated = retry_conflicts(move || async move {
+            on_db!(&self.db, pool => async {
             let mut tx = pool.begin_write().await?;
             let claimed = sqlx::query(
                 "UPDATE refresh_tokens SET rotated_at = ? \
@@ -548,7 +557,8 @@ impl AuthStore {
             tx.commit().await?;
             Ok(true)
         }
-        .await) })
+        .await)
+        })
         .await?;
         if rotated {
             return Ok(Rotation::Rotated { user_id: old.user_id });

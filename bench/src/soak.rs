@@ -38,7 +38,10 @@ use storegate_topology::{Galera, Gateway, Placement, Replicas, Scratch};
 use tonic::transport::Channel;
 
 #[derive(Parser)]
-#[command(name = "storegate-soak", about = "Long mixed load through the gateway: errors and memory over time")]
+#[command(
+    name = "storegate-soak",
+    about = "Long mixed load through the gateway: errors and memory over time"
+)]
 struct Args {
     /// The MySQL/MariaDB server to make a fresh database on.
     #[arg(long, default_value = "mysql://root@127.0.0.1:3306")]
@@ -134,14 +137,20 @@ async fn client_loop(traffic: Arc<Traffic>, channel: Channel) {
                 traffic.record(started, &result);
             }
             60..75 => {
-                let order_by = ["", "name", "price desc", "create_time", "id desc"][traffic.pick(n, 5)].to_owned();
+                let order_by =
+                    ["", "name", "price desc", "create_time", "id desc"][traffic.pick(n, 5)].to_owned();
                 let page_size = [10, 20, 50, 100][traffic.pick(n / 5, 4)];
                 // Half of the pages continue a listing seen before.
                 let page_token = match page_tokens.pop() {
                     Some((order, token)) if order == order_by && n.is_multiple_of(2) => token,
                     _ => String::new(),
                 };
-                let request = ListProductsRequest { page_size, page_token, order_by: order_by.clone(), query: String::new() };
+                let request = ListProductsRequest {
+                    page_size,
+                    page_token,
+                    order_by: order_by.clone(),
+                    query: String::new(),
+                };
                 let result = products.list_products(bearer(request, admin)).await;
                 traffic.record(started, &result);
                 if let Ok(page) = result
@@ -156,11 +165,17 @@ async fn client_loop(traffic: Arc<Traffic>, channel: Channel) {
                 let request = AdjustStockRequest { id, delta, request_id: uuid(n) };
                 let result = products.adjust_stock(bearer(request, admin)).await.map(drop);
                 // Out of stock is an answer, not an error of the service.
-                let result = result.or_else(|s| if s.code() == tonic::Code::FailedPrecondition { Ok(()) } else { Err(s) });
+                let result = result
+                    .or_else(|s| if s.code() == tonic::Code::FailedPrecondition { Ok(()) } else { Err(s) });
                 traffic.record(started, &result);
             }
             85..90 => {
-                let product = Product { name: format!("Soak {n}"), price: "3.50".into(), stock: 10, ..Default::default() };
+                let product = Product {
+                    name: format!("Soak {n}"),
+                    price: "3.50".into(),
+                    stock: 10,
+                    ..Default::default()
+                };
                 let request = CreateProductRequest { product: Some(product), request_id: uuid(n) };
                 let result = products.create_product(bearer(request, admin)).await;
                 traffic.record(started, &result);
@@ -171,7 +186,11 @@ async fn client_loop(traffic: Arc<Traffic>, channel: Channel) {
                 let result = auth.refresh_token(RefreshTokenRequest { refresh_token }).await;
                 traffic.record(started, &result);
                 if let Ok(rotated) = result {
-                    traffic.sessions.lock().unwrap_or_else(|e| e.into_inner()).push(rotated.into_inner().refresh_token);
+                    traffic
+                        .sessions
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push(rotated.into_inner().refresh_token);
                 }
             }
             _ => {
@@ -194,10 +213,16 @@ async fn client_loop(traffic: Arc<Traffic>, channel: Channel) {
 async fn sign_up(auth: &mut AuthServiceClient<Channel>, username: &str) -> Result<String, tonic::Status> {
     let password = "correct horse battery";
     auth.register(RegisterRequest { username: username.into(), password: password.into() }).await?;
-    let begun = auth.begin_login(BeginLoginRequest { username: username.into(), password: password.into() }).await?.into_inner();
+    let begun = auth
+        .begin_login(BeginLoginRequest { username: username.into(), password: password.into() })
+        .await?
+        .into_inner();
     let secret = begun.enrollment.map(|e| e.secret).unwrap_or_default();
     let done = auth
-        .complete_login(CompleteLoginRequest { login_ticket: begun.login_ticket, code: totp_code(&secret, 0) })
+        .complete_login(CompleteLoginRequest {
+            login_ticket: begun.login_ticket,
+            code: totp_code(&secret, 0),
+        })
         .await?;
     Ok(done.into_inner().refresh_token)
 }
@@ -242,7 +267,12 @@ async fn main() -> anyhow::Result<()> {
             stock: 1_000,
             ..Default::default()
         };
-        let created = products.create_product(bearer(CreateProductRequest { product: Some(product), request_id: String::new() }, &admin)).await?;
+        let created = products
+            .create_product(bearer(
+                CreateProductRequest { product: Some(product), request_id: String::new() },
+                &admin,
+            ))
+            .await?;
         ids.push(created.into_inner().id);
     }
 
@@ -259,8 +289,12 @@ async fn main() -> anyhow::Result<()> {
     let started = Instant::now();
     let total = Duration::from_secs(args.minutes * 60);
     let mut reports = Vec::new();
-    println!("| minute | calls/s | p50 ms | p99 ms | sign-up p50 / p99 ms | errors | auth-0 / auth-1 / product-0 / product-1 RSS MiB |");
-    println!("|--------|---------|--------|--------|----------------------|--------|----------------------------------------------|");
+    println!(
+        "| minute | calls/s | p50 ms | p99 ms | sign-up p50 / p99 ms | errors | auth-0 / auth-1 / product-0 / product-1 RSS MiB |"
+    );
+    println!(
+        "|--------|---------|--------|--------|----------------------|--------|----------------------------------------------|"
+    );
     let mut interrupted = std::pin::pin!(tokio::signal::ctrl_c());
     while started.elapsed() < total {
         tokio::select! {
@@ -273,7 +307,8 @@ async fn main() -> anyhow::Result<()> {
         latencies.sort_unstable();
         sign_ups.sort_unstable();
         let rss: Vec<f64> = replicas.all().map(|r| r.memory_mib().0).collect();
-        let exited: Vec<String> = replicas.all().filter_map(|r| r.exited().map(|s| format!("{} {s}", r.name))).collect();
+        let exited: Vec<String> =
+            replicas.all().filter_map(|r| r.exited().map(|s| format!("{} {s}", r.name))).collect();
         anyhow::ensure!(exited.is_empty(), "replicas exited: {exited:?}");
         let row = serde_json::json!({
             "minute": started.elapsed().as_secs_f64() / 60.0,
@@ -308,7 +343,9 @@ async fn main() -> anyhow::Result<()> {
     }
     std::fs::write(
         &args.json,
-        serde_json::to_string_pretty(&serde_json::json!({ "galera": args.galera, "intervals": reports, "error_samples": samples }))?,
+        serde_json::to_string_pretty(
+            &serde_json::json!({ "galera": args.galera, "intervals": reports, "error_samples": samples }),
+        )?,
     )?;
     eprintln!("results written to {}", args.json.display());
     drop(gateway);

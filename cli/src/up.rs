@@ -79,7 +79,9 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
 
 /// Completes once both servers' health checks say SERVING.
 async fn wait_serving(auth: std::net::SocketAddr, product: std::net::SocketAddr) {
-    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
     for addr in [auth, product] {
         let Ok(endpoint) = tonic::transport::Endpoint::from_shared(format!("http://{addr}")) else { return };
         loop {

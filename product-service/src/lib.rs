@@ -48,12 +48,14 @@ pub async fn run(
         let db = config.common.open_database().await?;
         // What can fail first, so that a failed start leaves no task behind.
         let mut background: Vec<_> =
-            storegate::server::spawn_metrics(&metrics, &config.metrics_listen_addr, db.clone()).await?.into_iter().collect();
+            storegate::server::spawn_metrics(&metrics, &config.metrics_listen_addr, db.clone())
+                .await?
+                .into_iter()
+                .collect();
         let db_health = DbHealth::watch(&db);
         let keys = JwksCache::default();
         background.push(tokio::spawn(
-            keys.clone()
-                .keep_fresh(source, Duration::from_secs(config.jwks_refresh_interval_secs.max(1))),
+            keys.clone().keep_fresh(source, Duration::from_secs(config.jwks_refresh_interval_secs.max(1))),
         ));
         // One store for the API and the sweeper: one set of read connections.
         let read_connections =
@@ -79,8 +81,17 @@ pub async fn run(
     let name = <ProductServiceServer<service::ProductApi> as tonic::server::NamedService>::NAME;
     // On the heap: the start-up and the server make a large future (debug
     // builds), too large for a caller's stack when awaited in place.
-    Box::pin(storegate::server::serve(routes, health, name, &metrics, listener, &config.common, Box::pin(start), shutdown))
-        .await
+    Box::pin(storegate::server::serve(
+        routes,
+        health,
+        name,
+        &metrics,
+        listener,
+        &config.common,
+        Box::pin(start),
+        shutdown,
+    ))
+    .await
 }
 
 /// Counts the products afresh (`product-service recount-products`), after

@@ -567,7 +567,8 @@ impl ProductStore {
     ) -> Result<Idempotent<Product>, ApiError> {
         let price = &self.price_param(fields.price);
         // An async block, so that `return` leaves only the transaction.
-        let created: Option<Product> = retry_conflicts(move || async move { on_db!(&self.db, pool => async {
+        let created: Option<Product> = retry_conflicts(move || async move {
+            on_db!(&self.db, pool => async {
             let mut tx = pool.begin_write().await?;
             claim_request_id!(tx, request, now);
             let id = sqlx::query(
@@ -592,7 +593,8 @@ impl ProductStore {
             tx.commit().await?;
             Ok(Some(product))
         }
-        .await) })
+        .await)
+        })
         .await?;
         match (created, request) {
             (Some(product), _) => Ok(Idempotent::Fresh(product)),
@@ -795,7 +797,8 @@ impl ProductStore {
     /// either committed before or updates its row after. Creates and deletes
     /// wait for the length of the scan.
     pub async fn recount(&self) -> Result<i64, ApiError> {
-        retry_conflicts(move || async move { on_db!(&self.db, pool => async {
+        retry_conflicts(move || async move {
+            on_db!(&self.db, pool => async {
             let mut tx = pool.begin_write().await?;
             sqlx::query("UPDATE product_counts SET products = 0").execute(&mut *tx).await?;
             let counts: Vec<(i64, i64)> = sqlx::query_as(&format!(
@@ -813,7 +816,8 @@ impl ProductStore {
             tx.commit().await?;
             Ok(counts.iter().map(|(_, products)| products).sum())
         }
-        .await) })
+        .await)
+        })
         .await
     }
 
@@ -830,7 +834,8 @@ impl ProductStore {
         let price = &self.price_param(fields.price);
         // The write and the read of what it wrote in one transaction: the
         // answer is this write's state, whatever comes after.
-        let written: Option<ProductRow> = retry_conflicts(move || async move { on_db!(&self.db, pool => async {
+        let written: Option<ProductRow> = retry_conflicts(move || async move {
+            on_db!(&self.db, pool => async {
             let mut tx = pool.begin_write().await?;
             let rows = sqlx::query(
                 "UPDATE products SET name = ?, description = ?, price = ?, stock = ?, version = version + 1, \
@@ -854,7 +859,8 @@ impl ProductStore {
             tx.commit().await?;
             Ok(Some(row))
         }
-        .await) })
+        .await)
+        })
         .await?;
         if let Some(row) = written {
             return Ok(Written::Done(row));

@@ -32,9 +32,13 @@ pub fn free_addr() -> SocketAddr {
 /// one folder up (test binaries live in `target/<profile>/deps`).
 pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
-    let candidates = [exe.with_file_name(name), exe.parent().and_then(Path::parent).unwrap_or(&exe).join(name)];
+    let candidates =
+        [exe.with_file_name(name), exe.parent().and_then(Path::parent).unwrap_or(&exe).join(name)];
     candidates.iter().find(|p| p.exists()).cloned().ok_or_else(|| {
-        anyhow::anyhow!("{name} is missing beside {}: build the binaries first (cargo build --workspace --bins)", exe.display())
+        anyhow::anyhow!(
+            "{name} is missing beside {}: build the binaries first (cargo build --workspace --bins)",
+            exe.display()
+        )
     })
 }
 

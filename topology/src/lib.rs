@@ -102,7 +102,13 @@ impl Replicas {
                 ("AUTH_SERVICE_URL", auth_url),
             ];
             envs.extend(extra.iter().cloned());
-            product.push(ServiceProcess::spawn(format!("product-{i}"), "product-service", addr, &envs, logs)?);
+            product.push(ServiceProcess::spawn(
+                format!("product-{i}"),
+                "product-service",
+                addr,
+                &envs,
+                logs,
+            )?);
         }
         Ok(Replicas { auth, product })
     }
@@ -138,14 +144,15 @@ impl Replicas {
             .await
             .expect("register");
         if admin {
-            let granted = tokio::process::Command::new(storegate_testkit::process::binary("auth-service").unwrap())
-                .args(["grant-role", username, "admin"])
-                .env("DATABASE_URL", database_url)
-                .env("STOREGATE_MASTER_KEY", TEST_MASTER_KEY)
-                .env("RUST_LOG", "warn")
-                .output()
-                .await
-                .expect("run auth-service grant-role");
+            let granted =
+                tokio::process::Command::new(storegate_testkit::process::binary("auth-service").unwrap())
+                    .args(["grant-role", username, "admin"])
+                    .env("DATABASE_URL", database_url)
+                    .env("STOREGATE_MASTER_KEY", TEST_MASTER_KEY)
+                    .env("RUST_LOG", "warn")
+                    .output()
+                    .await
+                    .expect("run auth-service grant-role");
             assert!(granted.status.success(), "grant-role: {}", String::from_utf8_lossy(&granted.stderr));
         }
         let begun = self
@@ -158,7 +165,10 @@ impl Replicas {
         let secret = begun.enrollment.expect("enrollment on the first login").secret;
         self.auth_client(0)
             .await
-            .complete_login(CompleteLoginRequest { login_ticket: begun.login_ticket, code: totp_code(&secret, 0) })
+            .complete_login(CompleteLoginRequest {
+                login_ticket: begun.login_ticket,
+                code: totp_code(&secret, 0),
+            })
             .await
             .expect("complete login on another replica")
             .into_inner()
@@ -178,8 +188,14 @@ pub fn run_script(script: &str, args: &[&str], envs: &[(&str, String)]) -> anyho
         .envs(envs.iter().map(|(k, v)| (*k, v.as_str())))
         .stdin(std::process::Stdio::null())
         .output()?;
-    let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
-    anyhow::ensure!(output.status.success(), "{script} {} failed ({}):\n{text}", args.join(" "), output.status);
+    let text =
+        format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    anyhow::ensure!(
+        output.status.success(),
+        "{script} {} failed ({}):\n{text}",
+        args.join(" "),
+        output.status
+    );
     Ok(text)
 }
 
@@ -276,7 +292,9 @@ pub struct Gateway {
 
 impl Gateway {
     pub fn start(dir: &Path, replicas: &Replicas) -> anyhow::Result<Gateway> {
-        let list = |services: &[ServiceProcess]| services.iter().map(|s| s.addr.to_string()).collect::<Vec<_>>().join(" ");
+        let list = |services: &[ServiceProcess]| {
+            services.iter().map(|s| s.addr.to_string()).collect::<Vec<_>>().join(" ")
+        };
         let (grpc, web) = (free_addr(), free_addr());
         let envs = vec![
             ("TOPOLOGY_DIR", dir.display().to_string()),

@@ -80,7 +80,13 @@ const PHASES: [&str; 8] = [
 impl Load {
     fn failed(&self, code: Code) {
         let phase = PHASES[self.phase.load(Ordering::Relaxed)];
-        *self.ledger.lock().unwrap_or_else(|e| e.into_inner()).failures.entry((phase, format!("{code:?}"))).or_default() += 1;
+        *self
+            .ledger
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .failures
+            .entry((phase, format!("{code:?}")))
+            .or_default() += 1;
     }
 
     fn succeeded(&self, started: Instant) {
@@ -105,7 +111,16 @@ impl Load {
                     self.succeeded(attempt);
                     return Some(Ok(value));
                 }
-                Err(status) if matches!(status.code(), Code::Unavailable | Code::Aborted | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded) => {
+                Err(status)
+                    if matches!(
+                        status.code(),
+                        Code::Unavailable
+                            | Code::Aborted
+                            | Code::Unknown
+                            | Code::Cancelled
+                            | Code::DeadlineExceeded
+                    ) =>
+                {
                     self.failed(status.code());
                 }
                 Err(status) => {
@@ -174,7 +189,12 @@ async fn worker(load: Arc<Load>, channel: Channel, token: String, ids: Vec<i64>)
             5 | 6 => {
                 let name = format!("Load {n}");
                 let request = CreateProductRequest {
-                    product: Some(Product { name: name.clone(), price: "1.00".into(), stock: 1, ..Default::default() }),
+                    product: Some(Product {
+                        name: name.clone(),
+                        price: "1.00".into(),
+                        stock: 1,
+                        ..Default::default()
+                    }),
                     request_id: uuid(n),
                 };
                 let answer = load
@@ -239,10 +259,22 @@ async fn faults_under_load_through_the_gateway_lose_nothing() {
     let mut ids = Vec::new();
     for i in 0..PRODUCTS {
         let request = CreateProductRequest {
-            product: Some(Product { name: format!("Stocked {i}"), price: "5.00".into(), stock: START_STOCK, ..Default::default() }),
+            product: Some(Product {
+                name: format!("Stocked {i}"),
+                price: "5.00".into(),
+                stock: START_STOCK,
+                ..Default::default()
+            }),
             request_id: String::new(),
         };
-        ids.push(client.create_product(bearer(request, &token)).await.expect("create through the gateway").into_inner().id);
+        ids.push(
+            client
+                .create_product(bearer(request, &token))
+                .await
+                .expect("create through the gateway")
+                .into_inner()
+                .id,
+        );
     }
 
     let load = Arc::new(Load {
@@ -279,7 +311,8 @@ async fn faults_under_load_through_the_gateway_lose_nothing() {
     pause(2).await;
     phase(5);
     replicas.auth[1].signal(libc::SIGTERM);
-    let status = replicas.auth[1].wait_exit(Duration::from_secs(20)).await.expect("SIGTERM stops the replica");
+    let status =
+        replicas.auth[1].wait_exit(Duration::from_secs(20)).await.expect("SIGTERM stops the replica");
     assert!(status.success(), "a SIGTERM'd replica exits cleanly: {status}");
     replicas.auth[1].respawn().unwrap();
     replicas.auth[1].wait_serving(Duration::from_secs(30)).await.unwrap();
@@ -318,7 +351,10 @@ async fn faults_under_load_through_the_gateway_lose_nothing() {
     // The replica without its database answers at once, so it does not
     // hold up the calls the gateway sends to the others.
     let beside_outage = ledger.slowest.get(PHASES[7]).copied().unwrap_or_default();
-    assert!(beside_outage < Duration::from_secs(2), "calls stalled beside a replica without its database: {beside_outage:?}");
+    assert!(
+        beside_outage < Duration::from_secs(2),
+        "calls stalled beside a replica without its database: {beside_outage:?}"
+    );
     eprintln!(
         "acknowledged: {} decrements, {} creates; unresolved: {}",
         ledger.decrements.len(),
@@ -341,8 +377,13 @@ async fn faults_under_load_through_the_gateway_lose_nothing() {
         .unwrap();
         assert_eq!(rows, vec![*id], "{name}: acknowledged once, stored once");
     }
-    let stored: i64 = on_db!(&db, p => sqlx::query_scalar("SELECT COUNT(*) FROM products").fetch_one(p).await).unwrap();
-    assert_eq!(stored as usize, PRODUCTS + ledger.creates.len(), "no create stored without its acknowledgement");
+    let stored: i64 =
+        on_db!(&db, p => sqlx::query_scalar("SELECT COUNT(*) FROM products").fetch_one(p).await).unwrap();
+    assert_eq!(
+        stored as usize,
+        PRODUCTS + ledger.creates.len(),
+        "no create stored without its acknowledgement"
+    );
     for (product, id) in ids.iter().enumerate() {
         let taken = ledger.decrements.iter().filter(|p| **p == product).count() as i64;
         let stock: i64 = on_db!(&db, p => {

@@ -71,17 +71,34 @@ async fn replicas_on_different_galera_nodes_behave_as_one_service() {
     scenario!(a_create_retried_on_every_replica_makes_one_product);
     scenario!(a_write_is_read_at_once_on_another_node);
     drop(galera);
-    assert!(failures.is_empty(), "failed scenarios:\n{}\n(logs in {})", failures.join("\n"), scratch.path.display());
+    assert!(
+        failures.is_empty(),
+        "failed scenarios:\n{}\n(logs in {})",
+        failures.join("\n"),
+        scratch.path.display()
+    );
 }
 
 /// A fresh database on the cluster and replicas spread over the nodes:
 /// auth i and product i on node (i % 3) + 1 and (i + 1) % 3 + 1.
-async fn spread(galera: &Galera, name: &str, auth: usize, product: usize, logs: &std::path::Path) -> (Replicas, String) {
+async fn spread(
+    galera: &Galera,
+    name: &str,
+    auth: usize,
+    product: usize,
+    logs: &std::path::Path,
+) -> (Replicas, String) {
     replicas_on(galera, name, auth, product, logs, false).await
 }
 
 /// A fresh database and replicas that all go through the single writer.
-async fn through_writer(galera: &Galera, name: &str, auth: usize, product: usize, logs: &std::path::Path) -> (Replicas, String) {
+async fn through_writer(
+    galera: &Galera,
+    name: &str,
+    auth: usize,
+    product: usize,
+    logs: &std::path::Path,
+) -> (Replicas, String) {
     replicas_on(galera, name, auth, product, logs, true).await
 }
 
@@ -94,7 +111,9 @@ async fn replicas_on(
     single_writer: bool,
 ) -> (Replicas, String) {
     let database = galera.create_database(&format!("sg_{name}_{}", std::process::id())).await.unwrap();
-    let node = |i: usize| if single_writer { galera.writer_url(&database) } else { galera.url(i as u16 % 3 + 1, &database) };
+    let node = |i: usize| {
+        if single_writer { galera.writer_url(&database) } else { galera.url(i as u16 % 3 + 1, &database) }
+    };
     let auth_urls: Vec<String> = (0..auth).map(node).collect();
     let product_urls: Vec<String> = (0..product).map(|i| node(i + 1)).collect();
     let placement = Placement {
@@ -137,11 +156,18 @@ async fn stock_taken_through_the_writer_adds_up(galera: &Galera, logs: &std::pat
     let token = replicas.login(&url, "operator", true).await.access_token;
     let mut first = replicas.product_client(0).await;
     let created = first
-        .create_product(bearer(CreateProductRequest { product: product("Kettle", 150), request_id: String::new() }, &token))
+        .create_product(bearer(
+            CreateProductRequest { product: product("Kettle", 150), request_id: String::new() },
+            &token,
+        ))
         .await
         .unwrap()
         .into_inner();
-    let clients = [replicas.product_client(0).await, replicas.product_client(1).await, replicas.product_client(2).await];
+    let clients = [
+        replicas.product_client(0).await,
+        replicas.product_client(1).await,
+        replicas.product_client(2).await,
+    ];
     // 200 single decrements (150 can succeed), 10 in flight per node.
     let mut calls = Vec::new();
     for i in 0..200 {
@@ -164,7 +190,11 @@ async fn stock_taken_through_the_writer_adds_up(galera: &Galera, logs: &std::pat
         panic!("{ok} taken, {refused} refused; {}", recorded_stock_levels(&url).await);
     }
     for i in 0..3 {
-        let read = replicas.product_client(i).await.get_product(bearer(GetProductRequest { id: created.id }, &token)).await;
+        let read = replicas
+            .product_client(i)
+            .await
+            .get_product(bearer(GetProductRequest { id: created.id }, &token))
+            .await;
         assert_eq!(read.unwrap().into_inner().stock, 0, "as read through replica {i}");
     }
 }
@@ -175,7 +205,8 @@ fn codes_of<T>(results: [Result<T, tonic::Status>; 2]) -> Vec<Code> {
 }
 
 fn one_ok_one_unauthenticated(codes: &[Code]) -> bool {
-    codes.iter().filter(|c| **c == Code::Ok).count() == 1 && codes.iter().all(|c| matches!(c, Code::Ok | Code::Unauthenticated))
+    codes.iter().filter(|c| **c == Code::Ok).count() == 1
+        && codes.iter().all(|c| matches!(c, Code::Ok | Code::Unauthenticated))
 }
 
 /// For a failure message: the stock levels the recorded answers of the
@@ -191,7 +222,11 @@ async fn recorded_stock_levels(url: &str) -> String {
     db.close().await;
     let mut levels: Vec<(i64, String, i64)> = responses
         .into_iter()
-        .filter_map(|(id, r)| Product::decode(r?.as_slice()).ok().map(|p| (p.stock, id, p.update_time.map_or(0, |t| t.seconds * 1_000_000_000 + i64::from(t.nanos)))))
+        .filter_map(|(id, r)| {
+            Product::decode(r?.as_slice()).ok().map(|p| {
+                (p.stock, id, p.update_time.map_or(0, |t| t.seconds * 1_000_000_000 + i64::from(t.nanos)))
+            })
+        })
         .collect();
     levels.sort();
     let repeated: Vec<_> = levels.windows(2).filter(|w| w[0].0 == w[1].0).map(|w| (&w[0], &w[1])).collect();
@@ -204,7 +239,10 @@ async fn a_ticket_and_a_code_are_spent_once_across_nodes(galera: &Galera, logs: 
     replicas
         .auth_client(0)
         .await
-        .register(storegate::pb::auth::v1::RegisterRequest { username: username.into(), password: password.into() })
+        .register(storegate::pb::auth::v1::RegisterRequest {
+            username: username.into(),
+            password: password.into(),
+        })
         .await
         .unwrap();
     let begin = async |i: usize| {
@@ -219,7 +257,8 @@ async fn a_ticket_and_a_code_are_spent_once_across_nodes(galera: &Galera, logs: 
     let begun = begin(1).await;
     let secret = begun.enrollment.expect("enrollment on the first login").secret;
     // The same ticket completed on two nodes at once: one wins.
-    let complete = |ticket: &str, code: &str| CompleteLoginRequest { login_ticket: ticket.into(), code: code.into() };
+    let complete =
+        |ticket: &str, code: &str| CompleteLoginRequest { login_ticket: ticket.into(), code: code.into() };
     let code = totp_code(&secret, 0);
     let (mut a, mut b) = (replicas.auth_client(0).await, replicas.auth_client(1).await);
     let (first, second) = tokio::join!(
@@ -232,8 +271,10 @@ async fn a_ticket_and_a_code_are_spent_once_across_nodes(galera: &Galera, logs: 
     // One code for two tickets begun on two nodes: its step is taken once.
     let tickets = [begin(0).await.login_ticket, begin(1).await.login_ticket];
     let code = totp_code(&secret, 1);
-    let (first, second) =
-        tokio::join!(a.complete_login(complete(&tickets[0], &code)), b.complete_login(complete(&tickets[1], &code)));
+    let (first, second) = tokio::join!(
+        a.complete_login(complete(&tickets[0], &code)),
+        b.complete_login(complete(&tickets[1], &code))
+    );
     let codes = codes_of([first, second]);
     assert!(one_ok_one_unauthenticated(&codes), "one code, two logins: {codes:?}");
 }
@@ -256,11 +297,21 @@ async fn a_refresh_token_redeemed_on_two_nodes_revokes_the_login(galera: &Galera
             a.refresh_token(RefreshTokenRequest { refresh_token: refresh.clone() }),
             b.refresh_token(RefreshTokenRequest { refresh_token: refresh.clone() }),
         );
-        let winners: Vec<String> =
-            [&first, &second].iter().filter_map(|r| r.as_ref().ok()).map(|r| r.get_ref().refresh_token.clone()).collect();
+        let winners: Vec<String> = [&first, &second]
+            .iter()
+            .filter_map(|r| r.as_ref().ok())
+            .map(|r| r.get_ref().refresh_token.clone())
+            .collect();
         let codes = codes_of([first, second]);
-        assert!(codes.iter().all(|c| matches!(c, Code::Ok | Code::Unauthenticated)), "attempt {attempt}: {codes:?}");
-        assert_eq!(winners.len(), 1, "attempt {attempt}: exactly one redemption rotates the token: {codes:?}");
+        assert!(
+            codes.iter().all(|c| matches!(c, Code::Ok | Code::Unauthenticated)),
+            "attempt {attempt}: {codes:?}"
+        );
+        assert_eq!(
+            winners.len(),
+            1,
+            "attempt {attempt}: exactly one redemption rotates the token: {codes:?}"
+        );
         // Whoever won, the reuse revoked the family: its new token is refused.
         for token in winners {
             let err = replicas
@@ -281,9 +332,11 @@ async fn a_create_retried_on_every_replica_makes_one_product(galera: &Galera, lo
         let request_id = uuid(round);
         let mut calls = Vec::new();
         for i in 0..3 {
-            let (mut client, token, request_id) = (replicas.product_client(i).await, token.clone(), request_id.clone());
+            let (mut client, token, request_id) =
+                (replicas.product_client(i).await, token.clone(), request_id.clone());
             calls.push(tokio::spawn(async move {
-                let request = CreateProductRequest { product: product(&format!("Cup {round}"), 1), request_id };
+                let request =
+                    CreateProductRequest { product: product(&format!("Cup {round}"), 1), request_id };
                 client.create_product(bearer(request, &token)).await.map(|r| r.into_inner().id)
             }));
         }
@@ -302,7 +355,8 @@ async fn a_create_retried_on_every_replica_makes_one_product(galera: &Galera, lo
         assert_eq!(ids.len(), 1, "round {round}: ids {ids:?}");
     }
     let db = Db::connect(&url).await.unwrap();
-    let rows: i64 = on_db!(&db, p => sqlx::query_scalar("SELECT COUNT(*) FROM products").fetch_one(p).await).unwrap();
+    let rows: i64 =
+        on_db!(&db, p => sqlx::query_scalar("SELECT COUNT(*) FROM products").fetch_one(p).await).unwrap();
     assert_eq!(rows, 10);
     db.close().await;
 }
@@ -312,21 +366,28 @@ async fn a_write_is_read_at_once_on_another_node(galera: &Galera, logs: &std::pa
     // What makes this hold: every session the services open on a Galera
     // node waits for the writes the cluster committed before its statements.
     let db = Db::connect(&galera.url(3, "")).await.unwrap();
-    let sync_wait: u64 = on_db!(&db, p => sqlx::query_scalar("SELECT @@session.wsrep_sync_wait").fetch_one(p).await).unwrap();
+    let sync_wait: u64 =
+        on_db!(&db, p => sqlx::query_scalar("SELECT @@session.wsrep_sync_wait").fetch_one(p).await).unwrap();
     assert_eq!(sync_wait, 3);
     db.close().await;
     let token = replicas.login(&url, "operator", true).await.access_token;
     let (mut writer, mut reader) = (replicas.product_client(0).await, replicas.product_client(2).await);
     for i in 0..50 {
         let created = writer
-            .create_product(bearer(CreateProductRequest { product: product(&format!("Mug {i}"), 10), request_id: String::new() }, &token))
+            .create_product(bearer(
+                CreateProductRequest { product: product(&format!("Mug {i}"), 10), request_id: String::new() },
+                &token,
+            ))
             .await
             .unwrap()
             .into_inner();
         let read = reader.get_product(bearer(GetProductRequest { id: created.id }, &token)).await;
         assert_eq!(read.expect("read on another node right after the write").into_inner().stock, 10);
         writer
-            .adjust_stock(bearer(AdjustStockRequest { id: created.id, delta: -3, request_id: String::new() }, &token))
+            .adjust_stock(bearer(
+                AdjustStockRequest { id: created.id, delta: -3, request_id: String::new() },
+                &token,
+            ))
             .await
             .unwrap();
         let read = reader.get_product(bearer(GetProductRequest { id: created.id }, &token)).await.unwrap();

@@ -25,7 +25,8 @@ async fn recorded(db: &Db) -> Vec<(i64, bool)> {
 }
 
 async fn product_count_rows(db: &Db) -> i64 {
-    on_db!(db, pool => sqlx::query_scalar("SELECT COUNT(*) FROM product_counts").fetch_one(pool).await).unwrap()
+    on_db!(db, pool => sqlx::query_scalar("SELECT COUNT(*) FROM product_counts").fetch_one(pool).await)
+        .unwrap()
 }
 
 async fn many_migrations_at_once_apply_each_version_once(backend: Backend) {
@@ -57,7 +58,9 @@ async fn many_migrations_at_once_apply_each_version_once(backend: Backend) {
 async fn waiting_for_the_schema_ends_when_another_migrates(backend: Backend) {
     let test_db = TestDb::new(&backend).await;
     let waiter_db = Db::connect(&test_db.url).await.unwrap();
-    assert!(matches!(migrate::schema_state(&waiter_db).await.unwrap(), SchemaState::Behind(v) if v == [1, 2, 3]));
+    assert!(
+        matches!(migrate::schema_state(&waiter_db).await.unwrap(), SchemaState::Behind(v) if v == [1, 2, 3])
+    );
     let waiter = tokio::spawn({
         let db = waiter_db.clone();
         async move { migrate::wait_for_schema(&db, Duration::from_millis(50)).await }
@@ -155,7 +158,8 @@ mod mysql_only {
         assert_eq!(migrate::schema_state(&db).await.unwrap(), SchemaState::Behind(vec![3]), "nothing ran");
 
         // Its holder died: the lease expires and the next run takes it.
-        exec(&db, "UPDATE storegate_migration_lock SET expires_at = NOW(6) - INTERVAL 1 SECOND WHERE id = 1").await;
+        exec(&db, "UPDATE storegate_migration_lock SET expires_at = NOW(6) - INTERVAL 1 SECOND WHERE id = 1")
+            .await;
         migrate::run(&db, Duration::from_secs(5)).await.unwrap();
         assert_eq!(migrate::schema_state(&db).await.unwrap(), SchemaState::Current);
         let holder: Option<String> = on_db!(&db, pool => {

@@ -49,11 +49,13 @@ async fn replicas_started_together_on_a_fresh_database_all_serve(backend: Backen
         .unwrap();
         assert_eq!(versions, vec![(1, true), (2, true), (3, true)], "round {round}");
         // Migration 3 ran to its end: all its seed rows are there.
-        let count_rows: i64 = on_db!(&pool, p => sqlx::query_scalar("SELECT COUNT(*) FROM product_counts").fetch_one(p).await)
-            .unwrap();
+        let count_rows: i64 =
+            on_db!(&pool, p => sqlx::query_scalar("SELECT COUNT(*) FROM product_counts").fetch_one(p).await)
+                .unwrap();
         assert_eq!(count_rows, 16, "round {round}");
-        let keys: i64 = on_db!(&pool, p => sqlx::query_scalar("SELECT COUNT(*) FROM signing_keys").fetch_one(p).await)
-            .unwrap();
+        let keys: i64 =
+            on_db!(&pool, p => sqlx::query_scalar("SELECT COUNT(*) FROM signing_keys").fetch_one(p).await)
+                .unwrap();
         assert!((1..=2).contains(&keys), "round {round}: {keys} first signing keys");
 
         if round == 0 {
@@ -93,7 +95,12 @@ async fn behave_as_one(replicas: &Replicas, database_url: &str) {
         .map(|i| {
             let (token, id, mut client) = (token.clone(), created.id, clients[i % 2].clone());
             tokio::spawn(async move {
-                client.adjust_stock(bearer(AdjustStockRequest { id, delta: -1, request_id: String::new() }, &token)).await
+                client
+                    .adjust_stock(bearer(
+                        AdjustStockRequest { id, delta: -1, request_id: String::new() },
+                        &token,
+                    ))
+                    .await
             })
         })
         .collect();
@@ -116,22 +123,28 @@ async fn a_product_replica_waits_for_the_migrate_step(backend: Backend) {
     let db = TestDb::new(&backend).await;
     let scratch = Scratch::new("migrate-step");
     let waiting = [("MIGRATE_ON_START", "false".to_owned())];
-    let mut replicas = Replicas::spawn(&Placement::all_on(&db.url, 1, 1), true, &waiting, &scratch.path).unwrap();
+    let mut replicas =
+        Replicas::spawn(&Placement::all_on(&db.url, 1, 1), true, &waiting, &scratch.path).unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;
     for replica in replicas.all() {
         assert!(replica.exited().is_none(), "{} exited:\n{}", replica.name, replica.log_tail(20));
-        assert!(!storegate_testkit::health_serving(replica.addr).await, "{} serves without a schema", replica.name);
+        assert!(
+            !storegate_testkit::health_serving(replica.addr).await,
+            "{} serves without a schema",
+            replica.name
+        );
     }
     let pool = Db::connect(&db.url).await.unwrap();
     assert!(matches!(migrate::schema_state(&pool).await.unwrap(), SchemaState::Behind(_)), "nobody migrated");
 
-    let migrated = tokio::process::Command::new(storegate_testkit::process::binary("product-service").unwrap())
-        .arg("migrate")
-        .env("DATABASE_URL", &db.url)
-        .env("RUST_LOG", "warn")
-        .output()
-        .await
-        .unwrap();
+    let migrated =
+        tokio::process::Command::new(storegate_testkit::process::binary("product-service").unwrap())
+            .arg("migrate")
+            .env("DATABASE_URL", &db.url)
+            .env("RUST_LOG", "warn")
+            .output()
+            .await
+            .unwrap();
     assert!(migrated.status.success(), "migrate: {}", String::from_utf8_lossy(&migrated.stderr));
     replicas.wait_serving().await.expect("both serve once the schema is there");
     pool.close().await;
@@ -141,7 +154,10 @@ async fn a_product_replica_waits_for_the_migrate_step(backend: Backend) {
 /// UNAVAILABLE) until auth-service is there to give them, then SERVING
 /// without a restart.
 async fn a_product_replica_without_token_keys_is_not_serving(backend: Backend) {
-    use storegate_testkit::{TEST_MASTER_KEY, process::{ServiceProcess, free_addr}};
+    use storegate_testkit::{
+        TEST_MASTER_KEY,
+        process::{ServiceProcess, free_addr},
+    };
     let db = TestDb::new(&backend).await;
     let scratch = Scratch::new("no-keys");
     let auth_addr = free_addr();
