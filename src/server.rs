@@ -225,6 +225,10 @@ pub async fn serve(
     start: impl Future<Output = anyhow::Result<Started>>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    // The start-up, the lifecycle and the server are large futures (debug
+    // builds): on the heap, so that a caller awaiting `serve` in place (a
+    // test on its thread's stack) holds only pointers.
+    let start = Box::pin(start);
     let health = Health { reporter, service };
     health.set(ServingStatus::NotServing).await;
     let grace = Duration::from_secs(config.shutdown_grace_secs);
@@ -256,10 +260,10 @@ pub async fn serve(
     // long-lived streams (Health/Watch, held open by some balancers) would
     // otherwise keep a stopping or failed server alive for ever.
     let ended = tokio::sync::Notify::new();
-    let lifecycle = async {
+    let lifecycle = Box::pin(async {
         lifecycle.await;
         ended.notify_one();
-    };
+    });
     let drain_limit = async {
         ended.notified().await;
         tokio::time::sleep(DRAIN_LIMIT).await;
@@ -278,7 +282,7 @@ pub async fn serve(
             lifecycle,
         );
     let served = tokio::select! {
-        served = server => served,
+        served = Box::pin(server) => served,
         () = drain_limit => Ok(()),
     };
     match outcome {

@@ -91,19 +91,7 @@ pub async fn run(
         Ok(Started { db, db_health, also_ready: None, background })
     };
     let name = <AuthServiceServer<AuthApi> as tonic::server::NamedService>::NAME;
-    // On the heap: the start-up and the server make a large future (debug
-    // builds), too large for a caller's stack when awaited in place.
-    Box::pin(storegate::server::serve(
-        routes,
-        health,
-        name,
-        &metrics,
-        listener,
-        &config.common,
-        Box::pin(start),
-        shutdown,
-    ))
-    .await
+    storegate::server::serve(routes, health, name, &metrics, listener, &config.common, start, shutdown).await
 }
 
 /// Deletes expired tickets and refresh tokens now and then; correctness

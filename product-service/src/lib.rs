@@ -79,19 +79,7 @@ pub async fn run(
         Ok(Started { db, db_health, also_ready: Some(also_ready), background })
     };
     let name = <ProductServiceServer<service::ProductApi> as tonic::server::NamedService>::NAME;
-    // On the heap: the start-up and the server make a large future (debug
-    // builds), too large for a caller's stack when awaited in place.
-    Box::pin(storegate::server::serve(
-        routes,
-        health,
-        name,
-        &metrics,
-        listener,
-        &config.common,
-        Box::pin(start),
-        shutdown,
-    ))
-    .await
+    storegate::server::serve(routes, health, name, &metrics, listener, &config.common, start, shutdown).await
 }
 
 /// Counts the products afresh (`product-service recount-products`), after

@@ -79,40 +79,32 @@ async fn replicas_on_different_galera_nodes_behave_as_one_service() {
     );
 }
 
-/// A fresh database on the cluster and replicas spread over the nodes:
-/// auth i and product i on node (i % 3) + 1 and (i + 1) % 3 + 1.
-async fn spread(
-    galera: &Galera,
-    name: &str,
-    auth: usize,
-    product: usize,
-    logs: &std::path::Path,
-) -> (Replicas, String) {
-    replicas_on(galera, name, auth, product, logs, false).await
+/// Where the replicas of a scenario connect.
+#[derive(Clone, Copy)]
+enum Via {
+    /// Spread over the nodes (multi-primary): auth i on node (i % 3) + 1,
+    /// product i on node (i + 1) % 3 + 1.
+    Nodes,
+    /// All through the HAProxy single writer.
+    Writer,
 }
 
-/// A fresh database and replicas that all go through the single writer.
-async fn through_writer(
-    galera: &Galera,
-    name: &str,
-    auth: usize,
-    product: usize,
-    logs: &std::path::Path,
-) -> (Replicas, String) {
-    replicas_on(galera, name, auth, product, logs, true).await
-}
-
+/// A fresh database on the cluster and replicas on it, connected `via`.
 async fn replicas_on(
     galera: &Galera,
     name: &str,
     auth: usize,
     product: usize,
     logs: &std::path::Path,
-    single_writer: bool,
+    via: Via,
 ) -> (Replicas, String) {
     let database = galera.create_database(&format!("sg_{name}_{}", std::process::id())).await.unwrap();
     let node = |i: usize| {
-        if single_writer { galera.writer_url(&database) } else { galera.url(i as u16 % 3 + 1, &database) }
+        if matches!(via, Via::Writer) {
+            galera.writer_url(&database)
+        } else {
+            galera.url(i as u16 % 3 + 1, &database)
+        }
     };
     let auth_urls: Vec<String> = (0..auth).map(node).collect();
     let product_urls: Vec<String> = (0..product).map(|i| node(i + 1)).collect();
@@ -129,7 +121,7 @@ async fn replicas_on(
 
 async fn replicas_started_together_migrate_once(galera: &Galera, logs: &std::path::Path) {
     for round in 0..3 {
-        let (replicas, url) = spread(galera, &format!("start{round}"), 3, 3, logs).await;
+        let (replicas, url) = replicas_on(galera, &format!("start{round}"), 3, 3, logs, Via::Nodes).await;
         let db = Db::connect(&url).await.unwrap();
         assert_eq!(migrate::schema_state(&db).await.unwrap(), SchemaState::Current);
         let versions: Vec<(i64, bool)> = on_db!(&db, p => {
@@ -152,7 +144,7 @@ fn product(name: &str, stock: i64) -> Option<Product> {
 }
 
 async fn stock_taken_through_the_writer_adds_up(galera: &Galera, logs: &std::path::Path) {
-    let (replicas, url) = through_writer(galera, "stock", 2, 3, logs).await;
+    let (replicas, url) = replicas_on(galera, "stock", 2, 3, logs, Via::Writer).await;
     let token = replicas.login(&url, "operator", true).await.access_token;
     let mut first = replicas.product_client(0).await;
     let created = first
@@ -234,7 +226,7 @@ async fn recorded_stock_levels(url: &str) -> String {
 }
 
 async fn a_ticket_and_a_code_are_spent_once_across_nodes(galera: &Galera, logs: &std::path::Path) {
-    let (replicas, _) = spread(galera, "codes", 2, 1, logs).await;
+    let (replicas, _) = replicas_on(galera, "codes", 2, 1, logs, Via::Nodes).await;
     let (username, password) = ("dave", "correct horse battery");
     replicas
         .auth_client(0)
@@ -280,7 +272,7 @@ async fn a_ticket_and_a_code_are_spent_once_across_nodes(galera: &Galera, logs: 
 }
 
 async fn a_refresh_token_redeemed_on_two_nodes_revokes_the_login(galera: &Galera, logs: &std::path::Path) {
-    let (replicas, url) = spread(galera, "refresh", 2, 1, logs).await;
+    let (replicas, url) = replicas_on(galera, "refresh", 2, 1, logs, Via::Nodes).await;
     for attempt in 0..6 {
         let login = replicas.login(&url, &format!("erin{attempt}"), false).await;
         // A normal rotation first, so that the family has history.
@@ -326,7 +318,7 @@ async fn a_refresh_token_redeemed_on_two_nodes_revokes_the_login(galera: &Galera
 }
 
 async fn a_create_retried_on_every_replica_makes_one_product(galera: &Galera, logs: &std::path::Path) {
-    let (replicas, url) = through_writer(galera, "create", 2, 3, logs).await;
+    let (replicas, url) = replicas_on(galera, "create", 2, 3, logs, Via::Writer).await;
     let token = replicas.login(&url, "operator", true).await.access_token;
     for round in 0..10 {
         let request_id = uuid(round);
@@ -362,7 +354,7 @@ async fn a_create_retried_on_every_replica_makes_one_product(galera: &Galera, lo
 }
 
 async fn a_write_is_read_at_once_on_another_node(galera: &Galera, logs: &std::path::Path) {
-    let (replicas, url) = spread(galera, "read", 1, 3, logs).await;
+    let (replicas, url) = replicas_on(galera, "read", 1, 3, logs, Via::Nodes).await;
     // What makes this hold: every session the services open on a Galera
     // node waits for the writes the cluster committed before its statements.
     let db = Db::connect(&galera.url(3, "")).await.unwrap();
