@@ -20,6 +20,10 @@ const SECRET_MESSAGES: &[&str] = &[
     "storegate.auth.v1.RefreshTokenRequest",
     "storegate.auth.v1.RefreshTokenResponse",
     "storegate.auth.v1.LogoutRequest",
+    "storegate.auth.v1.RevokeSessionsRequest",
+    "storegate.auth.v1.ChangePasswordRequest",
+    "storegate.auth.v1.ChangePasswordResponse",
+    "storegate.auth.v1.ResetTotpRequest",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

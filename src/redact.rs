@@ -5,8 +5,9 @@
 use std::fmt;
 
 use crate::pb::auth::v1::{
-    BeginLoginRequest, BeginLoginResponse, CompleteLoginRequest, CompleteLoginResponse, LogoutRequest,
-    RefreshTokenRequest, RefreshTokenResponse, RegisterRequest, TotpEnrollment,
+    BeginLoginRequest, BeginLoginResponse, ChangePasswordRequest, ChangePasswordResponse,
+    CompleteLoginRequest, CompleteLoginResponse, LogoutRequest, RefreshTokenRequest, RefreshTokenResponse,
+    RegisterRequest, ResetTotpRequest, RevokeSessionsRequest, TotpEnrollment,
 };
 
 const HIDDEN: &str = "<redacted>";
@@ -90,6 +91,45 @@ impl fmt::Debug for LogoutRequest {
     }
 }
 
+impl fmt::Debug for RevokeSessionsRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RevokeSessionsRequest")
+            .field("refresh_token", &HIDDEN)
+            .field("keep_current", &self.keep_current)
+            .finish()
+    }
+}
+
+impl fmt::Debug for ChangePasswordRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ChangePasswordRequest")
+            .field("login_ticket", &HIDDEN)
+            .field("code", &HIDDEN)
+            .field("new_password", &HIDDEN)
+            .finish()
+    }
+}
+
+impl fmt::Debug for ChangePasswordResponse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ChangePasswordResponse")
+            .field("access_token", &HIDDEN)
+            .field("refresh_token", &HIDDEN)
+            .field("token_type", &self.token_type)
+            .field("expires_in", &self.expires_in)
+            .finish()
+    }
+}
+
+impl fmt::Debug for ResetTotpRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResetTotpRequest")
+            .field("login_ticket", &HIDDEN)
+            .field("recovery_code", &HIDDEN)
+            .finish()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -97,7 +137,7 @@ mod tests {
     #[test]
     fn debug_output_hides_passwords_codes_and_tokens() {
         let printed = format!(
-            "{:?} {:?} {:?} {:?}",
+            "{:?} {:?} {:?} {:?} {:?} {:?}",
             RegisterRequest { username: "alice".into(), password: "hunter2-secret".into() },
             CompleteLoginRequest { login_ticket: "ticket-xyz".into(), code: "123456".into() },
             CompleteLoginResponse {
@@ -112,9 +152,24 @@ mod tests {
                 qr_png: vec![1, 2, 3],
                 secret: "JBSWY3DP".into(),
             },
+            ChangePasswordRequest {
+                login_ticket: "ticket-xyz".into(),
+                code: "123456".into(),
+                new_password: "new-secret-pw".into(),
+            },
+            ResetTotpRequest { login_ticket: "ticket-xyz".into(), recovery_code: "ABCD-EFGH-JKLM".into() },
         );
         assert!(printed.contains("alice"));
-        for secret in ["hunter2-secret", "ticket-xyz", "123456", "eyJ.access", "refresh-abc", "JBSWY3DP"] {
+        for secret in [
+            "hunter2-secret",
+            "ticket-xyz",
+            "123456",
+            "eyJ.access",
+            "refresh-abc",
+            "JBSWY3DP",
+            "new-secret-pw",
+            "ABCD-EFGH-JKLM",
+        ] {
             assert!(!printed.contains(secret), "{secret} leaked into {printed}");
         }
     }

@@ -3,6 +3,8 @@
 use secrecy::SecretString;
 use storegate::config::CommonConfig;
 
+use crate::client::TrustedProxies;
+
 pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9101";
 pub const DEFAULT_LISTEN_ADDR: &str = "127.0.0.1:50051";
 
@@ -29,6 +31,50 @@ pub struct AuthConfig {
     /// The issuer name authenticator apps show next to the account.
     #[arg(long, env = "TOTP_ISSUER", default_value = "storegate")]
     pub totp_issuer: String,
+
+    #[command(flatten)]
+    pub login: LoginPolicy,
+}
+
+/// Throttles and session lifetimes.
+#[derive(clap::Args, Clone, Debug)]
+pub struct LoginPolicy {
+    /// Gateways (addresses or CIDR ranges, comma separated) whose
+    /// `x-forwarded-for` names the client that throttles count against.
+    /// Empty: the connection's peer is the client.
+    #[arg(long, env = "TRUSTED_PROXIES", default_value = "")]
+    pub trusted_proxies: TrustedProxies,
+
+    /// Consecutive failed logins, from all clients together, that lock an
+    /// account until `auth-service unlock-user` (NIST SP 800-63B: at most 100).
+    #[arg(long, env = "MAX_FAILED_LOGINS", default_value_t = 100, value_parser = clap::value_parser!(i32).range(1..=100))]
+    pub max_failed_logins: i32,
+
+    /// Registrations one client address may attempt an hour (taken names
+    /// count too); 0 for no limit.
+    #[arg(long, env = "REGISTRATIONS_PER_CLIENT_PER_HOUR", default_value_t = 300)]
+    pub registrations_per_client_per_hour: u32,
+
+    /// How long a refresh token lives unused; each refresh starts a new one.
+    #[arg(long, env = "REFRESH_TOKEN_TTL_SECS", default_value_t = 30 * 24 * 60 * 60)]
+    pub refresh_token_ttl_secs: u32,
+
+    /// How long a login lasts however often it is refreshed; then the user
+    /// logs in again.
+    #[arg(long, env = "SESSION_MAX_LIFETIME_SECS", default_value_t = 30 * 24 * 60 * 60)]
+    pub session_max_lifetime_secs: u32,
+}
+
+impl Default for LoginPolicy {
+    fn default() -> Self {
+        LoginPolicy {
+            trusted_proxies: TrustedProxies::default(),
+            max_failed_logins: 100,
+            registrations_per_client_per_hour: 300,
+            refresh_token_ttl_secs: 30 * 24 * 60 * 60,
+            session_max_lifetime_secs: 30 * 24 * 60 * 60,
+        }
+    }
 }
 
 impl AuthConfig {
@@ -40,6 +86,7 @@ impl AuthConfig {
             metrics_listen_addr: String::new(),
             master_key: None,
             totp_issuer: "storegate".to_owned(),
+            login: LoginPolicy::default(),
         }
     }
 }

@@ -2,6 +2,7 @@
 //! EdDSA access tokens it issues. `main.rs` only parses flags and calls
 //! [`run`] or one of the admin commands.
 
+pub mod client;
 pub mod config;
 pub mod crypto;
 pub mod domain;
@@ -54,7 +55,9 @@ pub async fn open_state(config: &AuthConfig) -> anyhow::Result<AuthState> {
         issuer: config.common.jwt_issuer.clone(),
         audience: config.common.jwt_audience.clone(),
         totp_issuer: config.totp_issuer.clone(),
+        policy: config.login.clone(),
         login_attempts: Default::default(),
+        accounts_locked: Default::default(),
     })
 }
 
@@ -76,6 +79,11 @@ pub async fn run(
         let db = state.store.db().clone();
         let db_health = DbHealth::watch(&db);
         metrics.register("login_attempts", "Login steps by outcome", state.login_attempts.clone());
+        metrics.register(
+            "accounts_locked",
+            "Accounts locked at the cap of consecutive failed logins",
+            state.accounts_locked.clone(),
+        );
         // What can fail first, so that a failed start leaves no task behind.
         let mut background: Vec<_> =
             storegate::server::spawn_metrics(&metrics, &config.metrics_listen_addr, db.clone())
@@ -163,14 +171,75 @@ pub async fn revoke_role(config: &AuthConfig, username: &str, role: &str) -> any
     let (user_id, username) = user_id_of(&store, username).await?;
     let revoked = store.revoke_role(user_id, role).await.map_err(|e| anyhow::anyhow!("{e}"))?;
     if revoked {
+        // A session would otherwise mint tokens with the role for as long
+        // as it is refreshed.
+        let sessions =
+            store.revoke_user_sessions(user_id, None, db::now()).await.map_err(|e| anyhow::anyhow!("{e}"))?;
         println!(
-            "revoked role {role} from {}; access tokens issued before now keep it until they expire (at most {} minutes)",
+            "revoked role {role} from {} and ended their {sessions} session(s); access tokens issued \
+             before now keep the role until they expire (at most {} minutes)",
             username.as_str(),
             storegate::token::ACCESS_TOKEN_TTL_SECS / 60
         );
     } else {
         println!("{} did not have role {role}", username.as_str());
     }
+    store.db().close().await;
+    Ok(())
+}
+
+/// `auth-service revoke-sessions <username>`: ends every session of a user.
+pub async fn revoke_sessions(config: &AuthConfig, username: &str) -> anyhow::Result<i64> {
+    let store = admin_store(config).await?;
+    let (user_id, username) = user_id_of(&store, username).await?;
+    let sessions =
+        store.revoke_user_sessions(user_id, None, db::now()).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    tracing::info!(user_id, sessions, "an administrator ended every session of a user");
+    println!(
+        "ended {sessions} session(s) of {}; access tokens already issued expire within {} minutes",
+        username.as_str(),
+        storegate::token::ACCESS_TOKEN_TTL_SECS / 60
+    );
+    store.db().close().await;
+    Ok(sessions)
+}
+
+/// `auth-service unlock-user <username>`: lifts the lock that the cap of
+/// consecutive failed logins set.
+pub async fn unlock_user(config: &AuthConfig, username: &str) -> anyhow::Result<bool> {
+    let store = admin_store(config).await?;
+    let (user_id, username) = user_id_of(&store, username).await?;
+    let unlocked = store.unlock_user(user_id).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    if unlocked {
+        tracing::info!(user_id, "an administrator unlocked an account");
+        println!("unlocked {}; their failed logins are forgotten", username.as_str());
+    } else {
+        println!("{} is not locked", username.as_str());
+    }
+    store.db().close().await;
+    Ok(unlocked)
+}
+
+/// `auth-service revoke-key <kid>`: withdraws a signing key at once (it
+/// leaked, say). When it was the one signing, a new key takes over now.
+pub async fn revoke_key(config: &AuthConfig, kid: &str) -> anyhow::Result<()> {
+    let store = admin_store(config).await?;
+    let master_key = load_master_key(config)?;
+    let now = db::now();
+    let signing = store.current_signing_key(now).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let withdrawn = store.withdraw_signing_key(kid, now).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    anyhow::ensure!(withdrawn, "no signing key {kid:?} that is not withdrawn already");
+    tracing::warn!(kid, "an administrator withdrew a signing key");
+    if signing.is_some_and(|k| k.kid == kid) {
+        let new_kid = SigningKeys::rotate(&store, &master_key, Duration::ZERO).await?;
+        println!("withdrew {kid}, the key that was signing; {new_kid} signs from now");
+    } else {
+        println!("withdrew {kid}");
+    }
+    println!(
+        "it has left the JWK Set; verifiers drop it within their key refresh interval \
+         (product-service: JWKS_REFRESH_INTERVAL_SECS)"
+    );
     store.db().close().await;
     Ok(())
 }

@@ -22,8 +22,16 @@ enum Command {
     Migrate,
     /// Give a user a role (e.g. `admin`, which may change the catalogue).
     GrantRole { username: String, role: String },
-    /// Take a role away; it leaves tokens already issued (at most 15 minutes).
+    /// Take a role away and end the user's sessions; access tokens already
+    /// issued keep it until they expire (at most 15 minutes).
     RevokeRole { username: String, role: String },
+    /// End every session of a user (their refresh tokens stop working).
+    RevokeSessions { username: String },
+    /// Lift the lock set after too many consecutive failed logins.
+    UnlockUser { username: String },
+    /// Withdraw a signing key at once: it leaves the JWK Set and signs
+    /// nothing more (a new key takes over if it was signing).
+    RevokeKey { kid: String },
     /// Add a new signing key: published at once, used for signing after
     /// --activate-after-secs, when the current key retires.
     RotateKeys {
@@ -52,6 +60,11 @@ async fn main() -> anyhow::Result<()> {
         Command::RevokeRole { username, role } => {
             auth_service::revoke_role(&cli.config, &username, &role).await
         }
+        Command::RevokeSessions { username } => {
+            auth_service::revoke_sessions(&cli.config, &username).await.map(drop)
+        }
+        Command::UnlockUser { username } => auth_service::unlock_user(&cli.config, &username).await.map(drop),
+        Command::RevokeKey { kid } => auth_service::revoke_key(&cli.config, &kid).await,
         Command::RotateKeys { activate_after_secs } => {
             let activate_after = std::time::Duration::from_secs(activate_after_secs);
             auth_service::rotate_keys(&cli.config, activate_after).await.map(drop)

@@ -8,45 +8,46 @@ use prometheus_client::{
 use storegate::{
     ApiError,
     pb::auth::v1::{
-        BeginLoginRequest, BeginLoginResponse, CompleteLoginRequest, CompleteLoginResponse, GetJwksRequest,
-        GetJwksResponse, LogoutRequest, LogoutResponse, RefreshTokenRequest, RefreshTokenResponse,
-        RegisterRequest, RegisterResponse, TotpEnrollment, auth_service_server::AuthService,
+        BeginLoginRequest, BeginLoginResponse, ChangePasswordRequest, ChangePasswordResponse,
+        CompleteLoginRequest, CompleteLoginResponse, GetJwksRequest, GetJwksResponse, LogoutRequest,
+        LogoutResponse, RefreshTokenRequest, RefreshTokenResponse, RegisterRequest, RegisterResponse,
+        ResetTotpRequest, ResetTotpResponse, RevokeSessionsRequest, RevokeSessionsResponse, TotpEnrollment,
+        auth_service_server::AuthService,
     },
     token::{ACCESS_TOKEN_TTL_SECS, Claims},
 };
 use tonic::{Request, Response, Status};
 
 use crate::{
+    client::Client,
+    config::LoginPolicy,
     crypto::{MasterKey, random_bytes, random_token, token_hash},
     domain::{Username, check_new_password, password_length_ok},
     keys::SigningKeys,
     password::PasswordHasher,
     recovery,
     store::{
-        AuthStore, CompleteLoginRefused, CompletingLogin, NewRefreshToken, Rotation, SecondFactor, TotpState,
+        Admission, AuthStore, CompleteLoginRefused, CompletingLogin, LoginAction, NewRefreshToken, Rotation,
+        SecondFactor, Ticket,
     },
     throttle, totp,
 };
 
 /// How long a login ticket may wait for its code.
 pub const TICKET_TTL_SECS: i64 = 5 * 60;
-/// How long a refresh token lives.
-pub const REFRESH_TOKEN_TTL_DAYS: i64 = 30;
 
 const BAD_CREDENTIALS: &str = "invalid username or password";
 const BAD_TICKET: &str = "login ticket is invalid or expired; start the login again";
 const BAD_CODE: &str = "invalid code";
 const BAD_REFRESH_TOKEN: &str = "refresh token is invalid, expired or revoked; log in again";
+const ACCOUNT_LOCKED: &str =
+    "this account is locked after too many failed logins; an administrator must unlock it";
+const ENROLLMENT_TAKEN: &str = "another login confirmed a second factor first; start the login again";
+const STILL_ENROLLING: &str =
+    "the account has no confirmed second factor yet: complete the login with this ticket first";
+const NOT_A_RECOVERY_CODE: &str = "a recovery code looks like ABCD-EFGH-JKLM";
 /// Longest ticket or code we bother hashing; anything longer is not ours.
 const MAX_OPAQUE_LEN: usize = 256;
-
-/// A login whose transaction committed: what its answer carries besides the
-/// access token.
-struct CompletedLogin {
-    refresh_token: String,
-    /// Only on the call that confirmed the enrollment.
-    recovery_codes: Vec<String>,
-}
 
 /// Everything the handlers share; cheap to clone.
 #[derive(Clone)]
@@ -58,8 +59,11 @@ pub struct AuthState {
     pub issuer: String,
     pub audience: String,
     pub totp_issuer: String,
+    pub policy: LoginPolicy,
     /// Login steps by outcome, for the metrics endpoint.
     pub login_attempts: Family<LoginLabels, Counter>,
+    /// Accounts locked at the failure cap.
+    pub accounts_locked: Counter,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -73,6 +77,7 @@ impl AuthState {
         let outcome = match outcome {
             Ok(_) => "ok",
             Err(ApiError::Unauthenticated(_)) => "rejected",
+            Err(ApiError::PermissionDenied(ACCOUNT_LOCKED)) => "locked",
             Err(ApiError::ResourceExhausted { message, .. }) if *message == throttle::THROTTLED => {
                 "throttled"
             }
@@ -97,6 +102,23 @@ fn totp_seal_context(user_id: i64) -> String {
     format!("totp_secret:user:{user_id}")
 }
 
+/// What a ticket and a code are traded for.
+enum Intent {
+    SignIn,
+    ChangePassword { password_hash: String },
+    ResetTotp,
+}
+
+/// A completed last step: what its answer carries besides the access token.
+struct Completed {
+    user_id: i64,
+    username: String,
+    /// None when the step started no session (ResetTotp).
+    refresh_token: Option<String>,
+    /// Only on the call that confirmed the enrollment.
+    recovery_codes: Vec<String>,
+}
+
 impl AuthState {
     fn open_totp_secret(&self, user_id: i64, sealed: &[u8]) -> Result<Vec<u8>, ApiError> {
         self.master_key.decrypt(sealed, &totp_seal_context(user_id)).map_err(|e| {
@@ -104,7 +126,11 @@ impl AuthState {
         })
     }
 
-    async fn register(&self, req: RegisterRequest) -> Result<RegisterResponse, ApiError> {
+    fn refresh_ttl(&self) -> Duration {
+        Duration::seconds(i64::from(self.policy.refresh_token_ttl_secs))
+    }
+
+    async fn register(&self, req: RegisterRequest, client: Client) -> Result<RegisterResponse, ApiError> {
         let username = Username::parse(&req.username);
         // The guessability check is CPU work too: off the runtime, bounded
         // like hashing.
@@ -113,22 +139,40 @@ impl AuthState {
         ApiError::check([username.clone().err(), password.err()].into_iter().flatten().collect())?;
         let username = username.map_err(|v| ApiError::InvalidArgument(vec![v]))?;
 
-        let password_hash = self.hasher.hash(req.password).await?;
-        let secret = totp::new_secret();
-        let user_id = self
-            .store
-            .create_user(
-                username.as_str(),
-                &password_hash,
-                |id| self.master_key.encrypt(&secret, &totp_seal_context(id)),
-                storegate::db::now(),
-            )
-            .await?;
+        // Every attempt that reaches the database counts, a taken name too:
+        // Register must not be a free way to learn which names exist.
+        let limit = i64::from(self.policy.registrations_per_client_per_hour);
+        let quota = (limit > 0).then(|| throttle::registration_subject(client));
+        if let Some(subject) = &quota {
+            let now = storegate::db::now().timestamp();
+            if let Admission::RefusedUntil(until) = self.store.admit_quota(subject, limit, now).await? {
+                return Err(ApiError::ResourceExhausted {
+                    message: throttle::REGISTRATIONS_THROTTLED,
+                    retry_after: Some(std::time::Duration::from_secs((until - now).max(1) as u64)),
+                });
+            }
+        }
+        let created = async {
+            let password_hash = self.hasher.hash(req.password).await?;
+            self.store.create_user(username.as_str(), &password_hash, storegate::db::now()).await
+        }
+        .await;
+        if let Some(subject) = &quota
+            && !matches!(created, Ok(_) | Err(ApiError::AlreadyExists(_)))
+            && let Err(e) = self.store.refund_quota(subject).await
+        {
+            tracing::warn!(error = %e, "cannot give back a registration that did not happen");
+        }
+        let user_id = created?;
         tracing::info!(user_id, "registered a user");
         Ok(RegisterResponse { user_id })
     }
 
-    async fn begin_login(&self, req: BeginLoginRequest) -> Result<BeginLoginResponse, ApiError> {
+    async fn begin_login(
+        &self,
+        req: BeginLoginRequest,
+        client: Client,
+    ) -> Result<BeginLoginResponse, ApiError> {
         // Refused before any hashing or counting: it says nothing about the account.
         if !password_length_ok(&req.password) || req.username.len() > MAX_OPAQUE_LEN {
             return Err(ApiError::Unauthenticated(BAD_CREDENTIALS));
@@ -136,7 +180,8 @@ impl AuthState {
         let now = storegate::db::now();
         let outcome = async {
             let attempt =
-                throttle::admit(&self.store, throttle::subject(&req.username), now.timestamp()).await?;
+                throttle::admit(&self.store, throttle::subject(&req.username, client), now.timestamp())
+                    .await?;
             let outcome = self.check_password_and_issue_ticket(req, attempt.subject(), now).await;
             // A ticket is the outcome's last step, stored in the transaction
             // that gives the attempt back: an Ok has settled it.
@@ -160,33 +205,55 @@ impl AuthState {
         };
         // Unknown users are checked against a dummy hash: same answer, same time.
         let (stored_hash, user) = match user {
-            Some(u) => (Some(u.password_hash), Some((u.id, u.totp))),
+            Some(u) => (Some(u.password_hash), Some((u.id, u.locked_at, u.totp))),
             None => (None, None),
         };
         let password_ok = self.hasher.verify(req.password, stored_hash).await?;
-        let Some((user_id, totp_state)) = user.filter(|_| password_ok) else {
+        let Some((user_id, locked_at, totp_state)) = user else {
             return Err(ApiError::Unauthenticated(BAD_CREDENTIALS));
         };
+        if !password_ok {
+            self.count_account_failure(user_id, now).await;
+            return Err(ApiError::Unauthenticated(BAD_CREDENTIALS));
+        }
+        // Said only to whoever knows the password.
+        if locked_at.is_some() {
+            return Err(ApiError::PermissionDenied(ACCOUNT_LOCKED));
+        }
 
-        // The secret goes out only after a correct password and only until
-        // the first code confirms it. An account still enrolling is read
-        // again: another login may have confirmed it during the hash.
+        // Until a code confirms one, every ticket offers a secret of its
+        // own: only the secret of the ticket that completes is kept, and a
+        // secret once shown dies with its ticket. An account still
+        // enrolling is read again: another login may have confirmed it
+        // during the hash.
         let confirmed = match totp_state.totp_confirmed_at {
             Some(_) => true,
             None => self.store.totp_confirmed(user_id).await?,
         };
-        let enrollment = if confirmed {
-            None
+        let (enrollment, sealed_secret) = if confirmed {
+            (None, None)
         } else {
-            let secret = self.open_totp_secret(user_id, &totp_state.totp_secret)?;
+            let secret = totp::new_secret();
+            let sealed = self.master_key.encrypt(&secret, &totp_seal_context(user_id))?;
             let e = totp::enrollment(&secret, &self.totp_issuer, &totp_state.username)?;
-            Some(TotpEnrollment { otpauth_uri: e.otpauth_uri, qr_png: e.qr_png, secret: e.secret_base32 })
+            let enrollment =
+                TotpEnrollment { otpauth_uri: e.otpauth_uri, qr_png: e.qr_png, secret: e.secret_base32 };
+            (Some(enrollment), Some(sealed))
         };
         // Last, so that nothing can fail once the ticket is stored and the
         // attempt given back.
         let ticket = random_token();
         let expires_at = now + Duration::seconds(TICKET_TTL_SECS);
-        self.store.create_ticket(&token_hash(&ticket), user_id, expires_at, now, throttle_subject).await?;
+        self.store
+            .create_ticket(
+                &token_hash(&ticket),
+                user_id,
+                sealed_secret.as_deref(),
+                expires_at,
+                now,
+                throttle_subject,
+            )
+            .await?;
         tracing::info!(user_id, enrolling = enrollment.is_some(), "password accepted; ticket issued");
         Ok(BeginLoginResponse {
             login_ticket: ticket,
@@ -195,108 +262,230 @@ impl AuthState {
         })
     }
 
-    async fn complete_login(&self, req: CompleteLoginRequest) -> Result<CompleteLoginResponse, ApiError> {
-        if req.login_ticket.is_empty() || req.login_ticket.len() > MAX_OPAQUE_LEN {
-            return Err(ApiError::Unauthenticated(BAD_TICKET));
+    /// Counts a wrong password or code against the account itself (every
+    /// client together), and locks it at the cap. Never fails the call: the
+    /// answer is "wrong" either way.
+    async fn count_account_failure(&self, user_id: i64, now: DateTime<Utc>) {
+        match self.store.count_account_failure(user_id, self.policy.max_failed_logins, now).await {
+            Ok(true) => {
+                self.accounts_locked.inc();
+                tracing::warn!(
+                    user_id,
+                    failures = self.policy.max_failed_logins,
+                    "account locked after consecutive failed logins; `auth-service unlock-user` lifts it"
+                );
+            }
+            Ok(false) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot count a failed login against its account"),
         }
-        let now = storegate::db::now();
-        let ticket_hash = token_hash(&req.login_ticket);
-        let ticket =
-            self.store.live_ticket(&ticket_hash, now).await?.ok_or(ApiError::Unauthenticated(BAD_TICKET))?;
-        let totp_state = &ticket.totp;
+    }
 
-        // Wrong codes count against the account's name as wrong passwords do,
-        // so a known password cannot buy unlimited code guesses.
+    async fn complete_login(
+        &self,
+        req: CompleteLoginRequest,
+        client: Client,
+    ) -> Result<CompleteLoginResponse, ApiError> {
         let outcome = async {
-            let attempt =
-                throttle::admit(&self.store, throttle::subject(&totp_state.username), now.timestamp())
-                    .await?;
-            let login = CompletingLogin {
-                ticket_hash: &ticket_hash,
-                user_id: ticket.user_id,
-                throttle_subject: attempt.subject(),
-            };
-            let completed = self.check_code_and_complete(&req.code, &login, totp_state, now).await;
-            // Settled by what the transaction did: once it committed (and
-            // cleared the count), a failure to sign the token is no
-            // attempt's outcome and must not refund a count added since.
-            attempt.settle(&self.store, &completed).await;
-            self.issue_tokens(ticket.user_id, &totp_state.username, completed?).await
+            let completed = self.complete(&req.login_ticket, &req.code, client, Intent::SignIn).await?;
+            let access_token = self.issue_access_token(completed.user_id, &completed.username).await?;
+            Ok(CompleteLoginResponse {
+                access_token,
+                refresh_token: completed.refresh_token.unwrap_or_default(),
+                token_type: "Bearer".to_owned(),
+                expires_in: ACCESS_TOKEN_TTL_SECS,
+                recovery_codes: completed.recovery_codes,
+            })
         }
         .await;
         self.count_login("complete", &outcome);
-        if matches!(outcome, Err(ApiError::Unauthenticated(BAD_CODE)))
-            && let Err(e) = self.store.record_wrong_code(&ticket_hash).await
-        {
-            // The answer stays "invalid code"; the ticket still dies at expiry.
-            tracing::warn!(error = %e, "cannot count a wrong code against its ticket");
-        }
         outcome
     }
 
-    /// Checks the code and completes the login in one transaction (see
+    async fn change_password(
+        &self,
+        req: ChangePasswordRequest,
+        client: Client,
+    ) -> Result<ChangePasswordResponse, ApiError> {
+        let outcome = async {
+            let ticket = self.ticket(&req.login_ticket).await?;
+            let username = ticket.totp.username.clone();
+            let new_password = req.new_password.clone();
+            let checked = self.hasher.run(move || check_new_password(&new_password, &username)).await?;
+            checked.map_err(|v| ApiError::invalid("new_password", v.description))?;
+            let password_hash = self.hasher.hash(req.new_password).await?;
+            let completed = self
+                .complete(&req.login_ticket, &req.code, client, Intent::ChangePassword { password_hash })
+                .await?;
+            tracing::info!(user_id = completed.user_id, "password changed; other sessions ended");
+            let access_token = self.issue_access_token(completed.user_id, &completed.username).await?;
+            Ok(ChangePasswordResponse {
+                access_token,
+                refresh_token: completed.refresh_token.unwrap_or_default(),
+                token_type: "Bearer".to_owned(),
+                expires_in: ACCESS_TOKEN_TTL_SECS,
+            })
+        }
+        .await;
+        self.count_login("change_password", &outcome);
+        outcome
+    }
+
+    async fn reset_totp(&self, req: ResetTotpRequest, client: Client) -> Result<ResetTotpResponse, ApiError> {
+        let outcome = async {
+            if recovery::normalise(&req.recovery_code).is_none() {
+                return Err(ApiError::invalid("recovery_code", NOT_A_RECOVERY_CODE));
+            }
+            let completed =
+                self.complete(&req.login_ticket, &req.recovery_code, client, Intent::ResetTotp).await?;
+            tracing::info!(
+                user_id = completed.user_id,
+                "second factor reset with a recovery code; sessions ended"
+            );
+            Ok(ResetTotpResponse {})
+        }
+        .await;
+        self.count_login("reset_totp", &outcome);
+        outcome
+    }
+
+    /// A live ticket, or UNAUTHENTICATED.
+    async fn ticket(&self, login_ticket: &str) -> Result<Ticket, ApiError> {
+        if login_ticket.is_empty() || login_ticket.len() > MAX_OPAQUE_LEN {
+            return Err(ApiError::Unauthenticated(BAD_TICKET));
+        }
+        self.store
+            .live_ticket(&token_hash(login_ticket), storegate::db::now())
+            .await?
+            .ok_or(ApiError::Unauthenticated(BAD_TICKET))
+    }
+
+    /// The last step shared by CompleteLogin, ChangePassword and ResetTotp:
+    /// the ticket and the code, throttled and counted like a password, then
+    /// what `intent` asks, all in one transaction.
+    async fn complete(
+        &self,
+        login_ticket: &str,
+        code: &str,
+        client: Client,
+        intent: Intent,
+    ) -> Result<Completed, ApiError> {
+        let now = storegate::db::now();
+        let ticket = self.ticket(login_ticket).await?;
+        let ticket_hash = token_hash(login_ticket);
+        if ticket.locked_at.is_some() {
+            return Err(ApiError::PermissionDenied(ACCOUNT_LOCKED));
+        }
+        let enrolling = ticket.enrollment_secret.is_some();
+        if enrolling && !matches!(intent, Intent::SignIn) {
+            return Err(ApiError::FailedPrecondition(STILL_ENROLLING.to_owned()));
+        }
+        // A ticket issued before a reset offers no secret, yet the account
+        // has none confirmed: it belongs to a login that no longer exists.
+        if !enrolling && ticket.totp.totp_confirmed_at.is_none() {
+            return Err(ApiError::Unauthenticated(BAD_TICKET));
+        }
+
+        // Wrong codes count against the account's name as wrong passwords do,
+        // so a known password cannot buy unlimited code guesses.
+        let attempt =
+            throttle::admit(&self.store, throttle::subject(&ticket.totp.username, client), now.timestamp())
+                .await?;
+        let login = CompletingLogin {
+            ticket_hash: &ticket_hash,
+            user_id: ticket.user_id,
+            throttle_subject: attempt.subject(),
+        };
+        let completed = self.check_code_and_complete(code, &login, &ticket, intent, now).await;
+        // Settled by what the transaction did: once it committed (and
+        // cleared the count), a failure to sign the token is no attempt's
+        // outcome and must not refund a count added since.
+        attempt.settle(&self.store, &completed).await;
+        if matches!(completed, Err(ApiError::Unauthenticated(BAD_CODE))) {
+            if let Err(e) = self.store.record_wrong_code(&ticket_hash).await {
+                // The answer stays "invalid code"; the ticket still dies at expiry.
+                tracing::warn!(error = %e, "cannot count a wrong code against its ticket");
+            }
+            self.count_account_failure(ticket.user_id, now).await;
+        }
+        completed
+    }
+
+    /// Checks the code and completes in one transaction (see
     /// `AuthStore::complete_login`).
     async fn check_code_and_complete(
         &self,
         code: &str,
         login: &CompletingLogin<'_>,
-        totp_state: &TotpState,
+        ticket: &Ticket,
+        intent: Intent,
         now: DateTime<Utc>,
-    ) -> Result<CompletedLogin, ApiError> {
+    ) -> Result<Completed, ApiError> {
         let user_id = login.user_id;
-        let factor = if let Some(recovery_code) = recovery::normalise(code) {
-            SecondFactor::RecoveryCode(recovery::hash(&self.master_key, &recovery_code))
-        } else {
-            let secret = self.open_totp_secret(user_id, &totp_state.totp_secret)?;
-            let now_step = totp::step_at(u64::try_from(now.timestamp()).unwrap_or(0));
-            let step = totp::matching_step(&secret, code, now_step, totp_state.totp_last_step)
-                .ok_or(ApiError::Unauthenticated(BAD_CODE))?;
-            SecondFactor::TotpStep(step)
+        let totp_state = &ticket.totp;
+        let now_step = totp::step_at(u64::try_from(now.timestamp()).unwrap_or(0));
+        let factor = match (&ticket.enrollment_secret, recovery::normalise(code)) {
+            // Enrolling: only a code of this ticket's own secret.
+            (Some(sealed), _) => {
+                let secret = self.open_totp_secret(user_id, sealed)?;
+                let step = totp::matching_step(&secret, code, now_step, totp_state.totp_last_step)
+                    .ok_or(ApiError::Unauthenticated(BAD_CODE))?;
+                SecondFactor::TotpStep(step)
+            }
+            (None, Some(recovery_code)) => {
+                SecondFactor::RecoveryCode(recovery::hash(&self.master_key, &recovery_code))
+            }
+            (None, None) if matches!(intent, Intent::ResetTotp) => {
+                return Err(ApiError::invalid("recovery_code", NOT_A_RECOVERY_CODE));
+            }
+            (None, None) => {
+                let secret = self.open_totp_secret(user_id, &totp_state.totp_secret)?;
+                let step = totp::matching_step(&secret, code, now_step, totp_state.totp_last_step)
+                    .ok_or(ApiError::Unauthenticated(BAD_CODE))?;
+                SecondFactor::TotpStep(step)
+            }
         };
         // The call that confirms enrollment hands out the recovery codes.
         let recovery_codes =
-            if totp_state.totp_confirmed_at.is_none() { recovery::generate() } else { Vec::new() };
+            if ticket.enrollment_secret.is_some() { recovery::generate() } else { Vec::new() };
         let recovery_hashes: Vec<Vec<u8>> = recovery_codes
             .iter()
             .filter_map(|c| recovery::normalise(c))
             .map(|c| recovery::hash(&self.master_key, &c))
             .collect();
+        let action = match (&intent, &ticket.enrollment_secret) {
+            (_, Some(sealed_secret)) => {
+                LoginAction::Enroll { sealed_secret, recovery_codes: &recovery_hashes }
+            }
+            (Intent::SignIn, None) => LoginAction::SignIn,
+            (Intent::ChangePassword { password_hash }, None) => LoginAction::ChangePassword { password_hash },
+            (Intent::ResetTotp, None) => LoginAction::ResetTotp,
+        };
 
         let refresh_token = random_token();
+        let session_expires_at = now + Duration::seconds(i64::from(self.policy.session_max_lifetime_secs));
         let refresh = NewRefreshToken {
             token_hash: token_hash(&refresh_token),
             family: random_bytes::<16>().to_vec(),
-            expires_at: now + Duration::days(REFRESH_TOKEN_TTL_DAYS),
+            expires_at: (now + self.refresh_ttl()).min(session_expires_at),
+            session_expires_at,
         };
-        let confirming = (!recovery_hashes.is_empty()).then_some(recovery_hashes.as_slice());
-        let confirmed = match self.store.complete_login(login, &factor, confirming, &refresh, now).await? {
-            Ok(confirmed) => confirmed,
+        match self.store.complete_login(login, &factor, &action, &refresh, now).await? {
+            Ok(()) => {}
             Err(CompleteLoginRefused::TicketInvalid) => return Err(ApiError::Unauthenticated(BAD_TICKET)),
             Err(CompleteLoginRefused::FactorSpent) => return Err(ApiError::Unauthenticated(BAD_CODE)),
-        };
+            Err(CompleteLoginRefused::EnrollmentTaken) => {
+                return Err(ApiError::Unauthenticated(ENROLLMENT_TAKEN));
+            }
+        }
 
         let used_recovery_code = matches!(factor, SecondFactor::RecoveryCode(_));
-        tracing::info!(user_id, confirmed_enrollment = confirmed, used_recovery_code, "login completed");
-        Ok(CompletedLogin {
-            refresh_token,
-            recovery_codes: if confirmed { recovery_codes } else { Vec::new() },
-        })
-    }
-
-    /// The answer to a completed login: its refresh token and recovery
-    /// codes, and an access token signed now.
-    async fn issue_tokens(
-        &self,
-        user_id: i64,
-        username: &str,
-        completed: CompletedLogin,
-    ) -> Result<CompleteLoginResponse, ApiError> {
-        Ok(CompleteLoginResponse {
-            access_token: self.issue_access_token(user_id, username).await?,
-            refresh_token: completed.refresh_token,
-            token_type: "Bearer".to_owned(),
-            expires_in: ACCESS_TOKEN_TTL_SECS,
-            recovery_codes: completed.recovery_codes,
+        let confirmed_enrollment = matches!(action, LoginAction::Enroll { .. });
+        tracing::info!(user_id, confirmed_enrollment, used_recovery_code, "login completed");
+        Ok(Completed {
+            user_id,
+            username: totp_state.username.clone(),
+            refresh_token: (!matches!(action, LoginAction::ResetTotp)).then_some(refresh_token),
+            recovery_codes,
         })
     }
 
@@ -327,7 +516,7 @@ impl AuthState {
             .rotate_refresh_token(
                 &token_hash(&req.refresh_token),
                 &token_hash(&refresh_token),
-                now + Duration::days(REFRESH_TOKEN_TTL_DAYS),
+                self.refresh_ttl(),
                 now,
             )
             .await?;
@@ -363,8 +552,35 @@ impl AuthState {
         Ok(LogoutResponse {})
     }
 
+    async fn revoke_sessions(&self, req: RevokeSessionsRequest) -> Result<RevokeSessionsResponse, ApiError> {
+        if req.refresh_token.is_empty() || req.refresh_token.len() > MAX_OPAQUE_LEN {
+            return Err(ApiError::Unauthenticated(BAD_REFRESH_TOKEN));
+        }
+        let now = storegate::db::now();
+        let session = self
+            .store
+            .session(&token_hash(&req.refresh_token), now)
+            .await?
+            .ok_or(ApiError::Unauthenticated(BAD_REFRESH_TOKEN))?;
+        let keep = req.keep_current.then_some(session.family.as_slice());
+        let revoked_sessions = self.store.revoke_user_sessions(session.user_id, keep, now).await?;
+        tracing::info!(
+            user_id = session.user_id,
+            revoked_sessions,
+            kept_current = req.keep_current,
+            "sessions revoked"
+        );
+        Ok(RevokeSessionsResponse { revoked_sessions })
+    }
+
     async fn get_jwks(&self) -> Result<GetJwksResponse, ApiError> {
         Ok(GetJwksResponse { jwks_json: self.keys.jwks_json().await?.to_string() })
+    }
+}
+
+impl AuthApi {
+    fn client<T>(&self, request: &Request<T>) -> Client {
+        Client::of(request, &self.state.policy.trusted_proxies)
     }
 }
 
@@ -375,7 +591,8 @@ impl AuthService for AuthApi {
         &self,
         request: Request<RegisterRequest>,
     ) -> Result<Response<RegisterResponse>, Status> {
-        Ok(Response::new(self.state.register(request.into_inner()).await?))
+        let client = self.client(&request);
+        Ok(Response::new(self.state.register(request.into_inner(), client).await?))
     }
 
     #[tracing::instrument(name = "BeginLogin", skip_all)]
@@ -383,7 +600,8 @@ impl AuthService for AuthApi {
         &self,
         request: Request<BeginLoginRequest>,
     ) -> Result<Response<BeginLoginResponse>, Status> {
-        Ok(Response::new(self.state.begin_login(request.into_inner()).await?))
+        let client = self.client(&request);
+        Ok(Response::new(self.state.begin_login(request.into_inner(), client).await?))
     }
 
     #[tracing::instrument(name = "CompleteLogin", skip_all)]
@@ -391,7 +609,8 @@ impl AuthService for AuthApi {
         &self,
         request: Request<CompleteLoginRequest>,
     ) -> Result<Response<CompleteLoginResponse>, Status> {
-        Ok(Response::new(self.state.complete_login(request.into_inner()).await?))
+        let client = self.client(&request);
+        Ok(Response::new(self.state.complete_login(request.into_inner(), client).await?))
     }
 
     #[tracing::instrument(name = "RefreshToken", skip_all)]
@@ -410,5 +629,31 @@ impl AuthService for AuthApi {
     #[tracing::instrument(name = "GetJwks", skip_all)]
     async fn get_jwks(&self, _request: Request<GetJwksRequest>) -> Result<Response<GetJwksResponse>, Status> {
         Ok(Response::new(self.state.get_jwks().await?))
+    }
+
+    #[tracing::instrument(name = "RevokeSessions", skip_all)]
+    async fn revoke_sessions(
+        &self,
+        request: Request<RevokeSessionsRequest>,
+    ) -> Result<Response<RevokeSessionsResponse>, Status> {
+        Ok(Response::new(self.state.revoke_sessions(request.into_inner()).await?))
+    }
+
+    #[tracing::instrument(name = "ChangePassword", skip_all)]
+    async fn change_password(
+        &self,
+        request: Request<ChangePasswordRequest>,
+    ) -> Result<Response<ChangePasswordResponse>, Status> {
+        let client = self.client(&request);
+        Ok(Response::new(self.state.change_password(request.into_inner(), client).await?))
+    }
+
+    #[tracing::instrument(name = "ResetTotp", skip_all)]
+    async fn reset_totp(
+        &self,
+        request: Request<ResetTotpRequest>,
+    ) -> Result<Response<ResetTotpResponse>, Status> {
+        let client = self.client(&request);
+        Ok(Response::new(self.state.reset_totp(request.into_inner(), client).await?))
     }
 }

@@ -15,8 +15,12 @@ use crate::throttle::{DELAYS_SECS, FREE_FAILURES};
 /// A wrong code is allowed this many times per ticket; then the ticket dies.
 pub const MAX_WRONG_CODES_PER_TICKET: i32 = 5;
 
-const INSERT_REFRESH_TOKEN: &str =
-    "INSERT INTO refresh_tokens (token_hash, family, user_id, expires_at, created_at) VALUES (?, ?, ?, ?, ?)";
+const INSERT_REFRESH_TOKEN: &str = "INSERT INTO refresh_tokens \
+     (token_hash, family, user_id, expires_at, session_expires_at, created_at) VALUES (?, ?, ?, ?, ?, ?)";
+
+/// Ends every live session of a user (`?` now, user id).
+const REVOKE_USER_SESSIONS: &str =
+    "UPDATE refresh_tokens SET revoked_at = ? WHERE user_id = ? AND revoked_at IS NULL";
 
 /// Gives back one counted attempt, and any lock with it (see
 /// [`AuthStore::refund_login_attempt`]).
@@ -44,6 +48,26 @@ static ADMIT_ATTEMPT_SQL: LazyLock<String> = LazyLock::new(|| {
     )
 });
 
+/// The window of [`AuthStore::admit_quota`]: an hour.
+pub const QUOTA_WINDOW_SECS: i64 = 60 * 60;
+
+/// Counts one use for a subject in its window unless the window is full. A
+/// window that has ended starts afresh at this use. `used` is assigned
+/// before `window_start` so that both backends read the old window (MySQL
+/// evaluates SET left to right with new values).
+const ADMIT_QUOTA_SQL: &str = "UPDATE client_quotas SET \
+     used = CASE WHEN window_start <= ? THEN 1 ELSE used + 1 END, \
+     window_start = CASE WHEN window_start <= ? THEN ? ELSE window_start END \
+     WHERE subject = ? AND (window_start <= ? OR used < ?)";
+
+/// Whether a counted call may go ahead.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Admission {
+    Admitted,
+    /// Refused until this unix time.
+    RefusedUntil(i64),
+}
+
 #[derive(Clone, Debug)]
 pub struct AuthStore {
     db: Db,
@@ -55,6 +79,9 @@ pub struct AuthStore {
 pub struct LoginUser {
     pub id: i64,
     pub password_hash: String,
+    /// Set when consecutive failures reached the cap: only an administrator
+    /// lifts it.
+    pub locked_at: Option<DateTime<Utc>>,
     #[sqlx(flatten)]
     pub totp: TotpState,
 }
@@ -72,6 +99,9 @@ pub struct TotpState {
 #[derive(sqlx::FromRow)]
 pub struct Ticket {
     pub user_id: i64,
+    /// The sealed secret this ticket offers for enrollment, if it does.
+    pub enrollment_secret: Option<Vec<u8>>,
+    pub locked_at: Option<DateTime<Utc>>,
     #[sqlx(flatten)]
     pub totp: TotpState,
 }
@@ -108,7 +138,20 @@ struct StoredRefreshToken {
     user_id: i64,
     family: Vec<u8>,
     expires_at: DateTime<Utc>,
+    /// NULL on tokens stored before sessions had an end: their expires_at.
+    session_expires_at: Option<DateTime<Utc>>,
+    rotated_at: Option<DateTime<Utc>>,
     revoked_at: Option<DateTime<Utc>>,
+}
+
+impl StoredRefreshToken {
+    fn session_end(&self) -> DateTime<Utc> {
+        self.session_expires_at.unwrap_or(self.expires_at)
+    }
+
+    fn live(&self, now: DateTime<Utc>) -> bool {
+        self.revoked_at.is_none() && self.expires_at > now
+    }
 }
 
 /// A refresh token as stored: only its hash.
@@ -116,6 +159,29 @@ pub struct NewRefreshToken {
     pub token_hash: Vec<u8>,
     pub family: Vec<u8>,
     pub expires_at: DateTime<Utc>,
+    /// The end of the session, which no refresh extends.
+    pub session_expires_at: DateTime<Utc>,
+}
+
+/// What the last step of a login does once the ticket and the second factor
+/// are proven.
+pub enum LoginAction<'a> {
+    /// Starts a session.
+    SignIn,
+    /// Confirms the enrollment the ticket offered (its sealed secret, and
+    /// the keyed hashes of the new recovery codes), then signs in.
+    Enroll { sealed_secret: &'a [u8], recovery_codes: &'a [Vec<u8>] },
+    /// Replaces the password hash, ends every session, then signs in.
+    ChangePassword { password_hash: &'a str },
+    /// Forgets the second factor and its recovery codes and ends every
+    /// session: the next login enrolls afresh. No session is started.
+    ResetTotp,
+}
+
+/// An open session of a user, for the refresh token that shows it.
+pub struct Session {
+    pub user_id: i64,
+    pub family: Vec<u8>,
 }
 
 /// What proved the second factor.
@@ -141,6 +207,9 @@ pub enum CompleteLoginRefused {
     /// The TOTP step was already used (a replay), or the recovery code is
     /// unknown or used.
     FactorSpent,
+    /// Another login confirmed an enrollment first: this ticket's secret is
+    /// not the account's.
+    EnrollmentTaken,
 }
 
 impl AuthStore {
@@ -152,50 +221,39 @@ impl AuthStore {
         &self.db
     }
 
-    /// Creates an account. The TOTP secret is sealed with the new user id as
-    /// associated data, so the id must exist first: both happen in one
-    /// transaction.
+    /// Creates an account. Its TOTP secret comes later, with the login
+    /// ticket whose code confirms it.
     pub async fn create_user(
         &self,
         username: &str,
         password_hash: &str,
-        seal_totp_secret: impl Fn(i64) -> anyhow::Result<Vec<u8>>,
         now: DateTime<Utc>,
     ) -> Result<i64, ApiError> {
-        let seal_totp_secret = &seal_totp_secret;
-        retry_conflicts(move || async move { on_db!(&self.db, pool => {
-            let mut tx = pool.begin_write().await?;
-            let inserted = sqlx::query(
-                "INSERT INTO users (username, password_hash, totp_secret, created_at) VALUES (?, ?, ?, ?)",
-            )
-            .bind(username)
-            .bind(password_hash)
-            .bind(Vec::<u8>::new())
-            .bind(now)
-            .execute(&mut *tx)
-            .await;
-            let id = match inserted {
-                Ok(result) => result.insert_id(),
-                Err(e) if is_unique_violation(&e) => {
-                    return Err(ApiError::AlreadyExists("that username is taken"));
+        retry_conflicts(move || async move {
+            on_db!(&self.db, pool => {
+                let inserted = sqlx::query(
+                    "INSERT INTO users (username, password_hash, totp_secret, created_at) VALUES (?, ?, ?, ?)",
+                )
+                .bind(username)
+                .bind(password_hash)
+                .bind(Vec::<u8>::new())
+                .bind(now)
+                .execute(pool)
+                .await;
+                match inserted {
+                    Ok(result) => Ok(result.insert_id()),
+                    Err(e) if is_unique_violation(&e) => Err(ApiError::AlreadyExists("that username is taken")),
+                    Err(e) => Err(e.into()),
                 }
-                Err(e) => return Err(e.into()),
-            };
-            sqlx::query("UPDATE users SET totp_secret = ? WHERE id = ?")
-                .bind(seal_totp_secret(id)?)
-                .bind(id)
-                .execute(&mut *tx)
-                .await?;
-            tx.commit().await?;
-            Ok(id)
-        }) })
+            })
+        })
         .await
     }
 
     pub async fn find_login_user(&self, username: &str) -> Result<Option<LoginUser>, ApiError> {
         Ok(on_db!(&self.db, pool => {
             sqlx::query_as(concat!(
-                "SELECT users.id, users.password_hash, ",
+                "SELECT users.id, users.password_hash, users.locked_at, ",
                 totp_columns!(),
                 " FROM users WHERE username = ?"
             ))
@@ -262,10 +320,12 @@ impl AuthStore {
     /// Stores a login ticket and gives back the attempt counted against
     /// `throttle_subject` (a right password is no failure), in one
     /// transaction: one commit instead of two on every login.
+    #[allow(clippy::too_many_arguments)]
     pub async fn create_ticket(
         &self,
         ticket_hash: &[u8],
         user_id: i64,
+        enrollment_secret: Option<&[u8]>,
         expires_at: DateTime<Utc>,
         now: DateTime<Utc>,
         throttle_subject: &[u8],
@@ -274,11 +334,12 @@ impl AuthStore {
             on_db!(&self.db, pool => async {
             let mut tx = pool.begin_write().await?;
             sqlx::query(
-                "INSERT INTO login_tickets (ticket_hash, user_id, failed_codes, expires_at, created_at) \
-                 VALUES (?, ?, 0, ?, ?)",
+                "INSERT INTO login_tickets (ticket_hash, user_id, enrollment_secret, failed_codes, expires_at, created_at) \
+                 VALUES (?, ?, ?, 0, ?, ?)",
             )
             .bind(ticket_hash)
             .bind(user_id)
+            .bind(enrollment_secret)
             .bind(expires_at)
             .bind(now)
             .execute(&mut *tx)
@@ -300,7 +361,7 @@ impl AuthStore {
     ) -> Result<Option<Ticket>, ApiError> {
         Ok(on_db!(&self.db, pool => {
             sqlx::query_as(concat!(
-                "SELECT login_tickets.user_id, ",
+                "SELECT login_tickets.user_id, login_tickets.enrollment_secret, users.locked_at, ",
                 totp_columns!(),
                 " FROM login_tickets JOIN users ON users.id = login_tickets.user_id \
                  WHERE login_tickets.ticket_hash = ? AND login_tickets.expires_at > ? \
@@ -340,25 +401,25 @@ impl AuthStore {
 
     /// The last step of a login, all or nothing: burns the ticket (only one
     /// caller can delete it), spends the second factor (a TOTP step only if
-    /// later than the last one used; a recovery code only if unused),
-    /// confirms enrollment with its recovery codes when `new_recovery_codes`
-    /// is given, stores the refresh token and clears the failed attempts
-    /// counted against `login.throttle_subject`. Ok(true) when this call
-    /// confirmed the enrollment.
+    /// later than the last one used; a recovery code only if unused; an
+    /// enrollment only if no other was confirmed first), does what `action`
+    /// asks, stores the refresh token (when the action signs in) and clears
+    /// the failed attempts counted against `login.throttle_subject` and the
+    /// account.
     pub async fn complete_login(
         &self,
         login: &CompletingLogin<'_>,
         factor: &SecondFactor,
-        new_recovery_codes: Option<&[Vec<u8>]>,
+        action: &LoginAction<'_>,
         refresh: &NewRefreshToken,
         now: DateTime<Utc>,
-    ) -> Result<Result<bool, CompleteLoginRefused>, ApiError> {
+    ) -> Result<Result<(), CompleteLoginRefused>, ApiError> {
         // Parallel completions for one user lock the same rows; InnoDB may
         // end one as a deadlock victim (Galera: a failed certification),
         // rolling all of it back, so rerunning it is safe (and it then meets
         // the winner's committed state).
         retry_conflicts(move || async move {
-            Ok(self.complete_login_once(login, factor, new_recovery_codes, refresh, now).await?)
+            Ok(self.complete_login_once(login, factor, action, refresh, now).await?)
         })
         .await
     }
@@ -367,10 +428,10 @@ impl AuthStore {
         &self,
         login: &CompletingLogin<'_>,
         factor: &SecondFactor,
-        new_recovery_codes: Option<&[Vec<u8>]>,
+        action: &LoginAction<'_>,
         refresh: &NewRefreshToken,
         now: DateTime<Utc>,
-    ) -> Result<Result<bool, CompleteLoginRefused>, sqlx::Error> {
+    ) -> Result<Result<(), CompleteLoginRefused>, sqlx::Error> {
         let &CompletingLogin { ticket_hash, user_id, throttle_subject } = login;
         on_db!(&self.db, pool => {
             let mut tx = pool.begin_write().await?;
@@ -386,16 +447,36 @@ impl AuthStore {
             if burned.rows_affected() != 1 {
                 return Ok(Err(CompleteLoginRefused::TicketInvalid));
             }
-            let spent = match factor {
-                SecondFactor::TotpStep(step) => sqlx::query(
-                    "UPDATE users SET totp_last_step = ? WHERE id = ? AND (totp_last_step IS NULL OR totp_last_step < ?)",
+            let spent = match (factor, action) {
+                // The first code of a secret confirms that secret, unless
+                // another ticket's confirmed one first.
+                (SecondFactor::TotpStep(step), LoginAction::Enroll { sealed_secret, .. }) => {
+                    let confirmed = sqlx::query(
+                        "UPDATE users SET totp_secret = ?, totp_confirmed_at = ?, totp_last_step = ? \
+                         WHERE id = ? AND totp_confirmed_at IS NULL",
+                    )
+                    .bind(sealed_secret)
+                    .bind(now)
+                    .bind(step)
+                    .bind(user_id)
+                    .execute(&mut *tx)
+                    .await?;
+                    if confirmed.rows_affected() != 1 {
+                        return Ok(Err(CompleteLoginRefused::EnrollmentTaken));
+                    }
+                    confirmed
+                }
+                (_, LoginAction::Enroll { .. }) => return Ok(Err(CompleteLoginRefused::FactorSpent)),
+                (SecondFactor::TotpStep(step), _) => sqlx::query(
+                    "UPDATE users SET totp_last_step = ? WHERE id = ? AND totp_confirmed_at IS NOT NULL \
+                     AND (totp_last_step IS NULL OR totp_last_step < ?)",
                 )
                 .bind(step)
                 .bind(user_id)
                 .bind(step)
                 .execute(&mut *tx)
                 .await?,
-                SecondFactor::RecoveryCode(code_hash) => sqlx::query(
+                (SecondFactor::RecoveryCode(code_hash), _) => sqlx::query(
                     "UPDATE recovery_codes SET used_at = ? WHERE user_id = ? AND code_hash = ? AND used_at IS NULL",
                 )
                 .bind(now)
@@ -407,17 +488,10 @@ impl AuthStore {
             if spent.rows_affected() != 1 {
                 return Ok(Err(CompleteLoginRefused::FactorSpent));
             }
-            let mut confirmed = false;
-            if let Some(codes) = new_recovery_codes {
-                confirmed = sqlx::query("UPDATE users SET totp_confirmed_at = ? WHERE id = ? AND totp_confirmed_at IS NULL")
-                    .bind(now)
-                    .bind(user_id)
-                    .execute(&mut *tx)
-                    .await?
-                    .rows_affected()
-                    == 1;
-                if confirmed {
-                    for code_hash in codes {
+            match action {
+                LoginAction::SignIn => {}
+                LoginAction::Enroll { recovery_codes, .. } => {
+                    for code_hash in *recovery_codes {
                         sqlx::query("INSERT INTO recovery_codes (user_id, code_hash) VALUES (?, ?)")
                             .bind(user_id)
                             .bind(code_hash)
@@ -425,15 +499,44 @@ impl AuthStore {
                             .await?;
                     }
                 }
+                LoginAction::ChangePassword { password_hash } => {
+                    sqlx::query("UPDATE users SET password_hash = ? WHERE id = ?")
+                        .bind(password_hash)
+                        .bind(user_id)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                LoginAction::ResetTotp => {
+                    sqlx::query(
+                        "UPDATE users SET totp_secret = ?, totp_confirmed_at = NULL WHERE id = ?",
+                    )
+                    .bind(Vec::<u8>::new())
+                    .bind(user_id)
+                    .execute(&mut *tx)
+                    .await?;
+                    sqlx::query("DELETE FROM recovery_codes WHERE user_id = ?")
+                        .bind(user_id)
+                        .execute(&mut *tx)
+                        .await?;
+                }
             }
-            sqlx::query(INSERT_REFRESH_TOKEN)
-            .bind(&refresh.token_hash)
-            .bind(&refresh.family)
-            .bind(user_id)
-            .bind(refresh.expires_at)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
+            if matches!(action, LoginAction::ChangePassword { .. } | LoginAction::ResetTotp) {
+                // Whatever the old password or factor let in ends here: other
+                // sessions, and tickets waiting for a code.
+                sqlx::query(REVOKE_USER_SESSIONS).bind(now).bind(user_id).execute(&mut *tx).await?;
+                sqlx::query("DELETE FROM login_tickets WHERE user_id = ?").bind(user_id).execute(&mut *tx).await?;
+            }
+            if !matches!(action, LoginAction::ResetTotp) {
+                sqlx::query(INSERT_REFRESH_TOKEN)
+                    .bind(&refresh.token_hash)
+                    .bind(&refresh.family)
+                    .bind(user_id)
+                    .bind(refresh.expires_at)
+                    .bind(refresh.session_expires_at)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+            }
             // Zeroed, not deleted: the next login's count is then one UPDATE
             // (a missing row costs a read and an insert first); the sweeper
             // deletes the row after a day without attempts.
@@ -444,9 +547,67 @@ impl AuthStore {
             .bind(throttle_subject)
             .execute(&mut *tx)
             .await?;
+            sqlx::query("UPDATE users SET failed_logins = 0 WHERE id = ? AND failed_logins <> 0")
+                .bind(user_id)
+                .execute(&mut *tx)
+                .await?;
             tx.commit().await?;
-            Ok(Ok(confirmed))
+            Ok(Ok(()))
         })
+    }
+
+    /// Counts a failed login against the account itself, from whichever
+    /// client; the failure that reaches `cap` locks the account. True when
+    /// this call locked it.
+    pub async fn count_account_failure(
+        &self,
+        user_id: i64,
+        cap: i32,
+        now: DateTime<Utc>,
+    ) -> Result<bool, ApiError> {
+        retry_conflicts(move || async move {
+            on_db!(&self.db, pool => async {
+                let mut tx = pool.begin_write().await?;
+                // locked_at before failed_logins: both backends then read the
+                // old count (see ADMIT_ATTEMPT_SQL).
+                sqlx::query(
+                    "UPDATE users SET \
+                     locked_at = CASE WHEN locked_at IS NULL AND failed_logins + 1 >= ? THEN ? ELSE locked_at END, \
+                     failed_logins = failed_logins + 1 \
+                     WHERE id = ?",
+                )
+                .bind(cap)
+                .bind(now)
+                .bind(user_id)
+                .execute(&mut *tx)
+                .await?;
+                // The row is ours until commit: exactly one failure reads the cap.
+                let failures: Option<i64> =
+                    sqlx::query_scalar("SELECT CAST(failed_logins AS SIGNED) FROM users WHERE id = ?")
+                        .bind(user_id)
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                tx.commit().await?;
+                Ok::<bool, ApiError>(failures == Some(i64::from(cap)))
+            }
+            .await)
+        })
+        .await
+    }
+
+    /// Lifts an account's lock and forgets its failures; false if it was
+    /// not locked.
+    pub async fn unlock_user(&self, user_id: i64) -> Result<bool, ApiError> {
+        retry_conflicts(move || async move {
+            Ok(on_db!(&self.db, pool => {
+                sqlx::query("UPDATE users SET failed_logins = 0, locked_at = NULL WHERE id = ? AND locked_at IS NOT NULL")
+                    .bind(user_id)
+                    .execute(pool)
+                    .await
+                    .map(|r| r.rows_affected() == 1)
+            })?)
+        })
+        .await
     }
 
     /// Counts a login attempt for `subject` unless it is locked; Err(unix
@@ -514,20 +675,95 @@ impl AuthStore {
         .await
     }
 
+    /// Counts a use of `subject`'s quota of `limit` an hour, unless it is
+    /// spent. The count is settled by one conditional UPDATE, so parallel
+    /// calls on any number of replicas cannot overshoot it.
+    pub async fn admit_quota(
+        &self,
+        subject: &[u8],
+        limit: i64,
+        now_unix: i64,
+    ) -> Result<Admission, ApiError> {
+        let window_ended = now_unix - QUOTA_WINDOW_SECS;
+        for _ in 0..3 {
+            let admitted = retry_conflicts(move || async move {
+                Ok(on_db!(&self.db, pool => {
+                    sqlx::query(ADMIT_QUOTA_SQL)
+                        .bind(window_ended)
+                        .bind(window_ended)
+                        .bind(now_unix)
+                        .bind(subject)
+                        .bind(window_ended)
+                        .bind(limit)
+                        .execute(pool)
+                        .await
+                        .map(|r| r.rows_affected())
+                })?)
+            })
+            .await?;
+            if admitted == 1 {
+                return Ok(Admission::Admitted);
+            }
+            let window: Option<i64> = on_db!(&self.db, pool => {
+                sqlx::query_scalar("SELECT window_start FROM client_quotas WHERE subject = ?")
+                    .bind(subject)
+                    .fetch_optional(pool)
+                    .await
+            })?;
+            match window {
+                Some(start) if start > window_ended => return Ok(Admission::RefusedUntil(start + QUOTA_WINDOW_SECS)),
+                // The first use: create the row (a parallel call may win
+                // that race), then count again.
+                None => retry_conflicts(move || async move { on_db!(&self.db, pool => {
+                    match sqlx::query("INSERT INTO client_quotas (subject, window_start, used) VALUES (?, ?, 0)")
+                        .bind(subject)
+                        .bind(now_unix)
+                        .execute(pool)
+                        .await
+                    {
+                        Ok(_) => Ok(()),
+                        Err(e) if is_unique_violation(&e) => Ok(()),
+                        Err(e) => Err(ApiError::from(e)),
+                    }
+                }) })
+                .await?,
+                Some(_) => {}
+            }
+        }
+        Ok(Admission::RefusedUntil(now_unix + 1))
+    }
+
+    /// Gives back one use of a quota (a call that turned out not to count).
+    pub async fn refund_quota(&self, subject: &[u8]) -> Result<(), ApiError> {
+        retry_conflicts(move || async move {
+            Ok(on_db!(&self.db, pool => {
+                sqlx::query("UPDATE client_quotas SET used = used - 1 WHERE subject = ? AND used > 0")
+                    .bind(subject)
+                    .execute(pool)
+                    .await
+                    .map(drop)
+            })?)
+        })
+        .await
+    }
+
     /// Rotates a refresh token: the old one is marked rotated (only one
-    /// caller can do that) and a new one of the same family is stored.
-    /// Presenting an already rotated token revokes its whole family.
+    /// caller can do that) and a new one of the same family is stored,
+    /// living `ttl` but never past the end of its session. Presenting an
+    /// already rotated token revokes its whole family.
     pub async fn rotate_refresh_token(
         &self,
         old_hash: &[u8],
         new_hash: &[u8],
-        new_expires_at: DateTime<Utc>,
+        ttl: chrono::Duration,
         now: DateTime<Utc>,
     ) -> Result<Rotation, ApiError> {
         let Some(old) = &self.refresh_token(old_hash).await? else { return Ok(Rotation::Invalid) };
-        if old.revoked_at.is_some() || old.expires_at <= now {
+        if !old.live(now) {
             return Ok(Rotation::Invalid);
         }
+        let session_end = old.session_end();
+        let new_expires_at = (now + ttl).min(session_end);
         // An async block, so that `return` leaves only the transaction.
         // On a cluster, the same token redeemed on two nodes at once: one
         // commit fails certification, and its rerun finds the token rotated.
@@ -551,6 +787,7 @@ impl AuthStore {
             .bind(&old.family)
             .bind(old.user_id)
             .bind(new_expires_at)
+            .bind(session_end)
             .bind(now)
             .execute(&mut *tx)
             .await?;
@@ -570,12 +807,23 @@ impl AuthStore {
     async fn refresh_token(&self, token_hash: &[u8]) -> Result<Option<StoredRefreshToken>, ApiError> {
         Ok(on_db!(&self.db, pool => {
             sqlx::query_as(
-                "SELECT user_id, family, expires_at, revoked_at FROM refresh_tokens WHERE token_hash = ?",
+                "SELECT user_id, family, expires_at, session_expires_at, rotated_at, revoked_at \
+                 FROM refresh_tokens WHERE token_hash = ?",
             )
             .bind(token_hash)
             .fetch_optional(pool)
             .await
         })?)
+    }
+
+    /// The session a refresh token shows, if the token may still be
+    /// redeemed (live and not rotated away).
+    pub async fn session(&self, token_hash: &[u8], now: DateTime<Utc>) -> Result<Option<Session>, ApiError> {
+        Ok(self
+            .refresh_token(token_hash)
+            .await?
+            .filter(|t| t.live(now) && t.rotated_at.is_none())
+            .map(|t| Session { user_id: t.user_id, family: t.family }))
     }
 
     /// Revokes every token of the family `token_hash` belongs to; false if
@@ -600,6 +848,44 @@ impl AuthStore {
                     .await
                     .map(drop)
             })?)
+        })
+        .await
+    }
+
+    /// Ends every session of a user but the one of `keep_family`; the
+    /// number of sessions ended (live ones: an expired login is no session).
+    pub async fn revoke_user_sessions(
+        &self,
+        user_id: i64,
+        keep_family: Option<&[u8]>,
+        now: DateTime<Utc>,
+    ) -> Result<i64, ApiError> {
+        // An empty family matches no token: "keep none".
+        let keep = keep_family.unwrap_or_default();
+        retry_conflicts(move || async move {
+            on_db!(&self.db, pool => async {
+                let mut tx = pool.begin_write().await?;
+                let sessions: i64 = sqlx::query_scalar(
+                    "SELECT COUNT(DISTINCT family) FROM refresh_tokens \
+                     WHERE user_id = ? AND revoked_at IS NULL AND expires_at > ? AND family <> ?",
+                )
+                .bind(user_id)
+                .bind(now)
+                .bind(keep)
+                .fetch_one(&mut *tx)
+                .await?;
+                sqlx::query(
+                    "UPDATE refresh_tokens SET revoked_at = ? WHERE user_id = ? AND revoked_at IS NULL AND family <> ?",
+                )
+                .bind(now)
+                .bind(user_id)
+                .bind(keep)
+                .execute(&mut *tx)
+                .await?;
+                tx.commit().await?;
+                Ok::<i64, ApiError>(sessions)
+            }
+            .await)
         })
         .await
     }
@@ -639,13 +925,22 @@ impl AuthStore {
             .bind(now.timestamp())
             .execute(pool)
             .await?;
+            let quotas = sqlx::query("DELETE FROM client_quotas WHERE window_start <= ?")
+                .bind(now.timestamp() - QUOTA_WINDOW_SECS)
+                .execute(pool)
+                .await?;
             // Keys retired a day ago signed nothing that is still valid.
-            let keys = sqlx::query("DELETE FROM signing_keys WHERE retired_at <= ?")
+            let keys = sqlx::query("DELETE FROM signing_keys WHERE retired_at <= ? OR withdrawn_at <= ?")
+                .bind(now - chrono::Duration::days(1))
                 .bind(now - chrono::Duration::days(1))
                 .execute(pool)
                 .await?;
             Ok::<u64, sqlx::Error>(
-                tickets.rows_affected() + tokens.rows_affected() + throttles.rows_affected() + keys.rows_affected(),
+                tickets.rows_affected()
+                    + tokens.rows_affected()
+                    + throttles.rows_affected()
+                    + quotas.rows_affected()
+                    + keys.rows_affected(),
             )
         })?)
     }
@@ -659,7 +954,7 @@ impl AuthStore {
         Ok(on_db!(&self.db, pool => {
             sqlx::query_as(
                 "SELECT kid, public_key, private_key FROM signing_keys \
-                 WHERE active_at <= ? AND (retired_at IS NULL OR retired_at > ?) \
+                 WHERE active_at <= ? AND (retired_at IS NULL OR retired_at > ?) AND withdrawn_at IS NULL \
                  ORDER BY active_at DESC, kid LIMIT 1",
             )
             .bind(now)
@@ -701,6 +996,22 @@ impl AuthStore {
         .await
     }
 
+    /// Withdraws a key at once: no longer published nor used for signing.
+    /// False if there is no such key still in use.
+    pub async fn withdraw_signing_key(&self, kid: &str, now: DateTime<Utc>) -> Result<bool, ApiError> {
+        retry_conflicts(move || async move {
+            Ok(on_db!(&self.db, pool => {
+                sqlx::query("UPDATE signing_keys SET withdrawn_at = ? WHERE kid = ? AND withdrawn_at IS NULL")
+                    .bind(now)
+                    .bind(kid)
+                    .execute(pool)
+                    .await
+                    .map(|r| r.rows_affected() == 1)
+            })?)
+        })
+        .await
+    }
+
     /// Keys to publish: every key not retired, and retired keys whose tokens
     /// may still be alive.
     pub async fn published_signing_keys(
@@ -714,7 +1025,7 @@ impl AuthStore {
         on_db!(&self.db, pool => {
             sqlx::query_as(
                 "SELECT kid, public_key, private_key FROM signing_keys \
-                 WHERE retired_at IS NULL OR retired_at > ? ORDER BY created_at, kid",
+                 WHERE (retired_at IS NULL OR retired_at > ?) AND withdrawn_at IS NULL ORDER BY created_at, kid",
             )
             .bind(tokens_dead_before)
             .fetch_all(pool)

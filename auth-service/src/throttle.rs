@@ -1,5 +1,6 @@
 //! Login throttling: failed attempts are counted per normalised username,
-//! known or not, in the database, so that every replica sees one count.
+//! known or not, and client address, in the database, so that every replica
+//! sees one count and a stranger's guesses hold up only the stranger.
 //!
 //! Every attempt is counted as a failure *before* it is evaluated (one
 //! atomic UPDATE that also refuses attempts while the name is locked), so
@@ -12,7 +13,7 @@
 use sha2::{Digest as _, Sha256};
 use storegate::ApiError;
 
-use crate::store::AuthStore;
+use crate::{client::Client, store::AuthStore};
 
 /// Failures allowed before the first delay.
 pub const FREE_FAILURES: i64 = 5;
@@ -21,16 +22,28 @@ pub const FREE_FAILURES: i64 = 5;
 pub const DELAYS_SECS: [i64; 6] = [30, 60, 120, 240, 480, 900];
 pub const THROTTLED: &str = "too many failed attempts; try again later";
 
-/// The throttle key of a username as typed: its normalised spelling, hashed
-/// (unknown names are counted too, without storing what strangers type).
-pub fn subject(raw_username: &str) -> Vec<u8> {
+pub const REGISTRATIONS_THROTTLED: &str = "too many registrations from this address; try again later";
+
+/// The throttle key of a username as typed, from one client: the name's
+/// normalised spelling and the client, hashed (unknown names are counted
+/// too, without storing what strangers type).
+pub fn subject(raw_username: &str, client: Client) -> Vec<u8> {
     let mut hash = Sha256::new_with_prefix(b"login:");
     if raw_username.len() <= 1024 {
         hash.update(raw_username.to_lowercase().as_bytes());
     } else {
         hash.update(raw_username.as_bytes());
     }
+    // The name's bytes cannot hold a NUL: nothing a name can say reaches
+    // into the client part.
+    hash.update(b"\0");
+    hash.update(client.to_string().as_bytes());
     hash.finalize().to_vec()
+}
+
+/// The key of a client's registration quota.
+pub fn registration_subject(client: Client) -> Vec<u8> {
+    Sha256::new_with_prefix(b"register:").chain_update(client.to_string().as_bytes()).finalize().to_vec()
 }
 
 /// An admitted attempt, counted as a failure until settled otherwise.
@@ -81,10 +94,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn spellings_of_one_name_share_a_subject() {
-        assert_eq!(subject("Alice"), subject("alice"));
-        assert_ne!(subject("alice"), subject("bob"));
-        assert_eq!(subject(&"x".repeat(5000)).len(), 32);
+    fn spellings_of_one_name_from_one_client_share_a_subject() {
+        let here = Client::Address("192.0.2.1".parse().unwrap());
+        let there = Client::Address("192.0.2.2".parse().unwrap());
+        assert_eq!(subject("Alice", here), subject("alice", here));
+        assert_ne!(subject("alice", here), subject("bob", here));
+        assert_ne!(subject("alice", here), subject("alice", there));
+        assert_eq!(subject(&"x".repeat(5000), here).len(), 32);
     }
 
     #[test]

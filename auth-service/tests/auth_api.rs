@@ -13,7 +13,7 @@ use tonic_types::StatusExt as _;
 const PASSWORD: &str = "correct horse battery";
 
 backend_tests!(
-    register_stores_an_argon2id_hash_and_a_sealed_totp_secret,
+    passwords_are_stored_as_argon2id_and_totp_secrets_sealed,
     taken_usernames_are_already_exists_whatever_the_case,
     bad_registrations_name_every_bad_field_and_write_nothing,
     wrong_password_and_unknown_user_look_the_same,
@@ -31,7 +31,7 @@ async fn count(db: &Db, table: &str) -> i64 {
     on_db!(db, pool => sqlx::query_scalar(&sql).fetch_one(pool).await).unwrap()
 }
 
-async fn register_stores_an_argon2id_hash_and_a_sealed_totp_secret(backend: Backend) {
+async fn passwords_are_stored_as_argon2id_and_totp_secrets_sealed(backend: Backend) {
     let stack = TestStack::start_auth(backend).await;
     let user_id = stack.register("Alice", PASSWORD).await;
     assert!(user_id > 0);
@@ -48,14 +48,41 @@ async fn register_stores_an_argon2id_hash_and_a_sealed_totp_secret(backend: Back
     assert!(hash.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{hash}");
     assert!(!hash.contains(PASSWORD));
 
-    let secret = stack.begin_login("alice", PASSWORD).await.enrollment.unwrap().secret;
+    assert!(sealed.is_empty(), "the secret comes with the first login, not with the account");
+
+    // The ticket holds its own secret, sealed; the code that completes it
+    // makes exactly that secret the account's.
+    let begun = stack.begin_login("alice", PASSWORD).await;
+    let secret = begun.enrollment.unwrap().secret;
     let secret_bytes = totp_rs::Secret::Encoded(secret.clone()).to_bytes().unwrap();
-    assert!(!String::from_utf8_lossy(&sealed).contains(&secret));
-    assert!(
-        !sealed.windows(secret_bytes.len()).any(|w| w == secret_bytes.as_slice()),
-        "secret stored in the clear"
-    );
-    assert!(sealed.len() >= 12 + 20 + 16, "nonce, ciphertext and tag");
+    let in_clear = |sealed: &[u8]| {
+        String::from_utf8_lossy(sealed).contains(&secret)
+            || sealed.windows(secret_bytes.len()).any(|w| w == secret_bytes.as_slice())
+    };
+    let offered: Vec<u8> = on_db!(&db, pool => {
+        sqlx::query_scalar("SELECT enrollment_secret FROM login_tickets WHERE user_id = ?")
+            .bind(user_id)
+            .fetch_one(pool)
+            .await
+    })
+    .unwrap();
+    assert!(!in_clear(&offered), "secret stored in the clear");
+    assert!(offered.len() >= 12 + 20 + 16, "nonce, ciphertext and tag");
+
+    stack
+        .auth()
+        .await
+        .complete_login(CompleteLoginRequest {
+            login_ticket: begun.login_ticket,
+            code: totp_code(&secret, 0),
+        })
+        .await
+        .unwrap();
+    let confirmed: Vec<u8> = on_db!(&db, pool => {
+        sqlx::query_scalar("SELECT totp_secret FROM users WHERE id = ?").bind(user_id).fetch_one(pool).await
+    })
+    .unwrap();
+    assert_eq!(confirmed, offered, "the account keeps the secret of the ticket that confirmed it");
 }
 
 async fn taken_usernames_are_already_exists_whatever_the_case(backend: Backend) {

@@ -206,7 +206,14 @@ impl TestStack {
 
     /// auth-service only.
     pub async fn start_auth(backend: Backend) -> TestStack {
+        Self::start_auth_with(backend, |_| {}).await
+    }
+
+    /// auth-service only, with its configuration adjusted by `adjust`.
+    pub async fn start_auth_with(backend: Backend, adjust: impl FnOnce(&mut AuthConfig)) -> TestStack {
         let db = TestDb::new(&backend).await;
+        let mut config = Self::auth_config(&db);
+        adjust(&mut config);
         let (shutdown, _) = watch::channel(false);
         let (auth_shutdown, _) = watch::channel(false);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -217,7 +224,7 @@ impl TestStack {
                 tokio::select! { () = all => {}, () = auth => {} }
             }
         };
-        let server = tokio::spawn(auth_service::run(Self::auth_config(&db), listener, stopped));
+        let server = tokio::spawn(auth_service::run(config, listener, stopped));
         let stack =
             TestStack { db, auth_addr, product_addr: None, shutdown, auth_shutdown, servers: vec![server] };
         stack.wait_ready(auth_addr).await;
