@@ -134,6 +134,8 @@ pub enum VerifyError {
     UnknownKey,
     #[error("token signature or claims are invalid")]
     Invalid,
+    #[error("token claims a longer lifetime (exp - iat) than access tokens have")]
+    LifetimeTooLong,
 }
 
 /// Checks access tokens: EdDSA only, `typ: at+jwt`, a known `kid`, the
@@ -142,6 +144,9 @@ pub enum VerifyError {
 #[derive(Clone)]
 pub struct TokenVerifier {
     validation: Validation,
+    /// The longest `exp - iat` accepted: a token minted to live for days (a
+    /// misused or stolen key) is refused even while its signature holds.
+    max_lifetime_secs: i64,
 }
 
 impl TokenVerifier {
@@ -153,7 +158,14 @@ impl TokenVerifier {
         validation.leeway = CLOCK_LEEWAY_SECS;
         validation.validate_exp = true;
         validation.validate_nbf = true;
-        TokenVerifier { validation }
+        TokenVerifier { validation, max_lifetime_secs: ACCESS_TOKEN_TTL_SECS }
+    }
+
+    /// Accepts tokens living up to `secs` (default: the access-token
+    /// lifetime auth-service uses, 15 minutes).
+    pub fn with_max_lifetime(mut self, secs: i64) -> Self {
+        self.max_lifetime_secs = secs;
+        self
     }
 
     /// The kid the token names, if it is shaped like an access token at all.
@@ -177,6 +189,9 @@ impl TokenVerifier {
         let key = keys.keys.get(&kid).ok_or(VerifyError::UnknownKey)?;
         let data =
             jsonwebtoken::decode::<Claims>(token, key, &self.validation).map_err(|_| VerifyError::Invalid)?;
+        if data.claims.exp.saturating_sub(data.claims.iat) > self.max_lifetime_secs {
+            return Err(VerifyError::LifetimeTooLong);
+        }
         Ok(data.claims)
     }
 }
@@ -256,6 +271,32 @@ mod tests {
         c.exp = n - 61;
         assert_eq!(verifier.verify(&keys(), &sign(&c, "k1", ACCESS_TOKEN_TYPE)), Err(VerifyError::Invalid));
         assert_eq!(verifier.verify(&keys(), "not-a-jwt"), Err(VerifyError::Malformed));
+    }
+
+    #[test]
+    fn tokens_living_longer_than_access_tokens_do_are_refused() {
+        let verifier = TokenVerifier::new(DEFAULT_ISSUER, DEFAULT_AUDIENCE);
+        let n = now();
+        let mut c = claims(n);
+        c.exp = n + 30 * 24 * 3600;
+        assert_eq!(
+            verifier.verify(&keys(), &sign(&c, "k1", ACCESS_TOKEN_TYPE)),
+            Err(VerifyError::LifetimeTooLong)
+        );
+        // An iat far in the past stretches the lifetime too.
+        let mut c = claims(n);
+        c.iat = n - 3600;
+        assert_eq!(
+            verifier.verify(&keys(), &sign(&c, "k1", ACCESS_TOKEN_TYPE)),
+            Err(VerifyError::LifetimeTooLong)
+        );
+        // Exactly the configured lifetime passes; a shorter maximum refuses it.
+        assert!(verifier.verify(&keys(), &sign(&claims(n), "k1", ACCESS_TOKEN_TYPE)).is_ok());
+        let strict = TokenVerifier::new(DEFAULT_ISSUER, DEFAULT_AUDIENCE).with_max_lifetime(600);
+        assert_eq!(
+            strict.verify(&keys(), &sign(&claims(n), "k1", ACCESS_TOKEN_TYPE)),
+            Err(VerifyError::LifetimeTooLong)
+        );
     }
 
     #[test]

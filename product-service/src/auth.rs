@@ -54,7 +54,13 @@ impl VerifiedTokens {
         self.claims.get(token_hash).filter(|c| c.exp > now).cloned()
     }
 
-    fn insert(&mut self, token_hash: [u8; 32], claims: Claims, now: i64) {
+    /// Remembers a verification made with `keys`, unless the set has
+    /// changed since: a verification that raced a key withdrawal must not
+    /// outlive the key.
+    fn insert(&mut self, keys: &Arc<KeySet>, token_hash: [u8; 32], claims: Claims, now: i64) {
+        if !self.keys.as_ref().is_some_and(|k| Arc::ptr_eq(k, keys)) {
+            return;
+        }
         if self.claims.len() >= VERIFIED_CACHE_ENTRIES {
             self.claims.retain(|_, c| c.exp > now);
             if self.claims.len() >= VERIFIED_CACHE_ENTRIES {
@@ -95,6 +101,7 @@ impl JwtAuth {
         match self.verifier.verify(&keys, token) {
             Ok(claims) => {
                 self.verified.lock().unwrap_or_else(|e| e.into_inner()).insert(
+                    &keys,
                     token_hash,
                     claims.clone(),
                     now,
@@ -208,11 +215,23 @@ mod tests {
         let (keys, other_keys) = (Arc::new(KeySet::default()), Arc::new(KeySet::default()));
         let mut cache = VerifiedTokens::default();
         assert_eq!(cache.get(&keys, &[1; 32], 100), None);
-        cache.insert([1; 32], claims(200), 100);
+        cache.insert(&keys, [1; 32], claims(200), 100);
         assert_eq!(cache.get(&keys, &[1; 32], 150), Some(claims(200)));
         assert_eq!(cache.get(&keys, &[1; 32], 200), None, "expired");
         assert_eq!(cache.get(&other_keys, &[1; 32], 150), None, "new key set");
         assert_eq!(cache.get(&other_keys, &[1; 32], 150), None);
+    }
+
+    #[test]
+    fn a_verification_made_with_a_replaced_key_set_is_not_remembered() {
+        let (old_keys, new_keys) = (Arc::new(KeySet::default()), Arc::new(KeySet::default()));
+        let mut cache = VerifiedTokens::default();
+        cache.get(&old_keys, &[1; 32], 100);
+        // A call verified with the old set while another call switched the
+        // cache to the new one (a key was withdrawn in between).
+        cache.get(&new_keys, &[2; 32], 100);
+        cache.insert(&old_keys, [1; 32], claims(200), 100);
+        assert_eq!(cache.get(&new_keys, &[1; 32], 150), None);
     }
 
     #[test]
@@ -223,7 +242,7 @@ mod tests {
         for i in 0..(VERIFIED_CACHE_ENTRIES as u32 + 10) {
             let mut hash = [0u8; 32];
             hash[..4].copy_from_slice(&i.to_be_bytes());
-            cache.insert(hash, claims(1_000), 0);
+            cache.insert(&keys, hash, claims(1_000), 0);
         }
         assert!(cache.claims.len() <= VERIFIED_CACHE_ENTRIES);
     }

@@ -35,6 +35,11 @@ pub struct ProductConfig {
     #[arg(long, env = "JWKS_REFRESH_INTERVAL_SECS", default_value_t = 300)]
     pub jwks_refresh_interval_secs: u64,
 
+    /// The longest lifetime (exp - iat) of an access token accepted, in
+    /// seconds; auth-service issues 900.
+    #[arg(long, env = "JWT_MAX_LIFETIME_SECS", default_value_t = storegate::token::ACCESS_TOKEN_TTL_SECS)]
+    pub jwt_max_lifetime_secs: i64,
+
     /// MySQL only: connections for GetProduct and unfiltered ListProducts
     /// pages, beside the pool (default: one per CPU core, at most 16).
     /// Reads waiting for one share its next statement; raise it when MySQL
@@ -53,6 +58,7 @@ impl ProductConfig {
             auth_service_url: DEFAULT_AUTH_SERVICE_URL.to_owned(),
             jwks_file: None,
             jwks_refresh_interval_secs: 300,
+            jwt_max_lifetime_secs: storegate::token::ACCESS_TOKEN_TTL_SECS,
             db_read_connections: None,
         }
     }

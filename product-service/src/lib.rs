@@ -62,7 +62,8 @@ pub async fn run(
             config.db_read_connections.map_or_else(store::default_read_connections, usize::from);
         let store = store::ProductStore::with_read_connections(db.clone(), read_connections).await;
         background.push(tokio::spawn(sweep_request_ids(store.clone())));
-        let verifier = TokenVerifier::new(&config.common.jwt_issuer, &config.common.jwt_audience);
+        let verifier = TokenVerifier::new(&config.common.jwt_issuer, &config.common.jwt_audience)
+            .with_max_lifetime(config.jwt_max_lifetime_secs);
         api.open(
             auth::AwaitNewKeys::new(
                 tonic::service::interceptor::InterceptedService::new(

@@ -328,7 +328,8 @@ async fn a_revoked_role_leaves_with_the_next_token(backend: Backend) {
     let config = TestStack::auth_config(&stack.db);
     auth_service::grant_role(&config, "demoted", "admin").await.unwrap();
     let begun = stack.begin_login("demoted", "correct horse battery").await;
-    let code = storegate_testkit::totp_code(&begun.enrollment.unwrap().secret, 0);
+    let enrolled_secret = begun.enrollment.unwrap().secret;
+    let code = storegate_testkit::totp_code(&enrolled_secret, 0);
     let tokens = stack
         .auth()
         .await
@@ -365,7 +366,21 @@ async fn a_revoked_role_leaves_with_the_next_token(backend: Backend) {
     create(tokens.access_token.clone()).await.expect("admin may write");
 
     auth_service::revoke_role(&config, "demoted", "admin").await.unwrap();
-    let (next_access, _) = refresh(&stack, &tokens.refresh_token).await.unwrap();
+    // The change ends the user's sessions, so no refresh mints the role again...
+    assert_eq!(refresh(&stack, &tokens.refresh_token).await.unwrap_err(), Code::Unauthenticated);
+    // ...and the next login's token goes without it.
+    let begun = stack.begin_login("demoted", "correct horse battery").await;
+    let next_access = stack
+        .auth()
+        .await
+        .complete_login(storegate::pb::auth::v1::CompleteLoginRequest {
+            login_ticket: begun.login_ticket,
+            code: storegate_testkit::totp_code(&enrolled_secret, 1),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .access_token;
     assert_eq!(create(next_access.clone()).await.unwrap_err(), Code::PermissionDenied);
     assert_eq!(probe(&stack, &next_access).await, Code::NotFound, "reading still works");
     // The token issued before the change keeps its role until it expires (documented).

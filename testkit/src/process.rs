@@ -54,7 +54,10 @@ pub struct ServiceProcess {
 
 impl ServiceProcess {
     /// Spawns `binary` (e.g. "auth-service") listening on `addr`, with
-    /// `envs` on top of: metrics off, `RUST_LOG=info`, no shutdown grace.
+    /// `envs` on top of: metrics off, `RUST_LOG=info`, no shutdown grace, and
+    /// no per-address registration limit (load generators and topology
+    /// tests register users by the hundred from one loopback address; the
+    /// limit has tests of its own).
     pub fn spawn(
         name: impl Into<String>,
         binary_name: &str,
@@ -70,6 +73,7 @@ impl ServiceProcess {
             .env("RUST_LOG", "info")
             .env("SHUTDOWN_GRACE_SECS", "0")
             .env("RUST_BACKTRACE", "0")
+            .env("REGISTRATIONS_PER_CLIENT_PER_HOUR", "0")
             .env_remove("DATABASE_URL")
             .envs(envs.iter().map(|(k, v)| (*k, v.as_str())))
             .stdin(Stdio::null());
