@@ -10,7 +10,9 @@ use std::{
 
 use storegate::{
     Db, on_db,
-    pb::auth::v1::{BeginLoginRequest, CompleteLoginRequest, RegisterRequest},
+    pb::auth::v1::{
+        BeginLoginRequest, ChangePasswordRequest, CompleteLoginRequest, RegisterRequest, ResetTotpRequest,
+    },
 };
 use storegate_testkit::{Backend, TestStack, backend_tests, totp_code, wrong_totp_code};
 use tonic::Code;
@@ -387,9 +389,29 @@ async fn logs_never_contain_passwords_codes_tickets_or_tokens(backend: Backend) 
         .unwrap()
         .into_inner();
     complete(&stack, &begun.login_ticket, &code).await.unwrap_err();
+    // A password change (its new password) and a factor reset (its recovery code).
+    let new_password = "leak-canary plum tiger orbit";
+    let ticket = begin(&stack, "canary", password).await.unwrap();
+    let changed = auth
+        .change_password(ChangePasswordRequest {
+            login_ticket: ticket.clone(),
+            code: tokens.recovery_codes[1].clone(),
+            new_password: new_password.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let ticket = begin(&stack, "canary", new_password).await.unwrap();
+    auth.reset_totp(ResetTotpRequest {
+        login_ticket: ticket,
+        recovery_code: tokens.recovery_codes[2].clone(),
+    })
+    .await
+    .unwrap();
 
     let text = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
     assert!(text.contains("login completed"), "the capture works");
+    assert!(text.contains("password changed"), "the capture works");
     let access_signature = tokens.access_token.rsplit('.').next().unwrap();
     for (what, secret_value) in [
         ("password", password),
@@ -399,6 +421,11 @@ async fn logs_never_contain_passwords_codes_tickets_or_tokens(backend: Backend) 
         ("access token", access_signature),
         ("refresh token", tokens.refresh_token.as_str()),
         ("recovery code", tokens.recovery_codes[0].as_str()),
+        ("recovery code used for a password change", tokens.recovery_codes[1].as_str()),
+        ("recovery code used for a reset", tokens.recovery_codes[2].as_str()),
+        ("new password", new_password),
+        ("new access token", changed.access_token.rsplit('.').next().unwrap()),
+        ("new refresh token", changed.refresh_token.as_str()),
     ] {
         assert!(!text.contains(secret_value), "the {what} is in the logs");
     }
