@@ -162,11 +162,15 @@ fn prepare_sqlite_files(database: &Path) -> anyhow::Result<()> {
     }
     crate::private_files::create_or_tighten_file(database)
         .with_context(|| format!("cannot create the database file {}", database.display()))?;
-    for suffix in ["-wal", "-shm"] {
+    let companions = ["-wal", "-shm"].map(|suffix| {
         let mut companion = name.to_owned();
         companion.push(suffix);
-        crate::private_files::tighten(Path::new(&companion))
-            .with_context(|| format!("cannot make {} private", Path::new(&companion).display()))?;
+        std::path::PathBuf::from(companion)
+    });
+    // The migration lock (crate::migrate) is made only when migrating.
+    for companion in companions.iter().chain([&database.with_extension("migrate.lock")]) {
+        crate::private_files::tighten(companion)
+            .with_context(|| format!("cannot make {} private", companion.display()))?;
     }
     Ok(())
 }
