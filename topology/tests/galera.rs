@@ -208,7 +208,7 @@ async fn recorded_stock_levels(url: &str) -> String {
     use prost::Message as _;
     let db = Db::connect(url).await.unwrap();
     let responses: Vec<(String, Option<Vec<u8>>)> = on_db!(&db, p => {
-        sqlx::query_as("SELECT request_id, response FROM product_requests").fetch_all(p).await
+        sqlx::query_as("SELECT request_id, response FROM product_request_ids").fetch_all(p).await
     })
     .unwrap();
     db.close().await;
