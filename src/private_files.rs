@@ -60,7 +60,8 @@ pub fn tighten(path: &Path) -> io::Result<()> {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(e),
         };
-        if metadata.is_file() && metadata.uid() == current_uid() && metadata.permissions().mode() & 0o077 != 0 {
+        if metadata.is_file() && metadata.uid() == current_uid() && metadata.permissions().mode() & 0o077 != 0
+        {
             set_mode(path, FILE_MODE)?;
         }
     }

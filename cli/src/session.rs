@@ -136,7 +136,12 @@ mod tests {
     use super::*;
 
     fn session() -> Session {
-        Session { username: "alice".into(), access_token: "a.b.c".into(), refresh_token: "r".into(), expires_at: 0 }
+        Session {
+            username: "alice".into(),
+            access_token: "a.b.c".into(),
+            refresh_token: "r".into(),
+            expires_at: 0,
+        }
     }
 
     fn mode(path: &Path) -> u32 {
@@ -154,7 +159,9 @@ mod tests {
         let root = scratch("new");
         let path = root.join("home/.config/storegate/session.json");
         session().save_to(&path).unwrap();
-        for dir in [&root, &root.join("home"), &root.join("home/.config"), &root.join("home/.config/storegate")] {
+        for dir in
+            [&root, &root.join("home"), &root.join("home/.config"), &root.join("home/.config/storegate")]
+        {
             assert_eq!(mode(dir), 0o700, "{}", dir.display());
         }
         assert_eq!(mode(&path), 0o600);

@@ -54,7 +54,8 @@ fn the_data_folder_and_every_file_in_it_are_private() {
     let _ = std::fs::remove_dir_all(&root);
     // Neither the folder nor its parent exists yet.
     let data = root.join("nested/storegate-data");
-    let files = ["storegate.db", "storegate.db-wal", "storegate.db-shm", "storegate.migrate.lock", "master.key"];
+    let files =
+        ["storegate.db", "storegate.db-wal", "storegate.db-shm", "storegate.migrate.lock", "master.key"];
 
     let child = up(&data);
     for dir in [&root, &root.join("nested"), &data] {

@@ -20,10 +20,21 @@ backend_tests!(
 );
 
 fn product(name: &str) -> Product {
-    Product { name: name.into(), description: String::new(), price: "1.00".into(), stock: 10, ..Default::default() }
+    Product {
+        name: name.into(),
+        description: String::new(),
+        price: "1.00".into(),
+        stock: 10,
+        ..Default::default()
+    }
 }
 
-async fn create(stack: &TestStack, token: &str, name: &str, request_id: &str) -> Result<Product, tonic::Status> {
+async fn create(
+    stack: &TestStack,
+    token: &str,
+    name: &str,
+    request_id: &str,
+) -> Result<Product, tonic::Status> {
     let request = CreateProductRequest { product: Some(product(name)), request_id: request_id.into() };
     stack.products().await.create_product(bearer(request, token)).await.map(|r| r.into_inner())
 }
@@ -52,7 +63,8 @@ async fn request_ids_are_scoped_to_their_caller(backend: Backend) {
     assert_ne!(alices.created_by, bobs.created_by);
     // A different body under the same id is no reuse either, for another caller.
     let bobs_other = create(&stack, &bob, "Other", "5e6f7a8b-9c0d-4e1f-8a2b-3c4d5e6f7a8b").await.unwrap();
-    let alices_other = create(&stack, &alice, "Different", "5e6f7a8b-9c0d-4e1f-8a2b-3c4d5e6f7a8b").await.unwrap();
+    let alices_other =
+        create(&stack, &alice, "Different", "5e6f7a8b-9c0d-4e1f-8a2b-3c4d5e6f7a8b").await.unwrap();
     assert_eq!(alices_other.name, "Different");
     assert_ne!(alices_other.id, bobs_other.id);
 

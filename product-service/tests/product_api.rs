@@ -582,8 +582,10 @@ async fn health_and_reflection_are_served(backend: Backend) {
         assert!(names.contains(own), "{own} is listed: {names:?}");
         assert!(!names.contains(other), "{other} is not served here, so not listed: {names:?}");
         assert!(
-            names.iter().all(|n| [own, "grpc.health.v1.Health"].contains(&n.as_str())
-                || n.starts_with("grpc.reflection.")),
+            names
+                .iter()
+                .all(|n| [own, "grpc.health.v1.Health"].contains(&n.as_str())
+                    || n.starts_with("grpc.reflection.")),
             "nothing else is listed: {names:?}"
         );
 
