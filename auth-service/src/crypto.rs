@@ -90,8 +90,9 @@ impl MasterKey {
                 .with_context(|| format!("cannot read {}", path.display()))?
             {
                 bail!(
-                    "refusing the master key {}: it {why}; if it is yours, make it private with \
-                     `chmod 600 {0}` (as its owner), or set STOREGATE_MASTER_KEY instead",
+                    "refusing the master key {}: it {why}; make it the service user's own and \
+                     private (`chown <that user> {0}` and `chmod 600 {0}`), or set \
+                     STOREGATE_MASTER_KEY instead",
                     path.display()
                 );
             }

@@ -227,8 +227,8 @@ impl ProductApi {
         if req.delta == 0 || req.delta.unsigned_abs() > MAX_STOCK as u64 {
             return Err(ApiError::invalid("delta", "must be non-zero and at most 10^15 either way"));
         }
-        let body = [&req.id.to_string(), &req.delta.to_string()];
-        let key = request_key(caller, &req.request_id, "AdjustStock", &body.map(String::as_str))?;
+        let body = [req.id.to_string(), req.delta.to_string()];
+        let key = request_key(caller, &req.request_id, "AdjustStock", &[&body[0], &body[1]])?;
         match self.store.adjust_stock(req.id, req.delta, key.as_ref(), user_id, storegate::db::now()).await? {
             Idempotent::Fresh(Adjusted::Done(product)) => Ok(product),
             Idempotent::Fresh(Adjusted::NotFound) => Err(not_found(req.id)),
