@@ -602,8 +602,16 @@ async fn health_and_reflection_are_served(backend: Backend) {
             };
             let mut responses =
                 v1alpha.server_reflection_info(tokio_stream::once(request)).await.unwrap().into_inner();
-            let response = responses.next().await.unwrap().unwrap().message_response.unwrap();
-            matches!(response, tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse::FileDescriptorResponse(_))
+            match responses.next().await.unwrap() {
+                Ok(response) => matches!(
+                    response.message_response,
+                    Some(tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse::FileDescriptorResponse(_))
+                ),
+                Err(status) => {
+                    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+                    false
+                }
+            }
         };
         assert!(resolve(own_symbol).await, "v1alpha resolves {own_symbol}");
         assert!(!resolve(other_symbol).await, "{other_symbol} belongs to the other service");
