@@ -549,10 +549,10 @@ impl ProductStore {
             sqlx::query_as(
                 "SELECT request_hash, response FROM product_request_ids WHERE caller = ? AND request_id = ?",
             )
-                .bind(&request.caller)
-                .bind(&request.id)
-                .fetch_optional(pool)
-                .await
+            .bind(&request.caller)
+            .bind(&request.id)
+            .fetch_optional(pool)
+            .await
         })?;
         match recorded {
             Some((hash, _)) if hash != request.hash => Ok(Idempotent::Conflict),

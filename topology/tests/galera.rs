@@ -128,7 +128,8 @@ async fn replicas_started_together_migrate_once(galera: &Galera, logs: &std::pat
             sqlx::query_as("SELECT version, success FROM _sqlx_migrations ORDER BY version").fetch_all(p).await
         })
         .unwrap();
-        assert_eq!(versions, vec![(1, true), (2, true), (3, true)], "round {round}");
+        let all = storegate_topology::all_applied(&storegate_testkit::Backend::MySql(String::new()));
+        assert_eq!(versions, all, "round {round}");
         db.close().await;
         drop(replicas);
     }

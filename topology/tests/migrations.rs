@@ -9,6 +9,7 @@ use storegate::{
     on_db,
 };
 use storegate_testkit::{Backend, TestDb, backend_tests};
+use storegate_topology::{all_applied, migration_versions};
 
 backend_tests!(
     many_migrations_at_once_apply_each_version_once,
@@ -22,20 +23,6 @@ async fn recorded(db: &Db) -> Vec<(i64, bool)> {
         sqlx::query_as("SELECT version, success FROM _sqlx_migrations ORDER BY version").fetch_all(pool).await
     })
     .unwrap()
-}
-
-/// The versions of this build's migration files for `backend` (numbers
-/// need not be contiguous: branches number theirs apart).
-fn migration_versions(backend: &Backend) -> Vec<i64> {
-    let dialect = if matches!(backend, Backend::Sqlite) { "sqlite" } else { "mysql" };
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../migrations").join(dialect);
-    let mut versions: Vec<i64> = std::fs::read_dir(dir)
-        .unwrap()
-        .filter_map(|entry| entry.unwrap().file_name().to_str()?.split('_').next()?.parse().ok())
-        .collect();
-    versions.sort_unstable();
-    assert!(versions.starts_with(&[1, 2, 3]), "{versions:?}");
-    versions
 }
 
 async fn product_count_rows(db: &Db) -> i64 {
@@ -61,8 +48,7 @@ async fn many_migrations_at_once_apply_each_version_once(backend: Backend) {
     let db = &dbs[0];
     assert_eq!(migrate::schema_state(db).await.unwrap(), SchemaState::Current);
     let versions = recorded(db).await;
-    let expected: Vec<(i64, bool)> = migration_versions(&backend).into_iter().map(|v| (v, true)).collect();
-    assert_eq!(versions, expected, "each version recorded once, applied");
+    assert_eq!(versions, all_applied(&backend), "each version recorded once, applied");
     // The seeding statements of 0003 ran exactly once.
     assert_eq!(product_count_rows(db).await, 16);
     for db in dbs {
@@ -119,11 +105,6 @@ mod mysql_only {
         Some((test_db, db))
     }
 
-    /// Every migration of this build recorded as applied.
-    fn all_applied() -> Vec<(i64, bool)> {
-        migration_versions(&Backend::MySql(String::new())).into_iter().map(|v| (v, true)).collect()
-    }
-
     async fn exec(db: &Db, sql: &str) {
         on_db!(db, pool => sqlx::query(sql).execute(pool).await.map(drop)).unwrap();
     }
@@ -139,7 +120,7 @@ mod mysql_only {
         assert_eq!(migrate::schema_state(&db).await.unwrap(), SchemaState::Behind(vec![3]));
 
         migrate::run(&db, Duration::from_secs(10)).await.expect("the next run finishes it");
-        assert_eq!(recorded(&db).await, all_applied());
+        assert_eq!(recorded(&db).await, all_applied(&Backend::MySql(String::new())));
         assert_eq!(product_count_rows(&db).await, 16);
         db.close().await;
     }
@@ -153,7 +134,7 @@ mod mysql_only {
         exec(&db, "UPDATE _sqlx_migrations SET success = FALSE WHERE version = 2").await;
         exec(&db, "DELETE FROM _sqlx_migrations WHERE version = 3").await;
         migrate::run(&db, Duration::from_secs(10)).await.unwrap();
-        assert_eq!(recorded(&db).await, all_applied());
+        assert_eq!(recorded(&db).await, all_applied(&Backend::MySql(String::new())));
         on_db!(&db, pool => sqlx::query("SELECT COUNT(*) FROM recovery_codes").execute(pool).await.map(drop))
             .expect("the dropped table is back");
         db.close().await;
