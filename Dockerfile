@@ -13,5 +13,7 @@ COPY --from=build /src/target/release/auth-service /src/target/release/product-s
 USER storegate
 WORKDIR /var/lib/storegate
 ENV LOG_FORMAT=json
-EXPOSE 50051 50052 9101 9102
+# Metrics (9101, 9102) listen on the container's loopback unless
+# METRICS_LISTEN_ADDR says otherwise: not exposed.
+EXPOSE 50051 50052
 CMD ["storegate", "up"]

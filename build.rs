@@ -33,6 +33,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // compile_fds neither writes the descriptor set nor tells cargo what to
     // watch, so both happen here.
     fs::write(out_dir.join("storegate_descriptor.bin"), descriptors.encode_to_vec())?;
+    // One set per service as well: reflection on a server must list only
+    // the services it serves, and lists every service of the sets it has.
+    for (proto, out) in
+        [(PROTOS[0], "storegate_auth_descriptor.bin"), (PROTOS[1], "storegate_product_descriptor.bin")]
+    {
+        fs::write(out_dir.join(out), protox::compile([proto], ["proto"])?.encode_to_vec())?;
+    }
     println!("cargo:rerun-if-changed=proto");
     // sqlx::migrate! embeds these at compile time.
     println!("cargo:rerun-if-changed=migrations");

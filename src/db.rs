@@ -71,11 +71,9 @@ impl Db {
                 // Statement logs carry SQL text; errors are logged where
                 // they are handled, without it.
                 .disable_statement_logging();
-            if let Some(folder) = options.get_filename().parent()
-                && !folder.as_os_str().is_empty()
-            {
-                std::fs::create_dir_all(folder)
-                    .with_context(|| format!("cannot create the database folder {}", folder.display()))?;
+            // An in-memory database has no files.
+            if !url.contains(":memory:") && !url.contains("mode=memory") {
+                prepare_sqlite_files(options.get_filename())?;
             }
             let pool = SqlitePoolOptions::new()
                 .max_connections(8)
@@ -150,6 +148,31 @@ impl Db {
     pub async fn close(&self) {
         on_db!(self, pool => pool.close().await)
     }
+}
+
+/// Makes the SQLite file's folder (0700) and the file itself (0600) before
+/// SQLite opens it: SQLite would create it 0644, and gives its WAL and SHM
+/// files the database file's mode, so those follow. Files of this user's
+/// left looser by an earlier version are tightened.
+fn prepare_sqlite_files(database: &Path) -> anyhow::Result<()> {
+    let name = database.as_os_str();
+    if let Some(folder) = database.parent() {
+        crate::private_files::create_dir_all(folder)
+            .with_context(|| format!("cannot create the database folder {}", folder.display()))?;
+    }
+    crate::private_files::create_or_tighten_file(database)
+        .with_context(|| format!("cannot create the database file {}", database.display()))?;
+    let companions = ["-wal", "-shm"].map(|suffix| {
+        let mut companion = name.to_owned();
+        companion.push(suffix);
+        std::path::PathBuf::from(companion)
+    });
+    // The migration lock (crate::migrate) is made only when migrating.
+    for companion in companions.iter().chain([&database.with_extension("migrate.lock")]) {
+        crate::private_files::tighten(companion)
+            .with_context(|| format!("cannot make {} private", companion.display()))?;
+    }
+    Ok(())
 }
 
 /// Starting a transaction that will write. SQLite's default `BEGIN` takes the

@@ -10,6 +10,7 @@ pub mod error;
 pub mod metrics;
 pub mod migrate;
 pub mod mysql_reads;
+pub mod private_files;
 mod redact;
 pub mod server;
 pub mod shared_reads;
@@ -30,9 +31,16 @@ pub mod pb {
         }
     }
 
-    /// Every storegate .proto file and its imports, for server reflection.
+    /// Every storegate .proto file and its imports.
     pub const FILE_DESCRIPTOR_SET: &[u8] =
         include_bytes!(concat!(env!("OUT_DIR"), "/storegate_descriptor.bin"));
+    /// auth.proto and its imports: what auth-service's reflection describes.
+    pub const AUTH_FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/storegate_auth_descriptor.bin"));
+    /// product.proto and its imports: what product-service's reflection
+    /// describes (a server lists only the services it serves).
+    pub const PRODUCT_FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/storegate_product_descriptor.bin"));
 }
 
 pub use db::Db;

@@ -464,6 +464,9 @@ async fn sqlite_lock_file(db: &Db, timeout: Duration) -> anyhow::Result<Option<s
         return Ok(None);
     };
     let lock_path = path.with_extension("migrate.lock");
+    // Private like the database beside it.
+    crate::private_files::create_or_tighten_file(&lock_path)
+        .with_context(|| format!("cannot create {}", lock_path.display()))?;
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)

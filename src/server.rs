@@ -21,18 +21,22 @@ use tonic::{
 use tonic_health::{ServingStatus, server::HealthReporter};
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
-use crate::{Db, config::CommonConfig, db_health::DbHealth, metrics::Metrics, pb::FILE_DESCRIPTOR_SET};
+use crate::{Db, config::CommonConfig, db_health::DbHealth, metrics::Metrics};
 
 /// The routes every server starts from: health and reflection. The caller
 /// adds its own service and hands the reporter to [`serve`].
-pub fn base_routes() -> anyhow::Result<(RoutesBuilder, HealthReporter)> {
+/// `file_descriptor_set` describes the caller's service alone (e.g.
+/// [`crate::pb::PRODUCT_FILE_DESCRIPTOR_SET`]): reflection lists every
+/// service in the sets it is given, and must not list one this server does
+/// not serve.
+pub fn base_routes(file_descriptor_set: &'static [u8]) -> anyhow::Result<(RoutesBuilder, HealthReporter)> {
     let (reporter, health) = tonic_health::server::health_reporter();
     let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(file_descriptor_set)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
     let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(file_descriptor_set)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
     let mut routes = Routes::builder();

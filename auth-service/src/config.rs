@@ -24,9 +24,17 @@ pub struct AuthConfig {
 
     /// base64 of 32 random bytes; encrypts TOTP secrets and signing keys at
     /// rest. Required with MySQL; with SQLite a development key is created
-    /// beside the database when it is missing.
-    #[arg(long, env = "STOREGATE_MASTER_KEY", hide_env_values = true)]
+    /// beside the database when it is missing. Only from the environment
+    /// (`STOREGATE_MASTER_KEY`) or `--master-key-file`: never a flag, whose
+    /// value any user could read in `ps`.
+    #[arg(skip = crate::crypto::master_key_from_env())]
     pub master_key: Option<SecretString>,
+
+    /// A file holding the master key (instead of STOREGATE_MASTER_KEY); it
+    /// must not be writable by others nor readable by anyone but its owner
+    /// and group.
+    #[arg(long, env = "STOREGATE_MASTER_KEY_FILE")]
+    pub master_key_file: Option<std::path::PathBuf>,
 
     /// The issuer name authenticator apps show next to the account.
     #[arg(long, env = "TOTP_ISSUER", default_value = "storegate")]
@@ -85,6 +93,7 @@ impl AuthConfig {
             listen_addr: DEFAULT_LISTEN_ADDR.to_owned(),
             metrics_listen_addr: String::new(),
             master_key: None,
+            master_key_file: None,
             totp_issuer: "storegate".to_owned(),
             login: LoginPolicy::default(),
         }

@@ -48,6 +48,26 @@ impl MasterKey {
         STANDARD.encode(random_bytes::<32>())
     }
 
+    /// The key in a file (`STOREGATE_MASTER_KEY_FILE`): owned by this user
+    /// (or root, as mounted secrets are), writable by no one else, readable
+    /// at most by the owner's group (a Kubernetes secret mounted with
+    /// `defaultMode: 0440` and an `fsGroup`).
+    pub fn from_file(path: &Path) -> anyhow::Result<Self> {
+        #[cfg(unix)]
+        if let Some(why) = storegate::private_files::not_private(path, 0o040, true)
+            .with_context(|| format!("cannot read the master key file {}", path.display()))?
+        {
+            bail!(
+                "the master key file {} {why}; make it private to the service's user: \
+                 `chown <that user> {0}` and `chmod 600 {0}`",
+                path.display()
+            );
+        }
+        let encoded = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the master key file {}", path.display()))?;
+        Self::from_base64(&encoded).with_context(|| format!("{} is not a valid master key", path.display()))
+    }
+
     /// The configured key, or for the SQLite development default, the key in
     /// `master.key` beside the database (created on first start).
     pub fn load(configured: Option<&SecretString>, dev_key_dir: Option<&Path>) -> anyhow::Result<Self> {
@@ -63,12 +83,26 @@ impl MasterKey {
         };
         let path = dir.join("master.key");
         if path.exists() {
+            // A key others can read is known to them; one others can write
+            // (or that someone else owns) may be theirs.
+            #[cfg(unix)]
+            if let Some(why) = storegate::private_files::not_private(&path, 0, false)
+                .with_context(|| format!("cannot read {}", path.display()))?
+            {
+                bail!(
+                    "refusing the master key {}: it {why}; make it the service user's own and \
+                     private (`chown <that user> {0}` and `chmod 600 {0}`), or set \
+                     STOREGATE_MASTER_KEY instead",
+                    path.display()
+                );
+            }
             let encoded =
                 std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
             return Self::from_base64(&encoded)
                 .with_context(|| format!("{} is not a valid master key", path.display()));
         }
-        std::fs::create_dir_all(dir)?;
+        storegate::private_files::create_dir_all(dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
         let encoded = Self::generate_base64();
         // Written whole under a private name, then linked into place: a
         // process starting beside this one either links first or finds the
@@ -126,6 +160,13 @@ impl MasterKey {
             .decrypt(Nonce::from_slice(nonce), Payload { msg: ciphertext, aad: context.as_bytes() })
             .map_err(|_| WrongKey)
     }
+}
+
+/// `STOREGATE_MASTER_KEY`, unless unset or empty (as compose files pass an
+/// unset variable through). Read here, not as a flag: a flag's value is on
+/// the command line, which every user of the machine can read (`ps`).
+pub fn master_key_from_env() -> Option<SecretString> {
+    std::env::var("STOREGATE_MASTER_KEY").ok().filter(|k| !k.trim().is_empty()).map(SecretString::from)
 }
 
 /// A ciphertext did not open: the master key differs from the one that
@@ -203,5 +244,80 @@ mod tests {
             assert_eq!(mode & 0o777, 0o600);
         }
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[cfg(unix)]
+    fn chmod(path: &Path, mode: u32) {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    /// What another user could read or have written is not a master key.
+    #[cfg(unix)]
+    #[test]
+    fn a_development_key_others_can_reach_or_that_is_not_ours_is_refused() {
+        let dir = std::env::temp_dir().join(format!("storegate-key-{}", random_token()));
+        let first = MasterKey::load(None, Some(&dir)).unwrap();
+        let path = dir.join("master.key");
+        for loose in [0o644, 0o640, 0o604, 0o620, 0o660] {
+            chmod(&path, loose);
+            let message = format!("{:#}", MasterKey::load(None, Some(&dir)).unwrap_err());
+            assert!(message.contains(&path.display().to_string()), "names the file: {message}");
+            assert!(message.contains(&format!("mode {loose:04o}")), "{message}");
+            assert!(message.contains("chmod 600"), "says the fix: {message}");
+        }
+        chmod(&path, 0o600);
+        let sealed = first.encrypt(b"x", "c").unwrap();
+        assert_eq!(MasterKey::load(None, Some(&dir)).unwrap().decrypt(&sealed, "c").unwrap(), b"x");
+        // Another owner: only root can make one.
+        if storegate::private_files::current_uid() == 0 {
+            std::os::unix::fs::chown(&path, Some(65534), None).unwrap();
+            let message = format!("{:#}", MasterKey::load(None, Some(&dir)).unwrap_err());
+            assert!(message.contains("belongs to another user (uid 65534"), "{message}");
+            assert!(message.contains(&path.display().to_string()), "{message}");
+        } else {
+            eprintln!("not root: the other-owner case needs chown, skipped");
+        }
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_key_file_must_not_be_open_to_others() {
+        let dir = std::env::temp_dir().join(format!("storegate-key-{}", random_token()));
+        storegate::private_files::create_dir_all(&dir).unwrap();
+        let path = dir.join("key");
+        std::fs::write(&path, MasterKey::generate_base64()).unwrap();
+        for (mode, ok) in [(0o600, true), (0o400, true), (0o640, true), (0o644, false), (0o660, false)] {
+            chmod(&path, mode);
+            let loaded = MasterKey::from_file(&path);
+            assert_eq!(loaded.is_ok(), ok, "mode {mode:o}: {:?}", loaded.err());
+        }
+        if storegate::private_files::current_uid() == 0 {
+            chmod(&path, 0o600);
+            std::os::unix::fs::chown(&path, Some(65534), None).unwrap();
+            let message = format!("{:#}", MasterKey::from_file(&path).unwrap_err());
+            assert!(message.contains("belongs to another user") && message.contains("chown"), "{message}");
+        }
+        std::fs::write(dir.join("bad"), "not a key").unwrap();
+        chmod(&dir.join("bad"), 0o600);
+        assert!(MasterKey::from_file(&dir.join("bad")).is_err());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// The key never travels as a flag (any user can read a command line).
+    #[test]
+    fn the_master_key_is_no_flag() {
+        use clap::Parser as _;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            config: crate::AuthConfig,
+        }
+        let key = MasterKey::generate_base64();
+        assert!(Cli::try_parse_from(["auth-service", "--master-key", &key]).is_err());
+        assert!(Cli::try_parse_from(["auth-service", &format!("--master-key={key}")]).is_err());
+        let cli = Cli::try_parse_from(["auth-service", "--master-key-file", "/run/secrets/key"]).unwrap();
+        assert_eq!(cli.config.master_key_file.as_deref(), Some(Path::new("/run/secrets/key")));
     }
 }

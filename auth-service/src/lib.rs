@@ -71,7 +71,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let metrics = storegate::metrics::Metrics::new("auth-service");
     let api = Gate::default();
-    let (mut routes, health) = storegate::server::base_routes()?;
+    let (mut routes, health) = storegate::server::base_routes(storegate::pb::AUTH_FILE_DESCRIPTOR_SET)?;
     routes.add_service(api.clone());
     tracing::info!(addr = %listener.local_addr()?, "auth-service listening; starting");
     let start = async {
@@ -118,6 +118,13 @@ async fn sweep_expired(store: AuthStore) {
 fn load_master_key(config: &AuthConfig) -> anyhow::Result<MasterKey> {
     let url = &config.common.database_url;
     let dev_key_dir = if db::is_sqlite_url(url) { db::sqlite_data_dir(url) } else { None };
+    if let Some(file) = &config.master_key_file {
+        anyhow::ensure!(
+            config.master_key.is_none(),
+            "both STOREGATE_MASTER_KEY and STOREGATE_MASTER_KEY_FILE are set; set only one"
+        );
+        return MasterKey::from_file(file);
+    }
     MasterKey::load(config.master_key.as_ref(), dev_key_dir.as_deref())
 }
 

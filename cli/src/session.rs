@@ -1,7 +1,10 @@
 //! The signed-in session of the `storegate` CLI: tokens in a file only the
 //! user can read, refreshed before they expire.
 
-use std::{io::Write as _, path::PathBuf};
+use std::{
+    io::Write as _,
+    path::{Path, PathBuf},
+};
 
 use anyhow::Context as _;
 use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
@@ -33,10 +36,37 @@ fn session_path() -> anyhow::Result<PathBuf> {
     Ok(config_dir()?.join("session.json"))
 }
 
+/// Refuses a session folder that someone else could change: a user who can
+/// write there can swap the session for one of theirs, or read the tokens
+/// of one they planted. Readable by others is fine (the file itself is
+/// 0600).
+fn check_private_dir(dir: &Path) -> anyhow::Result<()> {
+    #[cfg(unix)]
+    if let Some(why) = storegate::private_files::not_private(dir, 0o055, false)
+        .with_context(|| format!("cannot check {}", dir.display()))?
+    {
+        anyhow::bail!(
+            "refusing to keep the session in {}: the folder {why}; use a folder of your own \
+             (STOREGATE_CONFIG_DIR), or fix it with `chmod go-w {0}`",
+            dir.display()
+        );
+    }
+    #[cfg(not(unix))]
+    let _ = dir;
+    Ok(())
+}
+
 impl Session {
     pub fn load() -> anyhow::Result<Option<Session>> {
-        let path = session_path()?;
-        match std::fs::read(&path) {
+        Self::load_from(&session_path()?)
+    }
+
+    fn load_from(path: &Path) -> anyhow::Result<Option<Session>> {
+        match path.parent() {
+            Some(dir) if dir.exists() => check_private_dir(dir)?,
+            _ => return Ok(None),
+        }
+        match std::fs::read(path) {
             Ok(bytes) => Ok(Some(
                 serde_json::from_slice(&bytes)
                     .with_context(|| format!("{} is damaged; log in again", path.display()))?,
@@ -46,19 +76,18 @@ impl Session {
         }
     }
 
-    /// Writes the session with mode 0600, replacing the old one. A folder
-    /// the CLI creates is made 0700; an existing one is left as it is.
+    /// Writes the session with mode 0600, replacing the old one. Folders
+    /// the CLI creates (parents too) are made 0700; an existing one that
+    /// others could write to, or that is someone else's, is refused.
     pub fn save(&self) -> anyhow::Result<()> {
-        let path = session_path()?;
+        self.save_to(&session_path()?)
+    }
+
+    fn save_to(&self, path: &Path) -> anyhow::Result<()> {
         let dir = path.parent().context("session path has no folder")?;
-        if !dir.exists() {
-            std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-            #[cfg(unix)]
-            {
-                use std::os::unix::fs::PermissionsExt as _;
-                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
-            }
-        }
+        storegate::private_files::create_dir_all(dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+        check_private_dir(dir)?;
         let temp = dir.join("session.json.tmp");
         // A leftover from an interrupted save could carry other permissions.
         let _ = std::fs::remove_file(&temp);
@@ -72,7 +101,7 @@ impl Session {
         let mut file = options.open(&temp).with_context(|| format!("cannot write {}", temp.display()))?;
         file.write_all(&serde_json::to_vec_pretty(self)?)?;
         file.sync_all()?;
-        std::fs::rename(&temp, &path)?;
+        std::fs::rename(&temp, path)?;
         Ok(())
     }
 
@@ -98,4 +127,74 @@ impl Session {
 
 pub fn unix_now() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    use super::*;
+
+    fn session() -> Session {
+        Session {
+            username: "alice".into(),
+            access_token: "a.b.c".into(),
+            refresh_token: "r".into(),
+            expires_at: 0,
+        }
+    }
+
+    fn mode(path: &Path) -> u32 {
+        std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("storegate-session-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
+    #[test]
+    fn folders_the_cli_makes_are_private_parents_too() {
+        let root = scratch("new");
+        let path = root.join("home/.config/storegate/session.json");
+        session().save_to(&path).unwrap();
+        for dir in
+            [&root, &root.join("home"), &root.join("home/.config"), &root.join("home/.config/storegate")]
+        {
+            assert_eq!(mode(dir), 0o700, "{}", dir.display());
+        }
+        assert_eq!(mode(&path), 0o600);
+        assert_eq!(Session::load_from(&path).unwrap().unwrap().username, "alice");
+        std::fs::remove_dir_all(root).unwrap();
+    }
+
+    /// The attack: a session kept in a folder others can write to can be
+    /// swapped or read by planting a file or link there.
+    #[test]
+    fn a_folder_others_can_write_to_or_someone_elses_is_refused() {
+        let dir = scratch("shared");
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("session.json");
+        for loose in [0o777, 0o1777, 0o770, 0o720, 0o702] {
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(loose)).unwrap();
+            let message = format!("{:#}", session().save_to(&path).unwrap_err());
+            assert!(message.contains(&dir.display().to_string()), "names the folder: {message}");
+            assert!(message.contains("changed by other users"), "{message}");
+            assert!(!path.exists(), "nothing written");
+            assert!(Session::load_from(&path).is_err(), "nor read from there");
+        }
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        session().save_to(&path).unwrap();
+        assert!(Session::load_from(&path).unwrap().is_some(), "readable by others is fine: the file is 0600");
+        if storegate::private_files::current_uid() == 0 {
+            std::os::unix::fs::chown(&dir, Some(65534), None).unwrap();
+            let message = format!("{:#}", session().save_to(&path).unwrap_err());
+            assert!(message.contains("belongs to another user"), "{message}");
+            assert!(Session::load_from(&path).is_err());
+        } else {
+            eprintln!("not root: the other-owner case needs chown, skipped");
+        }
+        std::fs::remove_dir_all(dir).unwrap();
+    }
 }

@@ -46,6 +46,18 @@ pub struct ProductConfig {
     /// is across a network and many different pages are read at once.
     #[arg(long, env = "DB_READ_CONNECTIONS", value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub db_read_connections: Option<u16>,
+
+    /// ListProducts calls with a `query` (table scans) one caller (token
+    /// `sub`) may have running at once; more are refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "SEARCH_CONCURRENCY_PER_CALLER", default_value_t = 2,
+          value_parser = clap::value_parser!(u16).range(1..))]
+    pub search_concurrency_per_caller: u16,
+
+    /// ListProducts calls with a `query` the server runs at once, all callers
+    /// together (default: half the database pool's connections, so that
+    /// searches never hold them all).
+    #[arg(long, env = "SEARCH_CONCURRENCY", value_parser = clap::value_parser!(u16).range(1..))]
+    pub search_concurrency: Option<u16>,
 }
 
 impl ProductConfig {
@@ -60,6 +72,8 @@ impl ProductConfig {
             jwks_refresh_interval_secs: 300,
             jwt_max_lifetime_secs: storegate::token::ACCESS_TOKEN_TTL_SECS,
             db_read_connections: None,
+            search_concurrency_per_caller: 2,
+            search_concurrency: None,
         }
     }
 }
@@ -84,5 +98,16 @@ mod tests {
         for wrong in ["0", "-1", "many", "5000"] {
             assert!(parse(&[&format!("--db-read-connections={wrong}")]).is_err(), "{wrong}");
         }
+    }
+
+    #[test]
+    fn search_limits_default_to_two_per_caller_and_are_at_least_one() {
+        let parse = |args: &[&str]| Cli::try_parse_from([&["product-service"], args].concat());
+        let config = parse(&[]).unwrap().config;
+        assert_eq!((config.search_concurrency_per_caller, config.search_concurrency), (2, None));
+        let config = parse(&["--search-concurrency-per-caller=1", "--search-concurrency=3"]).unwrap().config;
+        assert_eq!((config.search_concurrency_per_caller, config.search_concurrency), (1, Some(3)));
+        assert!(parse(&["--search-concurrency-per-caller=0"]).is_err());
+        assert!(parse(&["--search-concurrency=0"]).is_err());
     }
 }

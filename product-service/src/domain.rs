@@ -168,8 +168,12 @@ impl OrderBy {
 }
 
 pub fn check_query(query: &str) -> Option<FieldViolation> {
-    (query.chars().count() > QUERY_MAX_CHARS)
-        .then(|| FieldViolation::new("query", "must be at most 200 characters"))
+    if query.chars().count() > QUERY_MAX_CHARS {
+        return Some(FieldViolation::new("query", "must be at most 200 characters"));
+    }
+    // SQLite's LIKE ends a pattern at a NUL: "%\0…" became "%" and matched
+    // every row. Refused on both backends, so that they answer alike.
+    query.contains('\0').then(|| FieldViolation::new("query", "must not contain NUL characters"))
 }
 
 /// The product's etag for a row version. Opaque to clients.

@@ -7,6 +7,7 @@ pub mod config;
 pub mod domain;
 pub mod keys;
 pub mod page_token;
+pub mod search_limit;
 pub mod service;
 pub mod store;
 
@@ -37,7 +38,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let metrics = storegate::metrics::Metrics::new("product-service");
     let api = Gate::default();
-    let (mut routes, health) = storegate::server::base_routes()?;
+    let (mut routes, health) = storegate::server::base_routes(storegate::pb::PRODUCT_FILE_DESCRIPTOR_SET)?;
     routes.add_service(api.clone());
     tracing::info!(addr = %listener.local_addr()?, "product-service listening; starting");
     let start = async {
@@ -62,12 +63,17 @@ pub async fn run(
             config.db_read_connections.map_or_else(store::default_read_connections, usize::from);
         let store = store::ProductStore::with_read_connections(db.clone(), read_connections).await;
         background.push(tokio::spawn(sweep_request_ids(store.clone())));
+        let pool_size = storegate::on_db!(&db, pool => pool.options().get_max_connections()) as usize;
+        let search_limit = search_limit::SearchLimit::new(
+            usize::from(config.search_concurrency_per_caller),
+            config.search_concurrency.map_or(pool_size / 2, usize::from),
+        );
         let verifier = TokenVerifier::new(&config.common.jwt_issuer, &config.common.jwt_audience)
             .with_max_lifetime(config.jwt_max_lifetime_secs);
         api.open(
             auth::AwaitNewKeys::new(
                 tonic::service::interceptor::InterceptedService::new(
-                    ProductServiceServer::new(service::ProductApi::new(store))
+                    ProductServiceServer::new(service::ProductApi::new(store, search_limit))
                         .max_decoding_message_size(MAX_REQUEST_BYTES),
                     auth::JwtAuth::new(keys.clone(), verifier),
                 ),

@@ -1,5 +1,7 @@
 //! The ProductService gRPC API: authorise → validate → store → map.
 
+use std::sync::Arc;
+
 use sha2::{Digest as _, Sha256};
 use storegate::{
     ApiError,
@@ -19,6 +21,7 @@ use crate::{
         parse_request_id,
     },
     page_token,
+    search_limit::SearchLimit,
     store::{Adjusted, Cursor, Idempotent, ListQuery, ProductFields, ProductStore, RequestKey, Written},
 };
 
@@ -33,11 +36,13 @@ const UPDATE_ATTEMPTS: usize = 5;
 
 pub struct ProductApi {
     store: ProductStore,
+    /// Bounds the `query` listings (table scans) running at once.
+    search_limit: Arc<SearchLimit>,
 }
 
 impl ProductApi {
-    pub fn new(store: ProductStore) -> Self {
-        ProductApi { store }
+    pub fn new(store: ProductStore, search_limit: Arc<SearchLimit>) -> Self {
+        ProductApi { store, search_limit }
     }
 }
 
@@ -52,6 +57,17 @@ fn require_admin<T>(request: &Request<T>) -> Result<Option<i64>, ApiError> {
         return Err(ApiError::PermissionDenied("changing the catalogue needs the admin role"));
     }
     Ok(claims.user_id())
+}
+
+/// Who is calling, as request ids are scoped: the token's `sub`.
+/// auth-service writes user ids there; anything empty or longer than the
+/// column (64) is not a subject it issued.
+fn caller<T>(request: &Request<T>) -> Result<String, ApiError> {
+    let sub = &claims(request)?.sub;
+    if sub.is_empty() || sub.len() > 64 {
+        return Err(ApiError::Unauthenticated("the access token names no valid subject"));
+    }
+    Ok(sub.clone())
 }
 
 /// Validates every client field at once, reporting all violations.
@@ -76,9 +92,15 @@ fn validated_fields(product: &Product, prefix: &str) -> Result<ProductFields, Ap
     })
 }
 
-/// The idempotency key of a write: the client's request id, with a hash of
-/// the method and body that tells a retry from another request reusing it.
-fn request_key(request_id: &str, method: &str, body: &[&str]) -> Result<Option<RequestKey>, ApiError> {
+/// The idempotency key of a write: the caller and their request id, with a
+/// hash of the method and body that tells a retry from another request
+/// reusing it.
+fn request_key(
+    caller: String,
+    request_id: &str,
+    method: &str,
+    body: &[&str],
+) -> Result<Option<RequestKey>, ApiError> {
     let Some(id) = parse_request_id(request_id).map_err(|v| ApiError::InvalidArgument(vec![v]))? else {
         return Ok(None);
     };
@@ -87,12 +109,16 @@ fn request_key(request_id: &str, method: &str, body: &[&str]) -> Result<Option<R
         hash.update((part.len() as u64).to_be_bytes());
         hash.update(part.as_bytes());
     }
-    Ok(Some(RequestKey { id, hash: hash.finalize().to_vec() }))
+    Ok(Some(RequestKey { caller, id, hash: hash.finalize().to_vec() }))
 }
 
-fn create_request_key(request_id: &str, fields: &ProductFields) -> Result<Option<RequestKey>, ApiError> {
+fn create_request_key(
+    caller: String,
+    request_id: &str,
+    fields: &ProductFields,
+) -> Result<Option<RequestKey>, ApiError> {
     let (price, stock) = (fields.price.to_string(), fields.stock.to_string());
-    request_key(request_id, "CreateProduct", &[&fields.name, &fields.description, &price, &stock])
+    request_key(caller, request_id, "CreateProduct", &[&fields.name, &fields.description, &price, &stock])
 }
 
 /// The fields UpdateProduct changes: the mask's paths, or without a mask
@@ -179,10 +205,11 @@ const STALE_ETAG: &str = "the product has changed since that etag; read it again
 impl ProductApi {
     async fn create(&self, request: Request<CreateProductRequest>) -> Result<Product, ApiError> {
         let user_id = require_admin(&request)?;
+        let caller = caller(&request)?;
         let req = request.into_inner();
         let product = req.product.ok_or_else(|| ApiError::invalid("product", "is required"))?;
         let fields = validated_fields(&product, "product.")?;
-        let key = create_request_key(&req.request_id, &fields)?;
+        let key = create_request_key(caller, &req.request_id, &fields)?;
         match self.store.create(&fields, key.as_ref(), user_id, storegate::db::now()).await? {
             Idempotent::Fresh(product) => {
                 tracing::info!(product_id = product.id, "product created");
@@ -195,12 +222,13 @@ impl ProductApi {
 
     async fn adjust_stock(&self, request: Request<AdjustStockRequest>) -> Result<Product, ApiError> {
         let user_id = require_admin(&request)?;
+        let caller = caller(&request)?;
         let req = request.into_inner();
         if req.delta == 0 || req.delta.unsigned_abs() > MAX_STOCK as u64 {
             return Err(ApiError::invalid("delta", "must be non-zero and at most 10^15 either way"));
         }
-        let key =
-            request_key(&req.request_id, "AdjustStock", &[&req.id.to_string(), &req.delta.to_string()])?;
+        let body = [req.id.to_string(), req.delta.to_string()];
+        let key = request_key(caller, &req.request_id, "AdjustStock", &[&body[0], &body[1]])?;
         match self.store.adjust_stock(req.id, req.delta, key.as_ref(), user_id, storegate::db::now()).await? {
             Idempotent::Fresh(Adjusted::Done(product)) => Ok(product),
             Idempotent::Fresh(Adjusted::NotFound) => Err(not_found(req.id)),
@@ -221,6 +249,7 @@ impl ProductApi {
 
     async fn list(&self, request: Request<ListProductsRequest>) -> Result<ListProductsResponse, ApiError> {
         claims(&request)?;
+        let searcher = (!request.get_ref().query.is_empty()).then(|| caller(&request)).transpose()?;
         let req = request.into_inner();
         let order = OrderBy::parse(&req.order_by);
         let violations: Vec<FieldViolation> = [
@@ -233,6 +262,8 @@ impl ProductApi {
         .collect();
         ApiError::check(violations)?;
         let order = order.map_err(|v| ApiError::InvalidArgument(vec![v]))?;
+        // A search (a table scan) holds its place until its answer is built.
+        let _search = searcher.map(|caller| self.search_limit.try_start(&caller)).transpose()?;
         let page_size = match req.page_size {
             0 => DEFAULT_PAGE_SIZE,
             n => n.min(MAX_PAGE_SIZE),
@@ -364,14 +395,16 @@ mod tests {
             stock: 1,
         };
         let id = "6f1c2d4e-8a8b-4c1e-9d3f-2b7a5e0c9f11";
-        let a = create_request_key(id, &fields("ab", "c")).unwrap().unwrap();
-        let again = create_request_key(&id.to_uppercase(), &fields("ab", "c")).unwrap().unwrap();
-        let b = create_request_key(id, &fields("a", "bc")).unwrap().unwrap();
+        let key = |id: &str, fields: &ProductFields| create_request_key("7".into(), id, fields);
+        let a = key(id, &fields("ab", "c")).unwrap().unwrap();
+        let again = key(&id.to_uppercase(), &fields("ab", "c")).unwrap().unwrap();
+        let b = key(id, &fields("a", "bc")).unwrap().unwrap();
         assert_eq!((a.id.as_str(), &a.hash), (again.id.as_str(), &again.hash));
         assert_ne!(a.hash, b.hash);
-        let adjust = request_key(id, "AdjustStock", &["ab", "c"]).unwrap().unwrap();
+        let adjust = request_key("7".into(), id, "AdjustStock", &["ab", "c"]).unwrap().unwrap();
         assert_ne!(a.hash, adjust.hash, "the method is part of the request");
-        assert!(create_request_key("", &fields("a", "b")).unwrap().is_none());
-        assert!(create_request_key("not-a-uuid", &fields("a", "b")).is_err());
+        assert_eq!(a.caller, "7", "the key is the caller's");
+        assert!(key("", &fields("a", "b")).unwrap().is_none());
+        assert!(key("not-a-uuid", &fields("a", "b")).is_err());
     }
 }

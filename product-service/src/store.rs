@@ -218,6 +218,9 @@ pub struct ProductFields {
 
 /// A client's idempotency key and what identifies its request.
 pub struct RequestKey {
+    /// Who sent it (the access token's `sub`): request ids are the caller's
+    /// own, another caller's same id is another request.
+    pub caller: String,
     pub id: String,
     /// SHA-256 of the method and the request body.
     pub hash: Vec<u8>,
@@ -393,8 +396,10 @@ macro_rules! claim_request_id {
     ($tx:ident, $request:expr, $now:expr) => {
         if let Some(request) = $request {
             match sqlx::query(
-                "INSERT INTO product_requests (request_id, request_hash, created_at) VALUES (?, ?, ?)",
+                "INSERT INTO product_request_ids (caller, request_id, request_hash, created_at) \
+                 VALUES (?, ?, ?, ?)",
             )
+            .bind(&request.caller)
             .bind(&request.id)
             .bind(&request.hash)
             .bind($now)
@@ -413,8 +418,9 @@ macro_rules! claim_request_id {
 macro_rules! record_response {
     ($tx:ident, $request:expr, $product:expr) => {
         if let Some(request) = $request {
-            sqlx::query("UPDATE product_requests SET response = ? WHERE request_id = ?")
+            sqlx::query("UPDATE product_request_ids SET response = ? WHERE caller = ? AND request_id = ?")
                 .bind($product.encode_to_vec())
+                .bind(&request.caller)
                 .bind(&request.id)
                 .execute(&mut *$tx)
                 .await?;
@@ -537,13 +543,16 @@ impl ProductStore {
         Ok(on_db!(&self.db, pool => sqlx::query_as(SELECT_BY_ID).bind(id).fetch_optional(pool).await)?)
     }
 
-    /// The recorded answer of an earlier request with this id.
+    /// The recorded answer of the caller's earlier request with this id.
     async fn replay<T>(&self, request: &RequestKey) -> Result<Idempotent<T>, ApiError> {
         let recorded: Option<(Vec<u8>, Option<Vec<u8>>)> = on_db!(&self.db, pool => {
-            sqlx::query_as("SELECT request_hash, response FROM product_requests WHERE request_id = ?")
-                .bind(&request.id)
-                .fetch_optional(pool)
-                .await
+            sqlx::query_as(
+                "SELECT request_hash, response FROM product_request_ids WHERE caller = ? AND request_id = ?",
+            )
+            .bind(&request.caller)
+            .bind(&request.id)
+            .fetch_optional(pool)
+            .await
         })?;
         match recorded {
             Some((hash, _)) if hash != request.hash => Ok(Idempotent::Conflict),
@@ -891,15 +900,18 @@ impl ProductStore {
         Ok(if self.get(id).await?.is_some() { Written::VersionMismatch } else { Written::NotFound })
     }
 
-    /// Forgets request ids older than `before` (they are kept at least a day).
+    /// Forgets request ids older than `before` (they are kept at least a day),
+    /// also those that replicas of an earlier version recorded in
+    /// `product_requests` (migrations/*/0005).
     pub async fn sweep_request_ids(&self, before: DateTime<Utc>) -> Result<u64, ApiError> {
-        Ok(on_db!(&self.db, pool => {
-            sqlx::query("DELETE FROM product_requests WHERE created_at < ?")
-                .bind(before)
-                .execute(pool)
-                .await
-                .map(|r| r.rows_affected())
-        })?)
+        let mut swept = 0;
+        for table in ["product_request_ids", "product_requests"] {
+            let sql = format!("DELETE FROM {table} WHERE created_at < ?");
+            swept += on_db!(&self.db, pool => {
+                sqlx::query(&sql).bind(before).execute(pool).await.map(|r| r.rows_affected())
+            })?;
+        }
+        Ok(swept)
     }
 }
 

@@ -547,10 +547,16 @@ async fn prices_are_stored_as_exact_decimals(backend: Backend) {
     assert_eq!(stored, expected);
 }
 
+/// Each server's reflection describes what it serves, and only that: a
+/// client listing product-service must not be sent to an AuthService there.
 async fn health_and_reflection_are_served(backend: Backend) {
     use tokio_stream::StreamExt as _;
     let stack = TestStack::start(backend).await;
-    for addr in [stack.auth_addr, stack.product_addr.unwrap()] {
+    let auth = ("storegate.auth.v1.AuthService", "storegate.auth.v1.RegisterRequest");
+    let products = ("storegate.product.v1.ProductService", "storegate.product.v1.Product");
+    for (addr, (own, own_symbol), (other, other_symbol)) in
+        [(stack.auth_addr, auth, products), (stack.product_addr.unwrap(), products, auth)]
+    {
         let channel = TestStack::channel(addr).await;
 
         let mut v1 =
@@ -572,29 +578,43 @@ async fn health_and_reflection_are_served(backend: Backend) {
             panic!("no service list");
         };
         let names: HashSet<_> = list.service.into_iter().map(|s| s.name).collect();
-        assert!(names.contains("grpc.health.v1.Health"));
+        assert!(names.contains("grpc.health.v1.Health"), "{names:?}");
+        assert!(names.contains(own), "{own} is listed: {names:?}");
+        assert!(!names.contains(other), "{other} is not served here, so not listed: {names:?}");
         assert!(
-            names.contains("storegate.auth.v1.AuthService")
-                || names.contains("storegate.product.v1.ProductService")
+            names
+                .iter()
+                .all(|n| [own, "grpc.health.v1.Health"].contains(&n.as_str())
+                    || n.starts_with("grpc.reflection.")),
+            "nothing else is listed: {names:?}"
         );
 
         let mut v1alpha =
             tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient::new(
                 channel.clone(),
             );
-        let request = tonic_reflection::pb::v1alpha::ServerReflectionRequest {
-            host: String::new(),
-            message_request: Some(tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest::FileContainingSymbol(
-                "storegate.product.v1.Product".into(),
-            )),
+        let mut resolve = async |symbol: &str| {
+            let request = tonic_reflection::pb::v1alpha::ServerReflectionRequest {
+                host: String::new(),
+                message_request: Some(tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest::FileContainingSymbol(
+                    symbol.into(),
+                )),
+            };
+            let mut responses =
+                v1alpha.server_reflection_info(tokio_stream::once(request)).await.unwrap().into_inner();
+            match responses.next().await.unwrap() {
+                Ok(response) => matches!(
+                    response.message_response,
+                    Some(tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse::FileDescriptorResponse(_))
+                ),
+                Err(status) => {
+                    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+                    false
+                }
+            }
         };
-        let mut responses =
-            v1alpha.server_reflection_info(tokio_stream::once(request)).await.unwrap().into_inner();
-        let response = responses.next().await.unwrap().unwrap().message_response.unwrap();
-        assert!(
-            matches!(response, tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse::FileDescriptorResponse(_)),
-            "v1alpha resolves storegate symbols"
-        );
+        assert!(resolve(own_symbol).await, "v1alpha resolves {own_symbol}");
+        assert!(!resolve(other_symbol).await, "{other_symbol} belongs to the other service");
 
         let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
         let status = health

@@ -17,11 +17,31 @@ use storegate::pb::{
     product::v1::product_service_client::ProductServiceClient,
 };
 use storegate_testkit::{
-    TEST_MASTER_KEY, TestStack,
+    Backend, TEST_MASTER_KEY, TestStack,
     process::{ServiceProcess, free_addr},
     totp_code,
 };
 use tonic::transport::Channel;
+
+/// The versions of this build's migration files for `backend` (numbers
+/// need not be contiguous: branches number theirs apart).
+pub fn migration_versions(backend: &Backend) -> Vec<i64> {
+    let dialect = if matches!(backend, Backend::Sqlite) { "sqlite" } else { "mysql" };
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../migrations").join(dialect);
+    let mut versions: Vec<i64> = std::fs::read_dir(dir)
+        .expect("the migrations folder")
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.split('_').next()?.parse().ok())
+        .collect();
+    versions.sort_unstable();
+    assert!(versions.starts_with(&[1, 2, 3]), "{versions:?}");
+    versions
+}
+
+/// `_sqlx_migrations` as it reads when every migration of this build is
+/// applied: (version, success) rows.
+pub fn all_applied(backend: &Backend) -> Vec<(i64, bool)> {
+    migration_versions(backend).into_iter().map(|version| (version, true)).collect()
+}
 
 /// How long a replica may take to say SERVING (a cold MySQL, a migration
 /// another replica runs, a cluster node catching up).

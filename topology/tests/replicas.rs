@@ -47,7 +47,7 @@ async fn replicas_started_together_on_a_fresh_database_all_serve(backend: Backen
             sqlx::query_as("SELECT version, success FROM _sqlx_migrations ORDER BY version").fetch_all(p).await
         })
         .unwrap();
-        assert_eq!(versions, vec![(1, true), (2, true), (3, true)], "round {round}");
+        assert_eq!(versions, storegate_topology::all_applied(&backend), "round {round}");
         // Migration 3 ran to its end: all its seed rows are there.
         let count_rows: i64 =
             on_db!(&pool, p => sqlx::query_scalar("SELECT COUNT(*) FROM product_counts").fetch_one(p).await)
