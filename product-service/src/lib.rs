@@ -43,7 +43,7 @@ pub async fn run(
     let start = async {
         let source = match &config.jwks_file {
             Some(path) => KeySource::File(path.clone()),
-            None => KeySource::auth(&config.auth_service_url)?,
+            None => KeySource::auth(&config.auth_service_url, &config.auth_service_tls())?,
         };
         let db = config.common.open_database().await?;
         // What can fail first, so that a failed start leaves no task behind.
@@ -62,12 +62,14 @@ pub async fn run(
             config.db_read_connections.map_or_else(store::default_read_connections, usize::from);
         let store = store::ProductStore::with_read_connections(db.clone(), read_connections).await;
         background.push(tokio::spawn(sweep_request_ids(store.clone())));
+        let limits = &config.common.limits;
         let verifier = TokenVerifier::new(&config.common.jwt_issuer, &config.common.jwt_audience);
         api.open(
             auth::AwaitNewKeys::new(
                 tonic::service::interceptor::InterceptedService::new(
                     ProductServiceServer::new(service::ProductApi::new(store))
-                        .max_decoding_message_size(MAX_REQUEST_BYTES),
+                        .max_decoding_message_size(limits.max_request_bytes.unwrap_or(MAX_REQUEST_BYTES))
+                        .max_encoding_message_size(limits.max_response_bytes),
                     auth::JwtAuth::new(keys.clone(), verifier),
                 ),
                 keys.clone(),
