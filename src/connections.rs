@@ -154,7 +154,7 @@ impl Registry {
             let idlest = open
                 .iter()
                 .filter(|(_, c)| c.calls.load(Ordering::Acquire) == 0)
-                .min_by_key(|(_, c)| c.idle_since_ms.load(Ordering::Relaxed))
+                .min_by_key(|(id, c)| (c.idle_since_ms.load(Ordering::Relaxed), **id))
                 .map(|(id, _)| *id)?;
             if let Some(evicted) = open.remove(&idlest) {
                 evicted.evict.notify_one();
