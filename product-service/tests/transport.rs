@@ -163,17 +163,19 @@ async fn product_service_fetches_keys_over_mtls_and_strangers_are_refused() {
     let auth = auth_over_tls(&db, &ca.server("auth"), Some(&clients.ca_file)).await;
     let url = format!("https://localhost:{}", auth.addr.port());
 
+    // With a certificate the configured CA signed: served.
+    let product_cert = clients.client("product-service");
+    let with_cert =
+        ClientTlsFiles { cert: Some(product_cert.cert.clone()), key: Some(product_cert.key.clone()), ..trusting(&ca) };
+    assert!(wait_serving_at(&url, &with_cert, Duration::from_secs(30)).await, "mTLS with a certificate from the client CA");
+    get_jwks(&url, &with_cert).await.expect("GetJwks over mTLS");
+
     // Without a client certificate: the handshake (or the first call) fails.
     assert!(get_jwks(&url, &trusting(&ca)).await.is_err(), "mTLS must refuse a client without a certificate");
     // With one from another CA: refused too.
     let stranger = ca.client("stranger");
     let with_stranger = ClientTlsFiles { cert: Some(stranger.cert), key: Some(stranger.key), ..trusting(&ca) };
     assert!(get_jwks(&url, &with_stranger).await.is_err(), "a client certificate from another CA");
-    // With one the configured CA signed: works.
-    let product_cert = clients.client("product-service");
-    let with_cert =
-        ClientTlsFiles { cert: Some(product_cert.cert.clone()), key: Some(product_cert.key.clone()), ..trusting(&ca) };
-    assert!(get_jwks(&url, &with_cert).await.is_ok(), "mTLS with a certificate from the client CA");
 
     // product-service with that certificate loads its keys and serves.
     let mut config = ProductConfig::with_database_url(&db.url);
