@@ -45,9 +45,19 @@ fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
 /// can send the same bytes.
 fn header_block(headers: &[(&str, &str)]) -> Vec<u8> {
     fn string(out: &mut Vec<u8>, s: &str) {
-        // 7-bit prefix integer; the names and values here are short.
-        assert!(s.len() < 127, "header too long for this encoder");
-        out.push(s.len() as u8);
+        // The length as an HPACK integer with a 7-bit prefix (RFC 7541 5.1).
+        let mut len = s.len();
+        if len < 127 {
+            out.push(len as u8);
+        } else {
+            out.push(127);
+            len -= 127;
+            while len >= 128 {
+                out.push((len % 128) as u8 | 0x80);
+                len /= 128;
+            }
+            out.push(len as u8);
+        }
         out.extend_from_slice(s.as_bytes());
     }
     let mut out = Vec::new();
