@@ -85,7 +85,10 @@ impl<S> CallLimits<S> {
 
 impl<S> Service<http::Request<Body>> for CallLimits<S>
 where
-    S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible> + Clone + Send + 'static,
+    S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
     S::Future: Send + 'static,
 {
     type Response = http::Response<Body>;
@@ -206,7 +209,10 @@ struct ConnService<S, I> {
 
 impl<S, I> hyper::service::Service<http::Request<Incoming>> for ConnService<S, I>
 where
-    S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible> + Clone + Send + 'static,
+    S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
     S::Future: Send + 'static,
     I: Clone + Send + Sync + 'static,
 {
@@ -302,7 +308,9 @@ pub async fn serve<S>(
             },
         };
         let Some((id, conn)) = registry.admit() else {
-            tracing::debug!("connection refused: every connection up to MAX_CONNECTIONS has a call in flight");
+            tracing::debug!(
+                "connection refused: every connection up to MAX_CONNECTIONS has a call in flight"
+            );
             drop(stream);
             continue;
         };

@@ -17,14 +17,18 @@ use tonic::{
     server::NamedService,
     service::{Routes, RoutesBuilder},
 };
-use tower_layer::Layer as _;
 use tonic_health::{ServingStatus, server::HealthReporter};
 use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_layer::Layer as _;
 
 use crate::{
     Db,
     config::CommonConfig,
-    connections::{self, CallLimits}, db_health::DbHealth, metrics::Metrics, pb::FILE_DESCRIPTOR_SET};
+    connections::{self, CallLimits},
+    db_health::DbHealth,
+    metrics::Metrics,
+    pb::FILE_DESCRIPTOR_SET,
+};
 
 /// The routes every server starts from: health and reflection. The caller
 /// adds its own service and hands the reporter to [`serve`].

@@ -88,7 +88,8 @@ impl ServerTls {
     /// Loads the certificate, key and client CA; any problem is a start-up
     /// error naming the file.
     pub fn load(files: ServerTlsFiles) -> anyhow::Result<ServerTls> {
-        let resolver = Arc::new(ReloadingResolver { current: RwLock::new(Arc::new(load_certified_key(&files)?)) });
+        let resolver =
+            Arc::new(ReloadingResolver { current: RwLock::new(Arc::new(load_certified_key(&files)?)) });
         let builder = ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .context("the TLS provider supports no protocol version")?;
@@ -99,8 +100,11 @@ impl ServerTls {
                 for cert in CertificateDer::pem_file_iter(ca)
                     .with_context(|| format!("cannot read TLS_CLIENT_CA_FILE {}", ca.display()))?
                 {
-                    let cert = cert.with_context(|| format!("TLS_CLIENT_CA_FILE {} is not PEM", ca.display()))?;
-                    roots.add(cert).with_context(|| format!("TLS_CLIENT_CA_FILE {}: a bad certificate", ca.display()))?;
+                    let cert =
+                        cert.with_context(|| format!("TLS_CLIENT_CA_FILE {} is not PEM", ca.display()))?;
+                    roots
+                        .add(cert)
+                        .with_context(|| format!("TLS_CLIENT_CA_FILE {}: a bad certificate", ca.display()))?;
                 }
                 let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
                     .build()
@@ -165,8 +169,8 @@ fn is_loopback(host: &str) -> bool {
 /// machine. TLS settings with an `http://` URL are refused rather than
 /// ignored: whoever set them expects the connection to be protected.
 pub fn client_endpoint(url: &str, what: &str, files: &ClientTlsFiles) -> anyhow::Result<Endpoint> {
-    let endpoint =
-        Endpoint::from_shared(url.to_owned()).with_context(|| format!("{what} ({url}) is not a valid URL"))?;
+    let endpoint = Endpoint::from_shared(url.to_owned())
+        .with_context(|| format!("{what} ({url}) is not a valid URL"))?;
     let uri = endpoint.uri();
     let host = uri.host().unwrap_or_default().to_owned();
     match uri.scheme_str() {
@@ -174,7 +178,8 @@ pub fn client_endpoint(url: &str, what: &str, files: &ClientTlsFiles) -> anyhow:
             let mut tls = ClientTlsConfig::new();
             tls = match &files.ca {
                 Some(ca) => {
-                    let pem = std::fs::read(ca).with_context(|| format!("cannot read the CA file {}", ca.display()))?;
+                    let pem = std::fs::read(ca)
+                        .with_context(|| format!("cannot read the CA file {}", ca.display()))?;
                     tls.ca_certificate(Certificate::from_pem(pem))
                 }
                 None => tls.with_native_roots(),
@@ -183,8 +188,8 @@ pub fn client_endpoint(url: &str, what: &str, files: &ClientTlsFiles) -> anyhow:
                 (Some(cert), Some(key)) => {
                     let cert = std::fs::read(cert)
                         .with_context(|| format!("cannot read the client certificate {}", cert.display()))?;
-                    let key =
-                        std::fs::read(key).with_context(|| format!("cannot read the client key {}", key.display()))?;
+                    let key = std::fs::read(key)
+                        .with_context(|| format!("cannot read the client key {}", key.display()))?;
                     tls = tls.identity(Identity::from_pem(cert, key));
                 }
                 (None, None) => {}

@@ -169,7 +169,10 @@ async fn slow_headers_and_idle_connections_are_closed() {
     assert!(closed, "slow headers are cut at the header read timeout");
     let (_, closed) = read_until_closed(&mut silent, Duration::from_secs(5)).await;
     assert!(closed, "a silent connection is closed");
-    assert!(eventually(Duration::from_secs(5), || idle.is_closed()).await, "an idle HTTP/2 connection is closed");
+    assert!(
+        eventually(Duration::from_secs(5), || idle.is_closed()).await,
+        "an idle HTTP/2 connection is closed"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -179,7 +182,8 @@ async fn oversized_headers_are_refused() {
     let big = "x".repeat(10_000);
 
     let mut http1 = TcpStream::connect(auth.addr).await.unwrap();
-    let request = format!("POST {HEALTH_CHECK} HTTP/1.1\r\nhost: x\r\nx-big: {big}\r\ncontent-length: 0\r\n\r\n");
+    let request =
+        format!("POST {HEALTH_CHECK} HTTP/1.1\r\nhost: x\r\nx-big: {big}\r\ncontent-length: 0\r\n\r\n");
     http1.write_all(request.as_bytes()).await.unwrap();
     let (response, _) = read_until_closed(&mut http1, Duration::from_secs(5)).await;
     let response = String::from_utf8_lossy(&response);

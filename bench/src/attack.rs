@@ -58,7 +58,9 @@ async fn main() -> anyhow::Result<()> {
     product.wait_serving(Duration::from_secs(60)).await?;
     let token = self_registered_token(auth_addr).await?;
 
-    println!("| service | attack | idle RSS MiB | peak RSS MiB | refused or shed at once | fresh Health/Check during it | still open after 35 s |");
+    println!(
+        "| service | attack | idle RSS MiB | peak RSS MiB | refused or shed at once | fresh Health/Check during it | still open after 35 s |"
+    );
     println!("|---|---|---|---|---|---|---|");
     for (service, path, headers) in [
         (&auth, "/storegate.auth.v1.AuthService/GetJwks", vec![]),
@@ -86,7 +88,10 @@ async fn self_registered_token(auth: std::net::SocketAddr) -> anyhow::Result<Str
     let begun = client.begin_login(BeginLoginRequest { username, password }).await?.into_inner();
     let secret = begun.enrollment.map(|e| e.secret).unwrap_or_default();
     let tokens = client
-        .complete_login(CompleteLoginRequest { login_ticket: begun.login_ticket, code: totp_code(&secret, 0) })
+        .complete_login(CompleteLoginRequest {
+            login_ticket: begun.login_ticket,
+            code: totp_code(&secret, 0),
+        })
         .await?
         .into_inner();
     Ok(tokens.access_token)

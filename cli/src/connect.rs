@@ -3,11 +3,11 @@
 use std::{path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
-use storegate::tls::ClientTlsFiles;
 use storegate::pb::{
     auth::v1::{RefreshTokenRequest, auth_service_client::AuthServiceClient},
     product::v1::product_service_client::ProductServiceClient,
 };
+use storegate::tls::ClientTlsFiles;
 use tonic::transport::Channel;
 
 use crate::session::{Session, unix_now};
@@ -42,7 +42,8 @@ impl Endpoints {
             cert: self.client_cert_file.clone(),
             key: self.client_key_file.clone(),
         };
-        let endpoint = storegate::tls::client_endpoint(url, what, &tls)?.connect_timeout(Duration::from_secs(5));
+        let endpoint =
+            storegate::tls::client_endpoint(url, what, &tls)?.connect_timeout(Duration::from_secs(5));
         let secure = url.starts_with("https://");
         endpoint.connect().await.map_err(|e| {
             if secure {

@@ -29,7 +29,10 @@ async fn register(auth_url: &str, ca_file: Option<&std::path::Path>, config_dir:
         let mut child = command.spawn().expect("spawn storegate");
         child.stdin.take().unwrap().write_all(b"correct horse battery\n").unwrap();
         let output = child.wait_with_output().unwrap();
-        Ran { code: output.status.code().unwrap_or(-1), stderr: String::from_utf8_lossy(&output.stderr).into_owned() }
+        Ran {
+            code: output.status.code().unwrap_or(-1),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        }
     })
     .await
     .unwrap()
@@ -47,7 +50,8 @@ async fn the_cli_refuses_an_https_url_served_in_plaintext() {
     let ca = TestCa::new(&dir, "good");
     let stack = TestStack::start_auth(Backend::Sqlite).await;
 
-    let ran = register(&format!("https://localhost:{}", stack.auth_addr.port()), Some(&ca.ca_file), &dir).await;
+    let ran =
+        register(&format!("https://localhost:{}", stack.auth_addr.port()), Some(&ca.ca_file), &dir).await;
     assert_ne!(ran.code, 0, "the CLI must fail rather than speak plaintext: {}", ran.stderr);
     assert!(ran.stderr.contains("securely"), "{}", ran.stderr);
     // Nothing reached the server: the name is still free.

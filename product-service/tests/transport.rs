@@ -93,11 +93,12 @@ async fn grpc_web_over_tls(port: u16, ca: &TestCa) -> String {
         roots.add(cert.unwrap()).unwrap();
     }
     use rustls::pki_types::pem::PemObject as _;
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let mut config =
+        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
     let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
@@ -148,10 +149,7 @@ async fn a_plaintext_auth_service_behind_an_https_url_is_never_trusted() {
         .list_products(bearer(ListProductsRequest { page_size: 1, ..Default::default() }, &token))
         .await;
     let status = listed.expect_err("no call may be accepted on keys from a plaintext server");
-    assert!(
-        matches!(status.code(), tonic::Code::Unauthenticated | tonic::Code::Unavailable),
-        "{status:?}"
-    );
+    assert!(matches!(status.code(), tonic::Code::Unauthenticated | tonic::Code::Unavailable), "{status:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -165,16 +163,23 @@ async fn product_service_fetches_keys_over_mtls_and_strangers_are_refused() {
 
     // With a certificate the configured CA signed: served.
     let product_cert = clients.client("product-service");
-    let with_cert =
-        ClientTlsFiles { cert: Some(product_cert.cert.clone()), key: Some(product_cert.key.clone()), ..trusting(&ca) };
-    assert!(wait_serving_at(&url, &with_cert, Duration::from_secs(30)).await, "mTLS with a certificate from the client CA");
+    let with_cert = ClientTlsFiles {
+        cert: Some(product_cert.cert.clone()),
+        key: Some(product_cert.key.clone()),
+        ..trusting(&ca)
+    };
+    assert!(
+        wait_serving_at(&url, &with_cert, Duration::from_secs(30)).await,
+        "mTLS with a certificate from the client CA"
+    );
     get_jwks(&url, &with_cert).await.expect("GetJwks over mTLS");
 
     // Without a client certificate: the handshake (or the first call) fails.
     assert!(get_jwks(&url, &trusting(&ca)).await.is_err(), "mTLS must refuse a client without a certificate");
     // With one from another CA: refused too.
     let stranger = ca.client("stranger");
-    let with_stranger = ClientTlsFiles { cert: Some(stranger.cert), key: Some(stranger.key), ..trusting(&ca) };
+    let with_stranger =
+        ClientTlsFiles { cert: Some(stranger.cert), key: Some(stranger.key), ..trusting(&ca) };
     assert!(get_jwks(&url, &with_stranger).await.is_err(), "a client certificate from another CA");
 
     // product-service with that certificate loads its keys and serves.
@@ -185,8 +190,12 @@ async fn product_service_fetches_keys_over_mtls_and_strangers_are_refused() {
     config.auth_service_key_file = Some(product_cert.key);
     let product = Running::product(config).await;
     assert!(
-        wait_serving_at(&format!("http://{}", product.addr), &ClientTlsFiles::default(), Duration::from_secs(30))
-            .await,
+        wait_serving_at(
+            &format!("http://{}", product.addr),
+            &ClientTlsFiles::default(),
+            Duration::from_secs(30)
+        )
+        .await,
         "product-service fetches the keys over mTLS"
     );
 }

@@ -131,7 +131,8 @@ impl H2Flood {
                         SETTINGS if flags & ACK == 0 => {
                             for setting in payload.chunks_exact(6) {
                                 let id = u16::from_be_bytes([setting[0], setting[1]]);
-                                let value = u32::from_be_bytes([setting[2], setting[3], setting[4], setting[5]]);
+                                let value =
+                                    u32::from_be_bytes([setting[2], setting[3], setting[4], setting[5]]);
                                 if id == SETTINGS_MAX_CONCURRENT_STREAMS {
                                     counts.advertised_max_streams.store(value, Ordering::Release);
                                 }
@@ -177,7 +178,13 @@ impl H2Flood {
             ("te", "trailers"),
         ];
         all.extend_from_slice(headers);
-        Ok(H2Flood { counts, writer, next_stream: 1, block: header_block(&all), tasks: vec![writing, reading] })
+        Ok(H2Flood {
+            counts,
+            writer,
+            next_stream: 1,
+            block: header_block(&all),
+            tasks: vec![writing, reading],
+        })
     }
 
     /// Waits until the server's SETTINGS have arrived (or `timeout`).

@@ -36,7 +36,8 @@ impl TestCa {
         let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
         params.distinguished_name.push(DnType::CommonName, format!("storegate test CA {name}"));
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        params.key_usages =
+            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
         let cert = params.self_signed(&key).expect("self-signed CA");
         let ca_file = dir.join(format!("{name}-ca.pem"));
         std::fs::write(&ca_file, cert.pem()).expect("write CA");
@@ -68,7 +69,11 @@ impl TestCa {
 
     /// A server certificate for localhost and 127.0.0.1.
     pub fn server(&self, file_name: &str) -> PemFiles {
-        self.issue(file_name, &["localhost", &Ipv4Addr::LOCALHOST.to_string()], ExtendedKeyUsagePurpose::ServerAuth)
+        self.issue(
+            file_name,
+            &["localhost", &Ipv4Addr::LOCALHOST.to_string()],
+            ExtendedKeyUsagePurpose::ServerAuth,
+        )
     }
 
     /// A client certificate (for mTLS) named `name`.

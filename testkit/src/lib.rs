@@ -397,7 +397,9 @@ pub struct Running {
 }
 
 impl Running {
-    fn spawn<F>(run: impl FnOnce(TcpListener, std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>) -> F) -> impl std::future::Future<Output = Running>
+    fn spawn<F>(
+        run: impl FnOnce(TcpListener, std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>) -> F,
+    ) -> impl std::future::Future<Output = Running>
     where
         F: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
     {

@@ -46,7 +46,8 @@ async fn ssl_mode_and_ssl_ca_in_the_database_url() {
         Some((&ca.ca_file, &server.cert, &server.key)),
     )
     .expect("a MariaDB with TLS on");
-    let plain = storegate_topology::MariaDb::start(&base.join("plain"), port + 50, None).expect("a MariaDB without TLS");
+    let plain = storegate_topology::MariaDb::start(&base.join("plain"), port + 50, None)
+        .expect("a MariaDB without TLS");
 
     let ca_file = ca.ca_file.display();
     connect(&tls.url(&format!("?ssl-mode=verify_ca&ssl-ca={ca_file}")))
