@@ -329,10 +329,10 @@ fn raise_open_files_limit(max_connections: u32) {
             }
         }
         // Room for the database pool, files and the listener besides.
-        let needed = u64::from(max_connections) + 128;
-        if (limit.rlim_cur as u64) < needed {
+        let needed = libc::rlim_t::from(max_connections) + 128;
+        if limit.rlim_cur < needed {
             tracing::warn!(
-                open_files = limit.rlim_cur as u64,
+                open_files = limit.rlim_cur,
                 max_connections,
                 "the open-files limit is below MAX_CONNECTIONS; connections beyond it fail to be accepted"
             );

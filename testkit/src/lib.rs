@@ -397,19 +397,17 @@ pub struct Running {
 }
 
 impl Running {
-    fn spawn<F>(
+    async fn spawn<F>(
         run: impl FnOnce(TcpListener, std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>) -> F,
-    ) -> impl std::future::Future<Output = Running>
+    ) -> Running
     where
         F: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
     {
-        async move {
-            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-            let addr = listener.local_addr().expect("address");
-            let (stop, _) = watch::channel(false);
-            let task = tokio::spawn(run(listener, Box::pin(shutdown_future(&stop))));
-            Running { addr, stop, task: Some(task) }
-        }
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let (stop, _) = watch::channel(false);
+        let task = tokio::spawn(run(listener, Box::pin(shutdown_future(&stop))));
+        Running { addr, stop, task: Some(task) }
     }
 
     /// auth-service with `config`, on port 0.
