@@ -1,5 +1,7 @@
 //! Settings both services read, with the same flag and environment names.
 
+use std::path::PathBuf;
+
 use crate::db::DEFAULT_DATABASE_URL;
 use crate::telemetry::LogFormat;
 use crate::token::{DEFAULT_AUDIENCE, DEFAULT_ISSUER};
@@ -43,6 +45,100 @@ pub struct CommonConfig {
     /// NOT_SERVING (for load balancers to notice) before draining.
     #[arg(long, env = "SHUTDOWN_GRACE_SECS", default_value_t = 2)]
     pub shutdown_grace_secs: u64,
+
+    /// PEM certificate chain: serve TLS (gRPC over h2, gRPC-Web over
+    /// HTTP/1.1). Needs TLS_KEY_FILE; both are re-read when they change.
+    #[arg(long, env = "TLS_CERT_FILE", requires = "tls_key_file")]
+    pub tls_cert_file: Option<PathBuf>,
+
+    /// PEM private key of TLS_CERT_FILE.
+    #[arg(long, env = "TLS_KEY_FILE", requires = "tls_cert_file")]
+    pub tls_key_file: Option<PathBuf>,
+
+    /// PEM CA certificates: require a client certificate signed by one (mTLS).
+    #[arg(long, env = "TLS_CLIENT_CA_FILE", requires = "tls_cert_file")]
+    pub tls_client_ca_file: Option<PathBuf>,
+
+    /// How often the certificate and key files are checked for changes.
+    #[arg(long, env = "TLS_RELOAD_INTERVAL_SECS", default_value_t = 10)]
+    pub tls_reload_interval_secs: u64,
+
+    #[command(flatten)]
+    pub limits: Limits,
+}
+
+/// What one client, or all of them together, may hold of a server: the
+/// bounds that keep a stranger from exhausting it (docs/security.md, "Abuse
+/// limits"). The defaults hold the benchmark's load (200 concurrent calls on
+/// one connection) with room to spare.
+#[derive(clap::Args, Clone, Debug)]
+pub struct Limits {
+    /// Open connections (TLS or not). At the cap, a new connection replaces
+    /// the longest-idle one (no call in flight), or is closed when none is.
+    #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+
+    /// HTTP/2 streams (calls) one connection may have open at once
+    /// (SETTINGS_MAX_CONCURRENT_STREAMS).
+    #[arg(long, env = "MAX_CONCURRENT_STREAMS", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_concurrent_streams: u32,
+
+    /// Calls (and open streams) in flight on the whole server; beyond it a
+    /// call is answered RESOURCE_EXHAUSTED at once.
+    #[arg(long, env = "MAX_CONCURRENT_CALLS", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_concurrent_calls: u32,
+
+    /// Request headers, in bytes: HTTP/2 max header list size, HTTP/1 read
+    /// buffer (at least 8192).
+    #[arg(long, env = "MAX_HEADER_BYTES", default_value_t = 16 * 1024, value_parser = clap::value_parser!(u32).range(8192..))]
+    pub max_header_bytes: u32,
+
+    /// Largest request message decoded (default: the service's own, 2 MiB
+    /// for auth-service, 256 KiB for product-service).
+    #[arg(long, env = "MAX_REQUEST_BYTES")]
+    pub max_request_bytes: Option<usize>,
+
+    /// Largest response message sent.
+    #[arg(long, env = "MAX_RESPONSE_BYTES", default_value_t = 32 * 1024 * 1024)]
+    pub max_response_bytes: usize,
+
+    /// A call (reading its request included) must be answered within this;
+    /// after it the caller gets DEADLINE_EXCEEDED. Bounds request bodies that
+    /// never complete. Streams that have answered are not cut.
+    #[arg(long, env = "REQUEST_TIMEOUT_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    pub request_timeout_secs: u64,
+
+    /// Time for a TLS handshake, and for an HTTP/1.1 request's headers
+    /// (also how long an idle HTTP/1.1 connection stays open).
+    #[arg(long, env = "HEADER_READ_TIMEOUT_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    pub header_read_timeout_secs: u64,
+
+    /// A connection with no call in flight for this long is closed (above
+    /// the keepalive timeouts of proxies in front, e.g. nginx's 60 s).
+    #[arg(long, env = "IDLE_TIMEOUT_SECS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+    pub idle_timeout_secs: u64,
+
+    /// HTTP/2 PING interval on a connection; one unanswered for 20 s (or the
+    /// interval, if shorter) closes it, with its streams.
+    #[arg(long, env = "HTTP2_KEEPALIVE_INTERVAL_SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    pub http2_keepalive_interval_secs: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 1024,
+            max_concurrent_streams: 256,
+            max_concurrent_calls: 1024,
+            max_header_bytes: 16 * 1024,
+            max_request_bytes: None,
+            max_response_bytes: 32 * 1024 * 1024,
+            request_timeout_secs: 30,
+            header_read_timeout_secs: 30,
+            idle_timeout_secs: 300,
+            http2_keepalive_interval_secs: 60,
+        }
+    }
 }
 
 impl CommonConfig {
@@ -72,6 +168,22 @@ impl CommonConfig {
         migrated.map_err(|e| e.context("database migration failed"))
     }
 
+    /// The server's TLS, when a certificate is configured.
+    pub fn server_tls(&self) -> anyhow::Result<Option<crate::tls::ServerTls>> {
+        match (&self.tls_cert_file, &self.tls_key_file) {
+            (Some(cert), Some(key)) => Ok(Some(crate::tls::ServerTls::load(crate::tls::ServerTlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: self.tls_client_ca_file.clone(),
+            })?)),
+            (None, None) if self.tls_client_ca_file.is_some() => {
+                anyhow::bail!("TLS_CLIENT_CA_FILE needs TLS_CERT_FILE and TLS_KEY_FILE")
+            }
+            (None, None) => Ok(None),
+            _ => anyhow::bail!("TLS_CERT_FILE and TLS_KEY_FILE go together: set both or neither"),
+        }
+    }
+
     fn migration_lock_timeout(&self) -> std::time::Duration {
         std::time::Duration::from_secs(self.migration_lock_timeout_secs)
     }
@@ -88,6 +200,11 @@ impl CommonConfig {
             migrate_on_start: true,
             migration_lock_timeout_secs: crate::migrate::DEFAULT_LOCK_TIMEOUT.as_secs(),
             shutdown_grace_secs: 0,
+            tls_cert_file: None,
+            tls_key_file: None,
+            tls_client_ca_file: None,
+            tls_reload_interval_secs: 10,
+            limits: Limits::default(),
         }
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod alloc;
 pub mod config;
+pub mod connections;
 pub mod db;
 pub mod db_health;
 pub mod error;
@@ -16,6 +17,7 @@ pub mod server;
 pub mod shared_reads;
 pub mod sqlite_reads;
 pub mod telemetry;
+pub mod tls;
 pub mod token;
 
 /// Generated code for `proto/storegate/**`.

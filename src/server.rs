@@ -16,12 +16,18 @@ use tonic::{
     codegen::{BoxFuture, Service},
     server::NamedService,
     service::{Routes, RoutesBuilder},
-    transport::server::TcpIncoming,
 };
 use tonic_health::{ServingStatus, server::HealthReporter};
 use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_layer::Layer as _;
 
-use crate::{Db, config::CommonConfig, db_health::DbHealth, metrics::Metrics};
+use crate::{
+    Db,
+    config::CommonConfig,
+    connections::{self, CallLimits},
+    db_health::DbHealth,
+    metrics::Metrics,
+};
 
 /// The routes every server starts from: health and reflection. The caller
 /// adds its own service and hands the reporter to [`serve`].
@@ -273,32 +279,67 @@ pub async fn serve(
         tokio::time::sleep(DRAIN_LIMIT).await;
         tracing::warn!(limit = ?DRAIN_LIMIT, "calls or streams still open after the drain limit; stopping anyway");
     };
-    let server = tonic::transport::Server::builder()
-        .accept_http1(true)
-        .layer(cors_layer(&config.cors_allowed_origins))
-        .layer(tonic_web::GrpcWebLayer::new())
+    let tls = config.server_tls()?;
+    let limits = &config.limits;
+    raise_open_files_limit(limits.max_connections);
+    let reload = tls.clone().map(|tls| {
+        let interval = Duration::from_secs(config.tls_reload_interval_secs.max(1));
+        tokio::spawn(tls.keep_current(interval))
+    });
+    tracing::info!(tls = tls.is_some(), mtls = config.tls_client_ca_file.is_some(), "serving");
+    let service = cors_layer(&config.cors_allowed_origins).layer(tonic_web::GrpcWebLayer::new().layer(
         // Innermost: sees gRPC-Web calls already translated to gRPC.
-        .layer(metrics.layer())
-        .add_routes(routes.routes())
-        .serve_with_incoming_shutdown(
-            // Without TCP_NODELAY, small responses wait out delayed ACKs (~40 ms).
-            TcpIncoming::from(listener).with_nodelay(Some(true)),
-            lifecycle,
-        );
-    let served = tokio::select! {
-        served = Box::pin(server) => served,
-        () = drain_limit => Ok(()),
+        metrics.layer().layer(CallLimits::new(routes.routes().prepare(), limits)),
+    ));
+    let server = connections::serve(listener, tls, limits, service, lifecycle);
+    tokio::select! {
+        () = Box::pin(server) => {}
+        () = drain_limit => {}
     };
+    if let Some(reload) = reload {
+        reload.abort();
+    }
     match outcome {
         Some(Ok(started)) => {
             for task in &started.background {
                 task.abort();
             }
             started.db.close().await;
-            Ok(served?)
+            Ok(())
         }
         Some(Err(e)) => Err(e.context("start-up failed")),
-        None => Ok(served?),
+        None => Ok(()),
+    }
+}
+
+/// Lifts the soft limit on open files to the hard one (as Go's runtime
+/// does), so that the connection cap, not EMFILE, is what bounds
+/// connections; warns when even the hard limit is below the cap.
+fn raise_open_files_limit(max_connections: u32) {
+    #[cfg(unix)]
+    {
+        let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        // SAFETY: getrlimit/setrlimit with a valid pointer to a local struct.
+        unsafe {
+            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+                return;
+            }
+            if limit.rlim_cur < limit.rlim_max {
+                let raised = libc::rlimit { rlim_cur: limit.rlim_max, rlim_max: limit.rlim_max };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                    limit = raised;
+                }
+            }
+        }
+        // Room for the database pool, files and the listener besides.
+        let needed = libc::rlim_t::from(max_connections) + 128;
+        if limit.rlim_cur < needed {
+            tracing::warn!(
+                open_files = limit.rlim_cur,
+                max_connections,
+                "the open-files limit is below MAX_CONNECTIONS; connections beyond it fail to be accepted"
+            );
+        }
     }
 }
 

@@ -91,8 +91,11 @@ pub async fn run(
                 .into_iter()
                 .collect();
         background.push(tokio::spawn(sweep_expired(state.store.clone())));
+        let limits = &config.common.limits;
         api.open(
-            AuthServiceServer::new(AuthApi::new(state)).max_decoding_message_size(MAX_REQUEST_BYTES),
+            AuthServiceServer::new(AuthApi::new(state))
+                .max_decoding_message_size(limits.max_request_bytes.unwrap_or(MAX_REQUEST_BYTES))
+                .max_encoding_message_size(limits.max_response_bytes),
             db_health.clone(),
         );
         tracing::info!("auth-service started");

@@ -1,10 +1,13 @@
 //! Where the services are, and a client for each.
 
+use std::{path::PathBuf, time::Duration};
+
 use anyhow::Context as _;
 use storegate::pb::{
     auth::v1::{RefreshTokenRequest, auth_service_client::AuthServiceClient},
     product::v1::product_service_client::ProductServiceClient,
 };
+use storegate::tls::ClientTlsFiles;
 use tonic::transport::Channel;
 
 use crate::session::{Session, unix_now};
@@ -17,24 +20,48 @@ pub struct Endpoints {
     /// product-service.
     #[arg(long, global = true, env = "PRODUCT_SERVICE_URL", default_value = "http://127.0.0.1:50052")]
     pub product_url: String,
-}
-
-async fn channel(url: &str) -> anyhow::Result<Channel> {
-    Ok(Channel::from_shared(url.to_owned())
-        .with_context(|| format!("{url} is not a valid URL"))?
-        .connect_timeout(std::time::Duration::from_secs(5))
-        .connect()
-        .await
-        .map_err(|_| tonic::Status::unavailable(format!("cannot reach {url}")))?)
+    /// PEM CA that signs the services' certificates (https:// URLs);
+    /// without it, the system roots.
+    #[arg(long, global = true, env = "STOREGATE_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate, for services that require one (mTLS).
+    #[arg(long, global = true, env = "STOREGATE_CLIENT_CERT_FILE", requires = "client_key_file")]
+    pub client_cert_file: Option<PathBuf>,
+    /// PEM private key of --client-cert-file.
+    #[arg(long, global = true, env = "STOREGATE_CLIENT_KEY_FILE", requires = "client_cert_file")]
+    pub client_key_file: Option<PathBuf>,
 }
 
 impl Endpoints {
+    /// A connection to `url`: TLS, verified, for https:// (a server that
+    /// does not speak it is an error, never a plaintext fallback: the
+    /// password would travel in clear).
+    async fn channel(&self, url: &str, what: &str) -> anyhow::Result<Channel> {
+        let tls = ClientTlsFiles {
+            ca: self.ca_file.clone(),
+            cert: self.client_cert_file.clone(),
+            key: self.client_key_file.clone(),
+        };
+        let endpoint =
+            storegate::tls::client_endpoint(url, what, &tls)?.connect_timeout(Duration::from_secs(5));
+        let secure = url.starts_with("https://");
+        endpoint.connect().await.map_err(|e| {
+            if secure {
+                // The TLS failure (unknown CA, plaintext server, wrong name)
+                // is what the user needs to see.
+                anyhow::Error::new(e).context(format!("cannot connect securely to {url}"))
+            } else {
+                tonic::Status::unavailable(format!("cannot reach {url}")).into()
+            }
+        })
+    }
+
     pub async fn auth(&self) -> anyhow::Result<AuthServiceClient<Channel>> {
-        Ok(AuthServiceClient::new(channel(&self.auth_url).await?))
+        Ok(AuthServiceClient::new(self.channel(&self.auth_url, "AUTH_SERVICE_URL").await?))
     }
 
     pub async fn products(&self) -> anyhow::Result<ProductServiceClient<Channel>> {
-        Ok(ProductServiceClient::new(channel(&self.product_url).await?))
+        Ok(ProductServiceClient::new(self.channel(&self.product_url, "PRODUCT_SERVICE_URL").await?))
     }
 
     /// The stored session, refreshed first if its access token is about to

@@ -30,7 +30,8 @@ struct Cli {
 enum Command {
     /// Run auth-service and product-service together, on the SQLite default
     /// unless DATABASE_URL says otherwise.
-    Up(up::UpArgs),
+    // Boxed: both services' settings make it far larger than the others.
+    Up(Box<up::UpArgs>),
     /// Create an account.
     Register(account::RegisterArgs),
     /// Log in: password, then the code from your authenticator app (the QR
@@ -51,7 +52,7 @@ async fn main() {
     let cli = Cli::parse();
     let out = output::Output { json: cli.json };
     let result = match cli.command {
-        Command::Up(args) => up::up(args).await,
+        Command::Up(args) => up::up(*args).await,
         Command::Register(args) => account::register(&cli.connect, &out, args).await,
         Command::Login(args) => account::login(&cli.connect, &out, args).await,
         Command::Logout => account::logout(&cli.connect, &out).await,

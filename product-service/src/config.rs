@@ -26,6 +26,19 @@ pub struct ProductConfig {
     #[arg(long, env = "AUTH_SERVICE_URL", default_value = DEFAULT_AUTH_SERVICE_URL)]
     pub auth_service_url: String,
 
+    /// PEM CA that signs auth-service's certificate (for an https://
+    /// AUTH_SERVICE_URL); without it, the system roots.
+    #[arg(long, env = "AUTH_SERVICE_CA_FILE")]
+    pub auth_service_ca_file: Option<PathBuf>,
+
+    /// PEM client certificate for auth-service's mTLS (with AUTH_SERVICE_KEY_FILE).
+    #[arg(long, env = "AUTH_SERVICE_CERT_FILE", requires = "auth_service_key_file")]
+    pub auth_service_cert_file: Option<PathBuf>,
+
+    /// PEM private key of AUTH_SERVICE_CERT_FILE.
+    #[arg(long, env = "AUTH_SERVICE_KEY_FILE", requires = "auth_service_cert_file")]
+    pub auth_service_key_file: Option<PathBuf>,
+
     /// Read the JWK Set from this file instead of asking auth-service
     /// (re-read on the same schedule).
     #[arg(long, env = "JWKS_FILE")]
@@ -61,6 +74,15 @@ pub struct ProductConfig {
 }
 
 impl ProductConfig {
+    /// How product-service reaches auth-service's TLS.
+    pub fn auth_service_tls(&self) -> storegate::tls::ClientTlsFiles {
+        storegate::tls::ClientTlsFiles {
+            ca: self.auth_service_ca_file.clone(),
+            cert: self.auth_service_cert_file.clone(),
+            key: self.auth_service_key_file.clone(),
+        }
+    }
+
     /// Defaults on the given database (for tests and embedding).
     pub fn with_database_url(database_url: impl Into<String>) -> Self {
         ProductConfig {
@@ -68,6 +90,9 @@ impl ProductConfig {
             listen_addr: DEFAULT_LISTEN_ADDR.to_owned(),
             metrics_listen_addr: String::new(),
             auth_service_url: DEFAULT_AUTH_SERVICE_URL.to_owned(),
+            auth_service_ca_file: None,
+            auth_service_cert_file: None,
+            auth_service_key_file: None,
             jwks_file: None,
             jwks_refresh_interval_secs: 300,
             jwt_max_lifetime_secs: storegate::token::ACCESS_TOKEN_TTL_SECS,

@@ -16,10 +16,11 @@ use std::{
 use anyhow::Context as _;
 use storegate::{
     pb::auth::v1::{GetJwksRequest, auth_service_client::AuthServiceClient},
+    tls::ClientTlsFiles,
     token::KeySet,
 };
 use tokio::sync::{Notify, watch};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 pub const MIN_REFETCH_GAP: Duration = Duration::from_secs(5);
 const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
@@ -35,9 +36,10 @@ pub enum KeySource {
 }
 
 impl KeySource {
-    pub fn auth(url: &str) -> anyhow::Result<Self> {
-        let endpoint = Endpoint::from_shared(url.to_owned())
-            .context("AUTH_SERVICE_URL is not a valid URL")?
+    /// GetJwks at `url`: over TLS, verified, for https:// (the key set is
+    /// the service's only trust anchor: never fetched over a downgrade).
+    pub fn auth(url: &str, tls: &ClientTlsFiles) -> anyhow::Result<Self> {
+        let endpoint = storegate::tls::client_endpoint(url, "AUTH_SERVICE_URL", tls)?
             .connect_timeout(FETCH_TIMEOUT)
             .timeout(FETCH_TIMEOUT);
         Ok(KeySource::Auth(AuthServiceClient::new(endpoint.connect_lazy())))

@@ -44,7 +44,7 @@ pub async fn run(
     let start = async {
         let source = match &config.jwks_file {
             Some(path) => KeySource::File(path.clone()),
-            None => KeySource::auth(&config.auth_service_url)?,
+            None => KeySource::auth(&config.auth_service_url, &config.auth_service_tls())?,
         };
         let db = config.common.open_database().await?;
         // What can fail first, so that a failed start leaves no task behind.
@@ -68,13 +68,15 @@ pub async fn run(
             usize::from(config.search_concurrency_per_caller),
             config.search_concurrency.map_or(pool_size / 2, usize::from),
         );
+        let limits = &config.common.limits;
         let verifier = TokenVerifier::new(&config.common.jwt_issuer, &config.common.jwt_audience)
             .with_max_lifetime(config.jwt_max_lifetime_secs);
         api.open(
             auth::AwaitNewKeys::new(
                 tonic::service::interceptor::InterceptedService::new(
                     ProductServiceServer::new(service::ProductApi::new(store, search_limit))
-                        .max_decoding_message_size(MAX_REQUEST_BYTES),
+                        .max_decoding_message_size(limits.max_request_bytes.unwrap_or(MAX_REQUEST_BYTES))
+                        .max_encoding_message_size(limits.max_response_bytes),
                     auth::JwtAuth::new(keys.clone(), verifier),
                 ),
                 keys.clone(),

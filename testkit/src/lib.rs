@@ -390,8 +390,91 @@ pub fn bearer<T>(message: T, token: &str) -> tonic::Request<T> {
     request
 }
 
+pub mod attack;
+pub mod certs;
 pub mod process;
 pub mod proxy;
+
+/// A server running in this process on its own (not part of a
+/// [`TestStack`]), stopped when dropped.
+pub struct Running {
+    pub addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Running {
+    async fn spawn<F>(
+        run: impl FnOnce(TcpListener, std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>) -> F,
+    ) -> Running
+    where
+        F: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let (stop, _) = watch::channel(false);
+        let task = tokio::spawn(run(listener, Box::pin(shutdown_future(&stop))));
+        Running { addr, stop, task: Some(task) }
+    }
+
+    /// auth-service with `config`, on port 0.
+    pub async fn auth(config: AuthConfig) -> Running {
+        Self::spawn(|listener, stop| auth_service::run(config, listener, stop)).await
+    }
+
+    /// product-service with `config`, on port 0.
+    pub async fn product(config: ProductConfig) -> Running {
+        Self::spawn(|listener, stop| product_service::run(config, listener, stop)).await
+    }
+
+    /// Whether the server has stopped (failed start-up, or done).
+    pub fn is_finished(&self) -> bool {
+        self.task.as_ref().is_none_or(|t| t.is_finished())
+    }
+
+    /// Stops the server and returns how `run` ended.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        self.stop.send_replace(true);
+        self.task.take().expect("running").await.expect("server task")
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.stop.send_replace(true);
+    }
+}
+
+/// A channel to `url` set up as the services' clients set theirs up
+/// (TLS for https://, with `tls`'s CA and client certificate).
+pub async fn channel_to(url: &str, tls: &storegate::tls::ClientTlsFiles) -> anyhow::Result<Channel> {
+    Ok(storegate::tls::client_endpoint(url, "test URL", tls)?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(10))
+        .connect()
+        .await?)
+}
+
+/// Whether grpc.health.v1 at `url` answers SERVING for "".
+pub async fn serving_at(url: &str, tls: &storegate::tls::ClientTlsFiles) -> anyhow::Result<bool> {
+    let channel = channel_to(url, tls).await?;
+    let response = tonic_health::pb::health_client::HealthClient::new(channel)
+        .check(tonic_health::pb::HealthCheckRequest { service: String::new() })
+        .await?;
+    Ok(response.into_inner().status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32)
+}
+
+/// Waits up to `timeout` for [`serving_at`] to say SERVING.
+pub async fn wait_serving_at(url: &str, tls: &storegate::tls::ClientTlsFiles, timeout: Duration) -> bool {
+    let started = std::time::Instant::now();
+    while started.elapsed() < timeout {
+        if serving_at(url, tls).await.unwrap_or(false) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
 
 pub use tonic_health_client::health_serving;
 

@@ -335,3 +335,38 @@ impl Drop for Gateway {
         }
     }
 }
+
+/// A standalone MariaDB server on a loopback port
+/// (`scripts/topology/mariadb-tls.sh`), with TLS on when given a CA and a
+/// server certificate; stopped and deleted when dropped.
+pub struct MariaDb {
+    dir: PathBuf,
+    pub port: u16,
+}
+
+impl MariaDb {
+    /// Starts a server in `dir` on `port`; `tls` is (CA, certificate, key).
+    pub fn start(dir: &Path, port: u16, tls: Option<(&Path, &Path, &Path)>) -> anyhow::Result<MariaDb> {
+        let mut args = vec!["start".to_owned(), dir.display().to_string(), port.to_string()];
+        if let Some((ca, cert, key)) = tls {
+            args.extend([ca, cert, key].iter().map(|p| p.display().to_string()));
+        }
+        let server = MariaDb { dir: dir.to_owned(), port };
+        // A server left behind by an interrupted run is stopped first.
+        let _ = run_script("mariadb-tls.sh", &["stop", &server.dir.display().to_string()], &[]);
+        run_script("mariadb-tls.sh", &args.iter().map(String::as_str).collect::<Vec<_>>(), &[])?;
+        Ok(server)
+    }
+
+    /// `mysql://root@127.0.0.1:<port>/mysql` with `query` appended.
+    pub fn url(&self, query: &str) -> String {
+        format!("mysql://root@127.0.0.1:{}/mysql{query}", self.port)
+    }
+}
+
+impl Drop for MariaDb {
+    fn drop(&mut self) {
+        let _ = run_script("mariadb-tls.sh", &["stop", &self.dir.display().to_string()], &[]);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

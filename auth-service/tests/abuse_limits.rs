@@ -1,0 +1,244 @@
+//! The attacks of the red-team pass, replayed with small limits so that they
+//! finish in seconds: streams that never send a body, more connections than
+//! the cap, a stalled HTTP/1.1 body, slow headers, idle connections, huge
+//! headers, and the memory of a service binary under a flood of streams.
+
+use std::time::{Duration, Instant};
+
+use auth_service::AuthConfig;
+use storegate::{config::Limits, pb::auth::v1::GetJwksRequest, tls::ClientTlsFiles};
+use storegate_testkit::{
+    Backend, Running, TEST_MASTER_KEY, TestDb, TestStack,
+    attack::{H2Flood, eventually, http1_stalled_body, read_until_closed},
+    channel_to,
+    process::{ServiceProcess, free_addr},
+    wait_serving_at,
+};
+use tokio::{io::AsyncWriteExt as _, net::TcpStream};
+
+const HEALTH_CHECK: &str = "/grpc.health.v1.Health/Check";
+
+async fn auth_with(db: &TestDb, limits: Limits) -> Running {
+    let mut config: AuthConfig = TestStack::auth_config(db);
+    config.common.limits = limits;
+    let auth = Running::auth(config).await;
+    assert!(
+        wait_serving_at(&url(&auth), &ClientTlsFiles::default(), Duration::from_secs(30)).await,
+        "auth-service did not start"
+    );
+    auth
+}
+
+fn url(server: &Running) -> String {
+    format!("http://{}", server.addr)
+}
+
+/// A normal call from a fresh client.
+async fn get_jwks(server: &Running) -> Result<String, tonic::Status> {
+    let channel = channel_to(&url(server), &ClientTlsFiles::default())
+        .await
+        .map_err(|e| tonic::Status::unavailable(format!("{e:#}")))?;
+    let mut client = storegate::pb::auth::v1::auth_service_client::AuthServiceClient::new(channel);
+    Ok(client.get_jwks(GetJwksRequest {}).await?.into_inner().jwks_json)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn streams_beyond_the_advertised_limit_are_refused() {
+    let db = TestDb::new(&Backend::Sqlite).await;
+    let auth = auth_with(&db, Limits { max_concurrent_streams: 8, ..Limits::default() }).await;
+
+    let mut flood = H2Flood::connect(auth.addr, HEALTH_CHECK, &[]).await.unwrap();
+    assert_eq!(flood.settings(Duration::from_secs(5)).await, Some(8), "SETTINGS_MAX_CONCURRENT_STREAMS");
+    // An attacker ignores the limit: 8 streams are taken, 12 refused.
+    flood.open_stalled(20);
+    let refused = &flood.counts.refused;
+    assert!(
+        eventually(Duration::from_secs(5), || refused.load(std::sync::atomic::Ordering::Acquire) >= 12).await,
+        "streams beyond the limit must be refused, {} were",
+        refused.load(std::sync::atomic::Ordering::Acquire)
+    );
+    // Others are still served.
+    get_jwks(&auth).await.expect("a normal call from a fresh client");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn calls_in_flight_are_bounded_and_stalled_ones_time_out() {
+    let db = TestDb::new(&Backend::Sqlite).await;
+    let limits = Limits { max_concurrent_calls: 10, request_timeout_secs: 2, ..Limits::default() };
+    let auth = auth_with(&db, limits).await;
+
+    let mut flood = H2Flood::connect(auth.addr, HEALTH_CHECK, &[]).await.unwrap();
+    flood.settings(Duration::from_secs(5)).await.expect("settings");
+    let started = Instant::now();
+    flood.open_stalled(30);
+    // 20 beyond the bound are answered (RESOURCE_EXHAUSTED) at once.
+    let answered = &flood.counts.answered;
+    let load = || answered.load(std::sync::atomic::Ordering::Acquire);
+    assert!(eventually(Duration::from_secs(1), || load() >= 20).await, "{} answered", load());
+    assert!(load() < 30, "the 10 stalled calls are still in flight");
+    let shed = get_jwks(&auth).await.expect_err("no room for another call");
+    assert_eq!(shed.code(), tonic::Code::ResourceExhausted, "{shed:?}");
+
+    // The stalled ones end at the request timeout; then calls go through.
+    assert!(eventually(Duration::from_secs(5), || load() >= 30).await, "{} answered", load());
+    assert!(started.elapsed() >= Duration::from_millis(1900), "not before the timeout");
+    get_jwks(&auth).await.expect("room again once the stalled calls have timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn connections_beyond_the_cap_make_room_or_are_closed() {
+    let db = TestDb::new(&Backend::Sqlite).await;
+    let limits = Limits { max_connections: 4, request_timeout_secs: 3, ..Limits::default() };
+    let auth = auth_with(&db, limits).await;
+    // Let the start-up health checks' connections go.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    // Silent connections fill the cap; a caller still gets through (the
+    // longest-idle connection makes room) and the silent ones are closed.
+    let mut silent = Vec::new();
+    for _ in 0..4 {
+        silent.push(TcpStream::connect(auth.addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    get_jwks(&auth).await.expect("a caller gets through past silent connections");
+    let mut closed = 0;
+    for connection in &mut silent {
+        closed += usize::from(read_until_closed(connection, Duration::from_millis(500)).await.1);
+    }
+    assert_eq!(closed, 1, "one idle connection was closed to make room");
+    drop(silent);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    // Every slot holds a call in flight: a new connection is closed at once.
+    let mut floods = Vec::new();
+    for _ in 0..4 {
+        let mut flood = H2Flood::connect(auth.addr, HEALTH_CHECK, &[]).await.unwrap();
+        flood.settings(Duration::from_secs(5)).await.expect("admitted");
+        flood.open_stalled(1);
+        floods.push(flood);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut extra = TcpStream::connect(auth.addr).await.unwrap();
+    let _ = extra.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await;
+    let (_, closed) = read_until_closed(&mut extra, Duration::from_secs(2)).await;
+    assert!(closed, "a connection beyond the cap, all others busy, is closed");
+    assert!(floods.iter().all(|f| !f.is_closed()), "busy connections are kept");
+
+    // Once the stalled calls have timed out, callers get through again.
+    let recovered = async {
+        for _ in 0..50 {
+            if get_jwks(&auth).await.is_ok() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        false
+    };
+    assert!(recovered.await, "calls are answered again after the request timeout");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stalled_grpc_web_body_is_cut_at_the_request_timeout() {
+    let db = TestDb::new(&Backend::Sqlite).await;
+    let auth = auth_with(&db, Limits { request_timeout_secs: 1, ..Limits::default() }).await;
+    let started = Instant::now();
+    let mut stalled = http1_stalled_body(auth.addr, HEALTH_CHECK).await.unwrap();
+    let (response, closed) = read_until_closed(&mut stalled, Duration::from_secs(10)).await;
+    let response = String::from_utf8_lossy(&response);
+    assert!(closed, "the connection is closed, not left open: {response}");
+    assert!(started.elapsed() >= Duration::from_millis(900), "not before the timeout");
+    assert!(response.to_ascii_lowercase().contains("grpc-status: 4"), "DEADLINE_EXCEEDED: {response}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn slow_headers_and_idle_connections_are_closed() {
+    let db = TestDb::new(&Backend::Sqlite).await;
+    let limits = Limits { header_read_timeout_secs: 1, idle_timeout_secs: 1, ..Limits::default() };
+    let auth = auth_with(&db, limits).await;
+
+    // HTTP/1.1 headers that never end.
+    let mut slow = TcpStream::connect(auth.addr).await.unwrap();
+    slow.write_all(b"POST /grpc.health.v1.Health/Check HTTP/1.1\r\nhost: x\r\n").await.unwrap();
+    // A connection that never says anything.
+    let mut silent = TcpStream::connect(auth.addr).await.unwrap();
+    // An HTTP/2 connection with no call.
+    let idle = H2Flood::connect(auth.addr, HEALTH_CHECK, &[]).await.unwrap();
+    idle.settings(Duration::from_secs(5)).await.expect("settings");
+
+    let (_, closed) = read_until_closed(&mut slow, Duration::from_secs(5)).await;
+    assert!(closed, "slow headers are cut at the header read timeout");
+    let (_, closed) = read_until_closed(&mut silent, Duration::from_secs(5)).await;
+    assert!(closed, "a silent connection is closed");
+    assert!(
+        eventually(Duration::from_secs(5), || idle.is_closed()).await,
+        "an idle HTTP/2 connection is closed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn oversized_headers_are_refused() {
+    let db = TestDb::new(&Backend::Sqlite).await;
+    let auth = auth_with(&db, Limits { max_header_bytes: 8192, ..Limits::default() }).await;
+    let big = "x".repeat(10_000);
+
+    let mut http1 = TcpStream::connect(auth.addr).await.unwrap();
+    let request =
+        format!("POST {HEALTH_CHECK} HTTP/1.1\r\nhost: x\r\nx-big: {big}\r\ncontent-length: 0\r\n\r\n");
+    http1.write_all(request.as_bytes()).await.unwrap();
+    let (response, _) = read_until_closed(&mut http1, Duration::from_secs(5)).await;
+    let response = String::from_utf8_lossy(&response);
+    assert!(response.starts_with("HTTP/1.1 431"), "{response}");
+
+    let channel = channel_to(&url(&auth), &ClientTlsFiles::default()).await.unwrap();
+    let mut client = storegate::pb::auth::v1::auth_service_client::AuthServiceClient::new(channel);
+    let mut request = tonic::Request::new(GetJwksRequest {});
+    request.metadata_mut().insert("x-big", big.parse().unwrap());
+    assert!(client.get_jwks(request).await.is_err(), "an HTTP/2 header list above the limit");
+    get_jwks(&auth).await.expect("normal calls are unaffected");
+}
+
+/// The red-team's flood against the real binary with its default limits:
+/// 20,000 streams that never send a body, over 20 connections. Before the
+/// limits every one was accepted and auth-service grew by ~190 MB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn memory_stays_bounded_under_a_flood_of_stalled_streams() {
+    const BOUND_MIB: f64 = 64.0;
+    let db = TestDb::new(&Backend::Sqlite).await;
+    let logs = std::env::temp_dir().join(format!("storegate-abuse-{}", std::process::id()));
+    std::fs::create_dir_all(&logs).unwrap();
+    let addr = free_addr();
+    let envs = [
+        ("DATABASE_URL", db.url.clone()),
+        ("STOREGATE_MASTER_KEY", TEST_MASTER_KEY.to_owned()),
+        ("AUTH_LISTEN_ADDR", addr.to_string()),
+    ];
+    let mut auth = ServiceProcess::spawn("auth-service", "auth-service", addr, &envs, &logs).unwrap();
+    auth.wait_serving(Duration::from_secs(60)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (before, _) = auth.memory_mib();
+
+    let mut floods = Vec::new();
+    for _ in 0..20 {
+        let mut flood = H2Flood::connect(addr, HEALTH_CHECK, &[]).await.unwrap();
+        flood.open_stalled(1000);
+        floods.push(flood);
+    }
+    let sent = |f: &H2Flood| {
+        f.counts.reset.load(std::sync::atomic::Ordering::Acquire)
+            + f.counts.answered.load(std::sync::atomic::Ordering::Acquire)
+    };
+    // Most streams are refused or shed at once; the rest stay stalled.
+    assert!(
+        eventually(Duration::from_secs(20), || floods.iter().map(sent).sum::<usize>() >= 18_000).await,
+        "the server refuses or sheds what is beyond its limits"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The peak (VmHWM) since start: an upper bound on what the flood cost.
+    let (_, peak) = auth.memory_mib();
+    let health = tokio::time::timeout(Duration::from_secs(5), storegate_testkit::health_serving(addr)).await;
+    assert!(health.is_ok(), "a fresh caller is answered promptly during the flood");
+    eprintln!("auth-service RSS: {before:.1} MiB idle, {peak:.1} MiB under 20,000 stalled streams");
+    assert!(peak - before < BOUND_MIB, "RSS grew by {:.1} MiB (bound {BOUND_MIB} MiB)", peak - before);
+    drop(floods);
+    let _ = std::fs::remove_dir_all(&logs);
+}

@@ -1,0 +1,426 @@
+//! The servers' own accept loop: TLS handshakes, and the limits that keep a
+//! stranger from exhausting a server (a cap on connections, streams per
+//! connection, calls in flight, header sizes, and time for handshakes,
+//! headers, calls and idleness). tonic's `Server` exposes neither a
+//! connection cap nor the HTTP/1 timeouts, so connections are served here
+//! with hyper's auto (HTTP/1.1 + HTTP/2) builder.
+
+use std::{
+    collections::HashMap,
+    convert::Infallible,
+    future::Future,
+    pin::Pin,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use hyper::body::Incoming;
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo, TokioTimer},
+    server::conn::auto,
+};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::{Notify, Semaphore, watch},
+    time::Instant,
+};
+use tonic::{body::Body, codegen::Service, transport::server::Connected as _};
+
+use crate::{config::Limits, tls::ServerTls};
+
+/// A response body that holds `guard` until it has been sent (or dropped):
+/// a call counts as in flight until its last byte.
+struct Guarded<G> {
+    inner: Body,
+    _guard: G,
+}
+
+impl<G: Send + Unpin + 'static> http_body::Body for Guarded<G> {
+    type Data = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, tonic::Status>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+fn guarded<G: Send + Unpin + 'static>(response: http::Response<Body>, guard: G) -> http::Response<Body> {
+    response.map(|inner| Body::new(Guarded { inner, _guard: guard }))
+}
+
+/// The bound on calls in flight across the server, and the deadline of
+/// each. Sits inside the gRPC-Web translation, so that its answers reach
+/// browsers in their protocol.
+#[derive(Clone)]
+pub struct CallLimits<S> {
+    inner: S,
+    permits: Arc<Semaphore>,
+    timeout: Duration,
+}
+
+impl<S> CallLimits<S> {
+    pub fn new(inner: S, limits: &Limits) -> Self {
+        CallLimits {
+            inner,
+            permits: Arc::new(Semaphore::new(limits.max_concurrent_calls as usize)),
+            timeout: Duration::from_secs(limits.request_timeout_secs),
+        }
+    }
+}
+
+impl<S> Service<http::Request<Body>> for CallLimits<S>
+where
+    S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = tonic::codegen::BoxFuture<http::Response<Body>, Infallible>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        // The inner service's readiness is awaited per call, under the deadline.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        let Ok(permit) = self.permits.clone().try_acquire_owned() else {
+            // Shedding at once costs nothing to hold; queueing would let a
+            // flood of stalled calls pile up memory.
+            return Box::pin(async {
+                Ok(tonic::Status::resource_exhausted("the server has too many calls in flight; try again")
+                    .into_http())
+            });
+        };
+        let (mut inner, timeout) = (self.inner.clone(), self.timeout);
+        Box::pin(async move {
+            let call = async {
+                std::future::poll_fn(|cx| inner.poll_ready(cx)).await?;
+                inner.call(request).await
+            };
+            match tokio::time::timeout(timeout, call).await {
+                Ok(Ok(response)) => Ok(guarded(response, permit)),
+                Ok(Err(never)) => match never {},
+                // A call whose request never completes ends here; on HTTP/1.1
+                // hyper then closes the connection (its body is unread).
+                Err(_) => Ok(tonic::Status::deadline_exceeded("the call took longer than the server allows")
+                    .into_http()),
+            }
+        })
+    }
+}
+
+/// One open connection, as the cap and the idle limit see it.
+struct Conn {
+    calls: AtomicUsize,
+    /// Milliseconds since `Registry::epoch` when the last call ended (or the
+    /// connection opened).
+    idle_since_ms: AtomicU64,
+    evict: Notify,
+}
+
+/// The open connections, for the cap: at it, the longest-idle one makes
+/// room for a new one (an attacker's silent connections cannot lock out
+/// callers), and when every one has a call in flight the new one is closed.
+struct Registry {
+    epoch: Instant,
+    max: usize,
+    next_id: AtomicU64,
+    open: Mutex<HashMap<u64, Arc<Conn>>>,
+}
+
+impl Registry {
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    fn admit(&self) -> Option<(u64, Arc<Conn>)> {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        if open.len() >= self.max {
+            let idlest = open
+                .iter()
+                .filter(|(_, c)| c.calls.load(Ordering::Acquire) == 0)
+                .min_by_key(|(id, c)| (c.idle_since_ms.load(Ordering::Relaxed), **id))
+                .map(|(id, _)| *id)?;
+            if let Some(evicted) = open.remove(&idlest) {
+                evicted.evict.notify_one();
+            }
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let conn = Arc::new(Conn {
+            calls: AtomicUsize::new(0),
+            idle_since_ms: AtomicU64::new(self.now_ms()),
+            evict: Notify::new(),
+        });
+        open.insert(id, conn.clone());
+        Some((id, conn))
+    }
+
+    fn remove(&self, id: u64) {
+        self.open.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+    }
+}
+
+/// Counts a call on its connection until its response has been sent.
+struct CallOnConn {
+    conn: Arc<Conn>,
+    registry: Arc<Registry>,
+}
+
+impl CallOnConn {
+    fn new(conn: &Arc<Conn>, registry: &Arc<Registry>) -> Self {
+        conn.calls.fetch_add(1, Ordering::AcqRel);
+        CallOnConn { conn: conn.clone(), registry: registry.clone() }
+    }
+}
+
+impl Drop for CallOnConn {
+    fn drop(&mut self) {
+        self.conn.idle_since_ms.store(self.registry.now_ms(), Ordering::Relaxed);
+        self.conn.calls.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The per-connection face of the server's service: adds what tonic's
+/// `Request::remote_addr` (and `peer_certs`) read, and counts calls.
+struct ConnService<S, I> {
+    inner: S,
+    connect_info: I,
+    conn: Arc<Conn>,
+    registry: Arc<Registry>,
+}
+
+impl<S, I> hyper::service::Service<http::Request<Incoming>> for ConnService<S, I>
+where
+    S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    I: Clone + Send + Sync + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = tonic::codegen::BoxFuture<http::Response<Body>, Infallible>;
+
+    fn call(&self, mut request: http::Request<Incoming>) -> Self::Future {
+        request.extensions_mut().insert(self.connect_info.clone());
+        let on_conn = CallOnConn::new(&self.conn, &self.registry);
+        let mut inner = self.inner.clone();
+        Box::pin(async move {
+            std::future::poll_fn(|cx| inner.poll_ready(cx)).await?;
+            let response = inner.call(request.map(Body::new)).await?;
+            Ok(guarded(response, on_conn))
+        })
+    }
+}
+
+/// Everything a connection task needs, shared by all of them.
+struct Shared<S> {
+    service: S,
+    tls: Option<ServerTls>,
+    http: auto::Builder<TokioExecutor>,
+    registry: Arc<Registry>,
+    handshake_timeout: Duration,
+    idle_timeout: Duration,
+}
+
+fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
+    let mut http = auto::Builder::new(TokioExecutor::new());
+    let keepalive = Duration::from_secs(limits.http2_keepalive_interval_secs);
+    http.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(limits.header_read_timeout_secs))
+        .max_buf_size(limits.max_header_bytes.max(8192) as usize)
+        .max_headers(64);
+    http.http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .max_header_list_size(limits.max_header_bytes)
+        .keep_alive_interval(keepalive)
+        .keep_alive_timeout(keepalive.min(Duration::from_secs(20)));
+    http
+}
+
+/// Serves `service` on `listener` until `stop` completes; then stops
+/// accepting (closing the listening socket at once), asks every connection
+/// to finish gracefully (HTTP/2 GOAWAY; HTTP/1.1 after its current call) and
+/// returns once all have closed.
+pub async fn serve<S>(
+    listener: TcpListener,
+    tls: Option<ServerTls>,
+    limits: &Limits,
+    service: S,
+    stop: impl Future<Output = ()>,
+) where
+    S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let registry = Arc::new(Registry {
+        epoch: Instant::now(),
+        max: limits.max_connections as usize,
+        next_id: AtomicU64::new(0),
+        open: Mutex::default(),
+    });
+    let shared = Arc::new(Shared {
+        service,
+        tls,
+        http: http_builder(limits),
+        registry: registry.clone(),
+        handshake_timeout: Duration::from_secs(limits.header_read_timeout_secs),
+        idle_timeout: Duration::from_secs(limits.idle_timeout_secs),
+    });
+    let (draining, _) = watch::channel(false);
+    let mut stop = std::pin::pin!(stop);
+    loop {
+        let (stream, _) = tokio::select! {
+            () = &mut stop => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors (or a peer gone before accept):
+                    // wait a moment rather than spin.
+                    tracing::debug!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+        };
+        let Some((id, conn)) = registry.admit() else {
+            tracing::debug!(
+                "connection refused: every connection up to MAX_CONNECTIONS has a call in flight"
+            );
+            drop(stream);
+            continue;
+        };
+        // Without TCP_NODELAY, small responses wait out delayed ACKs (~40 ms).
+        let _ = stream.set_nodelay(true);
+        tokio::spawn(serve_one(shared.clone(), stream, id, conn, draining.subscribe()));
+    }
+    drop(listener);
+    draining.send_replace(true);
+    draining.closed().await;
+}
+
+async fn serve_one<S>(
+    shared: Arc<Shared<S>>,
+    stream: TcpStream,
+    id: u64,
+    conn: Arc<Conn>,
+    mut draining: watch::Receiver<bool>,
+) where
+    S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let tcp_info = stream.connect_info();
+    match &shared.tls {
+        None => serve_http(&shared, stream, tcp_info, &conn, &mut draining).await,
+        Some(tls) => {
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls.config.clone());
+            let handshake = tokio::select! {
+                handshake = tokio::time::timeout(shared.handshake_timeout, acceptor.accept(stream)) => handshake,
+                () = conn.evict.notified() => Ok(Err(std::io::ErrorKind::ConnectionAborted.into())),
+            };
+            match handshake {
+                Ok(Ok(stream)) => {
+                    let info = stream.connect_info();
+                    serve_http(&shared, stream, info, &conn, &mut draining).await
+                }
+                Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
+                Err(_) => tracing::debug!("TLS handshake timed out"),
+            }
+        }
+    }
+    shared.registry.remove(id);
+}
+
+async fn serve_http<S, IO, I>(
+    shared: &Shared<S>,
+    io: IO,
+    connect_info: I,
+    conn: &Arc<Conn>,
+    draining: &mut watch::Receiver<bool>,
+) where
+    S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    I: Clone + Send + Sync + 'static,
+{
+    let service = ConnService {
+        inner: shared.service.clone(),
+        connect_info,
+        conn: conn.clone(),
+        registry: shared.registry.clone(),
+    };
+    let mut connection = std::pin::pin!(shared.http.serve_connection(TokioIo::new(io), service));
+    // After a graceful shutdown is asked for, how long the peer has to
+    // finish before the connection is dropped (the drain limit of `serve`
+    // covers a stopping server).
+    let mut closing: Option<Instant> = None;
+    loop {
+        let idle_deadline = if conn.calls.load(Ordering::Acquire) > 0 {
+            // Busy: look again after a full idle period at the latest.
+            Instant::now() + shared.idle_timeout
+        } else {
+            let idle_since = Duration::from_millis(conn.idle_since_ms.load(Ordering::Relaxed));
+            shared.registry.epoch + idle_since + shared.idle_timeout
+        };
+        tokio::select! {
+            served = connection.as_mut() => {
+                if let Err(e) = served {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+                return;
+            }
+            Ok(_) = draining.wait_for(|d| *d), if closing.is_none() => {
+                connection.as_mut().graceful_shutdown();
+                closing = Some(Instant::now() + Duration::from_secs(3600));
+            }
+            () = conn.evict.notified() => {
+                // Evicted to make room at the cap: idle, so nothing is lost.
+                connection.as_mut().graceful_shutdown();
+                closing = Some(Instant::now() + Duration::from_secs(1));
+            }
+            () = tokio::time::sleep_until(idle_deadline), if closing.is_none() => {
+                if conn.calls.load(Ordering::Acquire) == 0 && idle_deadline <= Instant::now() {
+                    tracing::debug!("closing an idle connection");
+                    connection.as_mut().graceful_shutdown();
+                    closing = Some(Instant::now() + Duration::from_secs(5));
+                }
+            }
+            () = tokio::time::sleep_until(closing.unwrap_or_else(Instant::now)), if closing.is_some() => {
+                tracing::debug!("connection did not close in time; dropping it");
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,264 @@
+//! Hostile clients, for the tests and the measurement of the abuse limits:
+//! a raw HTTP/2 client that opens streams and never sends their bodies
+//! (ignoring the server's stream limit, as an attacker would), and raw
+//! HTTP/1.1 helpers.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::TcpStream,
+    sync::mpsc,
+};
+
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+const DATA: u8 = 0x0;
+const HEADERS: u8 = 0x1;
+const RST_STREAM: u8 = 0x3;
+const SETTINGS: u8 = 0x4;
+const PING: u8 = 0x6;
+const GOAWAY: u8 = 0x7;
+const END_HEADERS: u8 = 0x4;
+const ACK: u8 = 0x1;
+const SETTINGS_MAX_CONCURRENT_STREAMS: u16 = 0x3;
+/// RST_STREAM error code for a stream refused before any processing.
+pub const REFUSED_STREAM: u32 = 0x7;
+
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len() as u32;
+    let mut out = Vec::with_capacity(9 + payload.len());
+    out.extend_from_slice(&len.to_be_bytes()[1..]);
+    out.extend_from_slice(&[kind, flags]);
+    out.extend_from_slice(&(stream & 0x7fff_ffff).to_be_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+/// An HPACK header block of literals (no indexing, no Huffman): every stream
+/// can send the same bytes.
+fn header_block(headers: &[(&str, &str)]) -> Vec<u8> {
+    fn string(out: &mut Vec<u8>, s: &str) {
+        // The length as an HPACK integer with a 7-bit prefix (RFC 7541 5.1).
+        let mut len = s.len();
+        if len < 127 {
+            out.push(len as u8);
+        } else {
+            out.push(127);
+            len -= 127;
+            while len >= 128 {
+                out.push((len % 128) as u8 | 0x80);
+                len /= 128;
+            }
+            out.push(len as u8);
+        }
+        out.extend_from_slice(s.as_bytes());
+    }
+    let mut out = Vec::new();
+    for (name, value) in headers {
+        out.push(0x00);
+        string(&mut out, name);
+        string(&mut out, value);
+    }
+    out
+}
+
+/// What the server did with the streams of one [`H2Flood`] connection.
+#[derive(Default)]
+pub struct H2Counts {
+    /// SETTINGS_MAX_CONCURRENT_STREAMS, once the server's SETTINGS arrived.
+    pub advertised_max_streams: AtomicU32,
+    pub settings_seen: AtomicBool,
+    /// Streams reset by the server, and how many of them as REFUSED_STREAM.
+    pub reset: AtomicUsize,
+    pub refused: AtomicUsize,
+    /// Streams answered (response headers received).
+    pub answered: AtomicUsize,
+    /// The server sent GOAWAY, or closed the connection.
+    pub goaway: AtomicBool,
+    pub closed: AtomicBool,
+}
+
+/// One HTTP/2 connection (prior knowledge, no TLS) that opens streams and
+/// never sends a byte of their bodies.
+pub struct H2Flood {
+    pub counts: Arc<H2Counts>,
+    writer: mpsc::UnboundedSender<Vec<u8>>,
+    next_stream: u32,
+    block: Vec<u8>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl H2Flood {
+    /// Connects and sends the preface; streams go to `path` with `headers`
+    /// besides the pseudo-headers and gRPC's own.
+    pub async fn connect(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> std::io::Result<H2Flood> {
+        let stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        let (mut read, mut write) = stream.into_split();
+        let (writer, mut outgoing) = mpsc::unbounded_channel::<Vec<u8>>();
+        let counts = Arc::new(H2Counts::default());
+        let writing = tokio::spawn(async move {
+            while let Some(bytes) = outgoing.recv().await {
+                if write.write_all(&bytes).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let reading = {
+            let (counts, writer) = (counts.clone(), writer.clone());
+            tokio::spawn(async move {
+                let mut head = [0u8; 9];
+                loop {
+                    if read.read_exact(&mut head).await.is_err() {
+                        counts.closed.store(true, Ordering::Release);
+                        return;
+                    }
+                    let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+                    let (kind, flags) = (head[3], head[4]);
+                    let mut payload = vec![0u8; len];
+                    if read.read_exact(&mut payload).await.is_err() {
+                        counts.closed.store(true, Ordering::Release);
+                        return;
+                    }
+                    match kind {
+                        SETTINGS if flags & ACK == 0 => {
+                            for setting in payload.chunks_exact(6) {
+                                let id = u16::from_be_bytes([setting[0], setting[1]]);
+                                let value =
+                                    u32::from_be_bytes([setting[2], setting[3], setting[4], setting[5]]);
+                                if id == SETTINGS_MAX_CONCURRENT_STREAMS {
+                                    counts.advertised_max_streams.store(value, Ordering::Release);
+                                }
+                            }
+                            counts.settings_seen.store(true, Ordering::Release);
+                            let _ = writer.send(frame(SETTINGS, ACK, 0, &[]));
+                        }
+                        PING if flags & ACK == 0 => {
+                            let _ = writer.send(frame(PING, ACK, 0, &payload));
+                        }
+                        RST_STREAM => {
+                            counts.reset.fetch_add(1, Ordering::AcqRel);
+                            if payload.len() == 4
+                                && u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]])
+                                    == REFUSED_STREAM
+                            {
+                                counts.refused.fetch_add(1, Ordering::AcqRel);
+                            }
+                        }
+                        HEADERS => {
+                            // Response headers, or trailers (END_STREAM):
+                            // count the first of each stream only roughly, by
+                            // counting header frames without END_STREAM plus
+                            // trailers-only answers.
+                            counts.answered.fetch_add(1, Ordering::AcqRel);
+                        }
+                        GOAWAY => counts.goaway.store(true, Ordering::Release),
+                        DATA => {}
+                        _ => {}
+                    }
+                }
+            })
+        };
+        let mut bytes = PREFACE.to_vec();
+        bytes.extend(frame(SETTINGS, 0, 0, &[]));
+        writer.send(bytes).map_err(|_| std::io::ErrorKind::BrokenPipe)?;
+        let mut all = vec![
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":path", path),
+            (":authority", "storegate"),
+            ("content-type", "application/grpc"),
+            ("te", "trailers"),
+        ];
+        all.extend_from_slice(headers);
+        Ok(H2Flood {
+            counts,
+            writer,
+            next_stream: 1,
+            block: header_block(&all),
+            tasks: vec![writing, reading],
+        })
+    }
+
+    /// Waits until the server's SETTINGS have arrived (or `timeout`).
+    pub async fn settings(&self, timeout: Duration) -> Option<u32> {
+        let started = std::time::Instant::now();
+        while !self.counts.settings_seen.load(Ordering::Acquire) {
+            if started.elapsed() > timeout {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        Some(self.counts.advertised_max_streams.load(Ordering::Acquire))
+    }
+
+    /// Opens `n` more streams whose request bodies never come.
+    pub fn open_stalled(&mut self, n: u32) {
+        let mut bytes = Vec::with_capacity(n as usize * (9 + self.block.len()));
+        for _ in 0..n {
+            bytes.extend(frame(HEADERS, END_HEADERS, self.next_stream, &self.block));
+            self.next_stream += 2;
+        }
+        let _ = self.writer.send(bytes);
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.counts.closed.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for H2Flood {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+/// Waits up to `timeout` for `done`, polling.
+pub async fn eventually(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let started = std::time::Instant::now();
+    while started.elapsed() < timeout {
+        if done() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    done()
+}
+
+/// A gRPC-Web (HTTP/1.1) unary call to `path` whose body stops after its
+/// first bytes: sends the head and 5 of `content_length` bytes, then waits.
+pub async fn http1_stalled_body(addr: SocketAddr, path: &str) -> std::io::Result<TcpStream> {
+    let mut stream = TcpStream::connect(addr).await?;
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nhost: storegate\r\ncontent-type: application/grpc-web+proto\r\n\
+         x-grpc-web: 1\r\ncontent-length: 100\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).await?;
+    // The 5-byte gRPC frame header of a 95-byte message, and nothing of it.
+    stream.write_all(&[0, 0, 0, 0, 95]).await?;
+    Ok(stream)
+}
+
+/// Reads until the peer closes the connection or `timeout` passes; returns
+/// what was read and whether it closed.
+pub async fn read_until_closed(stream: &mut TcpStream, timeout: Duration) -> (Vec<u8>, bool) {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return (got, true),
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            Err(_) => return (got, false),
+        }
+    }
+}
