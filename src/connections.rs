@@ -109,7 +109,10 @@ where
                     .into_http())
             });
         };
-        let (mut inner, timeout) = (self.inner.clone(), self.timeout);
+        // The caller's own deadline (grpc-timeout), when it is the shorter:
+        // work nobody waits for any more stops there.
+        let timeout = client_deadline(request.headers()).map_or(self.timeout, |d| d.min(self.timeout));
+        let mut inner = self.inner.clone();
         Box::pin(async move {
             let call = async {
                 std::future::poll_fn(|cx| inner.poll_ready(cx)).await?;
@@ -125,6 +128,26 @@ where
             }
         })
     }
+}
+
+/// The `grpc-timeout` header: at most 8 digits and a unit (H, M, S, m, u,
+/// n), per the gRPC HTTP/2 protocol. Anything else is no deadline.
+fn client_deadline(headers: &http::HeaderMap) -> Option<Duration> {
+    let value = headers.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let amount: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(amount * 3600),
+        "M" => Duration::from_secs(amount * 60),
+        "S" => Duration::from_secs(amount),
+        "m" => Duration::from_millis(amount),
+        "u" => Duration::from_micros(amount),
+        "n" => Duration::from_nanos(amount),
+        _ => return None,
+    })
 }
 
 /// One open connection, as the cap and the idle limit see it.
@@ -422,5 +445,29 @@ async fn serve_http<S, IO, I>(
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn deadline(value: &str) -> Option<Duration> {
+        let mut headers = http::HeaderMap::new();
+        headers.insert("grpc-timeout", value.parse().unwrap());
+        client_deadline(&headers)
+    }
+
+    #[test]
+    fn grpc_timeouts_parse_as_the_protocol_writes_them() {
+        assert_eq!(deadline("5S"), Some(Duration::from_secs(5)));
+        assert_eq!(deadline("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(deadline("2M"), Some(Duration::from_secs(120)));
+        assert_eq!(deadline("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(deadline("99999999n"), Some(Duration::from_nanos(99_999_999)));
+        for bad in ["", "S", "123456789S", "5s", "-5S", "5", "1.5S"] {
+            assert_eq!(deadline(bad), None, "{bad:?}");
+        }
+        assert_eq!(client_deadline(&http::HeaderMap::new()), None);
     }
 }
