@@ -88,6 +88,13 @@ pub struct Limits {
     #[arg(long, env = "MAX_CONCURRENT_CALLS", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_concurrent_calls: u32,
 
+    /// Calls in flight from one client address (the connection's peer), so
+    /// that one client's stalled calls leave room for everyone else's.
+    /// Behind a gateway every call comes from the gateway: raise it to
+    /// MAX_CONCURRENT_CALLS there and limit clients at the gateway.
+    #[arg(long, env = "MAX_CONCURRENT_CALLS_PER_CLIENT", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_concurrent_calls_per_client: u32,
+
     /// Request headers, in bytes: HTTP/2 max header list size, HTTP/1 read
     /// buffer (at least 8192).
     #[arg(long, env = "MAX_HEADER_BYTES", default_value_t = 16 * 1024, value_parser = clap::value_parser!(u32).range(8192..))]
@@ -130,6 +137,7 @@ impl Default for Limits {
             max_connections: 1024,
             max_concurrent_streams: 256,
             max_concurrent_calls: 1024,
+            max_concurrent_calls_per_client: 256,
             max_header_bytes: 16 * 1024,
             max_request_bytes: None,
             max_response_bytes: 32 * 1024 * 1024,

@@ -9,6 +9,7 @@ use std::{
     collections::HashMap,
     convert::Infallible,
     future::Future,
+    net::IpAddr,
     pin::Pin,
     sync::{
         Arc, Mutex,
@@ -25,12 +26,20 @@ use hyper_util::{
 };
 use tokio::{
     net::{TcpListener, TcpStream},
-    sync::{Notify, Semaphore, watch},
+    sync::{Notify, watch},
     time::Instant,
 };
-use tonic::{body::Body, codegen::Service, transport::server::Connected as _};
+use tonic::{
+    body::Body,
+    codegen::Service,
+    transport::server::{Connected as _, TcpConnectInfo, TlsConnectInfo},
+};
 
-use crate::{config::Limits, tls::ServerTls};
+use crate::{
+    config::Limits,
+    keyed_limit::{KeyedLimit, Refused},
+    tls::ServerTls,
+};
 
 /// A response body that holds `guard` until it has been sent (or dropped):
 /// a call counts as in flight until its last byte.
@@ -69,7 +78,8 @@ fn guarded<G: Send + Unpin + 'static>(response: http::Response<Body>, guard: G) 
 #[derive(Clone)]
 pub struct CallLimits<S> {
     inner: S,
-    permits: Arc<Semaphore>,
+    /// Per client address, and for the whole server.
+    in_flight: Arc<KeyedLimit<Option<IpAddr>>>,
     timeout: Duration,
 }
 
@@ -77,10 +87,25 @@ impl<S> CallLimits<S> {
     pub fn new(inner: S, limits: &Limits) -> Self {
         CallLimits {
             inner,
-            permits: Arc::new(Semaphore::new(limits.max_concurrent_calls as usize)),
+            in_flight: KeyedLimit::new(
+                limits.max_concurrent_calls_per_client as usize,
+                limits.max_concurrent_calls as usize,
+            ),
             timeout: Duration::from_secs(limits.request_timeout_secs),
         }
     }
+}
+
+/// The address of the connection a call came on (plain or TLS).
+fn peer_ip<B>(request: &http::Request<B>) -> Option<IpAddr> {
+    let extensions = request.extensions();
+    extensions
+        .get::<TcpConnectInfo>()
+        .and_then(TcpConnectInfo::remote_addr)
+        .or_else(|| {
+            extensions.get::<TlsConnectInfo<TcpConnectInfo>>().and_then(|i| i.get_ref().remote_addr())
+        })
+        .map(|addr| addr.ip())
 }
 
 impl<S> Service<http::Request<Body>> for CallLimits<S>
@@ -101,13 +126,17 @@ where
     }
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
-        let Ok(permit) = self.permits.clone().try_acquire_owned() else {
-            // Shedding at once costs nothing to hold; queueing would let a
-            // flood of stalled calls pile up memory.
-            return Box::pin(async {
-                Ok(tonic::Status::resource_exhausted("the server has too many calls in flight; try again")
-                    .into_http())
-            });
+        // Shedding at once costs nothing to hold; queueing would let a
+        // flood of stalled calls pile up memory.
+        let permit = match self.in_flight.try_start(&peer_ip(&request)) {
+            Ok(permit) => permit,
+            Err(refused) => {
+                let message = match refused {
+                    Refused::Key => "too many calls in flight from your address; try again",
+                    Refused::Total => "the server has too many calls in flight; try again",
+                };
+                return Box::pin(async move { Ok(tonic::Status::resource_exhausted(message).into_http()) });
+            }
         };
         // The caller's own deadline (grpc-timeout), when it is the shorter:
         // work nobody waits for any more stops there.

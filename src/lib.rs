@@ -8,6 +8,7 @@ pub mod connections;
 pub mod db;
 pub mod db_health;
 pub mod error;
+pub mod keyed_limit;
 pub mod metrics;
 pub mod migrate;
 pub mod mysql_reads;

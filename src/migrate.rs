@@ -204,7 +204,7 @@ async fn run_mysql(pool: &Pool<MySql>, lock_timeout: Duration) -> anyhow::Result
 /// Applies every migration not yet applied, and finishes half-applied ones.
 /// Runs only under the lease, and stops between statements if it was lost.
 async fn apply_mysql(pool: &Pool<MySql>, lease: &Lease) -> anyhow::Result<()> {
-    sqlx::query(CREATE_MYSQL_MIGRATIONS_TABLE).execute(pool).await?;
+    conflicts_retried(|| sqlx::query(CREATE_MYSQL_MIGRATIONS_TABLE).execute(pool)).await?;
     let applied = applied_rows(pool).await?;
     check_checksums(&applied, &MYSQL_MIGRATIONS)?;
     for migration in MYSQL_MIGRATIONS.iter() {
@@ -218,14 +218,16 @@ async fn apply_mysql(pool: &Pool<MySql>, lease: &Lease) -> anyhow::Result<()> {
                 );
             }
             None => {
-                sqlx::query(
-                    "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
-                     VALUES (?, ?, FALSE, ?, -1)",
-                )
-                .bind(migration.version)
-                .bind(migration.description.as_ref())
-                .bind(migration.checksum.as_ref())
-                .execute(pool)
+                conflicts_retried(|| {
+                    sqlx::query(
+                        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
+                         VALUES (?, ?, FALSE, ?, -1)",
+                    )
+                    .bind(migration.version)
+                    .bind(migration.description.as_ref())
+                    .bind(migration.checksum.as_ref())
+                    .execute(pool)
+                })
                 .await?;
             }
         }
@@ -233,14 +235,17 @@ async fn apply_mysql(pool: &Pool<MySql>, lease: &Lease) -> anyhow::Result<()> {
         apply_statements(pool, migration, lease).await?;
         // Done only if the lease is still this process's: a holder that lost
         // it (stalled past its expiry) leaves the migration to the next one.
-        let done = sqlx::query(
-            "UPDATE _sqlx_migrations SET success = TRUE, execution_time = ? WHERE version = ? \
-             AND EXISTS (SELECT 1 FROM storegate_migration_lock WHERE id = 1 AND holder = ?)",
-        )
-        .bind(i64::try_from(started.elapsed().as_nanos()).unwrap_or(i64::MAX))
-        .bind(migration.version)
-        .bind(&lease.holder)
-        .execute(pool)
+        let elapsed = i64::try_from(started.elapsed().as_nanos()).unwrap_or(i64::MAX);
+        let done = conflicts_retried(|| {
+            sqlx::query(
+                "UPDATE _sqlx_migrations SET success = TRUE, execution_time = ? WHERE version = ? \
+                 AND EXISTS (SELECT 1 FROM storegate_migration_lock WHERE id = 1 AND holder = ?)",
+            )
+            .bind(elapsed)
+            .bind(migration.version)
+            .bind(&lease.holder)
+            .execute(pool)
+        })
         .await?;
         anyhow::ensure!(
             done.rows_affected() == 1,
@@ -407,20 +412,12 @@ impl Lease {
         Ok(taken.rows_affected() == 1)
     }
 
-    /// Runs a statement on the lease's row by its holder; on Galera, waiting
-    /// processes polling the same row can make it fail certification, so a
-    /// conflict is tried again (a few times, briefly).
+    /// Runs a statement on the lease's row by its holder (waiting processes
+    /// polling the same row can make it fail certification on Galera).
     async fn update_own(&self, sql: &str) -> Result<u64, sqlx::Error> {
-        let mut attempt = 0;
-        loop {
-            match sqlx::query(sql).bind(&self.holder).execute(&self.pool).await {
-                Err(e) if crate::db::is_transaction_conflict(&e) && attempt < 20 => {
-                    attempt += 1;
-                    tokio::time::sleep(Duration::from_millis(10) * attempt).await;
-                }
-                result => return result.map(|r| r.rows_affected()),
-            }
-        }
+        conflicts_retried(|| sqlx::query(sql).bind(&self.holder).execute(&self.pool))
+            .await
+            .map(|r| r.rows_affected())
     }
 
     async fn keep_renewed(self) {
@@ -448,6 +445,28 @@ impl Lease {
             .await;
         if let Err(e) = released {
             tracing::warn!(error = %e, "cannot release the migration lock; it expires in {LEASE_SECS}s");
+        }
+    }
+}
+
+/// Runs a statement again when the database rolled it back as a conflict
+/// (a few times, briefly): on Galera the lease row is polled from every node,
+/// and a DDL in total order aborts what it meets, so the bookkeeping
+/// statements of a migration can lose certification. Each is safe to rerun:
+/// a conflict means it did nothing.
+async fn conflicts_retried<T, F, Fut>(mut run: F) -> Result<T, sqlx::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, sqlx::Error>>,
+{
+    let mut attempt = 0;
+    loop {
+        match run().await {
+            Err(e) if crate::db::is_transaction_conflict(&e) && attempt < 20 => {
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(10) * attempt).await;
+            }
+            result => return result,
         }
     }
 }

@@ -85,6 +85,49 @@ async fn calls_in_flight_are_bounded_and_stalled_ones_time_out() {
     get_jwks(&auth).await.expect("room again once the stalled calls have timed out");
 }
 
+/// A normal call from another address of this host (all of 127/8 is
+/// loopback): another client, as far as the server can tell.
+async fn get_jwks_from(server: &Running, local: &str) -> Result<String, tonic::Status> {
+    let channel = tonic::transport::Endpoint::from_shared(url(server))
+        .unwrap()
+        .local_address(Some(local.parse().unwrap()))
+        .connect()
+        .await
+        .map_err(|e| tonic::Status::unavailable(format!("{e:#}")))?;
+    let mut client = storegate::pb::auth::v1::auth_service_client::AuthServiceClient::new(channel);
+    Ok(client.get_jwks(GetJwksRequest {}).await?.into_inner().jwks_json)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_clients_stalled_calls_leave_room_for_other_clients() {
+    let db = TestDb::new(&Backend::Sqlite).await;
+    let limits = Limits {
+        max_concurrent_calls: 100,
+        max_concurrent_calls_per_client: 5,
+        request_timeout_secs: 10,
+        ..Limits::default()
+    };
+    let auth = auth_with(&db, limits).await;
+
+    // The flood comes from 127.0.0.1 on two connections: five of its calls
+    // stall, the rest are answered at once.
+    let mut floods = Vec::new();
+    for _ in 0..2 {
+        let mut flood = H2Flood::connect(auth.addr, HEALTH_CHECK, &[]).await.unwrap();
+        flood.settings(Duration::from_secs(5)).await.expect("settings");
+        flood.open_stalled(10);
+        floods.push(flood);
+    }
+    let answered =
+        || floods.iter().map(|f| f.counts.answered.load(std::sync::atomic::Ordering::Acquire)).sum::<usize>();
+    assert!(eventually(Duration::from_secs(2), || answered() >= 15).await, "{} answered", answered());
+    assert_eq!(answered(), 15, "five calls of the flooding address are in flight");
+    let shed = get_jwks_from(&auth, "127.0.0.1").await.expect_err("the flooding address has its share");
+    assert_eq!(shed.code(), tonic::Code::ResourceExhausted, "{shed:?}");
+    // Another client is served at once.
+    get_jwks_from(&auth, "127.0.0.2").await.expect("another address is served during the flood");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn connections_beyond_the_cap_make_room_or_are_closed() {
     let db = TestDb::new(&Backend::Sqlite).await;

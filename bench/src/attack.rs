@@ -17,7 +17,6 @@ use storegate::pb::auth::v1::{
 use storegate_testkit::{
     TEST_MASTER_KEY, TestStack,
     attack::{H2Flood, http1_stalled_body},
-    health_serving,
     process::{ServiceProcess, free_addr},
     totp_code,
 };
@@ -107,9 +106,23 @@ async fn peak_rss(service: &ServiceProcess, samples: usize) -> f64 {
     peak
 }
 
+/// A health check from another client (127.0.0.2: all of 127/8 is
+/// loopback) while the flood, from 127.0.0.1, goes on.
 async fn fresh_health(service: &ServiceProcess) -> String {
     let started = Instant::now();
-    let serving = tokio::time::timeout(Duration::from_secs(10), health_serving(service.addr)).await;
+    let check = async {
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", service.addr))
+            .ok()?
+            .local_address(Some(std::net::Ipv4Addr::new(127, 0, 0, 2).into()));
+        let mut client = tonic_health::pb::health_client::HealthClient::new(endpoint.connect().await.ok()?);
+        let answer =
+            client.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await.ok()?;
+        Some(
+            answer.into_inner().status
+                == tonic_health::pb::health_check_response::ServingStatus::Serving as i32,
+        )
+    };
+    let serving = tokio::time::timeout(Duration::from_secs(10), async { check.await.unwrap_or(false) }).await;
     match serving {
         Ok(true) => format!("SERVING in {} ms", started.elapsed().as_millis()),
         Ok(false) => format!("answered (not SERVING: shed) in {} ms", started.elapsed().as_millis()),
