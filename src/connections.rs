@@ -72,6 +72,28 @@ fn guarded<G: Send + Unpin + 'static>(response: http::Response<Body>, guard: G) 
     response.map(|inner| Body::new(Guarded { inner, _guard: guard }))
 }
 
+/// What the accept loop serves (the server's whole stack, cloned per
+/// connection and per call), and what it wraps.
+pub trait Stack:
+    Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible, Future: Send + 'static>
+    + Clone
+    + Send
+    + 'static
+{
+}
+
+impl<S> Stack for S where
+    S: Service<
+            http::Request<Body>,
+            Response = http::Response<Body>,
+            Error = Infallible,
+            Future: Send + 'static,
+        > + Clone
+        + Send
+        + 'static
+{
+}
+
 /// The bound on calls in flight across the server, and the deadline of
 /// each. Sits inside the gRPC-Web translation, so that its answers reach
 /// browsers in their protocol.
@@ -110,11 +132,7 @@ fn peer_ip<B>(request: &http::Request<B>) -> Option<IpAddr> {
 
 impl<S> Service<http::Request<Body>> for CallLimits<S>
 where
-    S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
+    S: Stack,
 {
     type Response = http::Response<Body>;
     type Error = Infallible;
@@ -261,11 +279,7 @@ struct ConnService<S, I> {
 
 impl<S, I> hyper::service::Service<http::Request<Incoming>> for ConnService<S, I>
 where
-    S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
+    S: Stack,
     I: Clone + Send + Sync + 'static,
 {
     type Response = http::Response<Body>;
@@ -322,12 +336,7 @@ pub async fn serve<S>(
     service: S,
     stop: impl Future<Output = ()>,
 ) where
-    S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-    S::Future: Send + 'static,
+    S: Stack + Sync,
 {
     let registry = Arc::new(Registry {
         epoch: Instant::now(),
@@ -382,12 +391,7 @@ async fn serve_one<S>(
     conn: Arc<Conn>,
     mut draining: watch::Receiver<bool>,
 ) where
-    S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-    S::Future: Send + 'static,
+    S: Stack + Sync,
 {
     let tcp_info = stream.connect_info();
     match &shared.tls {
@@ -418,12 +422,7 @@ async fn serve_http<S, IO, I>(
     conn: &Arc<Conn>,
     draining: &mut watch::Receiver<bool>,
 ) where
-    S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-    S::Future: Send + 'static,
+    S: Stack + Sync,
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     I: Clone + Send + Sync + 'static,
 {

@@ -645,24 +645,45 @@ impl AuthStore {
                 Some(Some(until)) if until > now_unix => return Ok(Err(until)),
                 // First attempt for this name: create its row (a parallel
                 // attempt may win that race), then count again.
-                None => retry_conflicts(move || async move { on_db!(&self.db, pool => {
-                    match sqlx::query("INSERT INTO login_throttle (subject, failures, updated_at) VALUES (?, 0, ?)")
-                        .bind(subject)
-                        .bind(storegate::db::now())
-                        .execute(pool)
-                        .await
-                    {
-                        Ok(_) => Ok(()),
-                        Err(e) if is_unique_violation(&e) => Ok(()),
-                        Err(e) => Err(ApiError::from(e)),
-                    }
-                }) })
-                .await?,
+                None => {
+                    self.create_counter_row(
+                        "INSERT INTO login_throttle (subject, failures, updated_at) VALUES (?, 0, ?)",
+                        subject,
+                        storegate::db::now(),
+                    )
+                    .await?
+                }
                 // The lock ended in between: count again.
                 Some(_) => {}
             }
         }
         Ok(Err(now_unix + 1))
+    }
+
+    /// Inserts the row of a counter keyed by `subject` (`sql` binds the
+    /// subject and one more value); a parallel call that inserted it first
+    /// is as good.
+    async fn create_counter_row<V>(&self, sql: &'static str, subject: &[u8], value: V) -> Result<(), ApiError>
+    where
+        V: for<'q> sqlx::Encode<'q, sqlx::Sqlite>
+            + sqlx::Type<sqlx::Sqlite>
+            + for<'q> sqlx::Encode<'q, sqlx::MySql>
+            + sqlx::Type<sqlx::MySql>
+            + Copy
+            + Send
+            + Sync
+            + 'static,
+    {
+        retry_conflicts(move || async move {
+            on_db!(&self.db, pool => {
+                match sqlx::query(sql).bind(subject).bind(value).execute(pool).await {
+                    Ok(_) => Ok(()),
+                    Err(e) if is_unique_violation(&e) => Ok(()),
+                    Err(e) => Err(ApiError::from(e)),
+                }
+            })
+        })
+        .await
     }
 
     /// Gives back the count of an attempt that was right or never evaluated.
@@ -711,22 +732,19 @@ impl AuthStore {
                     .await
             })?;
             match window {
-                Some(start) if start > window_ended => return Ok(Admission::RefusedUntil(start + QUOTA_WINDOW_SECS)),
+                Some(start) if start > window_ended => {
+                    return Ok(Admission::RefusedUntil(start + QUOTA_WINDOW_SECS));
+                }
                 // The first use: create the row (a parallel call may win
                 // that race), then count again.
-                None => retry_conflicts(move || async move { on_db!(&self.db, pool => {
-                    match sqlx::query("INSERT INTO client_quotas (subject, window_start, used) VALUES (?, ?, 0)")
-                        .bind(subject)
-                        .bind(now_unix)
-                        .execute(pool)
-                        .await
-                    {
-                        Ok(_) => Ok(()),
-                        Err(e) if is_unique_violation(&e) => Ok(()),
-                        Err(e) => Err(ApiError::from(e)),
-                    }
-                }) })
-                .await?,
+                None => {
+                    self.create_counter_row(
+                        "INSERT INTO client_quotas (subject, window_start, used) VALUES (?, ?, 0)",
+                        subject,
+                        now_unix,
+                    )
+                    .await?
+                }
                 Some(_) => {}
             }
         }
