@@ -508,7 +508,9 @@ impl AuthStore {
                 }
                 LoginAction::ResetTotp => {
                     sqlx::query(
-                        "UPDATE users SET totp_secret = ?, totp_confirmed_at = NULL WHERE id = ?",
+                        // The last step belonged to the old secret: the new
+                        // one's first code may come in the same 30 seconds.
+                        "UPDATE users SET totp_secret = ?, totp_confirmed_at = NULL, totp_last_step = NULL WHERE id = ?",
                     )
                     .bind(Vec::<u8>::new())
                     .bind(user_id)

@@ -1,9 +1,12 @@
-//! `storegate register | login | logout | whoami`.
+//! `storegate register | login | logout | whoami | change-password | reset-totp`.
 
 use std::io::{BufRead as _, Write as _};
 
 use anyhow::Context as _;
-use storegate::pb::auth::v1::{BeginLoginRequest, CompleteLoginRequest, LogoutRequest, RegisterRequest};
+use storegate::pb::auth::v1::{
+    BeginLoginRequest, ChangePasswordRequest, CompleteLoginRequest, LogoutRequest, RegisterRequest,
+    ResetTotpRequest, RevokeSessionsRequest,
+};
 
 use crate::{
     connect::Endpoints,
@@ -25,6 +28,34 @@ pub struct LoginArgs {
     username: String,
     /// Read the password, then the code, from lines of standard input
     /// instead of prompting (for scripts).
+    #[arg(long)]
+    password_stdin: bool,
+}
+
+#[derive(clap::Args)]
+pub struct LogoutArgs {
+    /// End every session of this account, on every device, this one included.
+    #[arg(long, conflicts_with = "others")]
+    everywhere: bool,
+    /// End every other session of this account and stay signed in here.
+    #[arg(long)]
+    others: bool,
+}
+
+#[derive(clap::Args)]
+pub struct ChangePasswordArgs {
+    username: String,
+    /// Read the current password, the code and the new password from lines
+    /// of standard input instead of prompting (for scripts).
+    #[arg(long)]
+    password_stdin: bool,
+}
+
+#[derive(clap::Args)]
+pub struct ResetTotpArgs {
+    username: String,
+    /// Read the password, then the recovery code, from lines of standard
+    /// input instead of prompting (for scripts).
     #[arg(long)]
     password_stdin: bool,
 }
@@ -103,11 +134,7 @@ pub async fn login(endpoints: &Endpoints, out: &Output, args: LoginArgs) -> anyh
             println!("or enter this secret by hand: {}", enrollment.secret);
         }
     }
-    if !out.json {
-        print!("Code from your authenticator app (or a recovery code): ");
-    }
-    std::io::stdout().flush()?;
-    let code = read_line()?.trim().to_owned();
+    let code = read_code(out, "Code from your authenticator app (or a recovery code): ")?;
     let tokens = auth
         .complete_login(CompleteLoginRequest { login_ticket: begun.login_ticket, code })
         .await?
@@ -139,12 +166,93 @@ pub async fn login(endpoints: &Endpoints, out: &Output, args: LoginArgs) -> anyh
     Ok(())
 }
 
-pub async fn logout(endpoints: &Endpoints, out: &Output) -> anyhow::Result<()> {
-    if let Some(session) = Session::load()? {
+pub async fn logout(endpoints: &Endpoints, out: &Output, args: LogoutArgs) -> anyhow::Result<()> {
+    let session = Session::load()?;
+    if args.everywhere || args.others {
+        let session = session.context("not signed in: run `storegate login <username>` first")?;
+        let request =
+            RevokeSessionsRequest { refresh_token: session.refresh_token, keep_current: args.others };
+        let ended = endpoints.auth().await?.revoke_sessions(request).await?.into_inner().revoked_sessions;
+        if args.everywhere {
+            Session::remove()?;
+        }
+        out.print(serde_json::json!({ "revoked_sessions": ended, "signed_in": args.others }), || {
+            let here = if args.others { "; still signed in here" } else { ", this one included" };
+            format!("ended {ended} session(s){here}")
+        });
+        return Ok(());
+    }
+    if let Some(session) = session {
         endpoints.auth().await?.logout(LogoutRequest { refresh_token: session.refresh_token }).await?;
     }
     Session::remove()?;
     out.print(serde_json::json!({ "signed_in": false }), || "signed out".to_owned());
+    Ok(())
+}
+
+/// The code prompt of every command that asks for one.
+fn read_code(out: &Output, prompt: &str) -> anyhow::Result<String> {
+    if !out.json {
+        print!("{prompt}");
+    }
+    std::io::stdout().flush()?;
+    Ok(read_line()?.trim().to_owned())
+}
+
+pub async fn change_password(
+    endpoints: &Endpoints,
+    out: &Output,
+    args: ChangePasswordArgs,
+) -> anyhow::Result<()> {
+    let current = read_password(args.password_stdin, "Current password: ")?;
+    let mut auth = endpoints.auth().await?;
+    let ticket = auth
+        .begin_login(BeginLoginRequest { username: args.username.clone(), password: current })
+        .await?
+        .into_inner()
+        .login_ticket;
+    let code = read_code(out, "Code from your authenticator app (or a recovery code): ")?;
+    let new_password = if args.password_stdin {
+        read_line()?
+    } else {
+        let new_password = read_password(false, "New password (8 to 128 characters): ")?;
+        anyhow::ensure!(read_password(false, "Repeat it: ")? == new_password, "the passwords differ");
+        new_password
+    };
+    let tokens = auth
+        .change_password(ChangePasswordRequest { login_ticket: ticket, code, new_password })
+        .await?
+        .into_inner();
+    let session = Session {
+        username: args.username.to_lowercase(),
+        access_token: tokens.access_token,
+        refresh_token: tokens.refresh_token,
+        expires_at: unix_now() + tokens.expires_in,
+    };
+    session.save()?;
+    out.print(serde_json::json!({ "username": session.username, "password_changed": true }), || {
+        format!("password changed for {}; every other session has ended", session.username)
+    });
+    Ok(())
+}
+
+pub async fn reset_totp(endpoints: &Endpoints, out: &Output, args: ResetTotpArgs) -> anyhow::Result<()> {
+    let password = read_password(args.password_stdin, "Password: ")?;
+    let mut auth = endpoints.auth().await?;
+    let ticket = auth
+        .begin_login(BeginLoginRequest { username: args.username.clone(), password })
+        .await?
+        .into_inner()
+        .login_ticket;
+    let recovery_code = read_code(out, "Recovery code: ")?;
+    auth.reset_totp(ResetTotpRequest { login_ticket: ticket, recovery_code }).await?;
+    Session::remove()?;
+    out.print(serde_json::json!({ "username": args.username.to_lowercase(), "totp_reset": true }), || {
+        format!(
+            "two-factor reset for {}: every session has ended; `storegate login {}` shows a new QR code",
+            args.username, args.username
+        )
+    });
     Ok(())
 }
 

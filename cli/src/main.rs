@@ -37,8 +37,14 @@ enum Command {
     /// Log in: password, then the code from your authenticator app (the QR
     /// code to scan is shown on the first login).
     Login(account::LoginArgs),
-    /// Revoke this session's tokens and forget them.
-    Logout,
+    /// Revoke this session's tokens and forget them (or end every session:
+    /// --everywhere, --others).
+    Logout(account::LogoutArgs),
+    /// Change the password (current password and a code); other sessions end.
+    ChangePassword(account::ChangePasswordArgs),
+    /// Lost the authenticator: a recovery code resets two-factor, and the
+    /// next login enrolls a new one.
+    ResetTotp(account::ResetTotpArgs),
     /// Who the stored session belongs to.
     Whoami,
     /// The product catalogue.
@@ -55,7 +61,9 @@ async fn main() {
         Command::Up(args) => up::up(*args).await,
         Command::Register(args) => account::register(&cli.connect, &out, args).await,
         Command::Login(args) => account::login(&cli.connect, &out, args).await,
-        Command::Logout => account::logout(&cli.connect, &out).await,
+        Command::Logout(args) => account::logout(&cli.connect, &out, args).await,
+        Command::ChangePassword(args) => account::change_password(&cli.connect, &out, args).await,
+        Command::ResetTotp(args) => account::reset_totp(&cli.connect, &out, args).await,
         Command::Whoami => account::whoami(&cli.connect, &out).await,
         Command::Products(command) => products::run(&cli.connect, &out, command).await,
     };

@@ -11,7 +11,8 @@ use storegate_testkit::{Backend, TestStack, backend_tests, totp_code};
 
 backend_tests!(
     the_cli_registers_logs_in_and_runs_the_catalogue,
-    the_first_login_draws_the_qr_code_in_the_terminal
+    the_first_login_draws_the_qr_code_in_the_terminal,
+    the_cli_changes_the_password_ends_sessions_and_resets_two_factor
 );
 
 struct Cli {
@@ -28,7 +29,7 @@ struct Ran {
 
 impl Ran {
     fn json(&self) -> serde_json::Value {
-        assert_eq!(self.code, 0, "stderr: {}", self.stderr);
+        assert_eq!(self.code, 0, "stderr: {} stdout: {}", self.stderr, self.stdout);
         serde_json::from_str(self.stdout.lines().last().unwrap_or_default()).expect("JSON output")
     }
 }
@@ -232,4 +233,53 @@ async fn the_first_login_draws_the_qr_code_in_the_terminal(backend: Backend) {
     assert!(qr_rows >= 15, "a QR code of Unicode blocks:\n{}", login.stdout);
     assert!(login.stdout.contains("signed in as bob"));
     assert!(login.stdout.contains("Recovery codes"));
+}
+
+async fn the_cli_changes_the_password_ends_sessions_and_resets_two_factor(backend: Backend) {
+    let stack = TestStack::start(backend).await;
+    let (cli, elsewhere) = (Cli::new(&stack), Cli::new(&stack));
+    cli.run(&["register", "carol", "--password-stdin"], "correct horse battery\n").await;
+    let first = cli
+        .login(&["login", "carol", "--password-stdin", "--json"], "correct horse battery", |line| {
+            let value: serde_json::Value = serde_json::from_str(line).ok()?;
+            value["enrollment"]["secret"].as_str().map(str::to_owned)
+        })
+        .await
+        .json();
+    let codes: Vec<String> =
+        first["recovery_codes"].as_array().unwrap().iter().map(|c| c.as_str().unwrap().to_owned()).collect();
+    // A second device, signed in with a recovery code.
+    let input = format!("correct horse battery\n{}\n", codes[0]);
+    elsewhere.run(&["login", "carol", "--password-stdin", "--json"], &input).await.json();
+
+    // "Sign out everywhere else": the other device's session ends, this one stays.
+    let ended = cli.run(&["logout", "--others", "--json"], "").await.json();
+    assert_eq!(ended["revoked_sessions"], 1);
+    cli.run(&["whoami", "--json"], "").await.json();
+    // (Its access token lives out its 15 minutes; its refresh token is dead.)
+    let stale = elsewhere.run(&["logout", "--others"], "").await;
+    assert_ne!(stale.code, 0, "the other device's session ended: {}", stale.stdout);
+    assert!(stale.stderr.contains("refresh token"), "{}", stale.stderr);
+
+    // A new password, proven with the current one and a code.
+    let input = format!("correct horse battery\n{}\nplum tiger orbit lantern\n", codes[1]);
+    let changed = cli.run(&["change-password", "carol", "--password-stdin", "--json"], &input).await.json();
+    assert_eq!(changed["password_changed"], true);
+    cli.run(&["whoami", "--json"], "").await.json();
+    let old = cli.run(&["login", "carol", "--password-stdin"], "correct horse battery\n000000\n").await;
+    assert_ne!(old.code, 0, "the old password is gone");
+
+    // The authenticator is lost: a recovery code resets two-factor.
+    let input = format!("plum tiger orbit lantern\n{}\n", codes[2]);
+    let reset = cli.run(&["reset-totp", "carol", "--password-stdin", "--json"], &input).await.json();
+    assert_eq!(reset["totp_reset"], true);
+    assert!(!cli.session_file().exists(), "every session ended, this one too");
+    let again = cli
+        .login(&["login", "carol", "--password-stdin", "--json"], "plum tiger orbit lantern", |line| {
+            let value: serde_json::Value = serde_json::from_str(line).ok()?;
+            value["enrollment"]["secret"].as_str().map(str::to_owned)
+        })
+        .await
+        .json();
+    assert_eq!(again["recovery_codes"].as_array().unwrap().len(), 10, "enrolled afresh");
 }
