@@ -139,13 +139,8 @@ pub async fn login(endpoints: &Endpoints, out: &Output, args: LoginArgs) -> anyh
         .complete_login(CompleteLoginRequest { login_ticket: begun.login_ticket, code })
         .await?
         .into_inner();
-    let session = Session {
-        username: args.username.to_lowercase(),
-        access_token: tokens.access_token,
-        refresh_token: tokens.refresh_token,
-        expires_at: unix_now() + tokens.expires_in,
-    };
-    session.save()?;
+    let session =
+        start_session(&args.username, tokens.access_token, tokens.refresh_token, tokens.expires_in)?;
     let roles = session.claims().map(|c| c.roles).unwrap_or_default();
     out.print(
         serde_json::json!({ "username": session.username, "roles": roles, "recovery_codes": tokens.recovery_codes }),
@@ -190,6 +185,23 @@ pub async fn logout(endpoints: &Endpoints, out: &Output, args: LogoutArgs) -> an
     Ok(())
 }
 
+/// Stores the tokens of a new session (a login, a password change).
+fn start_session(
+    username: &str,
+    access_token: String,
+    refresh_token: String,
+    expires_in: i64,
+) -> anyhow::Result<Session> {
+    let session = Session {
+        username: username.to_lowercase(),
+        access_token,
+        refresh_token,
+        expires_at: unix_now() + expires_in,
+    };
+    session.save()?;
+    Ok(session)
+}
+
 /// The code prompt of every command that asks for one.
 fn read_code(out: &Output, prompt: &str) -> anyhow::Result<String> {
     if !out.json {
@@ -223,13 +235,8 @@ pub async fn change_password(
         .change_password(ChangePasswordRequest { login_ticket: ticket, code, new_password })
         .await?
         .into_inner();
-    let session = Session {
-        username: args.username.to_lowercase(),
-        access_token: tokens.access_token,
-        refresh_token: tokens.refresh_token,
-        expires_at: unix_now() + tokens.expires_in,
-    };
-    session.save()?;
+    let session =
+        start_session(&args.username, tokens.access_token, tokens.refresh_token, tokens.expires_in)?;
     out.print(serde_json::json!({ "username": session.username, "password_changed": true }), || {
         format!("password changed for {}; every other session has ended", session.username)
     });
