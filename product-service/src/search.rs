@@ -45,9 +45,18 @@ impl Words {
     }
 
     /// For `MATCH (name, description) AGAINST (? IN BOOLEAN MODE)`:
-    /// `+cast +iron +te*`.
+    /// `+cast +iron +te*`, and `+tea* tea` when the last word could be a
+    /// whole indexed word: InnoDB gives every match of a prefix the same
+    /// relevance, so the optional whole word (which selects nothing more)
+    /// ranks the products that have it, more the more often, as FTS5's
+    /// bm25 ranks prefix matches by how often they occur.
     pub fn mysql(&self) -> String {
-        self.terms(|word| format!("+{word}"), |word| format!("+{word}*"))
+        let mut terms = self.terms(|word| format!("+{word}"), |word| format!("+{word}*"));
+        if let Some(last) = self.0.last().filter(|w| w.chars().count() >= MIN_WORD_CHARS) {
+            terms.push(' ');
+            terms.push_str(last);
+        }
+        terms
     }
 
     /// For FTS5's `MATCH ?`: `"cast" "iron" "te"*` (juxtaposed phrases are
@@ -71,6 +80,7 @@ mod tests {
     fn words_are_required_and_the_last_is_a_prefix() {
         let words = Words::of("Cast  iron te");
         assert_eq!(words.mysql(), "+Cast +iron +te*");
+        assert_eq!(Words::of("iron tea").mysql(), "+iron +tea* tea");
         assert_eq!(words.fts5(), r#""Cast" "iron" "te"*"#);
     }
 
@@ -87,10 +97,10 @@ mod tests {
     #[test]
     fn words_too_short_for_innodb_are_dropped_except_the_prefix() {
         assert_eq!(Words::of("the big TEA of it").mysql(), "+the +big +TEA +it*");
-        assert_eq!(Words::of("xl mug").mysql(), "+mug*");
+        assert_eq!(Words::of("xl mug").mysql(), "+mug* mug");
         assert_eq!(Words::of("mug xl").mysql(), "+mug +xl*");
         assert_eq!(Words::of(&"z".repeat(85)).mysql(), "");
         assert_eq!(Words::of("café crème").fts5(), r#""café" "crème"*"#);
-        assert_eq!(Words::of("cup_small o'brien").mysql(), "+cup_small +brien*");
+        assert_eq!(Words::of("cup_small o'brien").mysql(), "+cup_small +brien* brien");
     }
 }
