@@ -17,8 +17,8 @@ use tonic::{Request, Response, Status};
 
 use crate::{
     domain::{
-        MAX_STOCK, OrderBy, Price, SortField, check_description, check_name, check_query, check_stock, parse_etag,
-        parse_request_id,
+        MAX_STOCK, OrderBy, Price, SortField, check_description, check_name, check_query, check_stock,
+        parse_etag, parse_request_id,
     },
     page_token,
     search_limit::SearchLimit,

@@ -731,7 +731,12 @@ impl ProductStore {
     /// Appends to a listing's `sql` the condition that continues after
     /// `q.after` in `q.order` (a column's order, not relevance), then the
     /// ORDER BY and LIMIT, and their parameters (but the limit's) to `params`.
-    fn keyset(&self, q: &ListQuery<'_>, sql: &mut String, params: &mut Vec<ListParam>) -> Result<(), ApiError> {
+    fn keyset(
+        &self,
+        q: &ListQuery<'_>,
+        sql: &mut String,
+        params: &mut Vec<ListParam>,
+    ) -> Result<(), ApiError> {
         let (column, cmp, dir) = {
             // Qualified: in ORDER BY a bare `price` would name the CAST alias
             // of the select list (text), not the column.
@@ -817,7 +822,10 @@ impl ProductStore {
         // for better matches, so it is negated to read as MySQL's.
         let (mut sql, score) = if mysql {
             params.push(engine_query.clone());
-            (format!("SELECT {COLUMNS}, {MYSQL_MATCH} AS score FROM products WHERE {MYSQL_MATCH}"), MYSQL_MATCH)
+            (
+                format!("SELECT {COLUMNS}, {MYSQL_MATCH} AS score FROM products WHERE {MYSQL_MATCH}"),
+                MYSQL_MATCH,
+            )
         } else {
             (
                 format!(
@@ -854,7 +862,11 @@ impl ProductStore {
         let rows: Vec<ListedRow> =
             on_db!(&self.db, pool => bind_all!(sqlx::query_as(&sql), &params).fetch_all(pool).await)?;
         let total_size = self.count_matches(words).await?;
-        let scores = if relevance { rows.iter().map(|row| row.score.unwrap_or_default()).collect() } else { Vec::new() };
+        let scores = if relevance {
+            rows.iter().map(|row| row.score.unwrap_or_default()).collect()
+        } else {
+            Vec::new()
+        };
         Ok(Page { rows: rows.into_iter().map(|row| row.product).collect(), scores, total_size })
     }
 

@@ -46,7 +46,10 @@ impl Shop {
             stock: 1,
             ..Default::default()
         };
-        let request = storegate::pb::product::v1::CreateProductRequest { product: Some(product), request_id: "".into() };
+        let request = storegate::pb::product::v1::CreateProductRequest {
+            product: Some(product),
+            request_id: "".into(),
+        };
         self.stack.products().await.create_product(bearer(request, &self.token)).await.unwrap().into_inner()
     }
 
@@ -59,8 +62,12 @@ impl Shop {
     /// The names a search finds in one page, in order `order_by`, after
     /// checking that total_size counts them exactly.
     async fn find(&self, query: &str, order_by: &str) -> Vec<String> {
-        let request =
-            ListProductsRequest { query: query.into(), order_by: order_by.into(), page_size: 1000, ..Default::default() };
+        let request = ListProductsRequest {
+            query: query.into(),
+            order_by: order_by.into(),
+            page_size: 1000,
+            ..Default::default()
+        };
         let (products, next, total) = self.list(request).await.unwrap_or_else(|e| panic!("{query:?}: {e:?}"));
         assert!(next.is_empty());
         assert_eq!(total, products.len() as i64, "total_size of {query:?} is exact");
@@ -178,7 +185,8 @@ async fn relevance_orders_best_first_with_ties_by_id(backend: Backend) {
     let plain_c = shop.create("Kettle", "Steel", "5.00").await;
     let expected = vec![best.id, plain_a.id, plain_b.id, plain_c.id];
     for order_by in ["", "relevance"] {
-        let request = ListProductsRequest { query: "kettle".into(), order_by: order_by.into(), ..Default::default() };
+        let request =
+            ListProductsRequest { query: "kettle".into(), order_by: order_by.into(), ..Default::default() };
         let (found, _, total) = shop.list(request).await.unwrap();
         assert_eq!(found.iter().map(|p| p.id).collect::<Vec<_>>(), expected, "{order_by:?}");
         assert_eq!(total, 4);
@@ -191,8 +199,11 @@ async fn relevance_orders_best_first_with_ties_by_id(backend: Backend) {
         let request = ListProductsRequest { order_by: order_by.into(), ..Default::default() };
         assert_eq!(shop.list(request).await.unwrap_err().code(), Code::InvalidArgument, "{order_by}");
     }
-    let request =
-        ListProductsRequest { query: "kettle".into(), order_by: "relevance asc".into(), ..Default::default() };
+    let request = ListProductsRequest {
+        query: "kettle".into(),
+        order_by: "relevance asc".into(),
+        ..Default::default()
+    };
     assert_eq!(shop.list(request).await.unwrap_err().code(), Code::InvalidArgument);
 }
 
@@ -269,7 +280,8 @@ async fn writes_are_searchable_at_once(backend: Backend) {
     shop.create("Green vase", "Glass", "16.00").await;
     assert_eq!(shop.find("blue vase", "").await, ["Blue vase"]);
 
-    let changed = Product { id: vase.id, name: "Red bowl".into(), description: "Clay".into(), ..Default::default() };
+    let changed =
+        Product { id: vase.id, name: "Red bowl".into(), description: "Clay".into(), ..Default::default() };
     let request = UpdateProductRequest { product: Some(changed), update_mask: None };
     shop.stack.products().await.update_product(bearer(request, &shop.token)).await.unwrap();
     assert_eq!(shop.find("blue", "").await, Vec::<String>::new(), "the old words are gone");
@@ -278,7 +290,8 @@ async fn writes_are_searchable_at_once(backend: Backend) {
     assert_eq!(shop.find("glass", "").await, ["Green vase"]);
 
     // A stock change leaves the words alone.
-    let request = storegate::pb::product::v1::AdjustStockRequest { id: vase.id, delta: 3, request_id: "".into() };
+    let request =
+        storegate::pb::product::v1::AdjustStockRequest { id: vase.id, delta: 3, request_id: "".into() };
     shop.stack.products().await.adjust_stock(bearer(request, &shop.token)).await.unwrap();
     assert_eq!(shop.find("bowl", "").await, ["Red bowl"]);
 
@@ -335,7 +348,9 @@ async fn searches_use_the_fulltext_index(backend: Backend) {
         assert!(steps.iter().any(|s| s.contains("INTEGER PRIMARY KEY")), "{steps:?}");
         return;
     }
-    for order in ["score DESC, products.id", "products.name, products.id", "products.price DESC, products.id DESC"] {
+    for order in
+        ["score DESC, products.id", "products.name, products.id", "products.price DESC, products.id DESC"]
+    {
         let sql = format!(
             "EXPLAIN SELECT products.id, MATCH (products.name, products.description) AGAINST (? IN BOOLEAN MODE) \
              AS score FROM products WHERE MATCH (products.name, products.description) AGAINST (? IN BOOLEAN MODE) \
