@@ -36,7 +36,7 @@ const UPDATE_ATTEMPTS: usize = 5;
 
 pub struct ProductApi {
     store: ProductStore,
-    /// Bounds the `query` listings (table scans) running at once.
+    /// Bounds the `query` listings (full-text searches) running at once.
     search_limit: Arc<SearchLimit>,
 }
 
