@@ -271,6 +271,15 @@ async fn a_catalogue_from_before_the_count_is_counted_by_its_migration(backend: 
     db.migrate().await.unwrap();
     let store = product_service::store::ProductStore::new(db.clone()).await;
     assert_eq!(store.count(None).await.unwrap(), 37);
+    // Migration 0006 indexed the rows that were there for search.
+    assert_eq!(store.count(Some("old")).await.unwrap(), 37);
+    let order = product_service::domain::OrderBy::parse("name desc").unwrap();
+    let page = store
+        .list(&product_service::store::ListQuery { order, query: Some("OLD"), after: None, limit: 2 })
+        .await
+        .unwrap();
+    assert_eq!(page.rows.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(), ["Old 9", "Old 8"]);
+    assert_eq!(page.total_size, 37);
     db.close().await;
     let _ = std::fs::remove_dir_all(before);
 }
