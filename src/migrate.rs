@@ -526,7 +526,8 @@ mod tests {
                 for statement in &statements {
                     let keyword = statement.split_whitespace().next().unwrap().to_ascii_uppercase();
                     assert!(
-                        ["CREATE", "INSERT", "ALTER", "DROP", "UPDATE", "DELETE"].contains(&keyword.as_str()),
+                        ["CREATE", "INSERT", "ALTER", "DROP", "UPDATE", "DELETE", "SET"]
+                            .contains(&keyword.as_str()),
                         "migration {}: a statement starts with {keyword:?}",
                         migration.version
                     );

@@ -19,10 +19,12 @@ pub enum ProductsCommand {
         page_size: i32,
         #[arg(long, default_value = "")]
         page_token: String,
-        /// id, name, price or create_time, optionally followed by " desc".
+        /// id, name, price or create_time, optionally followed by " desc";
+        /// or relevance (the default with a query).
         #[arg(long, default_value = "")]
         order_by: String,
-        /// Only products whose name or description contains this.
+        /// Words: only products with every word in their name or
+        /// description, the last one as the beginning of a word.
         #[arg(long, default_value = "")]
         query: String,
         /// Follow next_page_token to the end.

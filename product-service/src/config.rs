@@ -60,8 +60,9 @@ pub struct ProductConfig {
     #[arg(long, env = "DB_READ_CONNECTIONS", value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub db_read_connections: Option<u16>,
 
-    /// ListProducts calls with a `query` (table scans) one caller (token
-    /// `sub`) may have running at once; more are refused with RESOURCE_EXHAUSTED.
+    /// ListProducts calls with a `query` (full-text searches, whose cost
+    /// grows with their matches) one caller (token `sub`) may have running
+    /// at once; more are refused with RESOURCE_EXHAUSTED.
     #[arg(long, env = "SEARCH_CONCURRENCY_PER_CALLER", default_value_t = 2,
           value_parser = clap::value_parser!(u16).range(1..))]
     pub search_concurrency_per_caller: u16,

@@ -118,6 +118,8 @@ pub enum SortField {
     Name,
     Price,
     CreateTime,
+    /// Best match of a `query` first (only with a query).
+    Relevance,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -128,12 +130,13 @@ pub struct OrderBy {
 
 impl OrderBy {
     /// Parses AIP-132 `order_by`: one of id, name, price, create_time,
-    /// optionally followed by "desc" (or "asc").
+    /// optionally followed by "desc" (or "asc"), or "relevance" (best match
+    /// first, no direction; the service checks there is a query).
     pub fn parse(text: &str) -> Result<OrderBy, FieldViolation> {
         let invalid = || {
             FieldViolation::new(
                 "order_by",
-                "must be id, name, price or create_time, optionally followed by desc",
+                "must be id, name, price or create_time, optionally followed by desc, or relevance",
             )
         };
         let mut words = text.split_whitespace();
@@ -142,6 +145,12 @@ impl OrderBy {
             Some("name") => SortField::Name,
             Some("price") => SortField::Price,
             Some("create_time") => SortField::CreateTime,
+            Some("relevance") => {
+                if words.next().is_some() {
+                    return Err(invalid());
+                }
+                return Ok(OrderBy { field: SortField::Relevance, descending: false });
+            }
             Some(_) => return Err(invalid()),
         };
         let descending = match words.next() {
@@ -162,6 +171,7 @@ impl OrderBy {
             SortField::Name => "name",
             SortField::Price => "price",
             SortField::CreateTime => "create_time",
+            SortField::Relevance => return "relevance".into(),
         };
         format!("{field} {}", if self.descending { "desc" } else { "asc" })
     }

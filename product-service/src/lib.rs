@@ -7,6 +7,7 @@ pub mod config;
 pub mod domain;
 pub mod keys;
 pub mod page_token;
+pub mod search;
 pub mod search_limit;
 pub mod service;
 pub mod store;

@@ -1,6 +1,7 @@
 //! How many `query` listings run at once: a few per caller, and a cap for
-//! the whole server below the pool's size. A filtered listing scans the
-//! table (about a second on a few hundred long rows), so without a bound one
+//! the whole server below the pool's size. A search reads the full-text
+//! index, but its cost still grows with its matches (a one-letter prefix
+//! over many distinct words takes most of a second), so without a bound one
 //! signed-in caller could keep every pooled connection busy. A call over a
 //! limit is refused at once (RESOURCE_EXHAUSTED), never queued.
 

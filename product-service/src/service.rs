@@ -17,8 +17,8 @@ use tonic::{Request, Response, Status};
 
 use crate::{
     domain::{
-        MAX_STOCK, OrderBy, Price, check_description, check_name, check_query, check_stock, parse_etag,
-        parse_request_id,
+        MAX_STOCK, OrderBy, Price, SortField, check_description, check_name, check_query, check_stock,
+        parse_etag, parse_request_id,
     },
     page_token,
     search_limit::SearchLimit,
@@ -36,7 +36,7 @@ const UPDATE_ATTEMPTS: usize = 5;
 
 pub struct ProductApi {
     store: ProductStore,
-    /// Bounds the `query` listings (table scans) running at once.
+    /// Bounds the `query` listings (full-text searches) running at once.
     search_limit: Arc<SearchLimit>,
 }
 
@@ -261,8 +261,16 @@ impl ProductApi {
         .flatten()
         .collect();
         ApiError::check(violations)?;
-        let order = order.map_err(|v| ApiError::InvalidArgument(vec![v]))?;
-        // A search (a table scan) holds its place until its answer is built.
+        let mut order = order.map_err(|v| ApiError::InvalidArgument(vec![v]))?;
+        if order.field == SortField::Relevance && req.query.is_empty() {
+            return Err(ApiError::invalid("order_by", "relevance needs a query"));
+        }
+        // A search is ordered best match first unless asked otherwise.
+        if req.order_by.trim().is_empty() && !req.query.is_empty() {
+            order = OrderBy { field: SortField::Relevance, descending: false };
+        }
+        // A search holds its place until its answer is built: it reads the
+        // full-text index, and its matches can still be many.
         let _search = searcher.map(|caller| self.search_limit.try_start(&caller)).transpose()?;
         let page_size = match req.page_size {
             0 => DEFAULT_PAGE_SIZE,
@@ -275,12 +283,20 @@ impl ProductApi {
         let query = (!req.query.is_empty()).then_some(req.query.as_str());
         // One extra row tells whether another page follows.
         let listing = ListQuery { order, query, after: after.as_ref(), limit: i64::from(page_size) + 1 };
-        let crate::store::Page { mut rows, total_size } = self.store.list(&listing).await?;
+        let crate::store::Page { mut rows, scores, total_size } = self.store.list(&listing).await?;
         let more = rows.len() > page_size as usize;
         rows.truncate(page_size as usize);
         let products = rows.into_iter().map(|row| row.into_product()).collect::<Result<Vec<_>, _>>()?;
         let next_page_token = match products.last() {
-            Some(last) if more => page_token::encode(&Cursor::after(last, order), order, &req.query),
+            Some(last) if more => {
+                let cursor = match order.field {
+                    SortField::Relevance => {
+                        Cursor::after_match(last, scores.get(products.len() - 1).copied().unwrap_or_default())
+                    }
+                    _ => Cursor::after(last, order),
+                };
+                page_token::encode(&cursor, order, &req.query)
+            }
             _ => String::new(),
         };
         Ok(ListProductsResponse { products, next_page_token, total_size })

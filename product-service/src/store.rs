@@ -26,7 +26,10 @@ use storegate::{
     sqlite_reads::{ReadCounts, SqliteReads},
 };
 
-use crate::domain::{MAX_STOCK, OrderBy, Price, SortField, etag};
+use crate::{
+    domain::{MAX_STOCK, OrderBy, Price, SortField, etag},
+    search::Words,
+};
 
 /// The columns of a product row, in [`ProductRow`]'s order (the in-line
 /// SQLite reads take them by position).
@@ -112,11 +115,13 @@ struct PageRead {
     sql: String,
 }
 
-/// A row of a listing: the product, and without a query the total count.
+/// A row of a listing: the product, without a query the total count, with
+/// one the row's relevance.
 #[derive(Clone, Debug)]
 struct ListedRow {
     product: ProductRow,
     total_size: Option<i64>,
+    score: Option<f64>,
 }
 
 impl<'r, R: sqlx::Row> sqlx::FromRow<'r, R> for ListedRow
@@ -124,16 +129,28 @@ where
     ProductRow: sqlx::FromRow<'r, R>,
     usize: sqlx::ColumnIndex<R>,
     i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    f64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
 {
     fn from_row(row: &'r R) -> sqlx::Result<Self> {
-        let total_size = if row.len() > TOTAL_SIZE_COLUMN { row.try_get(TOTAL_SIZE_COLUMN)? } else { None };
-        Ok(ListedRow { product: ProductRow::from_row(row)?, total_size })
+        use sqlx::Column as _;
+        let (mut total_size, mut score) = (None, None);
+        if let Some(extra) = row.columns().get(EXTRA_COLUMN) {
+            if extra.name() == "score" {
+                score = row.try_get(EXTRA_COLUMN)?;
+            } else {
+                total_size = row.try_get(EXTRA_COLUMN)?;
+            }
+        }
+        Ok(ListedRow { product: ProductRow::from_row(row)?, total_size, score })
     }
 }
 
 /// One page of a listing and how many products the listing has in all.
 pub struct Page {
     pub rows: Vec<ProductRow>,
+    /// A search's relevance of each row (higher is better); empty without
+    /// a query.
+    pub scores: Vec<f64>,
     pub total_size: i64,
 }
 
@@ -264,7 +281,8 @@ impl Cursor {
     /// The cursor that continues after `row` in `order`.
     pub fn after(row: &Product, order: OrderBy) -> Cursor {
         let sort_value = match order.field {
-            SortField::Id => String::new(),
+            // See `Cursor::after_match`.
+            SortField::Id | SortField::Relevance => String::new(),
             SortField::Name => row.name.clone(),
             SortField::Price => row.price.clone(),
             SortField::CreateTime => {
@@ -273,12 +291,20 @@ impl Cursor {
         };
         Cursor { sort_value, id: row.id }
     }
+
+    /// The cursor that continues a relevance listing after `row`, whose
+    /// relevance was `score`. The score travels as Rust's shortest text that
+    /// parses back to the same f64, so the next page's comparison with the
+    /// engine's own value is exact.
+    pub fn after_match(row: &Product, score: f64) -> Cursor {
+        Cursor { sort_value: score.to_string(), id: row.id }
+    }
 }
 
 /// One page of a listing.
 pub struct ListQuery<'a> {
     pub order: OrderBy,
-    /// Case-insensitive substring of name or description.
+    /// Words of name or description (see `crate::search`).
     pub query: Option<&'a str>,
     pub after: Option<&'a Cursor>,
     pub limit: i64,
@@ -291,6 +317,7 @@ enum ListParam {
     Text(String),
     Time(DateTime<Utc>),
     Int(i64),
+    Float(f64),
 }
 
 impl rusqlite::ToSql for ListParam {
@@ -302,6 +329,7 @@ impl rusqlite::ToSql for ListParam {
                 ToSqlOutput::Owned(Value::Text(time.to_rfc3339_opts(SecondsFormat::AutoSi, false)))
             }
             ListParam::Int(n) => ToSqlOutput::Owned(Value::Integer(*n)),
+            ListParam::Float(x) => ToSqlOutput::Owned(Value::Real(*x)),
         })
     }
 }
@@ -315,6 +343,7 @@ macro_rules! bind_all {
                 ListParam::Text(text) => query.bind(text),
                 ListParam::Time(time) => query.bind(time),
                 ListParam::Int(n) => query.bind(n),
+                ListParam::Float(x) => query.bind(x),
             };
         }
         query
@@ -371,20 +400,6 @@ async fn read_page(
     let mut answers = vec![rows.clone(); callers.len() - 1];
     answers.push(rows);
     Ok(answers)
-}
-
-/// `%text%` for LIKE, with `!` escaping the wildcards (a character both
-/// dialects accept as ESCAPE, unlike a backslash).
-fn like_pattern(text: &str) -> String {
-    let mut pattern = String::from("%");
-    for c in text.to_lowercase().chars() {
-        if matches!(c, '!' | '%' | '_') {
-            pattern.push('!');
-        }
-        pattern.push(c);
-    }
-    pattern.push('%');
-    pattern
 }
 
 /// Inside an idempotent write's transaction `$tx`: claims the request id
@@ -454,11 +469,18 @@ pub fn default_read_connections() -> usize {
     std::thread::available_parallelism().map_or(2, |cores| cores.get().min(16))
 }
 
-/// Where an unfiltered listing's statement has its `total_size`: after the
-/// ten product columns.
-const TOTAL_SIZE_COLUMN: usize = 10;
+/// Where a listing's statement has its `total_size` (unfiltered) or its
+/// `score` (a search): after the ten product columns.
+const EXTRA_COLUMN: usize = 10;
 
-const FILTER: &str = " AND (LOWER(name) LIKE ? ESCAPE '!' OR LOWER(description) LIKE ? ESCAPE '!')";
+/// A search's `total_size` is exact up to this many matches and this number
+/// beyond (AIP-158 allows an estimate), so that counting never reads more
+/// rows than this.
+pub const SEARCH_TOTAL_CAP: i64 = 10_000;
+
+/// MySQL's relevance of a row, and its filter: `?` is `Words::mysql`. The
+/// columns are those of the FULLTEXT index (migrations/mysql/0006).
+const MYSQL_MATCH: &str = "MATCH (products.name, products.description) AGAINST (? IN BOOLEAN MODE)";
 
 impl ProductStore {
     pub async fn new(db: Db) -> Self {
@@ -666,7 +688,55 @@ impl ProductStore {
 
     /// One page of products in `q.order`, ties broken by id, continuing
     /// after `q.after` (keyset pagination: stable under concurrent inserts).
+    /// With a query, a search on the full-text index (see [`Self::search`]).
     pub async fn list(&self, q: &ListQuery<'_>) -> Result<Page, ApiError> {
+        if let Some(query) = q.query {
+            return self.search(q, &Words::of(query)).await;
+        }
+        // The total rides along in the same statement: one round trip, and
+        // the same snapshot as the page.
+        let mut sql = format!(
+            "SELECT {COLUMNS}, (SELECT CAST(SUM(products) AS SIGNED) FROM product_counts) AS total_size \
+             FROM products WHERE 1 = 1"
+        );
+        let mut params = Vec::new();
+        self.keyset(q, &mut sql, &mut params)?;
+        params.push(ListParam::Int(q.limit));
+        let rows = match &self.reads {
+            Some(Reads::Sqlite(reads)) => Self::list_inline(reads, &sql, &params),
+            Some(Reads::MySql(reads)) => {
+                let page = Arc::new(PageRead { sql, params });
+                let rows = reads.pages.read(&reads.connections, page, read_page).await?;
+                return self.page_of(rows).await;
+            }
+            None => None,
+        };
+        let rows = match rows {
+            Some(rows) => rows,
+            None => on_db!(&self.db, pool => bind_all!(sqlx::query_as(&sql), &params).fetch_all(pool).await)?,
+        };
+        self.page_of(rows).await
+    }
+
+    /// The page of these unfiltered rows, with the total they carry or else
+    /// one counted now.
+    async fn page_of(&self, rows: Vec<ListedRow>) -> Result<Page, ApiError> {
+        let total_size = match rows.first().and_then(|row| row.total_size) {
+            Some(total) => total,
+            None => self.count(None).await?,
+        };
+        Ok(Page { rows: rows.into_iter().map(|row| row.product).collect(), scores: Vec::new(), total_size })
+    }
+
+    /// Appends to a listing's `sql` the condition that continues after
+    /// `q.after` in `q.order` (a column's order, not relevance), then the
+    /// ORDER BY and LIMIT, and their parameters (but the limit's) to `params`.
+    fn keyset(
+        &self,
+        q: &ListQuery<'_>,
+        sql: &mut String,
+        params: &mut Vec<ListParam>,
+    ) -> Result<(), ApiError> {
         let (column, cmp, dir) = {
             // Qualified: in ORDER BY a bare `price` would name the CAST alias
             // of the select list (text), not the column.
@@ -675,27 +745,12 @@ impl ProductStore {
                 SortField::Name => "products.name",
                 SortField::Price => "products.price",
                 SortField::CreateTime => "products.create_time",
+                SortField::Relevance => return Err(ApiError::invalid("order_by", "relevance needs a query")),
             };
             if q.order.descending { (column, "<", "DESC") } else { (column, ">", "ASC") }
         };
-        let pattern = q.query.map(like_pattern);
-        let mut sql = if pattern.is_some() {
-            format!("SELECT {COLUMNS} FROM products WHERE 1 = 1{FILTER}")
-        } else {
-            // The total rides along in the same statement: one round trip,
-            // and the same snapshot as the page.
-            format!(
-                "SELECT {COLUMNS}, (SELECT CAST(SUM(products) AS SIGNED) FROM product_counts) AS total_size \
-                 FROM products WHERE 1 = 1"
-            )
-        };
-        let mut params = Vec::new();
-        if let Some(pattern) = pattern {
-            params.push(ListParam::Text(pattern.clone()));
-            params.push(ListParam::Text(pattern));
-        }
         let sort_param = match (q.after, q.order.field) {
-            (None, _) | (Some(_), SortField::Id) => None,
+            (None, _) | (Some(_), SortField::Id | SortField::Relevance) => None,
             (Some(after), SortField::Name) => Some(ListParam::Text(after.sort_value.clone())),
             (Some(after), SortField::Price) => Some(ListParam::Text(
                 self.price_param(
@@ -737,33 +792,82 @@ impl ProductStore {
         } else {
             sql.push_str(&format!(" ORDER BY {column} {dir}, products.id {dir} LIMIT ?"));
         }
-        params.push(ListParam::Int(q.limit));
-        // A filtered listing scans the table: too long to hold the calling
-        // thread, so only a keyset page (an index range) is read in-line.
-        let rows = match (&self.reads, q.query) {
-            (Some(Reads::Sqlite(reads)), None) => Self::list_inline(reads, &sql, &params),
-            (Some(Reads::MySql(reads)), None) => {
-                let page = Arc::new(PageRead { sql, params });
-                let rows = reads.pages.read(&reads.connections, page, read_page).await?;
-                return self.page_of(rows, q.query).await;
-            }
-            _ => None,
-        };
-        let rows = match rows {
-            Some(rows) => rows,
-            None => on_db!(&self.db, pool => bind_all!(sqlx::query_as(&sql), &params).fetch_all(pool).await)?,
-        };
-        self.page_of(rows, q.query).await
+        Ok(())
     }
 
-    /// The page of these rows, with the total they carry or else one
-    /// counted now.
-    async fn page_of(&self, rows: Vec<ListedRow>, query: Option<&str>) -> Result<Page, ApiError> {
-        let total_size = match rows.first().and_then(|row| row.total_size) {
-            Some(total) => total,
-            None => self.count(query).await?,
+    /// A page of the products whose name or description has every one of
+    /// `words` (the last as a prefix), read from the full-text index: the
+    /// matches are found in the index, so the cost grows with the matches,
+    /// not with the catalogue. Ordered by relevance (best first, ties by
+    /// id) or by a column as any listing.
+    ///
+    /// Relevance pages are a keyset on (score, id): the score of the last
+    /// row travels in the page token and the next page starts strictly
+    /// after it. Scores depend on the whole index (word frequencies), so a
+    /// write between two pages may move rows across the boundary; an offset
+    /// would shift every later row on any insert or delete before it, and
+    /// a snapshot of the matches would need server state. The keyset never
+    /// repeats a row while the index stands still, and a write only
+    /// reorders the rows whose scores it changed.
+    async fn search(&self, q: &ListQuery<'_>, words: &Words) -> Result<Page, ApiError> {
+        if words.is_empty() {
+            return Ok(Page { rows: Vec::new(), scores: Vec::new(), total_size: 0 });
+        }
+        let mysql = self.db.backend() == Backend::MySql;
+        let engine_query = ListParam::Text(if mysql { words.mysql() } else { words.fts5() });
+        let mut params = vec![engine_query.clone()];
+        // The score column, and how a condition names it. On SQLite the
+        // matches are read from the FTS5 table first (CROSS JOIN keeps
+        // that order) and each joins its product by id; bm25() is lower
+        // for better matches, so it is negated to read as MySQL's.
+        let (mut sql, score) = if mysql {
+            params.push(engine_query.clone());
+            (
+                format!("SELECT {COLUMNS}, {MYSQL_MATCH} AS score FROM products WHERE {MYSQL_MATCH}"),
+                MYSQL_MATCH,
+            )
+        } else {
+            (
+                format!(
+                    "SELECT {COLUMNS}, matches.score AS score FROM \
+                     (SELECT rowid AS match_id, -bm25(products_search) AS score FROM products_search \
+                      WHERE products_search MATCH ?) AS matches \
+                     CROSS JOIN products ON products.id = matches.match_id WHERE 1 = 1"
+                ),
+                "matches.score",
+            )
         };
-        Ok(Page { rows: rows.into_iter().map(|row| row.product).collect(), total_size })
+        let relevance = q.order.field == SortField::Relevance;
+        if relevance {
+            if let Some(after) = q.after {
+                let last: f64 = after
+                    .sort_value
+                    .parse()
+                    .ok()
+                    .filter(|x: &f64| x.is_finite())
+                    .ok_or_else(|| ApiError::invalid("page_token", "is not valid"))?;
+                sql.push_str(&format!(" AND ({score} < ? OR ({score} = ? AND products.id > ?))"));
+                if mysql {
+                    params.extend([engine_query.clone(), ListParam::Float(last), engine_query.clone()]);
+                } else {
+                    params.push(ListParam::Float(last));
+                }
+                params.extend([ListParam::Float(last), ListParam::Int(after.id)]);
+            }
+            sql.push_str(" ORDER BY score DESC, products.id ASC LIMIT ?");
+        } else {
+            self.keyset(q, &mut sql, &mut params)?;
+        }
+        params.push(ListParam::Int(q.limit));
+        let rows: Vec<ListedRow> =
+            on_db!(&self.db, pool => bind_all!(sqlx::query_as(&sql), &params).fetch_all(pool).await)?;
+        let total_size = self.count_matches(words).await?;
+        let scores = if relevance {
+            rows.iter().map(|row| row.score.unwrap_or_default()).collect()
+        } else {
+            Vec::new()
+        };
+        Ok(Page { rows: rows.into_iter().map(|row| row.product).collect(), scores, total_size })
     }
 
     /// A listing's rows read in-line, if that could be done now.
@@ -771,31 +875,54 @@ impl ProductStore {
         reads.read(|c| {
             let mut statement = c.prepare_cached(sql)?;
             // The unfiltered listing carries the total after the row.
-            let with_total = statement.column_count() > TOTAL_SIZE_COLUMN;
+            let with_total = statement.column_count() > EXTRA_COLUMN;
             let rows = statement.query_map(rusqlite::params_from_iter(params), |row| {
                 Ok(ListedRow {
                     product: inline_row(row)?,
-                    total_size: if with_total { row.get(TOTAL_SIZE_COLUMN)? } else { None },
+                    total_size: if with_total { row.get(EXTRA_COLUMN)? } else { None },
+                    score: None,
                 })
             })?;
             rows.collect()
         })
     }
 
-    /// How many products there are, or match `query`. The unfiltered
-    /// count is read from `product_counts` (16 rows, whatever the catalogue's
-    /// size); a filtered one scans like the page itself does.
+    /// How many products there are, or match `query`. The unfiltered count
+    /// is read from `product_counts` (16 rows, whatever the catalogue's
+    /// size); a search's is counted in the full-text index, exact up to
+    /// [`SEARCH_TOTAL_CAP`].
     pub async fn count(&self, query: Option<&str>) -> Result<i64, ApiError> {
-        let Some(pattern) = query.map(like_pattern) else {
-            let shards: Vec<i64> = on_db!(&self.db, pool => {
-                sqlx::query_scalar("SELECT products FROM product_counts").fetch_all(pool).await
-            })?;
-            return Ok(shards.iter().sum());
+        if let Some(query) = query {
+            return self.count_matches(&Words::of(query)).await;
+        }
+        let shards: Vec<i64> = on_db!(&self.db, pool => {
+            sqlx::query_scalar("SELECT products FROM product_counts").fetch_all(pool).await
+        })?;
+        Ok(shards.iter().sum())
+    }
+
+    /// How many products match `words`, at most [`SEARCH_TOTAL_CAP`]: the
+    /// LIMIT inside stops reading matches at the cap.
+    async fn count_matches(&self, words: &Words) -> Result<i64, ApiError> {
+        if words.is_empty() {
+            return Ok(0);
+        }
+        let (sql, engine_query) = match self.db.backend() {
+            Backend::MySql => (
+                format!(
+                    "SELECT COUNT(*) FROM (SELECT 1 FROM products WHERE {MYSQL_MATCH} LIMIT {SEARCH_TOTAL_CAP}) AS matches"
+                ),
+                words.mysql(),
+            ),
+            Backend::Sqlite => (
+                format!(
+                    "SELECT COUNT(*) FROM (SELECT 1 FROM products_search WHERE products_search MATCH ? \
+                     LIMIT {SEARCH_TOTAL_CAP})"
+                ),
+                words.fts5(),
+            ),
         };
-        let sql = format!("SELECT COUNT(*) FROM products WHERE 1 = 1{FILTER}");
-        Ok(on_db!(&self.db, pool => {
-            sqlx::query_scalar(&sql).bind(&pattern).bind(&pattern).fetch_one(pool).await
-        })?)
+        Ok(on_db!(&self.db, pool => sqlx::query_scalar(&sql).bind(&engine_query).fetch_one(pool).await)?)
     }
 
     /// Counts the products afresh into `product_counts`, for when writers
@@ -924,16 +1051,4 @@ fn parse_cursor_time(text: &str) -> Option<DateTime<Utc>> {
         return None;
     }
     DateTime::from_timestamp(seconds, nanos)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn like_patterns_escape_wildcards() {
-        assert_eq!(like_pattern("Tea"), "%tea%");
-        assert_eq!(like_pattern("50%_off!"), "%50!%!_off!!%");
-        assert_eq!(like_pattern("it's"), "%it's%");
-    }
 }
