@@ -126,8 +126,12 @@ pub struct Limits {
     pub idle_timeout_secs: u64,
 
     /// HTTP/2 PING interval on a connection; one unanswered for 20 s (or the
-    /// interval, if shorter) closes it, with its streams.
-    #[arg(long, env = "HTTP2_KEEPALIVE_INTERVAL_SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    /// interval, if shorter) closes it, with its streams. 0 (the default):
+    /// no pings. hyper's keep-alive notes every frame of the connection, which
+    /// cost a quarter of GetProduct's throughput at 64 callers on one
+    /// connection (BENCHMARKS.md); stalled calls end at REQUEST_TIMEOUT_SECS
+    /// and quiet connections at IDLE_TIMEOUT_SECS without them.
+    #[arg(long, env = "HTTP2_KEEPALIVE_INTERVAL_SECS", default_value_t = 0)]
     pub http2_keepalive_interval_secs: u64,
 }
 
@@ -144,7 +148,7 @@ impl Default for Limits {
             request_timeout_secs: 30,
             header_read_timeout_secs: 30,
             idle_timeout_secs: 300,
-            http2_keepalive_interval_secs: 60,
+            http2_keepalive_interval_secs: 0,
         }
     }
 }

@@ -310,18 +310,21 @@ struct Shared<S> {
 
 fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     let mut http = auto::Builder::new(TokioExecutor::new());
-    let keepalive = Duration::from_secs(limits.http2_keepalive_interval_secs);
+
     http.http1()
         .timer(TokioTimer::new())
         .header_read_timeout(Duration::from_secs(limits.header_read_timeout_secs))
         .max_buf_size(limits.max_header_bytes.max(8192) as usize)
         .max_headers(64);
-    http.http2()
+    let mut http2 = http.http2();
+    http2
         .timer(TokioTimer::new())
         .max_concurrent_streams(limits.max_concurrent_streams)
-        .max_header_list_size(limits.max_header_bytes)
-        .keep_alive_interval(keepalive)
-        .keep_alive_timeout(keepalive.min(Duration::from_secs(20)));
+        .max_header_list_size(limits.max_header_bytes);
+    if limits.http2_keepalive_interval_secs > 0 {
+        let keepalive = Duration::from_secs(limits.http2_keepalive_interval_secs);
+        http2.keep_alive_interval(keepalive).keep_alive_timeout(keepalive.min(Duration::from_secs(20)));
+    }
     http
 }
 
