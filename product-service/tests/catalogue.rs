@@ -8,12 +8,15 @@ use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
 use storegate::{
     Db, on_db,
     pb::product::v1::{
-        AdjustStockRequest, CreateProductRequest, DeleteProductRequest, GetProductRequest,
-        ListProductsRequest, Product, UpdateProductRequest,
+        DeleteProductRequest, GetProductRequest, ListProductsRequest, Product, UpdateProductRequest,
     },
 };
-use storegate_testkit::{Backend, TestStack, backend_tests, bearer};
+use storegate_testkit::{Backend, backend_tests, bearer};
 use tonic::Code;
+
+mod common;
+
+use common::Shop;
 
 backend_tests!(
     of_two_writers_from_one_etag_exactly_one_wins,
@@ -32,66 +35,9 @@ backend_tests!(
     connections_the_server_dropped_are_replaced_before_use,
 );
 
-struct Shop {
-    stack: TestStack,
-    token: String,
-}
-
 impl Shop {
-    async fn open(backend: Backend) -> Shop {
-        let stack = TestStack::start(backend).await;
-        let token = stack.admin_token("shopkeeper").await;
-        Shop { stack, token }
-    }
-
     async fn create(&self, name: &str, price: &str, stock: i64) -> Product {
         self.create_with_id(product(name, price, stock), "").await.expect("create")
-    }
-
-    async fn create_with_id(&self, p: Product, request_id: &str) -> Result<Product, tonic::Status> {
-        let request = CreateProductRequest { product: Some(p), request_id: request_id.into() };
-        self.stack.products().await.create_product(bearer(request, &self.token)).await.map(|r| r.into_inner())
-    }
-
-    async fn adjust(&self, id: i64, delta: i64, request_id: &str) -> Result<Product, tonic::Status> {
-        let request = AdjustStockRequest { id, delta, request_id: request_id.into() };
-        self.stack.products().await.adjust_stock(bearer(request, &self.token)).await.map(|r| r.into_inner())
-    }
-
-    async fn get(&self, id: i64) -> Product {
-        self.stack
-            .products()
-            .await
-            .get_product(bearer(GetProductRequest { id }, &self.token))
-            .await
-            .unwrap()
-            .into_inner()
-    }
-
-    async fn list(&self, request: ListProductsRequest) -> Result<(Vec<Product>, String, i64), tonic::Status> {
-        let response =
-            self.stack.products().await.list_products(bearer(request, &self.token)).await?.into_inner();
-        Ok((response.products, response.next_page_token, response.total_size))
-    }
-
-    /// Every product of a listing, page by page.
-    async fn list_all(&self, order_by: &str, query: &str, page_size: i32) -> Vec<Product> {
-        let mut all = Vec::new();
-        let mut page_token = String::new();
-        loop {
-            let request = ListProductsRequest {
-                page_size,
-                page_token: page_token.clone(),
-                order_by: order_by.into(),
-                query: query.into(),
-            };
-            let (products, next, _) = self.list(request).await.unwrap();
-            all.extend(products);
-            if next.is_empty() {
-                return all;
-            }
-            page_token = next;
-        }
     }
 }
 

@@ -10,8 +10,12 @@ use storegate::{
     on_db,
     pb::product::v1::{DeleteProductRequest, ListProductsRequest, Product, UpdateProductRequest},
 };
-use storegate_testkit::{Backend, TestStack, backend_tests, bearer};
+use storegate_testkit::{Backend, backend_tests, bearer};
 use tonic::Code;
+
+mod common;
+
+use common::Shop;
 
 backend_tests!(
     words_match_whole_words_and_the_last_as_a_prefix,
@@ -26,18 +30,7 @@ backend_tests!(
     searches_use_the_fulltext_index,
 );
 
-struct Shop {
-    stack: TestStack,
-    token: String,
-}
-
 impl Shop {
-    async fn open(backend: Backend) -> Shop {
-        let stack = TestStack::start(backend).await;
-        let token = stack.admin_token("shopkeeper").await;
-        Shop { stack, token }
-    }
-
     async fn create(&self, name: &str, description: &str, price: &str) -> Product {
         let product = Product {
             name: name.into(),
@@ -53,12 +46,6 @@ impl Shop {
         self.stack.products().await.create_product(bearer(request, &self.token)).await.unwrap().into_inner()
     }
 
-    async fn list(&self, request: ListProductsRequest) -> Result<(Vec<Product>, String, i64), tonic::Status> {
-        let response =
-            self.stack.products().await.list_products(bearer(request, &self.token)).await?.into_inner();
-        Ok((response.products, response.next_page_token, response.total_size))
-    }
-
     /// The names a search finds in one page, in order `order_by`, after
     /// checking that total_size counts them exactly.
     async fn find(&self, query: &str, order_by: &str) -> Vec<String> {
@@ -72,26 +59,6 @@ impl Shop {
         assert!(next.is_empty());
         assert_eq!(total, products.len() as i64, "total_size of {query:?} is exact");
         products.into_iter().map(|p| p.name).collect()
-    }
-
-    /// Every product of a listing, page by page.
-    async fn list_all(&self, order_by: &str, query: &str, page_size: i32) -> Vec<Product> {
-        let mut all = Vec::new();
-        let mut page_token = String::new();
-        loop {
-            let request = ListProductsRequest {
-                page_size,
-                page_token: page_token.clone(),
-                order_by: order_by.into(),
-                query: query.into(),
-            };
-            let (products, next, _) = self.list(request).await.unwrap();
-            all.extend(products);
-            if next.is_empty() {
-                return all;
-            }
-            page_token = next;
-        }
     }
 }
 
