@@ -1,7 +1,7 @@
 //! Every SQL statement of auth-service. Placeholders are `?` on both
 //! backends; each statement here runs unchanged on SQLite and MySQL.
 
-use std::sync::LazyLock;
+use std::{future::Future, sync::LazyLock};
 
 use chrono::{DateTime, Utc};
 use storegate::{
@@ -612,54 +612,78 @@ impl AuthStore {
         .await
     }
 
-    /// Counts a login attempt for `subject` unless it is locked; Err(unix
-    /// time the lock ends) when it is. See `throttle.rs`.
-    pub async fn admit_login_attempt(
-        &self,
-        subject: &[u8],
-        now_unix: i64,
-    ) -> Result<Result<(), i64>, ApiError> {
-        for _ in 0..3 {
+    /// Counts a login attempt for `subject` unless it is locked. See
+    /// `throttle.rs`.
+    pub async fn admit_login_attempt(&self, subject: &[u8], now_unix: i64) -> Result<Admission, ApiError> {
+        self.admit_counted(
+            now_unix,
             // Each statement here stands alone: a conflict reruns just it.
-            let admitted = retry_conflicts(move || async move {
-                Ok(on_db!(&self.db, pool => {
-                    sqlx::query(&ADMIT_ATTEMPT_SQL)
-                        .bind(now_unix)
-                        .bind(storegate::db::now())
+            || async move {
+                retry_conflicts(move || async move {
+                    Ok(on_db!(&self.db, pool => {
+                        sqlx::query(&ADMIT_ATTEMPT_SQL)
+                            .bind(now_unix)
+                            .bind(storegate::db::now())
+                            .bind(subject)
+                            .bind(now_unix)
+                            .execute(pool)
+                            .await
+                            .map(|r| r.rows_affected())
+                    })?)
+                })
+                .await
+            },
+            || async move {
+                let lock: Option<Option<i64>> = on_db!(&self.db, pool => {
+                    sqlx::query_scalar("SELECT locked_until FROM login_throttle WHERE subject = ?")
                         .bind(subject)
-                        .bind(now_unix)
-                        .execute(pool)
+                        .fetch_optional(pool)
                         .await
-                        .map(|r| r.rows_affected())
-                })?)
-            })
-            .await?;
-            if admitted == 1 {
-                return Ok(Ok(()));
+                })?;
+                Ok(lock.map(|until| until.filter(|until| *until > now_unix)))
+            },
+            || {
+                self.create_counter_row(
+                    "INSERT INTO login_throttle (subject, failures, updated_at) VALUES (?, 0, ?)",
+                    subject,
+                    storegate::db::now(),
+                )
+            },
+        )
+        .await
+    }
+
+    /// The loop both counters (login throttle, client quota) share: count
+    /// with one conditional UPDATE (`count`: rows it changed); when it
+    /// changed none, read why (`refusal`: no row yet, or the unix time the
+    /// refusal ends, None when it ended in between), create a missing row
+    /// (a parallel call may win that race) and count again.
+    async fn admit_counted<C, CF, R, RF, N, NF>(
+        &self,
+        now_unix: i64,
+        count: C,
+        refusal: R,
+        create_row: N,
+    ) -> Result<Admission, ApiError>
+    where
+        C: Fn() -> CF,
+        CF: Future<Output = Result<u64, ApiError>>,
+        R: Fn() -> RF,
+        RF: Future<Output = Result<Option<Option<i64>>, ApiError>>,
+        N: Fn() -> NF,
+        NF: Future<Output = Result<(), ApiError>>,
+    {
+        for _ in 0..3 {
+            if count().await? == 1 {
+                return Ok(Admission::Admitted);
             }
-            let lock: Option<Option<i64>> = on_db!(&self.db, pool => {
-                sqlx::query_scalar("SELECT locked_until FROM login_throttle WHERE subject = ?")
-                    .bind(subject)
-                    .fetch_optional(pool)
-                    .await
-            })?;
-            match lock {
-                Some(Some(until)) if until > now_unix => return Ok(Err(until)),
-                // First attempt for this name: create its row (a parallel
-                // attempt may win that race), then count again.
-                None => {
-                    self.create_counter_row(
-                        "INSERT INTO login_throttle (subject, failures, updated_at) VALUES (?, 0, ?)",
-                        subject,
-                        storegate::db::now(),
-                    )
-                    .await?
-                }
-                // The lock ended in between: count again.
-                Some(_) => {}
+            match refusal().await? {
+                Some(Some(until)) => return Ok(Admission::RefusedUntil(until)),
+                None => create_row().await?,
+                Some(None) => {}
             }
         }
-        Ok(Err(now_unix + 1))
+        Ok(Admission::RefusedUntil(now_unix + 1))
     }
 
     /// Inserts the row of a counter keyed by `subject` (`sql` binds the
@@ -708,49 +732,43 @@ impl AuthStore {
         now_unix: i64,
     ) -> Result<Admission, ApiError> {
         let window_ended = now_unix - QUOTA_WINDOW_SECS;
-        for _ in 0..3 {
-            let admitted = retry_conflicts(move || async move {
-                Ok(on_db!(&self.db, pool => {
-                    sqlx::query(ADMIT_QUOTA_SQL)
-                        .bind(window_ended)
-                        .bind(window_ended)
-                        .bind(now_unix)
+        self.admit_counted(
+            now_unix,
+            || async move {
+                retry_conflicts(move || async move {
+                    Ok(on_db!(&self.db, pool => {
+                        sqlx::query(ADMIT_QUOTA_SQL)
+                            .bind(window_ended)
+                            .bind(window_ended)
+                            .bind(now_unix)
+                            .bind(subject)
+                            .bind(window_ended)
+                            .bind(limit)
+                            .execute(pool)
+                            .await
+                            .map(|r| r.rows_affected())
+                    })?)
+                })
+                .await
+            },
+            || async move {
+                let window: Option<i64> = on_db!(&self.db, pool => {
+                    sqlx::query_scalar("SELECT window_start FROM client_quotas WHERE subject = ?")
                         .bind(subject)
-                        .bind(window_ended)
-                        .bind(limit)
-                        .execute(pool)
+                        .fetch_optional(pool)
                         .await
-                        .map(|r| r.rows_affected())
-                })?)
-            })
-            .await?;
-            if admitted == 1 {
-                return Ok(Admission::Admitted);
-            }
-            let window: Option<i64> = on_db!(&self.db, pool => {
-                sqlx::query_scalar("SELECT window_start FROM client_quotas WHERE subject = ?")
-                    .bind(subject)
-                    .fetch_optional(pool)
-                    .await
-            })?;
-            match window {
-                Some(start) if start > window_ended => {
-                    return Ok(Admission::RefusedUntil(start + QUOTA_WINDOW_SECS));
-                }
-                // The first use: create the row (a parallel call may win
-                // that race), then count again.
-                None => {
-                    self.create_counter_row(
-                        "INSERT INTO client_quotas (subject, window_start, used) VALUES (?, ?, 0)",
-                        subject,
-                        now_unix,
-                    )
-                    .await?
-                }
-                Some(_) => {}
-            }
-        }
-        Ok(Admission::RefusedUntil(now_unix + 1))
+                })?;
+                Ok(window.map(|start| (start > window_ended).then_some(start + QUOTA_WINDOW_SECS)))
+            },
+            || {
+                self.create_counter_row(
+                    "INSERT INTO client_quotas (subject, window_start, used) VALUES (?, ?, 0)",
+                    subject,
+                    now_unix,
+                )
+            },
+        )
+        .await
     }
 
     /// Gives back one use of a quota (a call that turned out not to count).

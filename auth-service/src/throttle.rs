@@ -13,7 +13,10 @@
 use sha2::{Digest as _, Sha256};
 use storegate::ApiError;
 
-use crate::{client::Client, store::AuthStore};
+use crate::{
+    client::Client,
+    store::{Admission, AuthStore},
+};
 
 /// Failures allowed before the first delay.
 pub const FREE_FAILURES: i64 = 5;
@@ -56,8 +59,8 @@ pub struct Attempt {
 /// (carrying a RetryInfo) while the name is locked.
 pub async fn admit(store: &AuthStore, subject: Vec<u8>, now_unix: i64) -> Result<Attempt, ApiError> {
     match store.admit_login_attempt(&subject, now_unix).await? {
-        Ok(()) => Ok(Attempt { subject }),
-        Err(locked_until) => Err(ApiError::ResourceExhausted {
+        Admission::Admitted => Ok(Attempt { subject }),
+        Admission::RefusedUntil(locked_until) => Err(ApiError::ResourceExhausted {
             message: THROTTLED,
             retry_after: Some(std::time::Duration::from_secs((locked_until - now_unix).max(1) as u64)),
         }),
