@@ -7,13 +7,12 @@
 //!     target/release/storegate-bench [--mysql-server-url mysql://root@127.0.0.1:3306]
 
 mod processes;
-mod runner;
 mod scenarios;
 
 use std::{path::PathBuf, time::Duration};
 
 use clap::Parser;
-use runner::{Outcome, memory_mib};
+use storegate_bench::runner::{Outcome, memory_mib};
 use storegate_testkit::Backend;
 
 const SCENARIOS: [&str; 10] =

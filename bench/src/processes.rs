@@ -12,10 +12,9 @@ use storegate_testkit::{
 };
 use tonic::transport::Channel;
 
-use crate::{
-    runner::Outcome,
-    scenarios::{Bench, Storm, storm_on},
-};
+use storegate_bench::runner::Outcome;
+
+use crate::scenarios::{Bench, Storm, storm_on};
 
 /// How long start-up may take before the run gives up on a service.
 const START_TIMEOUT: Duration = Duration::from_secs(30);

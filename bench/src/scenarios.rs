@@ -27,7 +27,7 @@ use storegate::{
 use storegate_testkit::{Backend, TestStack, bearer, totp_code_at_step};
 use tonic::{Request, Response, Status, transport::Channel};
 
-use crate::runner::{Outcome, measure};
+use storegate_bench::runner::{Outcome, measure};
 
 const SEED_PRODUCTS: i64 = 1_000;
 

@@ -7,6 +7,7 @@ pub mod config;
 pub mod domain;
 pub mod keys;
 pub mod page_token;
+pub mod plan;
 pub mod search;
 pub mod search_limit;
 pub mod service;
@@ -100,6 +101,25 @@ pub async fn recount_products(config: &ProductConfig) -> anyhow::Result<()> {
     let products = store::ProductStore::new(db.clone()).await.recount().await?;
     tracing::info!(products, "counted the products");
     db.close().await;
+    Ok(())
+}
+
+/// Prints every listing's plan (`product-service check-plans`); fails if
+/// one is not bounded by its page or its matches.
+pub async fn check_plans(config: &ProductConfig) -> anyhow::Result<()> {
+    let db = config.common.open_database().await?;
+    let checks = plan::check_all(&store::ProductStore::pool_only(db.clone())).await;
+    db.close().await;
+    let mut unbounded = 0;
+    for check in checks? {
+        let verdict = if check.bounded { "ok" } else { "SCANS" };
+        println!("{verdict:5} {}", check.listing);
+        for step in &check.plan.steps {
+            println!("        {step}");
+        }
+        unbounded += usize::from(!check.bounded);
+    }
+    anyhow::ensure!(unbounded == 0, "{unbounded} listing(s) sort instead of reading an index in order");
     Ok(())
 }
 

@@ -23,6 +23,11 @@ enum Command {
     /// Count the products afresh for ListProducts' total_size, after writes
     /// that did not keep the count (older replicas, SQL run by hand).
     RecountProducts,
+    /// Print how the database runs every listing (each order, its first
+    /// and a later page, and a search) and fail if one sorts the catalogue
+    /// instead of reading its index in order: run it after a bulk load or
+    /// a database upgrade.
+    CheckPlans,
 }
 
 #[tokio::main]
@@ -38,5 +43,6 @@ async fn main() -> anyhow::Result<()> {
             product_service::run(cli.config, listener, shutdown).await
         }
         Command::RecountProducts => product_service::recount_products(&cli.config).await,
+        Command::CheckPlans => product_service::check_plans(&cli.config).await,
     }
 }

@@ -26,6 +26,7 @@ use storegate::{
     sqlite_reads::{ReadCounts, SqliteReads},
 };
 
+use crate::plan::Plan;
 use crate::{
     domain::{MAX_STOCK, OrderBy, Price, SortField, etag},
     search::Words,
@@ -469,6 +470,10 @@ pub fn default_read_connections() -> usize {
     std::thread::available_parallelism().map_or(2, |cores| cores.get().min(16))
 }
 
+/// Most products one statement of [`ProductStore::import`] inserts: 8
+/// parameters each, well inside both databases' limits (SQLite's is 32,766).
+pub const IMPORT_BATCH: usize = 1000;
+
 /// Where a listing's statement has its `total_size` (unfiltered) or its
 /// `score` (a search): after the ten product columns.
 const EXTRA_COLUMN: usize = 10;
@@ -636,6 +641,59 @@ impl ProductStore {
         }
     }
 
+    /// Inserts `products` in one transaction, [`IMPORT_BATCH`] rows per
+    /// statement, and counts them: for loading a catalogue in bulk, where
+    /// CreateProduct's transaction per product would take an hour for a
+    /// million. No request ids: a failed import rolls back whole and is run
+    /// again. The full-text index is kept in the same transaction (InnoDB's
+    /// FULLTEXT, the FTS5 table's triggers), as for every write.
+    pub async fn import(
+        &self,
+        products: &[ProductFields],
+        user_id: Option<i64>,
+        now: DateTime<Utc>,
+    ) -> Result<(), ApiError> {
+        if products.is_empty() {
+            return Ok(());
+        }
+        retry_conflicts(move || async move {
+            on_db!(&self.db, pool => async {
+            let mut tx = pool.begin_write().await?;
+            let mut first_id = None;
+            for batch in products.chunks(IMPORT_BATCH) {
+                let mut sql = String::from(
+                    "INSERT INTO products (name, description, price, stock, version, created_by, updated_by, \
+                     create_time, update_time) VALUES ",
+                );
+                for i in 0..batch.len() {
+                    sql.push_str(if i == 0 { "(?, ?, ?, ?, 1, ?, ?, ?, ?)" } else { ", (?, ?, ?, ?, 1, ?, ?, ?, ?)" });
+                }
+                let mut insert = sqlx::query(&sql);
+                for fields in batch {
+                    insert = insert
+                        .bind(&fields.name)
+                        .bind(&fields.description)
+                        .bind(self.price_param(fields.price))
+                        .bind(fields.stock)
+                        .bind(user_id)
+                        .bind(user_id)
+                        .bind(now)
+                        .bind(now);
+                }
+                let id = insert.execute(&mut *tx).await?.insert_id();
+                first_id.get_or_insert(id);
+            }
+            // The shards only spread concurrent writers over rows; the count
+            // is their sum, so the whole import may go to one of them.
+            count_products!(tx, first_id.unwrap_or_default(), products.len() as i64);
+            tx.commit().await?;
+            Ok(())
+        }
+        .await)
+        })
+        .await
+    }
+
     /// Adds `delta` to the stock in one conditional UPDATE: concurrent
     /// adjustments serialise in the database and the stock never leaves
     /// 0..=MAX_STOCK. With a request id, claimed in the same transaction.
@@ -693,15 +751,7 @@ impl ProductStore {
         if let Some(query) = q.query {
             return self.search(q, &Words::of(query)).await;
         }
-        // The total rides along in the same statement: one round trip, and
-        // the same snapshot as the page.
-        let mut sql = format!(
-            "SELECT {COLUMNS}, (SELECT CAST(SUM(products) AS SIGNED) FROM product_counts) AS total_size \
-             FROM products WHERE 1 = 1"
-        );
-        let mut params = Vec::new();
-        self.keyset(q, &mut sql, &mut params)?;
-        params.push(ListParam::Int(q.limit));
+        let (sql, params) = self.listing_statement(q)?;
         let rows = match &self.reads {
             Some(Reads::Sqlite(reads)) => Self::list_inline(reads, &sql, &params),
             Some(Reads::MySql(reads)) => {
@@ -716,6 +766,31 @@ impl ProductStore {
             None => on_db!(&self.db, pool => bind_all!(sqlx::query_as(&sql), &params).fetch_all(pool).await)?,
         };
         self.page_of(rows).await
+    }
+
+    /// The statement of an unfiltered listing, and its parameters.
+    fn listing_statement(&self, q: &ListQuery<'_>) -> Result<(String, Vec<ListParam>), ApiError> {
+        // MySQL/MariaDB is told the order's index: until InnoDB recounts its
+        // statistics (in the background, after a tenth of the table
+        // changed, or on ANALYZE TABLE) a freshly loaded table's indexes
+        // claim 2 distinct values, and MariaDB then sorts the whole table
+        // for a page (seen on 20,000 imported products: a scan and a
+        // filesort of every row). SQLite's planner needs no statistics to
+        // read an ORDER BY … LIMIT from its index (tests/plans.rs).
+        let hint = match self.db.backend() {
+            Backend::MySql => format!(" FORCE INDEX ({})", crate::plan::index_for(q.order.field)),
+            Backend::Sqlite => String::new(),
+        };
+        // The total rides along in the same statement: one round trip, and
+        // the same snapshot as the page.
+        let mut sql = format!(
+            "SELECT {COLUMNS}, (SELECT CAST(SUM(products) AS SIGNED) FROM product_counts) AS total_size \
+             FROM products{hint} WHERE 1 = 1"
+        );
+        let mut params = Vec::new();
+        self.keyset(q, &mut sql, &mut params)?;
+        params.push(ListParam::Int(q.limit));
+        Ok((sql, params))
     }
 
     /// The page of these unfiltered rows, with the total they carry or else
@@ -813,6 +888,24 @@ impl ProductStore {
         if words.is_empty() {
             return Ok(Page { rows: Vec::new(), scores: Vec::new(), total_size: 0 });
         }
+        let (sql, params) = self.search_statement(q, words)?;
+        let rows: Vec<ListedRow> =
+            on_db!(&self.db, pool => bind_all!(sqlx::query_as(&sql), &params).fetch_all(pool).await)?;
+        let total_size = self.count_matches(words).await?;
+        let scores = if q.order.field == SortField::Relevance {
+            rows.iter().map(|row| row.score.unwrap_or_default()).collect()
+        } else {
+            Vec::new()
+        };
+        Ok(Page { rows: rows.into_iter().map(|row| row.product).collect(), scores, total_size })
+    }
+
+    /// The statement of a search for `words` (not empty), and its parameters.
+    fn search_statement(
+        &self,
+        q: &ListQuery<'_>,
+        words: &Words,
+    ) -> Result<(String, Vec<ListParam>), ApiError> {
         let mysql = self.db.backend() == Backend::MySql;
         let engine_query = ListParam::Text(if mysql { words.mysql() } else { words.fts5() });
         let mut params = vec![engine_query.clone()];
@@ -859,15 +952,39 @@ impl ProductStore {
             self.keyset(q, &mut sql, &mut params)?;
         }
         params.push(ListParam::Int(q.limit));
-        let rows: Vec<ListedRow> =
-            on_db!(&self.db, pool => bind_all!(sqlx::query_as(&sql), &params).fetch_all(pool).await)?;
-        let total_size = self.count_matches(words).await?;
-        let scores = if relevance {
-            rows.iter().map(|row| row.score.unwrap_or_default()).collect()
-        } else {
-            Vec::new()
+        Ok((sql, params))
+    }
+
+    /// How the database would run the listing `q`: what it says of the very
+    /// statement [`Self::list`] runs for it (MySQL `EXPLAIN`, SQLite
+    /// `EXPLAIN QUERY PLAN`), for `product-service check-plans` and tests.
+    pub async fn plan(&self, q: &ListQuery<'_>) -> Result<Plan, ApiError> {
+        let (sql, params) = match q.query.map(Words::of) {
+            Some(words) if words.is_empty() => {
+                return Ok(Plan {
+                    steps: vec!["no word to search for: nothing is read".into()],
+                    ..Plan::default()
+                });
+            }
+            Some(words) => self.search_statement(q, &words)?,
+            None => self.listing_statement(q)?,
         };
-        Ok(Page { rows: rows.into_iter().map(|row| row.product).collect(), scores, total_size })
+        Ok(match &self.db {
+            Db::MySql(pool) => {
+                let explain = format!("EXPLAIN {sql}");
+                let rows =
+                    bind_all!(sqlx::query(&explain), &params).persistent(false).fetch_all(pool).await?;
+                Plan::of_mysql(&rows)
+            }
+            Db::Sqlite(pool) => {
+                let explain = format!("EXPLAIN QUERY PLAN {sql}");
+                // Not cached: a prepared EXPLAIN keeps the plan it was
+                // prepared with, even after the schema changed.
+                let rows: Vec<(i64, i64, i64, String)> =
+                    bind_all!(sqlx::query_as(&explain), &params).persistent(false).fetch_all(pool).await?;
+                Plan::of_sqlite(rows.into_iter().map(|row| row.3).collect())
+            }
+        })
     }
 
     /// A listing's rows read in-line, if that could be done now.

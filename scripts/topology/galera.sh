@@ -118,9 +118,22 @@ wsrep_state() {
                                 'WSREP_CLUSTER_STATUS','WSREP_READY')" 2>/dev/null | tr '\t' ' ' || true
 }
 
+# The marker launch() writes into a node's error log before each start, so
+# that log_tail can tell this start's lines from earlier ones.
+readonly LAUNCH_MARKER='galera.sh: launching mariadbd'
+
+# What a failed start said: the error lines since the last launch (a crash
+# dump after them would otherwise hide the cause), then the last lines.
 log_tail() {
-    log "last lines of $(node_log "$1"):"
-    tail -n 30 "$(node_log "$1")" 2>/dev/null | cut -c1-300 >&2 || true
+    local f
+    f=$(node_log "$1")
+    log "errors in $f since the last launch:"
+    awk -v m="$LAUNCH_MARKER" 'index($0, m) { n = 0; delete lines; next }
+        /\[ERROR\]|WSREP.*([Ff]ail|[Ee]rror|[Aa]bort)/ { lines[n++] = $0 }
+        END { for (i = (n > 25 ? n - 25 : 0); i < n; i++) print lines[i] }' "$f" 2>/dev/null \
+        | cut -c1-300 >&2 || true
+    log "last lines of $f:"
+    tail -n 15 "$f" 2>/dev/null | cut -c1-300 >&2 || true
 }
 
 # wait_synced NODE SIZE: until the node is Synced, ready, in a Primary
@@ -308,6 +321,7 @@ launch() {
         [[ -n $pos ]] && set -- "$@" --wsrep-start-position="$pos"
     fi
     log "node $n: starting on 127.0.0.1:$(sql_port "$n") $*"
+    echo "$LAUNCH_MARKER $(date -u +%FT%TZ) $*" >>"$(node_log "$n")"
     setsid mariadbd --defaults-file="$(node_cnf "$n")" "$@" \
         </dev/null >>"$(node_log "$n")" 2>&1 &
     # mariadbd rewrites the same pid into this file once it is up, as mysql.
