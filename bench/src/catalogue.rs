@@ -45,7 +45,7 @@ use storegate_bench::{
     runner::{Outcome, measure},
     traffic::{self, Callers, ORDERS},
 };
-use storegate_testkit::{Backend, TestStack, bearer, catalogue};
+use storegate_testkit::{TestStack, bearer, catalogue};
 use tonic::transport::Channel;
 
 #[derive(Parser)]
@@ -108,11 +108,7 @@ struct Bench {
 async fn main() -> anyhow::Result<()> {
     storegate::alloc::return_freed_memory_promptly();
     let args = Args::parse();
-    let backend = match &args.mysql_server_url {
-        Some(url) => Backend::MySql(url.clone()),
-        None => Backend::Sqlite,
-    };
-    let backend_name = if args.mysql_server_url.is_some() { "MySQL" } else { "SQLite" };
+    let (backend, backend_name) = storegate_bench::backend(args.mysql_server_url.as_deref());
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut stack = TestStack::start_auth_with(backend, |auth| {
         // Every shopper signs up from this one address.
@@ -255,6 +251,8 @@ async fn seed(importer: &ProductStore, from: u64, to: u64) -> anyhow::Result<Dur
             eprintln!("  {next} products, {:.0} s", started.elapsed().as_secs_f64());
         }
     }
+    // As `product-service import` ends.
+    importer.optimize_search_index().await?;
     Ok(started.elapsed())
 }
 

@@ -13,7 +13,6 @@ use std::{path::PathBuf, time::Duration};
 
 use clap::Parser;
 use storegate_bench::runner::{Outcome, memory_mib};
-use storegate_testkit::Backend;
 
 const SCENARIOS: [&str; 10] =
     ["noop", "db-point", "db-page", "argon2", "get", "list", "create", "adjust", "login", "storm"];
@@ -64,11 +63,7 @@ fn row(outcome: &Outcome, ceiling: Option<(&str, f64)>) -> String {
 async fn main() -> anyhow::Result<()> {
     storegate::alloc::return_freed_memory_promptly();
     let args = Args::parse();
-    let backend = match &args.mysql_server_url {
-        Some(url) => Backend::MySql(url.clone()),
-        None => Backend::Sqlite,
-    };
-    let backend_name = if args.mysql_server_url.is_some() { "MySQL" } else { "SQLite" };
+    let (backend, backend_name) = storegate_bench::backend(args.mysql_server_url.as_deref());
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     eprintln!("storegate-bench on {backend_name}, {cores} cores, {} s per scenario", args.seconds);
     let (c, bench) = (args.concurrency, scenarios::Bench::start(backend).await?);

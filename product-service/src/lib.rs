@@ -5,6 +5,7 @@
 pub mod auth;
 pub mod config;
 pub mod domain;
+pub mod import;
 pub mod keys;
 pub mod page_token;
 pub mod plan;
@@ -101,6 +102,17 @@ pub async fn recount_products(config: &ProductConfig) -> anyhow::Result<()> {
     let products = store::ProductStore::new(db.clone()).await.recount().await?;
     tracing::info!(products, "counted the products");
     db.close().await;
+    Ok(())
+}
+
+/// Imports products in bulk from a JSON-lines file (`product-service
+/// import`, see [`import`]).
+pub async fn import_products(config: &ProductConfig, file: &std::path::Path) -> anyhow::Result<()> {
+    let db = config.common.open_database().await?;
+    let imported = import::run(&store::ProductStore::pool_only(db.clone()), file).await;
+    db.close().await;
+    let products = imported?;
+    tracing::info!(products, "import finished");
     Ok(())
 }
 

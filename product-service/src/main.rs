@@ -28,6 +28,14 @@ enum Command {
     /// instead of reading its index in order: run it after a bulk load or
     /// a database upgrade.
     CheckPlans,
+    /// Load products in bulk from a file of JSON lines, one product a line:
+    /// {"name": …, "description": …, "price": "9.99", "stock": 5}. The whole
+    /// file is checked first (nothing is written if a line is wrong), then
+    /// imported 10,000 products per transaction.
+    Import {
+        /// The JSON-lines file.
+        file: std::path::PathBuf,
+    },
 }
 
 #[tokio::main]
@@ -44,5 +52,6 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::RecountProducts => product_service::recount_products(&cli.config).await,
         Command::CheckPlans => product_service::check_plans(&cli.config).await,
+        Command::Import { file } => product_service::import_products(&cli.config, &file).await,
     }
 }

@@ -71,7 +71,7 @@ fn caller<T>(request: &Request<T>) -> Result<String, ApiError> {
 }
 
 /// Validates every client field at once, reporting all violations.
-fn validated_fields(product: &Product, prefix: &str) -> Result<ProductFields, ApiError> {
+pub(crate) fn validated_fields(product: &Product, prefix: &str) -> Result<ProductFields, ApiError> {
     let field = |name: &str| format!("{prefix}{name}");
     let price = Price::parse(&product.price);
     let violations: Vec<FieldViolation> = [

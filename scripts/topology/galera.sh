@@ -81,10 +81,16 @@ check_node_arg() {
 # The pid of node N's mariadbd, or nothing. The command line must name this
 # node's my.cnf, so a stale pid file whose pid was reused is not believed.
 node_pid() {
-    local pidf pid
+    local pidf pid i
     pidf=$(node_pidf "$1")
-    [[ -s $pidf ]] || return 0
-    pid=$(<"$pidf")
+    [[ -e $pidf ]] || return 0
+    # mariadbd truncates the file before it writes its pid: an empty file
+    # may be that moment, not a stopped server.
+    for i in 1 2 3 4 5 6 7 8 9 10; do
+        pid=$(<"$pidf")
+        [[ -n $pid ]] && break
+        sleep 0.05
+    done
     [[ $pid =~ ^[0-9]+$ ]] || return 0
     if [[ -r /proc/$pid/cmdline ]] && tr '\0' ' ' <"/proc/$pid/cmdline" | grep -qF -- "$(node_cnf "$1")"; then
         echo "$pid"
@@ -450,7 +456,15 @@ cmd_restart() {
     node_running "$n" || launch "$n"
     # The cluster it joins: every node that runs now, itself included.
     size=$(running_nodes | wc -l)
-    wait_synced "$n" "$size"
+    # A node that dies while joining (its log says why, above) is started
+    # once more, as systemd's Restart=on-abort would; one that is still
+    # running at the deadline is not.
+    if ! (wait_synced "$n" "$size"); then
+        node_running "$n" && die "node $n did not join in time"
+        log "node $n: exited while joining; starting it once more"
+        launch "$n"
+        wait_synced "$n" "$size"
+    fi
 }
 
 cmd_ports() {

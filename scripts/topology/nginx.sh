@@ -44,9 +44,15 @@ die() { log "error: $*"; exit 1; }
 
 # The master's pid, if it is our nginx (its command line names our config).
 nginx_pid() {
-    [[ -s $PIDFILE ]] || return 0
-    local pid
-    pid=$(<"$PIDFILE")
+    [[ -e $PIDFILE ]] || return 0
+    local pid i
+    # nginx truncates the file before it writes its pid: an empty file may
+    # be that moment, not a stopped server.
+    for i in 1 2 3 4 5 6 7 8 9 10; do
+        pid=$(<"$PIDFILE")
+        [[ -n $pid ]] && break
+        sleep 0.05
+    done
     if [[ $pid =~ ^[0-9]+$ && -r /proc/$pid/cmdline ]] \
         && tr '\0' ' ' <"/proc/$pid/cmdline" | grep -qF -- "$MAIN_CONF"; then
         echo "$pid"

@@ -323,8 +323,11 @@ impl Gateway {
             ("GATEWAY_GRPC_PORT", grpc.port().to_string()),
             ("GATEWAY_WEB_PORT", web.port().to_string()),
         ];
-        run_script("nginx.sh", &["start"], &envs)?;
-        Ok(Gateway { envs, grpc, web })
+        // Built first: if the start fails half-way, dropping it stops
+        // whatever did start.
+        let gateway = Gateway { envs, grpc, web };
+        run_script("nginx.sh", &["start"], &gateway.envs)?;
+        Ok(gateway)
     }
 }
 
