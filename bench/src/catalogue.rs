@@ -247,7 +247,7 @@ async fn seed(importer: &ProductStore, from: u64, to: u64) -> anyhow::Result<Dur
         let batch: Vec<_> = (next..end).map(catalogue::product).collect();
         importer.import(&batch, None, storegate::db::now()).await?;
         next = end;
-        if next % 100_000 == 0 {
+        if next.is_multiple_of(100_000) {
             eprintln!("  {next} products, {:.0} s", started.elapsed().as_secs_f64());
         }
     }

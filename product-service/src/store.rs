@@ -695,12 +695,10 @@ impl ProductStore {
     }
 
     /// Merges SQLite's full-text index into one segment, after a bulk
-    /// import: FTS5 adds a segment per transaction and merges only some
-    /// of them as it goes, and every search reads every segment (after
-    /// importing a million products in 100 transactions, a search for a
-    /// rare word took ~4× as long as after the merge). A write
-    /// transaction of a few seconds per million products. MySQL's FULLTEXT
-    /// keeps one index per word and needs nothing.
+    /// import: FTS5 adds segments with every transaction and merges only
+    /// some of them as it goes, and every search reads every segment. One
+    /// write transaction of a few seconds per million products. MySQL's
+    /// FULLTEXT keeps one index per word and needs nothing.
     pub async fn optimize_search_index(&self) -> Result<(), ApiError> {
         if let Db::Sqlite(pool) = &self.db {
             sqlx::query("INSERT INTO products_search (products_search) VALUES ('optimize')")
