@@ -179,7 +179,7 @@ async fn main() -> anyhow::Result<()> {
         println!("| scenario          | conc | req/s     | p50 ms  | p99 ms  | errors | vs ceiling |");
         println!("|-------------------|------|-----------|---------|---------|--------|------------|");
         for outcome in outcomes {
-            println!("{}", row(outcome, ceiling_of(outcome, outcomes)));
+            println!("{}", outcome.table_row(17, false, ceiling_of(outcome, outcomes)));
         }
         println!();
     }
@@ -221,20 +221,6 @@ fn ms(d: Duration) -> f64 {
 fn ceiling_of<'a>(outcome: &Outcome, outcomes: &'a [Outcome]) -> Option<(&'a str, f64)> {
     let ceiling = format!("store-{}", outcome.name);
     outcomes.iter().find(|o| o.name == ceiling).map(|o| (o.name.as_str(), o.rps()))
-}
-
-fn row(outcome: &Outcome, ceiling: Option<(&str, f64)>) -> String {
-    let ratio = ceiling
-        .map_or(String::new(), |(name, rps)| format!("{:>4.0}% of {name}", outcome.rps() / rps * 100.0));
-    format!(
-        "| {:<17} | {:>4} | {:>9.0} | {:>7.2} | {:>7.2} | {:>6} | {ratio} |",
-        outcome.name,
-        outcome.concurrency,
-        outcome.rps(),
-        ms(outcome.percentile(0.5)),
-        ms(outcome.percentile(0.99)),
-        outcome.errors
-    )
 }
 
 /// Grows the catalogue from `from` to `to` products by bulk import; how

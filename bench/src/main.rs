@@ -43,22 +43,6 @@ struct Args {
     json: PathBuf,
 }
 
-fn row(outcome: &Outcome, ceiling: Option<(&str, f64)>) -> String {
-    let ms = |d: Duration| format!("{:.2}", d.as_secs_f64() * 1e3);
-    let ratio = ceiling
-        .map_or(String::new(), |(name, rps)| format!("{:>5.0}% of {name}", outcome.rps() / rps * 100.0));
-    format!(
-        "| {:<10} | {:>4} | {:>9.0} | {:>7} | {:>7} | {:>7} | {:>6} | {ratio} |",
-        outcome.name,
-        outcome.concurrency,
-        outcome.rps(),
-        ms(outcome.percentile(0.5)),
-        ms(outcome.percentile(0.99)),
-        ms(outcome.percentile(0.999)),
-        outcome.errors
-    )
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     storegate::alloc::return_freed_memory_promptly();
@@ -125,7 +109,7 @@ async fn main() -> anyhow::Result<()> {
     println!("| scenario   | conc | req/s     | p50 ms  | p99 ms  | p999 ms | errors | vs ceiling |");
     println!("|------------|------|-----------|---------|---------|---------|--------|------------|");
     for (outcome, ceiling) in &table {
-        println!("{}", row(outcome, *ceiling));
+        println!("{}", outcome.table_row(10, true, *ceiling));
     }
     if let Some(storm) = &storm {
         println!("\n{}", storm.summary());

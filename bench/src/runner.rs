@@ -39,6 +39,25 @@ impl Outcome {
         self.latencies.sort_unstable();
     }
 
+    /// A Markdown table row: name (padded to `name_width`), calls in
+    /// flight, req/s, p50, p99 (and p999 with `p999`) in ms, errors, and
+    /// the share of the ceiling's req/s.
+    pub fn table_row(&self, name_width: usize, p999: bool, ceiling: Option<(&str, f64)>) -> String {
+        let ms = |p: f64| format!("{:>7.2}", self.percentile(p).as_secs_f64() * 1e3);
+        let tail = if p999 { format!(" | {}", ms(0.999)) } else { String::new() };
+        let ratio = ceiling
+            .map_or(String::new(), |(name, rps)| format!("{:>5.0}% of {name}", self.rps() / rps * 100.0));
+        format!(
+            "| {:<name_width$} | {:>4} | {:>9.0} | {} | {}{tail} | {:>6} | {ratio} |",
+            self.name,
+            self.concurrency,
+            self.rps(),
+            ms(0.5),
+            ms(0.99),
+            self.errors
+        )
+    }
+
     pub fn json(&self, ceiling: Option<(&str, f64)>) -> serde_json::Value {
         let ms = |d: Duration| (d.as_secs_f64() * 1e6).round() / 1e3;
         json!({
