@@ -88,7 +88,9 @@ impl Session {
         storegate::private_files::create_dir_all(dir)
             .with_context(|| format!("cannot create {}", dir.display()))?;
         check_private_dir(dir)?;
-        let temp = dir.join("session.json.tmp");
+        // A name of this process's own: two CLI commands saving at once (two
+        // terminals) each rename a whole file into place, the last one wins.
+        let temp = dir.join(format!("session.json.{}.tmp", std::process::id()));
         // A leftover from an interrupted save could carry other permissions.
         let _ = std::fs::remove_file(&temp);
         let mut options = std::fs::OpenOptions::new();

@@ -36,9 +36,12 @@ impl Ran {
 
 impl Cli {
     fn new(stack: &TestStack) -> Cli {
+        // Tests of this binary run at once: each needs a folder of its own.
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let config_dir = std::env::temp_dir().join(format!(
-            "storegate-cli-{}-{}",
+            "storegate-cli-{}-{}-{}",
             std::process::id(),
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
         ));
         Cli {
