@@ -2,14 +2,12 @@
 //! whole first (a wrong line anywhere writes nothing), counted, and
 //! searchable at once. Real servers, SQLite and MySQL.
 
-use product_service::{
-    ProductConfig,
-    domain::{OrderBy, SortField},
-    store::{ListQuery, ProductStore},
-};
+use product_service::{ProductConfig, store::ProductStore};
 use storegate_testkit::{Backend, TestDb, backend_tests};
 
 backend_tests!(a_file_is_imported_whole, a_wrong_line_anywhere_imports_nothing);
+
+mod common;
 
 fn file_of(lines: &[&str]) -> (tempfile_dir::Dir, std::path::PathBuf) {
     let dir = tempfile_dir::Dir::new();
@@ -59,9 +57,7 @@ async fn a_file_is_imported_whole(backend: Backend) {
     let expected = 2 + product_service::import::BATCH as i64 + 5;
     assert_eq!(store.count(None).await.unwrap(), expected);
     assert_eq!(store.recount().await.unwrap(), expected, "the kept count is the table's");
-    let order = OrderBy { field: SortField::Id, descending: false };
-    let found =
-        store.list(&ListQuery { order, query: Some("teapot"), after: None, limit: 10 }).await.unwrap();
+    let found = common::search_when_indexed(&store, &backend, "teapot", 1).await;
     let teapot = found.rows.into_iter().map(|row| row.into_product().unwrap()).collect::<Vec<_>>();
     assert_eq!(teapot.len(), 1);
     assert_eq!(

@@ -16,6 +16,8 @@ use storegate_testkit::{Backend, TestDb, backend_tests, catalogue};
 
 backend_tests!(every_listing_reads_its_index_after_a_bulk_import, an_import_is_counted_and_searchable,);
 
+mod common;
+
 /// Big enough that a plan which sorts the catalogue looks worse to the
 /// planner than one reading an index in order.
 const IMPORTED: u64 = 20_000;
@@ -71,8 +73,7 @@ async fn an_import_is_counted_and_searchable(backend: Backend) {
     let has =
         |text: &str| text.to_lowercase().split(|c: char| !c.is_alphanumeric()).any(|w| w.starts_with(&word));
     let expected = products.iter().filter(|p| has(&p.name) || has(&p.description)).count();
-    let order = OrderBy { field: SortField::Id, descending: false };
-    let page = store.list(&ListQuery { order, query: Some(&word), after: None, limit: 1000 }).await.unwrap();
+    let page = common::search_when_indexed(&store, &backend, &word, expected).await;
     assert!(expected > 0 && expected < 1000, "{word}: {expected}");
     assert_eq!(page.rows.len(), expected, "{word}");
     assert_eq!(page.total_size, expected as i64, "{word}");

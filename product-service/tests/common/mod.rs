@@ -68,3 +68,31 @@ impl Shop {
         }
     }
 }
+
+/// The first page of a search for `word` on `store` once it has `expected`
+/// rows: at once on SQLite; on MariaDB within 2 s of a bulk import, whose
+/// documents InnoDB adds to its full-text cache as the commit finishes, so
+/// that another connection's search can miss them for a moment (seen: under
+/// 100 ms, with other tests writing; README "Bulk import").
+pub async fn search_when_indexed(
+    store: &product_service::store::ProductStore,
+    backend: &Backend,
+    word: &str,
+    expected: usize,
+) -> product_service::store::Page {
+    use product_service::{
+        domain::{OrderBy, SortField},
+        store::ListQuery,
+    };
+    let order = OrderBy { field: SortField::Id, descending: false };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        let page =
+            store.list(&ListQuery { order, query: Some(word), after: None, limit: 1000 }).await.unwrap();
+        let waiting = matches!(backend, Backend::MySql(_)) && std::time::Instant::now() < deadline;
+        if page.rows.len() == expected || !waiting {
+            return page;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
