@@ -1,7 +1,9 @@
 //! Work in flight bounded twice: a few at a time per key (a caller, a
-//! client address) and a cap for the whole server. Over either bound a
-//! call is refused at once, never queued: a queue would only move the cost
-//! into waiting calls (and, under a flood, into memory).
+//! client address) and a cap for the whole server. Over a key's share a
+//! call is refused at once, never queued. At the server's cap it is refused
+//! at once too ([`KeyedLimit::try_start`]), or waits a bounded time for a
+//! place ([`KeyedLimit::start_within`]): the waiting calls are bounded by
+//! the keys' shares, each holding its key's place while it waits.
 //!
 //! Written here rather than taken from a crate: the maintained keyed
 //! limiters limit rates (`governor`), not work in flight; this is a count
@@ -11,6 +13,7 @@ use std::{
     collections::HashMap,
     hash::Hash,
     sync::{Arc, Mutex},
+    time::Duration,
 };
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -36,9 +39,15 @@ pub enum Refused {
 /// A place taken; given back when dropped (also when a call is cancelled).
 #[derive(Debug)]
 pub struct Permit<K: Eq + Hash> {
+    _key: KeyPlace<K>,
+    _total: OwnedSemaphorePermit,
+}
+
+/// A key's share taken; given back when dropped.
+#[derive(Debug)]
+struct KeyPlace<K: Eq + Hash> {
     limit: Arc<KeyedLimit<K>>,
     key: K,
-    _total: OwnedSemaphorePermit,
 }
 
 impl<K: Eq + Hash + Clone> KeyedLimit<K> {
@@ -62,7 +71,31 @@ impl<K: Eq + Hash + Clone> KeyedLimit<K> {
         // never disagree.
         let total = Arc::clone(&self.total).try_acquire_owned().map_err(|_| Refused::Total)?;
         running.insert(key.clone(), mine + 1);
-        Ok(Permit { limit: Arc::clone(self), key: key.clone(), _total: total })
+        Ok(Permit { _key: KeyPlace { limit: Arc::clone(self), key: key.clone() }, _total: total })
+    }
+
+    /// A place for `key`, waiting up to `wait` for one under the server's
+    /// cap (first come, first served); over the key's share, refused at
+    /// once.
+    pub async fn start_within(self: &Arc<Self>, key: &K, wait: Duration) -> Result<Permit<K>, Refused> {
+        match self.try_start(key) {
+            Err(Refused::Total) if !wait.is_zero() => {}
+            started => return started,
+        }
+        let place = {
+            let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+            let mine = running.get(key).copied().unwrap_or(0);
+            if mine >= self.per_key {
+                return Err(Refused::Key);
+            }
+            running.insert(key.clone(), mine + 1);
+            KeyPlace { limit: Arc::clone(self), key: key.clone() }
+        };
+        // On a timeout `place` is dropped: the key's share is given back.
+        match tokio::time::timeout(wait, Arc::clone(&self.total).acquire_owned()).await {
+            Ok(Ok(total)) => Ok(Permit { _key: place, _total: total }),
+            _ => Err(Refused::Total),
+        }
     }
 
     /// How many places `key` holds now.
@@ -71,7 +104,7 @@ impl<K: Eq + Hash + Clone> KeyedLimit<K> {
     }
 }
 
-impl<K: Eq + Hash> Drop for Permit<K> {
+impl<K: Eq + Hash> Drop for KeyPlace<K> {
     fn drop(&mut self) {
         let mut running = self.limit.running.lock().unwrap_or_else(|e| e.into_inner());
         match running.get_mut(&self.key) {
@@ -101,5 +134,29 @@ mod tests {
         assert_eq!(limit.in_flight(&"b"), 0);
         assert!(!limit.running.lock().unwrap().contains_key("b"), "no entry for a key without work");
         let _c = limit.try_start(&"c").unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_call_waits_for_the_servers_cap_but_not_for_its_keys_share() {
+        let limit = KeyedLimit::new(1, 1);
+        let a = limit.try_start(&"a").unwrap();
+        let wait = Duration::from_millis(250);
+        assert_eq!(limit.start_within(&"a", wait).await.unwrap_err(), Refused::Key, "a's share: at once");
+        // b waits for the server's one place; it is refused when none frees
+        // in time, and its share is given back.
+        let started = tokio::time::Instant::now();
+        assert_eq!(limit.start_within(&"b", wait).await.unwrap_err(), Refused::Total);
+        assert_eq!(started.elapsed(), wait);
+        assert_eq!(limit.in_flight(&"b"), 0);
+        // A place freed while b waits is b's.
+        let waiting = tokio::spawn({
+            let limit = Arc::clone(&limit);
+            async move { limit.start_within(&"b", wait).await.map(drop) }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(limit.in_flight(&"b"), 1, "b holds its share while it waits");
+        drop(a);
+        assert_eq!(waiting.await.unwrap(), Ok(()));
+        assert_eq!(limit.in_flight(&"b"), 0);
     }
 }

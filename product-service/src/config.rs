@@ -72,6 +72,12 @@ pub struct ProductConfig {
     /// searches never hold them all).
     #[arg(long, env = "SEARCH_CONCURRENCY", value_parser = clap::value_parser!(u16).range(1..))]
     pub search_concurrency: Option<u16>,
+
+    /// How long a search waits for a place when the server runs
+    /// SEARCH_CONCURRENCY of them, before RESOURCE_EXHAUSTED (0: refused
+    /// at once). A caller over its own share is always refused at once.
+    #[arg(long, env = "SEARCH_WAIT_MS", default_value_t = 250)]
+    pub search_wait_ms: u64,
 }
 
 impl ProductConfig {
@@ -100,6 +106,7 @@ impl ProductConfig {
             db_read_connections: None,
             search_concurrency_per_caller: 2,
             search_concurrency: None,
+            search_wait_ms: 250,
         }
     }
 }

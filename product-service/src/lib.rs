@@ -70,6 +70,7 @@ pub async fn run(
         let search_limit = search_limit::SearchLimit::new(
             usize::from(config.search_concurrency_per_caller),
             config.search_concurrency.map_or(pool_size / 2, usize::from),
+            Duration::from_millis(config.search_wait_ms),
         );
         let limits = &config.common.limits;
         let verifier = TokenVerifier::new(&config.common.jwt_issuer, &config.common.jwt_audience)

@@ -2,8 +2,11 @@
 //! the whole server below the pool's size. A search reads the full-text
 //! index, but its cost still grows with its matches (a one-letter prefix
 //! over many distinct words takes most of a second), so without a bound one
-//! signed-in caller could keep every pooled connection busy. A call over a
-//! limit is refused at once (RESOURCE_EXHAUSTED), never queued.
+//! signed-in caller could keep every pooled connection busy. A call over
+//! its caller's share is refused at once (RESOURCE_EXHAUSTED); at the
+//! server's cap it waits up to `SEARCH_WAIT_MS` for a place first, so that
+//! a burst of different shoppers' searches is served in turn instead of
+//! mostly refused (BENCHMARKS.md: 64 at once against a cap of 4).
 
 use std::{sync::Arc, time::Duration};
 
@@ -16,20 +19,25 @@ use storegate::{
 const RETRY_AFTER: Duration = Duration::from_secs(1);
 
 #[derive(Debug)]
-pub struct SearchLimit(Arc<KeyedLimit<String>>);
+pub struct SearchLimit {
+    running: Arc<KeyedLimit<String>>,
+    /// How long a search may wait for a place under the server's cap.
+    wait: Duration,
+}
 
 /// A running search's place; given back when dropped.
 pub type SearchPermit = Permit<String>;
 
 impl SearchLimit {
-    /// `per_caller` searches per caller and `server` in all (each at least 1).
-    pub fn new(per_caller: usize, server: usize) -> Arc<Self> {
-        Arc::new(SearchLimit(KeyedLimit::new(per_caller, server)))
+    /// `per_caller` searches per caller and `server` in all (each at least
+    /// 1); a search waits up to `wait` for a place under `server`.
+    pub fn new(per_caller: usize, server: usize, wait: Duration) -> Arc<Self> {
+        Arc::new(SearchLimit { running: KeyedLimit::new(per_caller, server), wait })
     }
 
-    /// A place for `caller`'s search now, or RESOURCE_EXHAUSTED.
-    pub fn try_start(&self, caller: &str) -> Result<SearchPermit, ApiError> {
-        self.0.try_start(&caller.to_owned()).map_err(|refused| {
+    /// A place for `caller`'s search, or RESOURCE_EXHAUSTED.
+    pub async fn start(&self, caller: &str) -> Result<SearchPermit, ApiError> {
+        self.running.start_within(&caller.to_owned(), self.wait).await.map_err(|refused| {
             let message = match refused {
                 Refused::Key => "too many searches of yours are running; wait for one to finish",
                 Refused::Total => "the server is running as many searches as it can; try again shortly",
@@ -43,13 +51,13 @@ impl SearchLimit {
 mod tests {
     use super::*;
 
-    #[test]
-    fn refusals_are_resource_exhausted_with_a_retry_delay() {
-        let limit = SearchLimit::new(1, 2);
-        let _a = limit.try_start("a").unwrap();
-        for refused in [limit.try_start("a").unwrap_err(), {
-            let _b = limit.try_start("b").unwrap();
-            limit.try_start("c").unwrap_err()
+    #[tokio::test]
+    async fn refusals_are_resource_exhausted_with_a_retry_delay() {
+        let limit = SearchLimit::new(1, 2, Duration::from_millis(10));
+        let _a = limit.start("a").await.unwrap();
+        for refused in [limit.start("a").await.unwrap_err(), {
+            let _b = limit.start("b").await.unwrap();
+            limit.start("c").await.unwrap_err()
         }] {
             assert!(
                 matches!(refused, ApiError::ResourceExhausted { retry_after: Some(RETRY_AFTER), .. }),

@@ -271,7 +271,10 @@ impl ProductApi {
         }
         // A search holds its place until its answer is built: it reads the
         // full-text index, and its matches can still be many.
-        let _search = searcher.map(|caller| self.search_limit.try_start(&caller)).transpose()?;
+        let _search = match searcher {
+            Some(caller) => Some(self.search_limit.start(&caller).await?),
+            None => None,
+        };
         let page_size = match req.page_size {
             0 => DEFAULT_PAGE_SIZE,
             n => n.min(MAX_PAGE_SIZE),
