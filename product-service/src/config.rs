@@ -78,6 +78,16 @@ pub struct ProductConfig {
     /// at once). A caller over its own share is always refused at once.
     #[arg(long, env = "SEARCH_WAIT_MS", default_value_t = 250)]
     pub search_wait_ms: u64,
+
+    /// A search the catalogue's sample estimates to match more products
+    /// than this is not run on the full-text index (whose cost is its
+    /// matches) but matched over a bounded read of the catalogue: at most
+    /// twice this many products read, by relevance the newest tenth of it
+    /// ranked. A search's total_size is exact up to this many.
+    #[arg(long, env = "SEARCH_INDEX_MAX_MATCHES",
+          default_value_t = crate::search_sample::DEFAULT_INDEX_MATCHES,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub search_index_max_matches: u32,
 }
 
 impl ProductConfig {
@@ -107,6 +117,7 @@ impl ProductConfig {
             search_concurrency_per_caller: 2,
             search_concurrency: None,
             search_wait_ms: 250,
+            search_index_max_matches: crate::search_sample::DEFAULT_INDEX_MATCHES,
         }
     }
 }

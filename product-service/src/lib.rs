@@ -11,6 +11,7 @@ pub mod page_token;
 pub mod plan;
 pub mod search;
 pub mod search_limit;
+pub mod search_sample;
 pub mod service;
 pub mod store;
 
@@ -26,6 +27,7 @@ use tokio::net::TcpListener;
 
 pub use config::ProductConfig;
 use keys::{JwksCache, KeySource};
+use search_sample::SearchBounds;
 
 /// Largest request accepted: a product with a 5000-character description
 /// fits many times over.
@@ -64,7 +66,15 @@ pub async fn run(
         // One store for the API and the sweeper: one set of read connections.
         let read_connections =
             config.db_read_connections.map_or_else(store::default_read_connections, usize::from);
-        let store = store::ProductStore::with_read_connections(db.clone(), read_connections).await;
+        let store = store::ProductStore::with_read_connections(db.clone(), read_connections)
+            .await
+            .with_search_bounds(SearchBounds::for_index_matches(config.search_index_max_matches));
+        metrics.register(
+            "product_searches",
+            "Searches answered, by path: index (the full-text engine) or broad (common words, \
+             matched over a bounded read of the catalogue)",
+            store.search_counts(),
+        );
         background.push(tokio::spawn(sweep_request_ids(store.clone())));
         let pool_size = storegate::on_db!(&db, pool => pool.options().get_max_connections()) as usize;
         let search_limit = search_limit::SearchLimit::new(

@@ -20,6 +20,9 @@
 //! than 3 characters also finds, on SQLite only, a catalogue word shorter than
 //! 3 characters (FTS5 indexes every word; InnoDB does not index those).
 
+use storegate::db::Backend;
+use unicode_normalization::{UnicodeNormalization as _, char::is_combining_mark};
+
 /// InnoDB's minimum indexed word length (`innodb_ft_min_token_size`).
 const MIN_WORD_CHARS: usize = 3;
 /// InnoDB's maximum indexed word length (`innodb_ft_max_token_size`).
@@ -72,6 +75,108 @@ impl Words {
     }
 }
 
+/// A word as both engines compare words: lowercase and without diacritics
+/// ("Crème" and "creme" are one word), for matching and counting words in
+/// Rust (see [`Terms`]).
+pub fn fold(word: &str) -> String {
+    word.chars().flat_map(char::to_lowercase).nfd().filter(|c| !is_combining_mark(*c)).collect()
+}
+
+/// Which words of a product's text an engine indexes: InnoDB only those of
+/// 3 to 84 characters, FTS5 every word.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Indexed {
+    min_chars: usize,
+}
+
+impl Indexed {
+    pub fn by(backend: Backend) -> Indexed {
+        match backend {
+            Backend::MySql => Indexed { min_chars: MIN_WORD_CHARS },
+            Backend::Sqlite => Indexed { min_chars: 1 },
+        }
+    }
+
+    /// The indexed words of a product's name and description, folded, in
+    /// the order they appear (a word as often as it appears).
+    pub fn words(self, name: &str, description: &str) -> Vec<String> {
+        [name, description]
+            .into_iter()
+            .flat_map(|text| text.split(|c: char| !(c.is_alphanumeric() || c == '_')))
+            .filter(|w| (self.min_chars..=MAX_WORD_CHARS).contains(&w.chars().count()))
+            .map(fold)
+            .collect()
+    }
+}
+
+/// One folded word of a query.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Term {
+    /// A whole word.
+    Word(String),
+    /// The last word as typed: any word that begins with it.
+    Prefix(String),
+}
+
+impl Term {
+    pub fn matches(&self, word: &str) -> bool {
+        match self {
+            Term::Word(term) => word == term,
+            Term::Prefix(term) => word.starts_with(term.as_str()),
+        }
+    }
+}
+
+/// The words of a query folded, to be found in products' text by Rust
+/// rather than by an engine (a search of common words, see
+/// `store::broad`). The same semantics as the engines' queries of
+/// [`Words`]: every term must be found, the last one as a prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Terms(Vec<Term>);
+
+impl Terms {
+    pub fn of(words: &Words) -> Terms {
+        let Some((last, rest)) = words.0.split_last() else { return Terms(Vec::new()) };
+        let mut terms: Vec<Term> = rest.iter().map(|w| Term::Word(fold(w))).collect();
+        terms.push(Term::Prefix(fold(last)));
+        Terms(terms)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Term> {
+        self.0.iter()
+    }
+
+    /// How often each term occurs in `words` (a product's indexed words),
+    /// if every one of them does.
+    pub fn hits(&self, words: &[String]) -> Option<Vec<u32>> {
+        let hits: Vec<u32> =
+            self.0.iter().map(|term| words.iter().filter(|w| term.matches(w)).count() as u32).collect();
+        (!self.0.is_empty() && hits.iter().all(|&n| n > 0)).then_some(hits)
+    }
+}
+
+/// Okapi BM25 of a product whose `words` words hold each term `hits[i]`
+/// times, a term's weight `idfs[i]`, where products average `average_words`
+/// words: the ranking FTS5's bm25() computes, with its constants.
+pub fn bm25(hits: &[u32], idfs: &[f64], words: usize, average_words: f64) -> f64 {
+    const K1: f64 = 1.2;
+    const B: f64 = 0.75;
+    let length = 1.0 - B + B * words as f64 / average_words.max(1.0);
+    hits.iter()
+        .zip(idfs)
+        .map(|(&hits, idf)| {
+            let hits = f64::from(hits);
+            idf * hits * (K1 + 1.0) / (hits + K1 * length)
+        })
+        .sum()
+}
+
+/// A term's weight when `with` of `of` products have it: BM25's idf, never
+/// negative.
+pub fn idf(with: f64, of: f64) -> f64 {
+    (1.0 + (of - with + 0.5) / (with + 0.5)).ln()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -102,5 +207,36 @@ mod tests {
         assert_eq!(Words::of(&"z".repeat(85)).mysql(), "");
         assert_eq!(Words::of("café crème").fts5(), r#""café" "crème"*"#);
         assert_eq!(Words::of("cup_small o'brien").mysql(), "+cup_small +brien* brien");
+    }
+
+    #[test]
+    fn terms_fold_case_and_accents_as_the_engines_do() {
+        assert_eq!(fold("Crème"), "creme");
+        assert_eq!(fold("ÇAFÉ_Ü"), "cafe_u");
+        let terms = Terms::of(&Words::of("Cast IRON té"));
+        assert_eq!(
+            terms.iter().cloned().collect::<Vec<_>>(),
+            [Term::Word("cast".into()), Term::Word("iron".into()), Term::Prefix("te".into())]
+        );
+        let words = Indexed::by(Backend::Sqlite).words("Cast iron Teapot", "iron, cast; tea for two");
+        assert_eq!(terms.hits(&words), Some(vec![2, 2, 2]));
+        assert_eq!(terms.hits(&Indexed::by(Backend::Sqlite).words("Cast teapot", "")), None);
+    }
+
+    #[test]
+    fn innodb_leaves_short_words_out_of_its_index() {
+        let terms = Terms::of(&Words::of("xl"));
+        assert_eq!(terms.hits(&Indexed::by(Backend::Sqlite).words("Mug XL", "")), Some(vec![1]));
+        assert_eq!(terms.hits(&Indexed::by(Backend::MySql).words("Mug XL", "")), None);
+        assert_eq!(terms.hits(&Indexed::by(Backend::MySql).words("Mug XLarge", "")), Some(vec![1]));
+    }
+
+    #[test]
+    fn bm25_ranks_more_hits_and_shorter_texts_first() {
+        let idfs = [idf(10.0, 1000.0)];
+        assert!(bm25(&[2], &idfs, 10, 10.0) > bm25(&[1], &idfs, 10, 10.0));
+        assert!(bm25(&[1], &idfs, 5, 10.0) > bm25(&[1], &idfs, 20, 10.0));
+        assert!(idf(10.0, 1000.0) > idf(900.0, 1000.0));
+        assert!(idf(1000.0, 1000.0) > 0.0);
     }
 }

@@ -286,20 +286,24 @@ impl ProductApi {
         let query = (!req.query.is_empty()).then_some(req.query.as_str());
         // One extra row tells whether another page follows.
         let listing = ListQuery { order, query, after: after.as_ref(), limit: i64::from(page_size) + 1 };
-        let crate::store::Page { mut rows, scores, total_size } = self.store.list(&listing).await?;
+        let crate::store::Page { mut rows, scores, total_size, broad, resume } =
+            self.store.list(&listing).await?;
         let more = rows.len() > page_size as usize;
         rows.truncate(page_size as usize);
         let products = rows.into_iter().map(|row| row.into_product()).collect::<Result<Vec<_>, _>>()?;
-        let next_page_token = match products.last() {
-            Some(last) if more => {
+        let next_page_token = match (products.last(), resume) {
+            (Some(last), _) if more => {
                 let cursor = match order.field {
                     SortField::Relevance => {
-                        Cursor::after_match(last, scores.get(products.len() - 1).copied().unwrap_or_default())
+                        let score = scores.get(products.len() - 1).copied().unwrap_or_default();
+                        Cursor::after_match(last, score, broad)
                     }
                     _ => Cursor::after(last, order),
                 };
                 page_token::encode(&cursor, order, &req.query)
             }
+            // A short page of a search that stopped at its bound on rows read.
+            (_, Some(resume)) => page_token::encode(&resume, order, &req.query),
             _ => String::new(),
         };
         Ok(ListProductsResponse { products, next_page_token, total_size })

@@ -29,8 +29,13 @@ use storegate::{
 use crate::{
     domain::{MAX_STOCK, OrderBy, Price, SortField, etag},
     plan::Plan,
-    search::Words,
+    search::{Terms, Words},
+    search_sample::SearchBounds,
 };
+
+mod broad;
+use broad::Searches;
+pub use broad::{BROAD_CURSOR, SearchCounts, SearchLabels};
 
 /// The columns of a product row, in [`ProductRow`]'s order (the in-line
 /// SQLite reads take them by position).
@@ -83,6 +88,8 @@ pub struct ProductStore {
     db: Db,
     /// How gets and keyset pages are read; `None`: through the pool.
     reads: Option<Reads>,
+    /// What searches know of the catalogue's words, and their bounds.
+    searches: Arc<Searches>,
 }
 
 /// The hot reads' own path on each backend.
@@ -147,12 +154,20 @@ where
 }
 
 /// One page of a listing and how many products the listing has in all.
+#[derive(Default)]
 pub struct Page {
     pub rows: Vec<ProductRow>,
     /// A search's relevance of each row (higher is better); empty without
     /// a query.
     pub scores: Vec<f64>,
     pub total_size: i64,
+    /// Matched in Rust over a bounded read (a search of common words, see
+    /// `store::broad`), not by the full-text engine.
+    pub broad: bool,
+    /// Where the listing goes on when this page has fewer rows than asked
+    /// but the listing may have more: a broad search stopped at its bound
+    /// on rows read.
+    pub resume: Option<Cursor>,
 }
 
 /// A product as stored.
@@ -296,9 +311,11 @@ impl Cursor {
     /// The cursor that continues a relevance listing after `row`, whose
     /// relevance was `score`. The score travels as Rust's shortest text that
     /// parses back to the same f64, so the next page's comparison with the
-    /// engine's own value is exact.
-    pub fn after_match(row: &Product, score: f64) -> Cursor {
-        Cursor { sort_value: score.to_string(), id: row.id }
+    /// engine's own value is exact; a broad search's (`store::broad`) is
+    /// marked, as its next page must be one too.
+    pub fn after_match(row: &Product, score: f64, broad: bool) -> Cursor {
+        let mark = if broad { BROAD_CURSOR } else { "" };
+        Cursor { sort_value: format!("{mark}{score}"), id: row.id }
     }
 }
 
@@ -478,11 +495,6 @@ pub const IMPORT_BATCH: usize = 1000;
 /// `score` (a search): after the ten product columns.
 const EXTRA_COLUMN: usize = 10;
 
-/// A search's `total_size` is exact up to this many matches and this number
-/// beyond (AIP-158 allows an estimate), so that counting never reads more
-/// rows than this.
-pub const SEARCH_TOTAL_CAP: i64 = 10_000;
-
 /// MySQL's relevance of a row, and its filter: `?` is `Words::mysql`. The
 /// columns are those of the FULLTEXT index (migrations/mysql/0006).
 const MYSQL_MATCH: &str = "MATCH (products.name, products.description) AGAINST (? IN BOOLEAN MODE)";
@@ -507,13 +519,20 @@ impl ProductStore {
                 pages: SharedReads::new(Sharing { up_to: usize::MAX, joins: |a, b| a == b }),
             }))),
         };
-        ProductStore { db, reads }
+        ProductStore { db, reads, searches: Arc::default() }
+    }
+
+    /// This store with other bounds on a search's cost (tests bound small
+    /// catalogues as a large one is bounded).
+    pub fn with_search_bounds(mut self, bounds: SearchBounds) -> Self {
+        self.searches = Arc::new(Searches::new(bounds));
+        self
     }
 
     /// A store that reads only through the pool, also on SQLite: the
     /// reference the in-line reads are tested against.
     pub fn pool_only(db: Db) -> Self {
-        ProductStore { db, reads: None }
+        ProductStore { db, reads: None, searches: Arc::default() }
     }
 
     /// On SQLite, how many reads were done in-line and how many gave way.
@@ -644,8 +663,8 @@ impl ProductStore {
     /// Inserts `products` in one transaction, [`IMPORT_BATCH`] rows per
     /// statement, and counts them: for loading a catalogue in bulk, a
     /// million products in under 90 s here, where CreateProduct's
-    /// transaction per product takes 6 to 14 minutes (BENCHMARKS.md). No request ids: a failed import rolls back whole and is run
-    /// again. The full-text index is kept in the same transaction (InnoDB's
+    /// transaction per product takes 6 to 14 minutes (BENCHMARKS.md). No request ids: a failed import rolls
+    /// back whole and is run again. The full-text index is kept in the same transaction (InnoDB's
     /// FULLTEXT, the FTS5 table's triggers), as for every write.
     pub async fn import(
         &self,
@@ -656,6 +675,8 @@ impl ProductStore {
         if products.is_empty() {
             return Ok(());
         }
+        // What searches know of the catalogue's words may change wholly.
+        self.forget_search_sample();
         retry_conflicts(move || async move {
             on_db!(&self.db, pool => async {
             let mut tx = pool.begin_write().await?;
@@ -765,21 +786,25 @@ impl ProductStore {
         if let Some(query) = q.query {
             return self.search(q, &Words::of(query)).await;
         }
+        let rows = self.listed_rows(q).await?;
+        self.page_of(rows).await
+    }
+
+    /// The rows of the unfiltered listing `q`, read on the hot reads' path.
+    async fn listed_rows(&self, q: &ListQuery<'_>) -> Result<Vec<ListedRow>, ApiError> {
         let (sql, params) = self.listing_statement(q)?;
         let rows = match &self.reads {
             Some(Reads::Sqlite(reads)) => Self::list_inline(reads, &sql, &params),
             Some(Reads::MySql(reads)) => {
                 let page = Arc::new(PageRead { sql, params });
-                let rows = reads.pages.read(&reads.connections, page, read_page).await?;
-                return self.page_of(rows).await;
+                return Ok(reads.pages.read(&reads.connections, page, read_page).await?);
             }
             None => None,
         };
-        let rows = match rows {
+        Ok(match rows {
             Some(rows) => rows,
             None => on_db!(&self.db, pool => bind_all!(sqlx::query_as(&sql), &params).fetch_all(pool).await)?,
-        };
-        self.page_of(rows).await
+        })
     }
 
     /// The statement of an unfiltered listing, and its parameters.
@@ -814,7 +839,7 @@ impl ProductStore {
             Some(total) => total,
             None => self.count(None).await?,
         };
-        Ok(Page { rows: rows.into_iter().map(|row| row.product).collect(), scores: Vec::new(), total_size })
+        Ok(Page { rows: rows.into_iter().map(|row| row.product).collect(), total_size, ..Page::default() })
     }
 
     /// Appends to a listing's `sql` the condition that continues after
@@ -898,9 +923,31 @@ impl ProductStore {
     /// a snapshot of the matches would need server state. The keyset never
     /// repeats a row while the index stands still, and a write only
     /// reorders the rows whose scores it changed.
+    ///
+    /// A search the catalogue's sample says matches more than
+    /// [`SearchBounds::exact_up_to`] products is not given to the engine,
+    /// whose cost is its matches, but matched in Rust over a bounded read
+    /// ([`Self::broad_search`]).
     async fn search(&self, q: &ListQuery<'_>, words: &Words) -> Result<Page, ApiError> {
         if words.is_empty() {
-            return Ok(Page { rows: Vec::new(), scores: Vec::new(), total_size: 0 });
+            return Ok(Page::default());
+        }
+        let terms = Terms::of(words);
+        let sample = self.search_sample().await?;
+        let estimate = sample.estimate(&terms);
+        // A relevance listing goes on as it began: the two rank differently.
+        let broad = match q.after {
+            Some(after) if q.order.field == SortField::Relevance => {
+                after.sort_value.starts_with(BROAD_CURSOR)
+            }
+            _ => {
+                sample.catalogue > self.searches.bounds.exact_up_to
+                    && estimate > self.searches.bounds.exact_up_to
+            }
+        };
+        self.searches.count(broad);
+        if broad {
+            return self.broad_search(q, &terms, &sample, estimate).await;
         }
         let (sql, params) = self.search_statement(q, words)?;
         let rows: Vec<ListedRow> =
@@ -911,7 +958,12 @@ impl ProductStore {
         } else {
             Vec::new()
         };
-        Ok(Page { rows: rows.into_iter().map(|row| row.product).collect(), scores, total_size })
+        Ok(Page {
+            rows: rows.into_iter().map(|row| row.product).collect(),
+            scores,
+            total_size,
+            ..Page::default()
+        })
     }
 
     /// The statement of a search for `words` (not empty), and its parameters.
@@ -1058,7 +1110,7 @@ impl ProductStore {
     /// How many products there are, or match `query`. The unfiltered count
     /// is read from `product_counts` (16 rows, whatever the catalogue's
     /// size); a search's is counted in the full-text index, exact up to
-    /// [`SEARCH_TOTAL_CAP`].
+    /// [`SearchBounds::exact_up_to`].
     pub async fn count(&self, query: Option<&str>) -> Result<i64, ApiError> {
         if let Some(query) = query {
             return self.count_matches(&Words::of(query)).await;
@@ -1069,8 +1121,10 @@ impl ProductStore {
         Ok(shards.iter().sum())
     }
 
-    /// How many products match `words`, at most [`SEARCH_TOTAL_CAP`]: the
-    /// LIMIT inside stops reading matches at the cap.
+    /// How many products match `words`, at most
+    /// [`SearchBounds::exact_up_to`]: FTS5 stops reading matches at the
+    /// LIMIT inside; InnoDB finds all matches first, which is why a search
+    /// estimated to match more is not run on the index at all.
     async fn count_matches(&self, words: &Words) -> Result<i64, ApiError> {
         if words.is_empty() {
             return Ok(0);
@@ -1078,19 +1132,21 @@ impl ProductStore {
         let (sql, engine_query) = match self.db.backend() {
             Backend::MySql => (
                 format!(
-                    "SELECT COUNT(*) FROM (SELECT 1 FROM products WHERE {MYSQL_MATCH} LIMIT {SEARCH_TOTAL_CAP}) AS matches"
+                    "SELECT COUNT(*) FROM (SELECT 1 FROM products WHERE {MYSQL_MATCH} LIMIT ?) AS matches"
                 ),
                 words.mysql(),
             ),
             Backend::Sqlite => (
                 format!(
                     "SELECT COUNT(*) FROM (SELECT 1 FROM products_search WHERE products_search MATCH ? \
-                     LIMIT {SEARCH_TOTAL_CAP})"
+                     LIMIT ?)"
                 ),
                 words.fts5(),
             ),
         };
-        Ok(on_db!(&self.db, pool => sqlx::query_scalar(&sql).bind(&engine_query).fetch_one(pool).await)?)
+        Ok(on_db!(&self.db, pool => {
+            sqlx::query_scalar(&sql).bind(&engine_query).bind(self.searches.bounds.exact_up_to).fetch_one(pool).await
+        })?)
     }
 
     /// Counts the products afresh into `product_counts`, for when writers

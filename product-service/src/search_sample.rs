@@ -1,0 +1,199 @@
+//! How many products a search would match, known before it is run: the
+//! words of a few thousand products read from across the catalogue.
+//!
+//! A full-text engine's cost is its matches: InnoDB computes and ranks the
+//! whole match set of a `MATCH … AGAINST` whatever the LIMIT (3.2 s for a
+//! word in most of a million products), and neither engine can say how
+//! many a query matches without finding them. The sample can: a query that
+//! matches 1% of the sampled products matches about 1% of the catalogue.
+//! A search the sample says is broad (more than [`SearchBounds::exact_up_to`]
+//! matches) is not given to the engine but read as a listing and matched
+//! in Rust (`store::broad`), at a cost bounded whatever the catalogue's size.
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    ops::Bound,
+    time::{Duration, Instant},
+};
+
+use crate::search::{Indexed, Term, Terms, idf};
+
+/// What bounds one search's cost.
+#[derive(Debug, Clone, Copy)]
+pub struct SearchBounds {
+    /// A search estimated to match at most this many products is run by the
+    /// full-text engine, and its `total_size` is exact up to this many;
+    /// beyond, it is matched in Rust and its `total_size` is the estimate.
+    pub exact_up_to: i64,
+    /// Products the estimate is made from.
+    pub sample_size: usize,
+    /// How long a sample is used before a search takes a new one.
+    pub refresh: Duration,
+    /// Most products one broad search reads.
+    pub rows_read: usize,
+    /// A broad search by relevance ranks the newest this many matches.
+    pub ranked_matches: usize,
+}
+
+impl SearchBounds {
+    /// The bounds of a service whose searches may have the engine find
+    /// `matches` products (SEARCH_INDEX_MAX_MATCHES): a broad search reads
+    /// at most twice that many and ranks a tenth of it.
+    pub fn for_index_matches(matches: u32) -> SearchBounds {
+        let matches = matches.max(1) as usize;
+        SearchBounds {
+            exact_up_to: matches as i64,
+            // A word in 1% of products (10,000 of a million, the default
+            // bound) is expected in 50 sampled ones: the estimate is then
+            // within about 30% (two standard deviations).
+            sample_size: 5_000,
+            refresh: Duration::from_secs(60),
+            rows_read: 2 * matches,
+            ranked_matches: (matches / 10).max(1),
+        }
+    }
+}
+
+impl Default for SearchBounds {
+    fn default() -> Self {
+        SearchBounds::for_index_matches(DEFAULT_INDEX_MATCHES)
+    }
+}
+
+/// SEARCH_INDEX_MAX_MATCHES unless configured.
+pub const DEFAULT_INDEX_MATCHES: u32 = 10_000;
+
+/// Sampled products' words, indexed.
+#[derive(Debug)]
+pub struct Sample {
+    /// The catalogue's size when the sample was taken.
+    pub catalogue: i64,
+    /// Products sampled.
+    products: u32,
+    /// Each word and the sampled products that have it, ascending.
+    postings: BTreeMap<String, Vec<u32>>,
+    /// Indexed words per sampled product, on average.
+    pub average_words: f64,
+    pub taken: Instant,
+}
+
+impl Sample {
+    /// The sample of these products' (name, description) from a catalogue
+    /// of `catalogue` products.
+    pub fn of<'a>(
+        catalogue: i64,
+        texts: impl IntoIterator<Item = (&'a str, &'a str)>,
+        indexed: Indexed,
+    ) -> Sample {
+        let mut postings = BTreeMap::<String, Vec<u32>>::new();
+        let (mut products, mut words_in_all) = (0u32, 0usize);
+        for (name, description) in texts {
+            let words = indexed.words(name, description);
+            words_in_all += words.len();
+            for word in words.into_iter().collect::<HashSet<_>>() {
+                postings.entry(word).or_default().push(products);
+            }
+            products += 1;
+        }
+        let average_words = if products == 0 { 1.0 } else { words_in_all as f64 / f64::from(products) };
+        Sample { catalogue, products, postings, average_words, taken: Instant::now() }
+    }
+
+    /// The sampled products with `term`, ascending.
+    fn having(&self, term: &Term) -> Vec<u32> {
+        match term {
+            Term::Word(word) => self.postings.get(word).cloned().unwrap_or_default(),
+            Term::Prefix(prefix) => {
+                let mut having: Vec<u32> = self
+                    .postings
+                    .range::<str, _>((Bound::Included(prefix.as_str()), Bound::Unbounded))
+                    .take_while(|(word, _)| word.starts_with(prefix.as_str()))
+                    .flat_map(|(_, products)| products.iter().copied())
+                    .collect();
+                having.sort_unstable();
+                having.dedup();
+                having
+            }
+        }
+    }
+
+    /// About how many products of the catalogue have every term.
+    pub fn estimate(&self, terms: &Terms) -> i64 {
+        let mut matching: Option<Vec<u32>> = None;
+        for term in terms.iter() {
+            let having = self.having(term);
+            matching = Some(match matching {
+                None => having,
+                Some(so_far) => {
+                    let having: HashSet<u32> = having.into_iter().collect();
+                    so_far.into_iter().filter(|p| having.contains(p)).collect()
+                }
+            });
+            if matching.as_ref().is_some_and(Vec::is_empty) {
+                break;
+            }
+        }
+        let matching = matching.map_or(0, |m| m.len());
+        if self.products == 0 {
+            return 0;
+        }
+        (matching as f64 / f64::from(self.products) * self.catalogue as f64).round() as i64
+    }
+
+    /// Each term's BM25 weight, from how many sampled products have it.
+    pub fn idfs(&self, terms: &Terms) -> Vec<f64> {
+        terms.iter().map(|term| idf(self.having(term).len() as f64, f64::from(self.products))).collect()
+    }
+
+    pub fn is_stale(&self, bounds: &SearchBounds) -> bool {
+        self.taken.elapsed() >= bounds.refresh
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use storegate::db::Backend;
+
+    use super::*;
+    use crate::search::Words;
+
+    fn sample(catalogue: i64) -> Sample {
+        let texts: Vec<(String, String)> = (0..100)
+            .map(|i| {
+                let name = if i % 10 == 0 { "Cast iron teapot" } else { "Oak table" };
+                (name.to_owned(), format!("with care, model M{i}"))
+            })
+            .collect();
+        Sample::of(
+            catalogue,
+            texts.iter().map(|(n, d)| (n.as_str(), d.as_str())),
+            Indexed::by(Backend::Sqlite),
+        )
+    }
+
+    #[test]
+    fn estimates_scale_the_sampled_share_to_the_catalogue() {
+        let sample = sample(1_000_000);
+        let estimate = |query: &str| sample.estimate(&Terms::of(&Words::of(query)));
+        assert_eq!(estimate("with"), 1_000_000);
+        assert_eq!(estimate("teapot"), 100_000);
+        assert_eq!(estimate("iron tea"), 100_000, "the last word as a prefix");
+        assert_eq!(estimate("oak teapot"), 0, "every word");
+        assert_eq!(estimate("m1"), 110_000, "M1 and M10..M19");
+        assert_eq!(estimate("nothing"), 0);
+        assert!((sample.average_words - 6.1).abs() < 1e-9, "{}", sample.average_words);
+    }
+
+    #[test]
+    fn rarer_terms_weigh_more() {
+        let sample = sample(1000);
+        let idfs = sample.idfs(&Terms::of(&Words::of("with teapot m42")));
+        assert!(idfs[0] < idfs[1] && idfs[1] < idfs[2], "{idfs:?}");
+    }
+
+    #[test]
+    fn an_empty_catalogue_matches_nothing() {
+        let sample = Sample::of(0, [], Indexed::by(Backend::MySql));
+        assert_eq!(sample.estimate(&Terms::of(&Words::of("tea"))), 0);
+    }
+}
