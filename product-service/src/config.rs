@@ -82,7 +82,7 @@ pub struct ProductConfig {
     /// A search the catalogue's sample estimates to match more products
     /// than this is not run on the full-text index (whose cost is its
     /// matches) but matched over a bounded read of the catalogue: at most
-    /// twice this many products read, by relevance the newest tenth of it
+    /// twice this many products read, by relevance the newest fiftieth of it
     /// ranked. A search's total_size is exact up to this many.
     #[arg(long, env = "SEARCH_INDEX_MAX_MATCHES",
           default_value_t = crate::search_sample::DEFAULT_INDEX_MATCHES,

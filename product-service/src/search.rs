@@ -79,6 +79,9 @@ impl Words {
 /// ("Crème" and "creme" are one word), for matching and counting words in
 /// Rust (see [`Terms`]).
 pub fn fold(word: &str) -> String {
+    if word.is_ascii() {
+        return word.to_ascii_lowercase();
+    }
     word.chars().flat_map(char::to_lowercase).nfd().filter(|c| !is_combining_mark(*c)).collect()
 }
 
@@ -100,12 +103,18 @@ impl Indexed {
     /// The indexed words of a product's name and description, folded, in
     /// the order they appear (a word as often as it appears).
     pub fn words(self, name: &str, description: &str) -> Vec<String> {
+        self.unfolded(name, description).map(fold).collect()
+    }
+
+    /// The indexed words as they are written.
+    fn unfolded<'a>(self, name: &'a str, description: &'a str) -> impl Iterator<Item = &'a str> {
         [name, description]
             .into_iter()
             .flat_map(|text| text.split(|c: char| !(c.is_alphanumeric() || c == '_')))
-            .filter(|w| (self.min_chars..=MAX_WORD_CHARS).contains(&w.chars().count()))
-            .map(fold)
-            .collect()
+            .filter(move |w| {
+                let chars = if w.is_ascii() { w.len() } else { w.chars().count() };
+                (self.min_chars..=MAX_WORD_CHARS).contains(&chars)
+            })
     }
 }
 
@@ -119,10 +128,27 @@ pub enum Term {
 }
 
 impl Term {
+    /// Whether this term finds `word`, folded.
     pub fn matches(&self, word: &str) -> bool {
         match self {
             Term::Word(term) => word == term,
             Term::Prefix(term) => word.starts_with(term.as_str()),
+        }
+    }
+
+    /// Whether this term finds `word`, an ASCII word as written: folding it
+    /// is lowercasing it, done here without a copy.
+    fn matches_ascii(&self, word: &str) -> bool {
+        let (term, word) = (self.text().as_bytes(), word.as_bytes());
+        match self {
+            Term::Word(_) => word.eq_ignore_ascii_case(term),
+            Term::Prefix(_) => word.len() >= term.len() && word[..term.len()].eq_ignore_ascii_case(term),
+        }
+    }
+
+    fn text(&self) -> &str {
+        match self {
+            Term::Word(text) | Term::Prefix(text) => text,
         }
     }
 }
@@ -146,12 +172,27 @@ impl Terms {
         self.0.iter()
     }
 
-    /// How often each term occurs in `words` (a product's indexed words),
-    /// if every one of them does.
-    pub fn hits(&self, words: &[String]) -> Option<Vec<u32>> {
-        let hits: Vec<u32> =
-            self.0.iter().map(|term| words.iter().filter(|w| term.matches(w)).count() as u32).collect();
-        (!self.0.is_empty() && hits.iter().all(|&n| n > 0)).then_some(hits)
+    /// How often each term occurs among the `indexed` words of a product's
+    /// name and description, if every one of them does, and how many
+    /// indexed words they have. (Called for every product a broad search
+    /// reads: only words with other than ASCII letters are copied to fold.)
+    pub fn hits(&self, indexed: Indexed, name: &str, description: &str) -> Option<(Vec<u32>, usize)> {
+        let mut hits = vec![0u32; self.0.len()];
+        let mut words = 0;
+        for word in indexed.unfolded(name, description) {
+            words += 1;
+            if word.is_ascii() {
+                for (term, hits) in self.0.iter().zip(&mut hits) {
+                    *hits += u32::from(term.matches_ascii(word));
+                }
+            } else {
+                let word = fold(word);
+                for (term, hits) in self.0.iter().zip(&mut hits) {
+                    *hits += u32::from(term.matches(&word));
+                }
+            }
+        }
+        (!self.0.is_empty() && hits.iter().all(|&n| n > 0)).then_some((hits, words))
     }
 }
 
@@ -218,17 +259,26 @@ mod tests {
             terms.iter().cloned().collect::<Vec<_>>(),
             [Term::Word("cast".into()), Term::Word("iron".into()), Term::Prefix("te".into())]
         );
-        let words = Indexed::by(Backend::Sqlite).words("Cast iron Teapot", "iron, cast; tea for two");
-        assert_eq!(terms.hits(&words), Some(vec![2, 2, 2]));
-        assert_eq!(terms.hits(&Indexed::by(Backend::Sqlite).words("Cast teapot", "")), None);
+        let sqlite = Indexed::by(Backend::Sqlite);
+        assert_eq!(
+            terms.hits(sqlite, "Cast iron Teapot", "iron, cast; tea for two"),
+            Some((vec![2, 2, 2], 8))
+        );
+        assert_eq!(terms.hits(sqlite, "Cast teapot", ""), None);
+        assert_eq!(
+            Terms::of(&Words::of("creme brul")).hits(sqlite, "Crème", "brûlée"),
+            Some((vec![1, 1], 2))
+        );
+        assert_eq!(Terms::of(&Words::of("CRÈME")).hits(sqlite, "creme", ""), Some((vec![1], 1)));
+        assert_eq!(sqlite.words("Crème brûlée", "x"), ["creme", "brulee", "x"]);
     }
 
     #[test]
     fn innodb_leaves_short_words_out_of_its_index() {
         let terms = Terms::of(&Words::of("xl"));
-        assert_eq!(terms.hits(&Indexed::by(Backend::Sqlite).words("Mug XL", "")), Some(vec![1]));
-        assert_eq!(terms.hits(&Indexed::by(Backend::MySql).words("Mug XL", "")), None);
-        assert_eq!(terms.hits(&Indexed::by(Backend::MySql).words("Mug XLarge", "")), Some(vec![1]));
+        assert_eq!(terms.hits(Indexed::by(Backend::Sqlite), "Mug XL", ""), Some((vec![1], 2)));
+        assert_eq!(terms.hits(Indexed::by(Backend::MySql), "Mug XL", ""), None);
+        assert_eq!(terms.hits(Indexed::by(Backend::MySql), "Mug XLarge", ""), Some((vec![1], 2)));
     }
 
     #[test]

@@ -18,8 +18,10 @@
 //!   empty, with a token that goes on from the last product read (AIP-158
 //!   allows short pages).
 //! - By relevance: the newest [`SearchBounds::ranked_matches`] matches,
-//!   ranked by BM25 with term weights from the sample. Ranking every match
-//!   is what costs; this listing ends after those matches.
+//!   ranked; this listing ends after them (ranking every match is what
+//!   costs). SQLite's FTS5 reads its matches newest first and ranks those
+//!   alone; on MySQL the newest products are read and matched here, and
+//!   ranked by BM25 with term weights from the sample.
 //!
 //! `total_size` is the sample's estimate.
 
@@ -166,51 +168,45 @@ impl ProductStore {
         ))
     }
 
-    /// A page of the broad search for `terms` (see the module's comment),
+    /// A page of the broad search for `words` (see the module's comment),
     /// whose matches `sample` estimates at `estimate`.
     pub(super) async fn broad_search(
         &self,
         q: &ListQuery<'_>,
-        terms: &Terms,
+        words: &Words,
         sample: &Sample,
         estimate: i64,
     ) -> Result<Page, ApiError> {
         let share = (estimate as f64 / sample.catalogue.max(1) as f64).clamp(0.001, 1.0);
-        let mut page = if q.order.field == SortField::Relevance {
-            self.broad_ranked(q, terms, sample, share).await?
-        } else {
-            self.broad_ordered(q, terms, share).await?
+        let terms = Terms::of(words);
+        let mut page = match (q.order.field, self.db.backend()) {
+            (SortField::Relevance, Backend::Sqlite) => self.broad_ranked_in_fts5(q, words).await?,
+            (SortField::Relevance, Backend::MySql) => self.broad_ranked(q, &terms, sample, share).await?,
+            _ => self.broad_ordered(q, &terms, share).await?,
         };
         page.total_size = estimate;
         page.broad = true;
         Ok(page)
     }
 
-    /// Products read in `order` after `after`, at most `limit`, each with
-    /// its indexed words; and whether the catalogue ended.
-    async fn read_words(
+    /// Products read in `order` after `after`, at most `limit`; and whether
+    /// the catalogue ended.
+    async fn read_on(
         &self,
         order: OrderBy,
         after: Option<&Cursor>,
         limit: usize,
-    ) -> Result<(Vec<(ProductRow, Vec<String>)>, bool), ApiError> {
+    ) -> Result<(Vec<ProductRow>, bool), ApiError> {
         let listing = ListQuery { order, query: None, after, limit: limit as i64 };
         let rows = self.listed_rows(&listing).await?;
         let ended = rows.len() < limit;
-        let indexed = Indexed::by(self.db.backend());
-        let rows = rows
-            .into_iter()
-            .map(|row| {
-                let words = indexed.words(&row.product.name, &row.product.description);
-                (row.product, words)
-            })
-            .collect();
-        Ok((rows, ended))
+        Ok((rows.into_iter().map(|row| row.product).collect(), ended))
     }
 
     /// A broad search in a column's order: the listing, filtered.
     async fn broad_ordered(&self, q: &ListQuery<'_>, terms: &Terms, share: f64) -> Result<Page, ApiError> {
         let bounds = self.searches.bounds;
+        let indexed = Indexed::by(self.db.backend());
         let limit = q.limit.max(1) as usize;
         let mut after = q.after.cloned();
         let (mut rows, mut read) = (Vec::new(), 0);
@@ -219,16 +215,15 @@ impl ProductStore {
             // Enough to fill the page if the estimate holds, and half again.
             let expected = (wanted as f64 / share * 1.5) as usize;
             let chunk = expected.max(wanted).min(MOST_PER_READ.max(wanted)).min(bounds.rows_read - read);
-            let (batch, ended) = self.read_words(q.order, after.as_ref(), chunk).await?;
+            let (batch, ended) = self.read_on(q.order, after.as_ref(), chunk).await?;
             read += batch.len();
-            if let Some((last, _)) = batch.last() {
+            if let Some(last) = batch.last() {
                 after = Some(Cursor::after(&last.clone().into_product()?, q.order));
             }
             rows.extend(
                 batch
                     .into_iter()
-                    .filter(|(_, words)| terms.hits(words).is_some())
-                    .map(|(row, _)| row)
+                    .filter(|row| terms.hits(indexed, &row.name, &row.description).is_some())
                     .take(wanted),
             );
             if rows.len() == limit || ended {
@@ -240,7 +235,38 @@ impl ProductStore {
         }
     }
 
-    /// A broad search by relevance: the newest matches, ranked.
+    /// The score and id a broad relevance page goes on after.
+    fn broad_after(q: &ListQuery<'_>) -> Result<Option<(f64, i64)>, ApiError> {
+        let Some(after) = q.after else { return Ok(None) };
+        let score = after
+            .sort_value
+            .strip_prefix(BROAD_CURSOR)
+            .and_then(|score| score.parse::<f64>().ok())
+            .filter(|score| score.is_finite())
+            .ok_or_else(|| ApiError::invalid("page_token", "is not valid"))?;
+        Ok(Some((score, after.id)))
+    }
+
+    /// A broad search by relevance on SQLite: FTS5 reads its matches in
+    /// descending rowid order, so the newest matches and their bm25() are
+    /// had without the others.
+    async fn broad_ranked_in_fts5(&self, q: &ListQuery<'_>, words: &Words) -> Result<Page, ApiError> {
+        let newest = self.searches.bounds.ranked_matches as i64;
+        let (sql, params) = Self::fts5_ranked_statement(
+            ListParam::Text(words.fts5()),
+            Some(newest),
+            Self::broad_after(q)?,
+            q.limit,
+        );
+        let rows: Vec<ListedRow> =
+            on_db!(&self.db, pool => bind_all!(sqlx::query_as(&sql), &params).fetch_all(pool).await)?;
+        let scores = rows.iter().map(|row| row.score.unwrap_or_default()).collect();
+        Ok(Page { rows: rows.into_iter().map(|row| row.product).collect(), scores, ..Page::default() })
+    }
+
+    /// A broad search by relevance on MySQL, where InnoDB cannot rank some
+    /// matches without all: the newest products read and matched here,
+    /// ranked by BM25 with term weights from the sample.
     async fn broad_ranked(
         &self,
         q: &ListQuery<'_>,
@@ -249,18 +275,8 @@ impl ProductStore {
         share: f64,
     ) -> Result<Page, ApiError> {
         let bounds = self.searches.bounds;
-        let after = match q.after {
-            None => None,
-            Some(after) => Some((
-                after
-                    .sort_value
-                    .strip_prefix(BROAD_CURSOR)
-                    .and_then(|score| score.parse::<f64>().ok())
-                    .filter(|score| score.is_finite())
-                    .ok_or_else(|| ApiError::invalid("page_token", "is not valid"))?,
-                after.id,
-            )),
-        };
+        let after = Self::broad_after(q)?;
+        let indexed = Indexed::by(self.db.backend());
         let idfs = sample.idfs(terms);
         let newest = OrderBy { field: SortField::Id, descending: true };
         let mut matches: Vec<(f64, ProductRow)> = Vec::new();
@@ -269,12 +285,12 @@ impl ProductStore {
             let wanted = bounds.ranked_matches - matches.len();
             let expected = (wanted as f64 / share * 1.2) as usize;
             let chunk = expected.clamp(1, MOST_PER_READ).min(bounds.rows_read - read);
-            let (batch, ended) = self.read_words(newest, from.as_ref(), chunk).await?;
+            let (batch, ended) = self.read_on(newest, from.as_ref(), chunk).await?;
             read += batch.len();
-            from = batch.last().map(|(row, _)| Cursor { sort_value: String::new(), id: row.id });
-            for (row, words) in batch {
-                if let Some(hits) = terms.hits(&words) {
-                    matches.push((bm25(&hits, &idfs, words.len(), sample.average_words), row));
+            from = batch.last().map(|row| Cursor { sort_value: String::new(), id: row.id });
+            for row in batch {
+                if let Some((hits, words)) = terms.hits(indexed, &row.name, &row.description) {
+                    matches.push((bm25(&hits, &idfs, words, sample.average_words), row));
                 }
             }
             if ended {
