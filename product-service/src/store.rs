@@ -988,7 +988,7 @@ impl ProductStore {
             _ => None,
         };
         if relevance && !mysql {
-            return Ok(Self::fts5_ranked_statement(engine_query, None, after_score, q.limit));
+            return Ok(Self::fts5_ranked_statement(engine_query, after_score, q.limit));
         }
         let mut params = vec![engine_query.clone()];
         // The score column, and how a condition names it. On SQLite the
@@ -1031,14 +1031,11 @@ impl ProductStore {
     }
 
     /// SQLite's relevance page, ranked in the full-text index alone: bm25()
-    /// of every match (or of the `newest` matches only, read from the index
-    /// in descending rowid order), then only the page's rows are read from
-    /// `products` (joining every match first and sorting the joined rows
-    /// read the table once per match: 2.2 s for a common word in a million
-    /// products).
+    /// of every match, then only the page's rows are read from `products`
+    /// (joining every match first and sorting the joined rows read the
+    /// table once per match: 2.2 s for a common word in a million products).
     fn fts5_ranked_statement(
         engine_query: ListParam,
-        newest: Option<i64>,
         after: Option<(f64, i64)>,
         limit: i64,
     ) -> (String, Vec<ListParam>) {
@@ -1046,13 +1043,8 @@ impl ProductStore {
         let mut ranked = String::from(
             "SELECT match_id, score FROM \
              (SELECT rowid AS match_id, -bm25(products_search) AS score FROM products_search \
-              WHERE products_search MATCH ?",
+              WHERE products_search MATCH ?)",
         );
-        if let Some(newest) = newest {
-            ranked.push_str(" ORDER BY rowid DESC LIMIT ?");
-            params.push(ListParam::Int(newest));
-        }
-        ranked.push(')');
         if let Some((last, after_id)) = after {
             ranked.push_str(" WHERE score < ? OR (score = ? AND match_id > ?)");
             params.extend([ListParam::Float(last), ListParam::Float(last), ListParam::Int(after_id)]);

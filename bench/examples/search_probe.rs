@@ -1,0 +1,59 @@
+//! Times single searches of each kind on a catalogue kept between runs.
+//!     cargo run --release -p storegate-bench --example search_probe -- URL SIZE
+use std::time::Instant;
+
+use product_service::{
+    ProductConfig,
+    domain::OrderBy,
+    store::{ListQuery, ProductStore},
+};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let mut args = std::env::args().skip(1);
+    let url = args.next().unwrap_or("sqlite:///tmp/probe.db".into());
+    let size: u64 = args.next().map_or(1_000_000, |s| s.parse().unwrap());
+    let config = ProductConfig::with_database_url(&url);
+    let db = config.common.open_database().await?;
+    let store = ProductStore::new(db.clone()).await;
+    let have = store.count(None).await? as u64;
+    let mut next = have;
+    while next < size {
+        let batch: Vec<_> =
+            (next..(next + 10_000).min(size)).map(storegate_testkit::catalogue::product).collect();
+        store.import(&batch, None, storegate::db::now()).await?;
+        next += batch.len() as u64;
+    }
+    if have < size {
+        store.optimize_search_index().await?;
+        eprintln!("imported to {size}");
+    }
+    let queries: Vec<String> = std::env::args().skip(3).collect();
+    let queries: Vec<String> = if queries.is_empty() {
+        [
+            "with", "the", "steel", "blue", "garden", "red blue", "steel te", "oak sto", "lamp", "rug",
+            "desk ch", "zzzq",
+        ]
+        .map(String::from)
+        .to_vec()
+    } else {
+        queries
+    };
+    for query in &queries {
+        for order in ["relevance", "price", "price desc"] {
+            let order = OrderBy::parse(order).unwrap();
+            let mut times = Vec::new();
+            let mut info = String::new();
+            for _ in 0..5 {
+                let started = Instant::now();
+                let page =
+                    store.list(&ListQuery { order, query: Some(query), after: None, limit: 25 }).await?;
+                times.push(started.elapsed().as_secs_f64() * 1000.0);
+                info = format!("rows {} total {} broad {}", page.rows.len(), page.total_size, page.broad);
+            }
+            times.sort_by(f64::total_cmp);
+            println!("{query:>12} {:>12} {:>8.2} ms  {info}", order.canonical(), times[2]);
+        }
+    }
+    Ok(())
+}
