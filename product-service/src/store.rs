@@ -664,9 +664,10 @@ impl ProductStore {
     /// Inserts `products` in one transaction, [`IMPORT_BATCH`] rows per
     /// statement, and counts them: for loading a catalogue in bulk, a
     /// million products in under 90 s here, where CreateProduct's
-    /// transaction per product takes 6 to 14 minutes (BENCHMARKS.md). No request ids: a failed import rolls
-    /// back whole and is run again. The full-text index is kept in the same transaction (InnoDB's
-    /// FULLTEXT, the FTS5 table's triggers), as for every write.
+    /// transaction per product takes 6 to 14 minutes (BENCHMARKS.md). No
+    /// request ids: a failed import rolls back whole and is run again. The
+    /// full-text index is kept in the same transaction (InnoDB's FULLTEXT,
+    /// the FTS5 table's triggers), as for every write.
     pub async fn import(
         &self,
         products: &[ProductFields],

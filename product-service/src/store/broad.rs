@@ -98,7 +98,7 @@ impl ProductStore {
 
     /// Forgets the sample of the catalogue's words: the next search takes a
     /// new one (after a bulk import, which may change it wholly).
-    pub fn forget_search_sample(&self) {
+    pub(super) fn forget_search_sample(&self) {
         *self.searches.sample.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
