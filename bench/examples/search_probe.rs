@@ -1,5 +1,12 @@
-//! Times single searches of each kind on a catalogue kept between runs.
-//!     cargo run --release -p storegate-bench --example search_probe -- URL SIZE
+//! One caller's searches, timed one at a time, on a catalogue kept between
+//! runs: each query and order on the full-text index (as every search ran
+//! before bounded searches) and as the service runs it now (the index, or a
+//! bounded read for common words; see product-service/src/store/broad.rs).
+//! The median of 5 runs of each. For BENCHMARKS.md ("Searches of common
+//! words").
+//!
+//!     cargo run --release -p storegate-bench --example search_probe -- \
+//!         [sqlite:///tmp/probe.db | mysql://root@127.0.0.1:3306/probe] [SIZE] [QUERY …]
 use std::time::Instant;
 
 use product_service::{

@@ -154,4 +154,15 @@ mod tests {
         assert!(parse(&["--search-concurrency-per-caller=0"]).is_err());
         assert!(parse(&["--search-concurrency=0"]).is_err());
     }
+
+    #[test]
+    fn searches_on_the_index_are_bounded_at_ten_thousand_matches_unless_configured() {
+        let parse = |args: &[&str]| Cli::try_parse_from([&["product-service"], args].concat());
+        assert_eq!(parse(&[]).unwrap().config.search_index_max_matches, 10_000);
+        let config = parse(&["--search-index-max-matches=500"]).unwrap().config;
+        assert_eq!(config.search_index_max_matches, 500);
+        for wrong in ["0", "-1", "many", "1000001"] {
+            assert!(parse(&[&format!("--search-index-max-matches={wrong}")]).is_err(), "{wrong}");
+        }
+    }
 }

@@ -1138,10 +1138,8 @@ impl ProductStore {
                 words.mysql(),
             ),
             Backend::Sqlite => (
-                format!(
-                    "SELECT COUNT(*) FROM (SELECT 1 FROM products_search WHERE products_search MATCH ? \
-                     LIMIT ?)"
-                ),
+                "SELECT COUNT(*) FROM (SELECT 1 FROM products_search WHERE products_search MATCH ? LIMIT ?)"
+                    .to_owned(),
                 words.fts5(),
             ),
         };

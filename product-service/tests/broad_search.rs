@@ -36,9 +36,9 @@ const CATALOGUE: usize = 3_000;
 /// names is a teapot, priced above every other product; one in seven
 /// descriptions has "Crème"; every name has its own model word `m{i}x`.
 fn product(i: usize) -> ProductFields {
-    let teapot = i % 10 == 0;
+    let teapot = i.is_multiple_of(10);
     let name = if teapot { format!("Cast iron teapot m{i}x") } else { format!("Oak shelf m{i}x") };
-    let cream = if i % 7 == 0 { "Crème finish, " } else { "" };
+    let cream = if i.is_multiple_of(7) { "Crème finish, " } else { "" };
     let price = if teapot { 500 + i / 10 } else { 1 + i % 400 };
     ProductFields {
         name,
@@ -76,7 +76,7 @@ fn names(products: &[Product]) -> Vec<String> {
 
 async fn common_words_page_as_the_index_does_in_every_column_order(backend: Backend) {
     let shop = shop(backend).await;
-    let matching = |i: &usize| i % 7 == 0;
+    let matching = |i: &usize| i.is_multiple_of(7);
     let all: Vec<(usize, ProductFields)> = (0..CATALOGUE).filter(matching).map(|i| (i, product(i))).collect();
     for order_by in ["price", "price desc", "name", "name desc", "id desc", "create_time"] {
         let mut expected = all.clone();
@@ -113,7 +113,7 @@ async fn a_page_stopped_by_the_bound_is_short_and_goes_on(backend: Backend) {
     // order a broad search reads 500 products per call, so the first
     // calls find none and say where to go on.
     let mut expected: Vec<(Price, usize)> =
-        (0..CATALOGUE).filter(|i| i % 10 == 0).map(|i| (product(i).price, i)).collect();
+        (0..CATALOGUE).filter(|i| i.is_multiple_of(10)).map(|i| (product(i).price, i)).collect();
     expected.sort();
     let (mut found, mut pages, mut short_pages, mut token) = (Vec::new(), 0, 0, String::new());
     loop {

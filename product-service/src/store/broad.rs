@@ -178,9 +178,10 @@ impl ProductStore {
         estimate: i64,
     ) -> Result<Page, ApiError> {
         let share = (estimate as f64 / sample.catalogue.max(1) as f64).clamp(0.001, 1.0);
+        let terms = Terms::of(words);
         let mut page = match q.order.field {
-            SortField::Relevance => self.broad_ranked(q, words, sample, share).await?,
-            _ => self.broad_ordered(q, &Terms::of(words), share).await?,
+            SortField::Relevance => self.broad_ranked(q, &terms, sample, share).await?,
+            _ => self.broad_ordered(q, &terms, share).await?,
         };
         page.total_size = estimate;
         page.broad = true;
@@ -285,16 +286,15 @@ impl ProductStore {
     async fn broad_ranked(
         &self,
         q: &ListQuery<'_>,
-        words: &Words,
+        terms: &Terms,
         sample: &Sample,
         share: f64,
     ) -> Result<Page, ApiError> {
         let newest = self.searches.bounds.ranked_matches;
         let after = Self::broad_after(q)?;
-        let terms = Terms::of(words);
-        let matches = self.newest_matches(&terms, newest, share).await?;
+        let matches = self.newest_matches(terms, newest, share).await?;
         let indexed = Indexed::by(self.db.backend());
-        let idfs = sample.idfs(&terms);
+        let idfs = sample.idfs(terms);
         let mut ranked: Vec<(f64, ProductRow)> = matches
             .into_iter()
             .filter_map(|row| {
