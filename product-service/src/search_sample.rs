@@ -2,8 +2,8 @@
 //! words of a few thousand products read from across the catalogue.
 //!
 //! A full-text engine's cost is its matches: InnoDB computes and ranks the
-//! whole match set of a `MATCH … AGAINST` whatever the LIMIT (3.2 s for a
-//! word in most of a million products), and neither engine can say how
+//! whole match set of a `MATCH … AGAINST` whatever the LIMIT (12–15 s for
+//! a word in most of a million products), and neither engine can say how
 //! many a query matches without finding them. The sample can: a query that
 //! matches 1% of the sampled products matches about 1% of the catalogue.
 //! A search the sample says is broad (more than [`SearchBounds::exact_up_to`]

@@ -2,8 +2,8 @@
 //! by the full-text engine.
 //!
 //! An engine's cost is its matches: InnoDB computes and ranks every match
-//! of `MATCH … AGAINST` whatever the LIMIT, and FTS5's bm25() ranks every
-//! match too (3.2 s and 1.3 s for a word in most of a million products). A
+//! of `MATCH … AGAINST` whatever the LIMIT (12–15 s for `with`, in most of
+//! a million products), and FTS5's bm25() counts every match too. A
 //! search that the catalogue's sample ([`Sample`]) says matches more than
 //! [`SearchBounds::exact_up_to`] products is broad: its matches are so
 //! dense that a page of them is found by reading the catalogue as an
@@ -55,7 +55,8 @@ pub struct SearchLabels {
     pub path: &'static str,
 }
 
-/// Searches answered so far, by how (metric `storegate_product_searches`).
+/// Searches answered so far, by how (metric
+/// `storegate_product_searches_total`).
 pub type SearchCounts = Family<SearchLabels, Counter>;
 
 /// What a store's searches share: the bounds, the latest sample of the
