@@ -6,6 +6,46 @@ use crate::db::DEFAULT_DATABASE_URL;
 use crate::telemetry::LogFormat;
 use crate::token::{DEFAULT_AUDIENCE, DEFAULT_ISSUER};
 
+/// Parses a binary's command line as `T`, refusing secrets in it (see
+/// [`refuse_passwords_in_arguments`]); exits as clap does on an error.
+pub fn parse_command_line<T: clap::Parser>() -> T {
+    let matches = T::command().get_matches();
+    if let Err(e) = refuse_passwords_in_arguments(&matches) {
+        eprintln!("error: {e}");
+        std::process::exit(2);
+    }
+    T::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+}
+
+/// Refuses a database URL with a password given as `--database-url`: every
+/// user of the machine can read a process's arguments (`ps`), while its
+/// environment is its owner's alone. (The master key is no flag at all.)
+pub fn refuse_passwords_in_arguments(matches: &clap::ArgMatches) -> anyhow::Result<()> {
+    let mut level = Some(matches);
+    while let Some(matches) = level {
+        let given_as_flag = matches.ids().any(|id| id.as_str() == "database_url")
+            && matches.value_source("database_url") == Some(clap::parser::ValueSource::CommandLine);
+        if given_as_flag && matches.get_one::<String>("database_url").is_some_and(|url| has_password(url)) {
+            anyhow::bail!(
+                "--database-url holds a password, which every user of this machine can read in the \
+                 process list: set DATABASE_URL in the environment instead"
+            );
+        }
+        level = matches.subcommand().map(|(_, sub)| sub);
+    }
+    Ok(())
+}
+
+/// Whether a URL's authority carries a password (`scheme://user:pass@host`).
+fn has_password(url: &str) -> bool {
+    let Some((_, rest)) = url.split_once("://") else { return false };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    authority
+        .rsplit_once('@')
+        .and_then(|(userinfo, _)| userinfo.split_once(':'))
+        .is_some_and(|(_, password)| !password.is_empty())
+}
+
 /// Flags (with environment fallbacks) shared by both services.
 ///
 /// Deliberately not `Debug`: `DATABASE_URL` may hold a password.
@@ -218,5 +258,61 @@ impl CommonConfig {
             tls_reload_interval_secs: 10,
             limits: Limits::default(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory as _, Parser};
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Binary {
+        #[command(flatten)]
+        common: CommonConfig,
+        #[command(subcommand)]
+        command: Option<Sub>,
+    }
+
+    #[derive(clap::Subcommand)]
+    enum Sub {
+        Up(Nested),
+    }
+
+    #[derive(clap::Args)]
+    struct Nested {
+        #[command(flatten)]
+        common: CommonConfig,
+    }
+
+    fn check(args: &[&str]) -> anyhow::Result<()> {
+        refuse_passwords_in_arguments(&Binary::command().try_get_matches_from(args).unwrap())
+    }
+
+    #[test]
+    fn a_password_in_a_database_url_flag_is_refused() {
+        let err = check(&["bin", "--database-url", "mysql://app:s3cret@db:3306/storegate"]).unwrap_err();
+        assert!(err.to_string().contains("DATABASE_URL in the environment"), "{err}");
+        assert!(!err.to_string().contains("s3cret"), "the message never repeats the password");
+        check(&["bin", "up", "--database-url", "mysql://app:s3cret@db/storegate"]).unwrap_err();
+        for fine in [
+            &["bin"][..],
+            &["bin", "--database-url", "mysql://app@db:3306/storegate"],
+            &["bin", "--database-url", "sqlite://data/storegate.db"],
+            &["bin", "--database-url", "mysql://db/storegate?user=app"],
+            &["bin", "up"],
+        ] {
+            check(fine).unwrap();
+        }
+    }
+
+    #[test]
+    fn passwords_are_found_in_the_authority_only() {
+        assert!(has_password("mysql://app:pw@host/db"));
+        assert!(has_password("mysql://app:p%40w@host:3306/db?ssl-mode=required"));
+        assert!(!has_password("mysql://app:@host/db"));
+        assert!(!has_password("mysql://host/db?note=a:b@c"));
+        assert!(!has_password("sqlite://dir:with:colons/a@b.db"));
     }
 }

@@ -166,7 +166,7 @@ where
                 inner.call(request).await
             };
             match tokio::time::timeout(timeout, call).await {
-                Ok(Ok(response)) => Ok(guarded(response, permit)),
+                Ok(Ok(response)) => Ok(guarded(oversized_as_exhausted(response), permit)),
                 Ok(Err(never)) => match never {},
                 // A call whose request never completes ends here; on HTTP/1.1
                 // hyper then closes the connection (its body is unread).
@@ -175,6 +175,24 @@ where
             }
         })
     }
+}
+
+/// How tonic words its answer to a request message above
+/// `max_decoding_message_size` (tonic 0.14, `codec/decode.rs`).
+const TONIC_OVERSIZED: &str = "Error, decoded message length too large";
+
+/// A request message over the size limit as RESOURCE_EXHAUSTED, as gRPC's
+/// own servers answer it and the contract names it ("too large"); tonic
+/// answers OUT_OF_RANGE, before any handler runs, as a trailers-only
+/// response. Any other answer passes as it is.
+fn oversized_as_exhausted(response: http::Response<Body>) -> http::Response<Body> {
+    let oversized = tonic::Status::from_header_map(response.headers()).is_some_and(|status| {
+        status.code() == tonic::Code::OutOfRange && status.message().starts_with(TONIC_OVERSIZED)
+    });
+    if !oversized {
+        return response;
+    }
+    tonic::Status::resource_exhausted("the request message is larger than this server accepts").into_http()
 }
 
 /// The `grpc-timeout` header: at most 8 digits and a unit (H, M, S, m, u,

@@ -231,6 +231,47 @@ mod tests {
         assert!(format!("{err:#}").contains("https://"), "{err:#}");
     }
 
+    /// What `client_endpoint` logs for `url` (it only builds the endpoint:
+    /// nothing is sent anywhere).
+    fn warnings_for(url: &str) -> String {
+        use std::sync::{Arc, Mutex};
+        #[derive(Clone, Default)]
+        struct Buffer(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Buffer {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buffer = Buffer::default();
+        let writer = buffer.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::WARN)
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            client_endpoint(url, "AUTH_SERVICE_URL", &ClientTlsFiles::default()).unwrap();
+        });
+        String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap()
+    }
+
+    #[test]
+    fn plaintext_to_another_machine_is_warned_of() {
+        let warned = warnings_for("http://auth.example.invalid:50051");
+        assert!(
+            warned.contains("WARN") && warned.contains("plaintext http:// to another machine"),
+            "{warned}"
+        );
+        for local in ["http://127.0.0.1:50051", "http://localhost:50051", "http://[::1]:50051"] {
+            assert_eq!(warnings_for(local), "", "{local}");
+        }
+        assert_eq!(warnings_for("https://auth.example.invalid:50051"), "");
+    }
+
     #[test]
     fn other_schemes_are_refused() {
         let err = client_endpoint("ftp://x", "AUTH_SERVICE_URL", &ClientTlsFiles::default()).unwrap_err();

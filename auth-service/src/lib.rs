@@ -34,8 +34,8 @@ use store::AuthStore;
 
 /// Largest request decoded. Far above any legitimate auth call, yet large
 /// enough that an oversized password (up to 1 MiB) reaches validation and
-/// gets a clear INVALID_ARGUMENT / UNAUTHENTICATED (above this, tonic answers
-/// OUT_OF_RANGE before any handler runs).
+/// gets a clear INVALID_ARGUMENT / UNAUTHENTICATED (above this, the server answers
+/// RESOURCE_EXHAUSTED before any handler runs).
 const MAX_REQUEST_BYTES: usize = 2 * 1024 * 1024;
 const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 

@@ -1,12 +1,17 @@
 //! The attacks of the red-team pass, replayed with small limits so that they
 //! finish in seconds: streams that never send a body, more connections than
 //! the cap, a stalled HTTP/1.1 body, slow headers, idle connections, huge
-//! headers, and the memory of a service binary under a flood of streams.
+//! headers, oversized messages, and the memory of a service binary under a
+//! flood of stalled streams and of stalled gRPC-Web bodies.
 
 use std::time::{Duration, Instant};
 
 use auth_service::AuthConfig;
-use storegate::{config::Limits, pb::auth::v1::GetJwksRequest, tls::ClientTlsFiles};
+use storegate::{
+    config::Limits,
+    pb::auth::v1::{GetJwksRequest, RegisterRequest},
+    tls::ClientTlsFiles,
+};
 use storegate_testkit::{
     Backend, Running, TEST_MASTER_KEY, TestDb, TestStack,
     attack::{H2Flood, eventually, http1_stalled_body, read_until_closed},
@@ -87,8 +92,8 @@ async fn calls_in_flight_are_bounded_and_stalled_ones_time_out() {
 
 /// A normal call from another address of this host (all of 127/8 is
 /// loopback): another client, as far as the server can tell.
-async fn get_jwks_from(server: &Running, local: &str) -> Result<String, tonic::Status> {
-    let channel = tonic::transport::Endpoint::from_shared(url(server))
+async fn get_jwks_from(server: std::net::SocketAddr, local: &str) -> Result<String, tonic::Status> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{server}"))
         .unwrap()
         .local_address(Some(local.parse().unwrap()))
         .connect()
@@ -122,10 +127,10 @@ async fn one_clients_stalled_calls_leave_room_for_other_clients() {
         || floods.iter().map(|f| f.counts.answered.load(std::sync::atomic::Ordering::Acquire)).sum::<usize>();
     assert!(eventually(Duration::from_secs(2), || answered() >= 15).await, "{} answered", answered());
     assert_eq!(answered(), 15, "five calls of the flooding address are in flight");
-    let shed = get_jwks_from(&auth, "127.0.0.1").await.expect_err("the flooding address has its share");
+    let shed = get_jwks_from(auth.addr, "127.0.0.1").await.expect_err("the flooding address has its share");
     assert_eq!(shed.code(), tonic::Code::ResourceExhausted, "{shed:?}");
     // Another client is served at once.
-    get_jwks_from(&auth, "127.0.0.2").await.expect("another address is served during the flood");
+    get_jwks_from(auth.addr, "127.0.0.2").await.expect("another address is served during the flood");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -240,24 +245,98 @@ async fn oversized_headers_are_refused() {
     get_jwks(&auth).await.expect("normal calls are unaffected");
 }
 
+/// A request message over `MAX_REQUEST_BYTES` is refused before any handler
+/// runs, as RESOURCE_EXHAUSTED (tonic's own answer is OUT_OF_RANGE), over
+/// gRPC and gRPC-Web; one within the limit reaches validation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_oversized_request_message_is_resource_exhausted() {
+    let db = TestDb::new(&Backend::Sqlite).await;
+    let auth = auth_with(&db, Limits { max_request_bytes: Some(64 * 1024), ..Limits::default() }).await;
+    let channel = channel_to(&url(&auth), &ClientTlsFiles::default()).await.unwrap();
+    let mut client = storegate::pb::auth::v1::auth_service_client::AuthServiceClient::new(channel);
+    let register = |password: String| RegisterRequest { username: "big".into(), password };
+
+    let err = client.register(register("x".repeat(100_000))).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("larger than this server accepts"), "{}", err.message());
+    let err = client.register(register("x".repeat(60_000))).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "within the limit: the password is too long");
+
+    // gRPC-Web: the same answer, in the response's headers.
+    let mut message = vec![0u8];
+    let body = prost::Message::encode_to_vec(&register("x".repeat(100_000)));
+    message.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    message.extend_from_slice(&body);
+    let mut http1 = TcpStream::connect(auth.addr).await.unwrap();
+    let head = format!(
+        "POST /storegate.auth.v1.AuthService/Register HTTP/1.1\r\nhost: storegate\r\n\
+         content-type: application/grpc-web+proto\r\nx-grpc-web: 1\r\ncontent-length: {}\r\n\
+         connection: close\r\n\r\n",
+        message.len()
+    );
+    http1.write_all(head.as_bytes()).await.unwrap();
+    http1.write_all(&message).await.unwrap();
+    let (response, _) = read_until_closed(&mut http1, Duration::from_secs(10)).await;
+    let response = String::from_utf8_lossy(&response).to_ascii_lowercase();
+    assert!(response.contains("grpc-status: 8"), "{response}");
+
+    let users: i64 = storegate::on_db!(&db.open().await, pool => {
+        sqlx::query_scalar("SELECT COUNT(*) FROM users").fetch_one(pool).await
+    })
+    .unwrap();
+    assert_eq!(users, 0, "nothing was registered");
+}
+
+/// The auth-service binary on a fresh SQLite database, with `envs` on top
+/// of the defaults; SERVING and settled. Its log folder goes with it.
+async fn auth_binary(db: &TestDb, envs: &[(&str, String)]) -> (ServiceProcess, TempLogs) {
+    let logs = TempLogs::new();
+    let addr = free_addr();
+    let mut all = vec![
+        ("DATABASE_URL", db.url.clone()),
+        ("STOREGATE_MASTER_KEY", TEST_MASTER_KEY.to_owned()),
+        ("AUTH_LISTEN_ADDR", addr.to_string()),
+    ];
+    all.extend(envs.iter().cloned());
+    let mut auth = ServiceProcess::spawn("auth-service", "auth-service", addr, &all, &logs.0).unwrap();
+    auth.wait_serving(Duration::from_secs(60)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    (auth, logs)
+}
+
+struct TempLogs(std::path::PathBuf);
+
+impl TempLogs {
+    fn new() -> TempLogs {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "storegate-abuse-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempLogs(dir)
+    }
+}
+
+impl Drop for TempLogs {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// How much the peak RSS (VmHWM) of a service may grow under a flood.
+const FLOOD_BOUND_MIB: f64 = 64.0;
+
 /// The red-team's flood against the real binary with its default limits:
 /// 20,000 streams that never send a body, over 20 connections. Before the
 /// limits every one was accepted and auth-service grew by ~190 MB.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn memory_stays_bounded_under_a_flood_of_stalled_streams() {
-    const BOUND_MIB: f64 = 64.0;
     let db = TestDb::new(&Backend::Sqlite).await;
-    let logs = std::env::temp_dir().join(format!("storegate-abuse-{}", std::process::id()));
-    std::fs::create_dir_all(&logs).unwrap();
-    let addr = free_addr();
-    let envs = [
-        ("DATABASE_URL", db.url.clone()),
-        ("STOREGATE_MASTER_KEY", TEST_MASTER_KEY.to_owned()),
-        ("AUTH_LISTEN_ADDR", addr.to_string()),
-    ];
-    let mut auth = ServiceProcess::spawn("auth-service", "auth-service", addr, &envs, &logs).unwrap();
-    auth.wait_serving(Duration::from_secs(60)).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (auth, _logs) = auth_binary(&db, &[]).await;
+    let addr = auth.addr;
     let (before, _) = auth.memory_mib();
 
     let mut floods = Vec::new();
@@ -281,7 +360,53 @@ async fn memory_stays_bounded_under_a_flood_of_stalled_streams() {
     let health = tokio::time::timeout(Duration::from_secs(5), storegate_testkit::health_serving(addr)).await;
     assert!(health.is_ok(), "a fresh caller is answered promptly during the flood");
     eprintln!("auth-service RSS: {before:.1} MiB idle, {peak:.1} MiB under 20,000 stalled streams");
-    assert!(peak - before < BOUND_MIB, "RSS grew by {:.1} MiB (bound {BOUND_MIB} MiB)", peak - before);
+    assert!(
+        peak - before < FLOOD_BOUND_MIB,
+        "RSS grew by {:.1} MiB (bound {FLOOD_BOUND_MIB} MiB)",
+        peak - before
+    );
     drop(floods);
-    let _ = std::fs::remove_dir_all(&logs);
+}
+
+/// The red-team's other flood against the real binary: 2,000 gRPC-Web
+/// (HTTP/1.1) connections that stop in the middle of their body. Before the
+/// limits all were still open after 65 s. Now the connection cap (1024)
+/// closes what is beyond it, the per-client cap answers what is beyond 256
+/// calls, and the request timeout (2 s here, 30 s by default) ends the rest;
+/// memory stays bounded and another client is answered meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn memory_stays_bounded_under_a_flood_of_stalled_grpc_web_bodies() {
+    const CONNECTIONS: usize = 2000;
+    let db = TestDb::new(&Backend::Sqlite).await;
+    let (auth, _logs) = auth_binary(&db, &[("REQUEST_TIMEOUT_SECS", "2".to_owned())]).await;
+    let (before, _) = auth.memory_mib();
+
+    let mut stalled = Vec::with_capacity(CONNECTIONS);
+    for _ in 0..CONNECTIONS {
+        // A connection the server closed at once (beyond its cap) counts too.
+        if let Ok(stream) = http1_stalled_body(auth.addr, HEALTH_CHECK).await {
+            stalled.push(stream);
+        }
+    }
+    let opened = stalled.len();
+    get_jwks_from(auth.addr, "127.0.0.2").await.expect("another client is answered during the flood");
+
+    let mut open = 0;
+    for stream in &mut stalled {
+        let (_, closed) = read_until_closed(stream, Duration::from_secs(10)).await;
+        open += usize::from(!closed);
+    }
+    // The peak (VmHWM) since start, the flood's whole course included.
+    let (_, peak) = auth.memory_mib();
+    eprintln!(
+        "auth-service RSS: {before:.1} MiB idle, {peak:.1} MiB under {opened} stalled gRPC-Web connections"
+    );
+    assert!(opened >= CONNECTIONS / 2, "only {opened} connections could be opened");
+    assert_eq!(open, 0, "every stalled connection is closed by the request timeout or the cap");
+    assert!(
+        peak - before < FLOOD_BOUND_MIB,
+        "RSS grew by {:.1} MiB (bound {FLOOD_BOUND_MIB} MiB)",
+        peak - before
+    );
+    get_jwks_from(auth.addr, "127.0.0.1").await.expect("the flooding address is served again");
 }

@@ -144,20 +144,37 @@ async fn forwarded_addresses_count_only_from_trusted_gateways(backend: Backend) 
 }
 
 async fn a_hundred_failures_from_many_clients_lock_the_account_until_an_admin_unlocks_it(backend: Backend) {
-    let stack = behind_gateway(backend).await;
+    let logs = storegate_testkit::observe::captured_logs();
+    let metrics_addr = storegate_testkit::process::free_addr();
+    let stack = TestStack::start_auth_with(backend, |config| {
+        config.login.trusted_proxies = "127.0.0.1".parse().unwrap();
+        config.metrics_listen_addr = metrics_addr.to_string();
+    })
+    .await;
     let (_, secret) = enrolled(&stack, "target").await;
     let mut auth = stack.auth().await;
     let db = stack.db.open().await;
     let user_id = user_id(&db, "target").await;
+    let locked_total = || async {
+        let page = storegate_testkit::observe::scrape_metrics(metrics_addr).await;
+        storegate_testkit::observe::metric_value(&page, "storegate_accounts_locked_total")
+    };
+    assert_eq!(locked_total().await, Some(0.0));
 
     // A botnet of twenty addresses, five guesses each, stays under every
-    // per-client lock and reaches the account's cap of 100.
-    for bot in 0..20 {
+    // per-client lock and reaches the account's cap of 100: wrong passwords
+    // from nineteen, wrong codes (after the right password) from the last.
+    for bot in 0..19 {
         for _ in 0..5 {
             let err =
                 begin(&mut auth, &format!("203.0.113.{bot}"), "target", "wrong password!").await.unwrap_err();
             assert_eq!(err.code(), Code::Unauthenticated);
         }
+    }
+    let ticket = begin(&mut auth, "203.0.113.19", "target", PASSWORD).await.unwrap().login_ticket;
+    for _ in 0..5 {
+        let err = complete(&mut auth, "203.0.113.19", &ticket, &wrong_totp_code(&secret)).await.unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated);
     }
     let failures =
         scalar_i64(&db, "SELECT CAST(failed_logins AS SIGNED) FROM users WHERE id = ?", user_id).await;
@@ -165,6 +182,14 @@ async fn a_hundred_failures_from_many_clients_lock_the_account_until_an_admin_un
     let locked =
         scalar_i64(&db, "SELECT COUNT(*) FROM users WHERE id = ? AND locked_at IS NOT NULL", user_id).await;
     assert_eq!(locked, 1, "the 100th failure locks the account");
+    assert_eq!(locked_total().await, Some(1.0), "the lock is counted");
+    let logged = storegate_testkit::observe::logs_text(&logs);
+    assert!(
+        logged.lines().any(|line| line.contains("WARN")
+            && line.contains("account locked after consecutive failed logins")
+            && line.contains(&format!("user_id={user_id}"))),
+        "the lock is logged as a warning"
+    );
 
     // Locked: the right password and code no longer get in, from anywhere,
     // and only whoever knows the password learns why.
@@ -173,14 +198,30 @@ async fn a_hundred_failures_from_many_clients_lock_the_account_until_an_admin_un
     assert!(refused.message().contains("locked"), "{}", refused.message());
     let wrong = begin(&mut auth, "192.0.2.1", "target", "wrong password!").await.unwrap_err();
     assert_eq!(wrong.code(), Code::Unauthenticated, "a wrong password says nothing of the lock");
+    assert_eq!(locked_total().await, Some(1.0), "a locked account is counted once");
 
-    assert!(auth_service::unlock_user(&TestStack::auth_config(&stack.db), "target").await.unwrap());
+    // The operator's command lifts it.
+    assert_eq!(unlock_user_command(&stack, "target"), "unlocked target; their failed logins are forgotten");
     let ticket = begin(&mut auth, "192.0.2.1", "target", PASSWORD).await.unwrap().login_ticket;
     complete(&mut auth, "192.0.2.1", &ticket, &totp_code(&secret, 1)).await.expect("unlocked");
     let failures =
         scalar_i64(&db, "SELECT CAST(failed_logins AS SIGNED) FROM users WHERE id = ?", user_id).await;
     assert_eq!(failures, 0);
-    assert!(!auth_service::unlock_user(&TestStack::auth_config(&stack.db), "target").await.unwrap());
+    assert_eq!(unlock_user_command(&stack, "target"), "target is not locked");
+}
+
+/// Runs `auth-service unlock-user <username>` against the stack's database;
+/// what it printed.
+fn unlock_user_command(stack: &TestStack, username: &str) -> String {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_auth-service"))
+        .args(["unlock-user", username])
+        .env("DATABASE_URL", &stack.db.url)
+        .env("STOREGATE_MASTER_KEY", storegate_testkit::TEST_MASTER_KEY)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("auth-service runs");
+    assert!(output.status.success(), "unlock-user failed: {}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8_lossy(&output.stdout).trim().to_owned()
 }
 
 async fn registrations_are_limited_per_client_taken_names_included(backend: Backend) {

@@ -3,8 +3,7 @@
 //! secrets leaking into logs. Real servers, SQLite and MySQL.
 
 use std::{
-    io::Write,
-    sync::{Arc, Mutex, OnceLock},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -345,36 +344,8 @@ async fn a_wrong_master_key_stops_start_up_with_a_clear_error(backend: Backend) 
     assert!(message.contains("STOREGATE_MASTER_KEY"), "{message}");
 }
 
-/// Everything any test of this binary logs, at every level.
-fn captured_logs() -> Arc<Mutex<Vec<u8>>> {
-    static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
-    LOGS.get_or_init(|| {
-        let buffer = Arc::new(Mutex::new(Vec::new()));
-        let writer = buffer.clone();
-        tracing_subscriber::fmt()
-            .with_env_filter("trace")
-            .with_writer(move || Capture(writer.clone()))
-            .with_ansi(false)
-            .init();
-        buffer
-    })
-    .clone()
-}
-
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 async fn logs_never_contain_passwords_codes_tickets_or_tokens(backend: Backend) {
-    let logs = captured_logs();
+    let logs = storegate_testkit::observe::captured_logs();
     let stack = TestStack::start_auth(backend).await;
     let password = "leak-canary horse battery";
     stack.register("canary", password).await;
@@ -409,7 +380,7 @@ async fn logs_never_contain_passwords_codes_tickets_or_tokens(backend: Backend) 
     .await
     .unwrap();
 
-    let text = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
+    let text = storegate_testkit::observe::logs_text(&logs);
     assert!(text.contains("login completed"), "the capture works");
     assert!(text.contains("password changed"), "the capture works");
     let access_signature = tokens.access_token.rsplit('.').next().unwrap();

@@ -55,7 +55,7 @@ enum Command {
 #[tokio::main]
 async fn main() {
     storegate::alloc::return_freed_memory_promptly();
-    let cli = Cli::parse();
+    let cli: Cli = storegate::config::parse_command_line();
     let out = output::Output { json: cli.json };
     let result = match cli.command {
         Command::Up(args) => up::up(*args).await,

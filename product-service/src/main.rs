@@ -41,7 +41,7 @@ enum Command {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     storegate::alloc::return_freed_memory_promptly();
-    let cli = Cli::parse();
+    let cli: Cli = storegate::config::parse_command_line();
     storegate::telemetry::init(cli.config.common.log_format);
     match cli.command.unwrap_or(Command::Serve) {
         Command::Migrate => cli.config.common.migrate_database().await,

@@ -147,12 +147,20 @@ async fn fill_with_slow_rows(db: &Db, sqlite: bool) {
     .await)
     .unwrap();
     // MariaDB adds a large transaction's documents to its full-text cache
-    // as the commit finishes: a search a moment later could find none or
-    // only some of them, and be fast (README "Bulk import"); under a busy CI
-    // machine that took more than 5 s. Wait, with the very search the test
-    // makes, until the index has them all; never go on without them.
+    // as the commit finishes, and a cache this far over
+    // innodb_ft_cache_size is then written to the index tables in the
+    // background; a search meanwhile found none or only some of them (235
+    // of 400, seen here). OPTIMIZE TABLE rebuilds the table and its
+    // full-text index at once, so the rows are all in the index before the
+    // test searches (README, "import"). Then wait, with the very search
+    // the test makes, until it finds them all; never go on without them.
+    if sqlite {
+        return;
+    }
+    on_db!(db, pool => sqlx::query("OPTIMIZE TABLE products").fetch_all(pool).await.map(|rows| rows.len()))
+        .unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while !sqlite {
+    loop {
         let indexed: i64 = on_db!(db, pool => {
             sqlx::query_scalar(
                 "SELECT COUNT(*) FROM products WHERE MATCH (name, description) AGAINST ('+a*' IN BOOLEAN MODE)",
@@ -196,42 +204,57 @@ async fn one_caller_cannot_run_more_than_its_share_of_searches(backend: Backend)
         }
     };
 
-    let started = Instant::now();
-    let mut first = tokio::spawn(search(&mallory, slow_query));
-    // Mallory's next search, tried until one meets the first running.
-    let refused = loop {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        match search(&mallory, "zzz").await {
-            Err(status) => break status,
-            Ok(_) if first.is_finished() => match (&mut first).await.unwrap() {
-                // The probe held the one place when the slow search came:
-                // that one was refused; start it again.
-                Err(status) if status.code() == Code::ResourceExhausted => {
-                    first = tokio::spawn(search(&mallory, slow_query));
-                }
-                other => panic!(
-                    "the slow search ended after {:?} ({other:?}) and no second search of the \
-                     same caller was refused meanwhile: no per-caller limit, or rows too fast to scan",
-                    started.elapsed()
-                ),
-            },
-            Ok(_) => {}
+    // A round: the slow search, a second one of mallory's refused while it
+    // runs, then alice's search and a plain listing. On a busy machine the
+    // slow search can end before those two have: that round shows nothing
+    // and is run again, up to five times.
+    const ROUNDS: usize = 5;
+    for round in 1..=ROUNDS {
+        let started = Instant::now();
+        let mut first = tokio::spawn(search(&mallory, slow_query));
+        // Mallory's next search, tried until one meets the first running.
+        let refused = loop {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            match search(&mallory, "zzz").await {
+                Err(status) => break status,
+                Ok(_) if first.is_finished() => match (&mut first).await.unwrap() {
+                    // The probe held the one place when the slow search came:
+                    // that one was refused; start it again.
+                    Err(status) if status.code() == Code::ResourceExhausted => {
+                        first = tokio::spawn(search(&mallory, slow_query));
+                    }
+                    other => panic!(
+                        "the slow search ended after {:?} ({other:?}) and no second search of the \
+                         same caller was refused meanwhile: no per-caller limit, or rows too fast to scan",
+                        started.elapsed()
+                    ),
+                },
+                Ok(_) => {}
+            }
+        };
+        assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+        assert!(refused.get_details_retry_info().is_some(), "says when to retry");
+
+        // Meanwhile, another caller's search and a plain listing are answered.
+        let (others, plain) = tokio::join!(search(&alice, "long a7x99"), search(&mallory, ""));
+        let others = others.expect("another caller's search");
+        assert_eq!(others.total_size, 1, "Long 7");
+        assert_eq!(plain.expect("a listing without query").products.len(), 50);
+        let meanwhile = !first.is_finished();
+
+        let answered = first.await.unwrap().expect("the first search is answered");
+        assert_eq!(answered.total_size, slow_rows(sqlite) as i64);
+        // Its place is given back: mallory may search again.
+        search(&mallory, "zzz").await.expect("a search after the first ended");
+        if meanwhile {
+            break;
         }
-    };
-    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
-    assert!(refused.get_details_retry_info().is_some(), "says when to retry");
-
-    // Meanwhile, another caller's search and a plain listing are answered.
-    let others = search(&alice, "long a7x99").await.expect("another caller's search");
-    assert_eq!(others.total_size, 1, "Long 7");
-    let plain = search(&mallory, "").await.expect("a listing without query");
-    assert_eq!(plain.products.len(), 50);
-    assert!(!first.is_finished(), "all of that happened while the slow search ran");
-
-    let answered = first.await.unwrap().expect("the first search is answered");
-    assert_eq!(answered.total_size, slow_rows(sqlite) as i64);
-    // Its place is given back: mallory may search again.
-    search(&mallory, "zzz").await.expect("a search after the first ended");
+        assert!(
+            round < ROUNDS,
+            "in {ROUNDS} rounds the slow search always ended before another caller's search and a \
+             listing were answered: they wait for it (a global limit?)"
+        );
+    }
     db.close().await;
     stack.stop().await;
 }

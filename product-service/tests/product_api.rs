@@ -309,6 +309,18 @@ async fn bad_product_fields_are_all_reported_and_nothing_is_written(backend: Bac
     assert_eq!(err.code(), Code::InvalidArgument, "name too long");
     let err = products.create_product(bearer(CreateProductRequest::default(), &token)).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "no product");
+    // A message over the request size limit (256 KiB) is refused before
+    // any handler runs: too large, not out of range.
+    let huge = Product { description: "d".repeat(300 * 1024), ..product("Cup", "1", 1) };
+    let err = products
+        .create_product(bearer(
+            CreateProductRequest { product: Some(huge), request_id: String::new() },
+            &token,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("larger than this server accepts"), "{}", err.message());
     assert_eq!(count_products(&stack.db.open().await).await, 0);
 
     // Updates validate the changed fields and change nothing when they fail.

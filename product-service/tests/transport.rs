@@ -113,6 +113,47 @@ async fn grpc_web_over_tls(port: u16, ca: &TestCa) -> String {
     String::from_utf8_lossy(&response).into_owned()
 }
 
+/// product-service over TLS with `server`'s certificate, its keys from the
+/// stack's (plaintext, loopback) auth-service.
+async fn product_over_tls(stack: &TestStack, server: &PemFiles) -> Running {
+    let mut config = ProductConfig::with_database_url(&stack.db.url);
+    config.auth_service_url = format!("http://{}", stack.auth_addr);
+    config.common.tls_cert_file = Some(server.cert.clone());
+    config.common.tls_key_file = Some(server.key.clone());
+    Running::product(config).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn product_service_serves_tls_and_clients_check_its_name() {
+    let dir = scratch("product");
+    let ca = TestCa::new(&dir.0, "good");
+    let stack = TestStack::start_auth(Backend::Sqlite).await;
+    let token = stack.admin_token("alice").await;
+    let product = product_over_tls(&stack, &ca.server("product")).await;
+    let url = format!("https://localhost:{}", product.addr.port());
+    assert!(wait_serving_at(&url, &trusting(&ca), Duration::from_secs(30)).await, "health over TLS");
+    let channel = channel_to(&url, &trusting(&ca)).await.unwrap();
+    let listed = ProductServiceClient::new(channel)
+        .list_products(bearer(ListProductsRequest { page_size: 1, ..Default::default() }, &token))
+        .await
+        .expect("ListProducts over TLS");
+    assert_eq!(listed.into_inner().total_size, 0);
+    let plain = async {
+        let url = format!("http://127.0.0.1:{}", product.addr.port());
+        let channel = channel_to(&url, &ClientTlsFiles::default()).await?;
+        let request = bearer(ListProductsRequest::default(), &token);
+        anyhow::Ok(ProductServiceClient::new(channel).list_products(request).await?)
+    };
+    assert!(plain.await.is_err(), "a plaintext call to the TLS port must fail");
+
+    // A certificate from the trusted CA, but for another host name: refused.
+    let elsewhere =
+        product_over_tls(&stack, &ca.server_for("elsewhere", &["elsewhere.storegate.test"])).await;
+    let url = format!("https://localhost:{}", elsewhere.addr.port());
+    let wrong_name = channel_to(&url, &trusting(&ca)).await;
+    assert!(wrong_name.is_err(), "a certificate for another name must not be accepted for localhost");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_client_trusting_another_ca_is_refused() {
     let dir = scratch("wrong-ca");

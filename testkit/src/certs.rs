@@ -76,6 +76,12 @@ impl TestCa {
         )
     }
 
+    /// A server certificate for the given host names only (e.g. another
+    /// machine's, to show that a client checks the name it connects to).
+    pub fn server_for(&self, file_name: &str, names: &[&str]) -> PemFiles {
+        self.issue(file_name, names, ExtendedKeyUsagePurpose::ServerAuth)
+    }
+
     /// A client certificate (for mTLS) named `name`.
     pub fn client(&self, name: &str) -> PemFiles {
         self.issue(name, &[name], ExtendedKeyUsagePurpose::ClientAuth)
