@@ -91,6 +91,8 @@ impl<'a> Placement<'a> {
 pub struct Replicas {
     pub auth: Vec<ServiceProcess>,
     pub product: Vec<ServiceProcess>,
+    /// Where each replica serves `/metrics` (auth replicas first).
+    metrics: Vec<SocketAddr>,
 }
 
 impl Replicas {
@@ -105,9 +107,16 @@ impl Replicas {
         let auth_addrs: Vec<SocketAddr> = placement.auth.iter().map(|_| free_addr()).collect();
         let key: Vec<(&str, String)> =
             if master_key { vec![("STOREGATE_MASTER_KEY", TEST_MASTER_KEY.to_owned())] } else { Vec::new() };
+        let mut metrics = Vec::new();
+        let mut metrics_env = || {
+            let addr = free_addr();
+            metrics.push(addr);
+            ("METRICS_LISTEN_ADDR", addr.to_string())
+        };
         let mut auth = Vec::new();
         for (i, (url, addr)) in placement.auth.iter().zip(&auth_addrs).enumerate() {
             let mut envs = vec![("DATABASE_URL", url.to_string()), ("AUTH_LISTEN_ADDR", addr.to_string())];
+            envs.push(metrics_env());
             envs.extend(key.iter().cloned());
             envs.extend(extra.iter().cloned());
             auth.push(ServiceProcess::spawn(format!("auth-{i}"), "auth-service", *addr, &envs, logs)?);
@@ -120,6 +129,7 @@ impl Replicas {
                 ("DATABASE_URL", url.to_string()),
                 ("PRODUCT_LISTEN_ADDR", addr.to_string()),
                 ("AUTH_SERVICE_URL", auth_url),
+                metrics_env(),
             ];
             envs.extend(extra.iter().cloned());
             product.push(ServiceProcess::spawn(
@@ -130,7 +140,18 @@ impl Replicas {
                 logs,
             )?);
         }
-        Ok(Replicas { auth, product })
+        Ok(Replicas { auth, product, metrics })
+    }
+
+    /// The sum over every replica of the metric sample `name` (as exposed,
+    /// labels included; a replica without it counts 0).
+    pub async fn metric_sum(&self, name: &str) -> f64 {
+        let mut sum = 0.0;
+        for addr in &self.metrics {
+            let page = storegate_testkit::observe::scrape_metrics(*addr).await;
+            sum += storegate_testkit::observe::metric_value(&page, name).unwrap_or(0.0);
+        }
+        sum
     }
 
     pub fn all(&mut self) -> impl Iterator<Item = &mut ServiceProcess> {

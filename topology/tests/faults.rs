@@ -79,14 +79,18 @@ const PHASES: [&str; 8] = [
 
 impl Load {
     fn failed(&self, code: Code) {
+        self.count_failure(format!("{code:?}"));
+    }
+
+    /// A failed gRPC-Web call, counted apart from the gRPC ones.
+    fn failed_web(&self, code: Code) {
+        self.count_failure(format!("{code:?} (gRPC-Web)"));
+    }
+
+    fn count_failure(&self, label: String) {
         let phase = PHASES[self.phase.load(Ordering::Relaxed)];
-        *self
-            .ledger
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .failures
-            .entry((phase, format!("{code:?}")))
-            .or_default() += 1;
+        *self.ledger.lock().unwrap_or_else(|e| e.into_inner()).failures.entry((phase, label)).or_default() +=
+            1;
     }
 
     fn succeeded(&self, started: Instant) {
@@ -160,11 +164,43 @@ fn grpc_web_answers_through_the_gateway(web: std::net::SocketAddr) {
     assert!(text.contains("grpc-status:0"), "OK in the trailer frame: {text}");
 }
 
+/// The same GetJwks over gRPC-Web through the gateway's web port, under
+/// load: OK, or the code a browser's client would report (a gateway or
+/// connection failure as UNAVAILABLE).
+async fn grpc_web_get_jwks(web: std::net::SocketAddr) -> Result<(), Code> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let call = async {
+        let mut stream = tokio::net::TcpStream::connect(web).await.map_err(|_| Code::Unavailable)?;
+        let head = "POST /storegate.auth.v1.AuthService/GetJwks HTTP/1.1\r\nHost: gateway\r\n\
+                    Content-Type: application/grpc-web+proto\r\nX-Grpc-Web: 1\r\nContent-Length: 5\r\n\
+                    Connection: close\r\n\r\n";
+        stream.write_all(head.as_bytes()).await.map_err(|_| Code::Unavailable)?;
+        stream.write_all(&[0u8, 0, 0, 0, 0]).await.map_err(|_| Code::Unavailable)?;
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await.map_err(|_| Code::Unavailable)?;
+        let text = String::from_utf8_lossy(&response).to_ascii_lowercase();
+        if !text.starts_with("http/1.1 200") {
+            return Err(Code::Unavailable);
+        }
+        let status = text
+            .split("grpc-status:")
+            .nth(1)
+            .and_then(|rest| rest.trim_start().split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|digits| digits.parse::<i32>().ok());
+        match status {
+            Some(0) => Ok(()),
+            Some(code) => Err(Code::from(code)),
+            None => Err(Code::Unknown),
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), call).await.unwrap_or(Err(Code::DeadlineExceeded))
+}
+
 fn uuid(n: usize) -> String {
     format!("00000000-0000-4000-8000-{n:012}")
 }
 
-async fn worker(load: Arc<Load>, channel: Channel, token: String, ids: Vec<i64>) {
+async fn worker(load: Arc<Load>, channel: Channel, web: std::net::SocketAddr, token: String, ids: Vec<i64>) {
     let mut client = ProductServiceClient::new(channel.clone());
     let mut auth = AuthServiceClient::new(channel);
     while !load.stop.load(Ordering::Relaxed) {
@@ -210,10 +246,18 @@ async fn worker(load: Arc<Load>, channel: Channel, token: String, ids: Vec<i64>)
                     None => ledger.unresolved += 1,
                 }
             }
-            7 => {
+            7 if n % 20 == 7 => {
                 // Through the gateway to an auth replica.
                 if let Err(status) = auth.get_jwks(GetJwksRequest {}).await {
                     load.failed(status.code());
+                }
+            }
+            7 => {
+                // The same from a browser: gRPC-Web over HTTP/1.1.
+                let started = Instant::now();
+                match grpc_web_get_jwks(web).await {
+                    Ok(()) => load.succeeded(started),
+                    Err(code) => load.failed_web(code),
                 }
             }
             _ => {
@@ -284,7 +328,7 @@ async fn faults_under_load_through_the_gateway_lose_nothing() {
         next: AtomicUsize::new(1),
     });
     let workers: Vec<_> = (0..WORKERS)
-        .map(|_| tokio::spawn(worker(load.clone(), channel.clone(), token.clone(), ids.clone())))
+        .map(|_| tokio::spawn(worker(load.clone(), channel.clone(), gateway.web, token.clone(), ids.clone())))
         .collect();
     let phase = |i: usize| {
         load.phase.store(i, Ordering::Relaxed);
