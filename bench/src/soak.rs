@@ -8,10 +8,12 @@
 //!     scripts/topology/install.sh    # nginx (and galera-4 for --galera)
 //!     target/release/storegate-soak --minutes 10 [--mysql-server-url mysql://root@127.0.0.1:3306] [--galera]
 //!
-//! The traffic: reads of random products (60%), listing pages of random
-//! sizes and orders, first pages and continuations (15%), stock adjustments
-//! of ±1 with request ids (10%), creates (5%), token refreshes (9%), and
-//! complete sign-ups with a two-factor login (1%).
+//! The traffic: reads of random products (60%, a tenth of them over
+//! gRPC-Web through the gateway's HTTP/1.1 port, as browsers read), listing
+//! pages of random sizes and orders, first pages and continuations, a third
+//! of them searches (15%), stock adjustments of ±1 with request ids (10%),
+//! creates (5%), token refreshes (9%), and complete sign-ups with a
+//! two-factor login (1%).
 
 use std::{
     collections::BTreeMap,
@@ -33,7 +35,7 @@ use storegate::pb::{
         product_service_client::ProductServiceClient,
     },
 };
-use storegate_testkit::{Backend, TestDb, TestStack, bearer, totp_code};
+use storegate_testkit::{Backend, TestDb, TestStack, bearer, grpc_web, totp_code};
 use storegate_topology::{Galera, Gateway, Placement, Replicas, Scratch};
 use tonic::transport::Channel;
 
@@ -82,6 +84,8 @@ static ERROR_SAMPLES: Mutex<BTreeMap<String, String>> = Mutex::new(BTreeMap::new
 struct Traffic {
     ids: Vec<i64>,
     admin: String,
+    /// The gateway's gRPC-Web (HTTP/1.1) port.
+    web: std::net::SocketAddr,
     sessions: Mutex<Vec<String>>,
     interval: Mutex<Interval>,
     stop: AtomicBool,
@@ -132,8 +136,22 @@ async fn client_loop(traffic: Arc<Traffic>, channel: Channel) {
         let admin = &traffic.admin;
         let started = Instant::now();
         match n % 100 {
-            0..60 => {
+            0..54 => {
                 let result = products.get_product(bearer(GetProductRequest { id }, admin)).await;
+                traffic.record(started, &result);
+            }
+            54..60 => {
+                let request = prost::Message::encode_to_vec(&GetProductRequest { id });
+                let authorization = format!("Bearer {admin}");
+                let result = grpc_web::unary(
+                    traffic.web,
+                    "/storegate.product.v1.ProductService/GetProduct",
+                    &request,
+                    &[("authorization", &authorization)],
+                    Duration::from_secs(10),
+                )
+                .await
+                .map_err(|code| tonic::Status::new(code, "over gRPC-Web"));
                 traffic.record(started, &result);
             }
             60..75 => {
@@ -145,12 +163,17 @@ async fn client_loop(traffic: Arc<Traffic>, channel: Channel) {
                     Some((order, token)) if order == order_by && n.is_multiple_of(2) => token,
                     _ => String::new(),
                 };
-                let request = ListProductsRequest {
-                    page_size,
-                    page_token,
-                    order_by: order_by.clone(),
-                    query: String::new(),
+                // A third are searches, by relevance or in the page's order.
+                let query = if n % 3 == 0 {
+                    let words =
+                        ["teapot", "kettle", "mug", "cup", "saucer", "seed 0", "seed 01", "kettle seed"];
+                    words[traffic.pick(n / 3, words.len())].to_owned()
+                } else {
+                    String::new()
                 };
+                let order_by = if !query.is_empty() && n % 2 == 0 { String::new() } else { order_by };
+                let request =
+                    ListProductsRequest { page_size, page_token, order_by: order_by.clone(), query };
                 let result = products.list_products(bearer(request, admin)).await;
                 traffic.record(started, &result);
                 if let Ok(page) = result
@@ -279,6 +302,7 @@ async fn main() -> anyhow::Result<()> {
     let traffic = Arc::new(Traffic {
         ids,
         admin,
+        web: gateway.web,
         sessions: Mutex::default(),
         interval: Mutex::default(),
         stop: AtomicBool::new(false),

@@ -393,6 +393,7 @@ pub fn bearer<T>(message: T, token: &str) -> tonic::Request<T> {
 pub mod attack;
 pub mod catalogue;
 pub mod certs;
+pub mod grpc_web;
 pub mod observe;
 pub mod process;
 pub mod proxy;

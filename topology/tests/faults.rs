@@ -30,7 +30,7 @@ use storegate::{
     },
 };
 use storegate_testkit::{
-    TestStack, bearer,
+    TestStack, bearer, grpc_web,
     proxy::{CuttableProxy, Link},
 };
 use storegate_topology::{Galera, Gateway, Placement, Replicas, Scratch};
@@ -140,62 +140,6 @@ impl Load {
     }
 }
 
-/// A gRPC-Web call (HTTP/1.1, `application/grpc-web+proto`) through the
-/// gateway's web port: GetJwks, answered with a message and `grpc-status:0`
-/// in the trailer frame.
-fn grpc_web_answers_through_the_gateway(web: std::net::SocketAddr) {
-    use std::io::{Read as _, Write as _};
-    let mut stream = std::net::TcpStream::connect(web).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let body = [0u8, 0, 0, 0, 0]; // one empty, uncompressed GetJwksRequest
-    let head = format!(
-        "POST /storegate.auth.v1.AuthService/GetJwks HTTP/1.1\r\nHost: gateway\r\n\
-         Content-Type: application/grpc-web+proto\r\nX-Grpc-Web: 1\r\nContent-Length: {}\r\n\
-         Connection: close\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes()).unwrap();
-    stream.write_all(&body).unwrap();
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).unwrap();
-    let text = String::from_utf8_lossy(&response);
-    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
-    assert!(text.contains("\"keys\""), "a JWK Set in the answer: {text}");
-    assert!(text.contains("grpc-status:0"), "OK in the trailer frame: {text}");
-}
-
-/// The same GetJwks over gRPC-Web through the gateway's web port, under
-/// load: OK, or the code a browser's client would report (a gateway or
-/// connection failure as UNAVAILABLE).
-async fn grpc_web_get_jwks(web: std::net::SocketAddr) -> Result<(), Code> {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let call = async {
-        let mut stream = tokio::net::TcpStream::connect(web).await.map_err(|_| Code::Unavailable)?;
-        let head = "POST /storegate.auth.v1.AuthService/GetJwks HTTP/1.1\r\nHost: gateway\r\n\
-                    Content-Type: application/grpc-web+proto\r\nX-Grpc-Web: 1\r\nContent-Length: 5\r\n\
-                    Connection: close\r\n\r\n";
-        stream.write_all(head.as_bytes()).await.map_err(|_| Code::Unavailable)?;
-        stream.write_all(&[0u8, 0, 0, 0, 0]).await.map_err(|_| Code::Unavailable)?;
-        let mut response = Vec::new();
-        stream.read_to_end(&mut response).await.map_err(|_| Code::Unavailable)?;
-        let text = String::from_utf8_lossy(&response).to_ascii_lowercase();
-        if !text.starts_with("http/1.1 200") {
-            return Err(Code::Unavailable);
-        }
-        let status = text
-            .split("grpc-status:")
-            .nth(1)
-            .and_then(|rest| rest.trim_start().split(|c: char| !c.is_ascii_digit()).next())
-            .and_then(|digits| digits.parse::<i32>().ok());
-        match status {
-            Some(0) => Ok(()),
-            Some(code) => Err(Code::from(code)),
-            None => Err(Code::Unknown),
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(10), call).await.unwrap_or(Err(Code::DeadlineExceeded))
-}
-
 fn uuid(n: usize) -> String {
     format!("00000000-0000-4000-8000-{n:012}")
 }
@@ -255,8 +199,9 @@ async fn worker(load: Arc<Load>, channel: Channel, web: std::net::SocketAddr, to
             7 => {
                 // The same from a browser: gRPC-Web over HTTP/1.1.
                 let started = Instant::now();
-                match grpc_web_get_jwks(web).await {
-                    Ok(()) => load.succeeded(started),
+                let path = "/storegate.auth.v1.AuthService/GetJwks";
+                match grpc_web::unary(web, path, &[], &[], Duration::from_secs(10)).await {
+                    Ok(_) => load.succeeded(started),
                     Err(code) => load.failed_web(code),
                 }
             }
@@ -295,7 +240,19 @@ async fn faults_under_load_through_the_gateway_lose_nothing() {
     let mut replicas = Replicas::spawn(&placement, true, &grace, &logs).unwrap();
     replicas.wait_serving().await.unwrap();
     let gateway = Gateway::start(&scratch.path.join("gateway"), &replicas).expect("nginx starts");
-    grpc_web_answers_through_the_gateway(gateway.web);
+    // gRPC-Web (HTTP/1.1) through the gateway's web port: a JWK Set.
+    let answer = grpc_web::unary(
+        gateway.web,
+        "/storegate.auth.v1.AuthService/GetJwks",
+        &[],
+        &[],
+        Duration::from_secs(10),
+    )
+    .await
+    .expect("GetJwks over gRPC-Web through the gateway");
+    let jwks =
+        <storegate::pb::auth::v1::GetJwksResponse as prost::Message>::decode(answer.as_slice()).unwrap();
+    assert!(jwks.jwks_json.contains("\"keys\""), "{}", jwks.jwks_json);
     let token = replicas.login(&url, "operator", true).await.access_token;
 
     let channel = TestStack::channel(gateway.grpc).await;
