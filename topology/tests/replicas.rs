@@ -15,13 +15,17 @@ use storegate::{
     on_db,
     pb::product::v1::{AdjustStockRequest, CreateProductRequest, GetProductRequest, Product},
 };
-use storegate_testkit::{Backend, TestDb, backend_tests, bearer};
+use storegate_testkit::{
+    Backend, TEST_MASTER_KEY, TestDb, backend_tests, bearer,
+    process::{ServiceProcess, free_addr},
+};
 use storegate_topology::{Placement, Replicas, Scratch};
 
 backend_tests!(
     replicas_started_together_on_a_fresh_database_all_serve,
     a_product_replica_waits_for_the_migrate_step,
     a_product_replica_without_token_keys_is_not_serving,
+    a_failed_start_exits_without_ever_serving,
 );
 
 fn rounds() -> usize {
@@ -154,10 +158,6 @@ async fn a_product_replica_waits_for_the_migrate_step(backend: Backend) {
 /// UNAVAILABLE) until auth-service is there to give them, then SERVING
 /// without a restart.
 async fn a_product_replica_without_token_keys_is_not_serving(backend: Backend) {
-    use storegate_testkit::{
-        TEST_MASTER_KEY,
-        process::{ServiceProcess, free_addr},
-    };
     let db = TestDb::new(&backend).await;
     let scratch = Scratch::new("no-keys");
     let auth_addr = free_addr();
@@ -198,3 +198,102 @@ async fn a_product_replica_without_token_keys_is_not_serving(backend: Backend) {
     auth.wait_serving(Duration::from_secs(30)).await.unwrap();
     product.wait_serving(Duration::from_secs(30)).await.expect("SERVING once the keys arrive");
 }
+
+/// Watches a starting process until it exits: health must never have said
+/// SERVING meanwhile. Its exit status and log.
+async fn exits_without_serving(mut process: ServiceProcess) -> (std::process::ExitStatus, String) {
+    let started = std::time::Instant::now();
+    loop {
+        if let Some(status) = process.exited() {
+            return (status, process.log());
+        }
+        assert!(
+            !storegate_testkit::health_serving(process.addr).await,
+            "{} reported SERVING on a start that fails:\n{}",
+            process.name,
+            process.log_tail(20)
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "{} still running a minute into a start that fails:\n{}",
+            process.name,
+            process.log_tail(20)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A start that cannot succeed (no master key where one is required, the
+/// wrong master key for the stored keys, a certificate file that is not
+/// there, a database that does not answer) exits non-zero with the cause in
+/// its log, and no health check ever saw it SERVING.
+async fn a_failed_start_exits_without_ever_serving(backend: Backend) {
+    let db = TestDb::new(&backend).await;
+    let scratch = Scratch::new("failed-start");
+    let spawn = |name: &str, binary: &str, envs: &[(&str, String)]| {
+        let addr = free_addr();
+        let listen = if binary == "auth-service" { "AUTH_LISTEN_ADDR" } else { "PRODUCT_LISTEN_ADDR" };
+        let mut all = vec![(listen, addr.to_string())];
+        all.extend(envs.iter().cloned());
+        ServiceProcess::spawn(name, binary, addr, &all, &scratch.path).unwrap()
+    };
+    let database = ("DATABASE_URL", db.url.clone());
+    // The wrong key must meet keys stored under the right one: a first
+    // start stores them.
+    let mut first = spawn(
+        "first",
+        "auth-service",
+        &[database.clone(), ("STOREGATE_MASTER_KEY", TEST_MASTER_KEY.to_owned())],
+    );
+    first.wait_serving(Duration::from_secs(60)).await.unwrap();
+    drop(first);
+    let mut cases = vec![
+        (
+            "a wrong master key",
+            spawn(
+                "wrong-key",
+                "auth-service",
+                &[database.clone(), ("STOREGATE_MASTER_KEY", OTHER_MASTER_KEY.to_owned())],
+            ),
+            "STOREGATE_MASTER_KEY",
+        ),
+        (
+            "a certificate file that is not there",
+            spawn(
+                "no-cert",
+                "product-service",
+                &[
+                    database.clone(),
+                    ("TLS_CERT_FILE", "/nonexistent/storegate.crt".to_owned()),
+                    ("TLS_KEY_FILE", "/nonexistent/storegate.key".to_owned()),
+                ],
+            ),
+            "/nonexistent/storegate.crt",
+        ),
+    ];
+    if matches!(backend, Backend::MySql(_)) {
+        let closed = free_addr();
+        cases.push((
+            "no master key on MySQL",
+            spawn("no-key", "auth-service", &[database.clone()]),
+            "STOREGATE_MASTER_KEY",
+        ));
+        cases.push((
+            "a database that does not answer",
+            spawn(
+                "no-database",
+                "product-service",
+                &[("DATABASE_URL", format!("mysql://root@{closed}/storegate"))],
+            ),
+            "cannot connect to MySQL",
+        ));
+    }
+    for (what, process, cause) in cases {
+        let (status, log) = exits_without_serving(process).await;
+        assert!(!status.success(), "{what}: exited {status}");
+        assert!(log.contains(cause), "{what}: the log names the cause ({cause}):\n{log}");
+    }
+}
+
+/// A master key other than the one the test stack stores its keys under.
+const OTHER_MASTER_KEY: &str = "b3RoZXItc3RvcmVnYXRlLXRlc3Qta2V5LTMyYnl0ZXM=";
