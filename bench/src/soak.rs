@@ -164,14 +164,15 @@ async fn client_loop(traffic: Arc<Traffic>, channel: Channel) {
                     _ => String::new(),
                 };
                 // A third are searches, by relevance or in the page's order.
-                let query = if n % 3 == 0 {
+                let query = if n.is_multiple_of(3) {
                     let words =
                         ["teapot", "kettle", "mug", "cup", "saucer", "seed 0", "seed 01", "kettle seed"];
                     words[traffic.pick(n / 3, words.len())].to_owned()
                 } else {
                     String::new()
                 };
-                let order_by = if !query.is_empty() && n % 2 == 0 { String::new() } else { order_by };
+                let order_by =
+                    if !query.is_empty() && n.is_multiple_of(2) { String::new() } else { order_by };
                 let request =
                     ListProductsRequest { page_size, page_token, order_by: order_by.clone(), query };
                 let result = products.list_products(bearer(request, admin)).await;
