@@ -275,7 +275,7 @@ async fn a_failed_start_exits_without_ever_serving(backend: Backend) {
         let closed = free_addr();
         cases.push((
             "no master key on MySQL",
-            spawn("no-key", "auth-service", &[database.clone()]),
+            spawn("no-key", "auth-service", std::slice::from_ref(&database)),
             "STOREGATE_MASTER_KEY",
         ));
         cases.push((
