@@ -22,7 +22,10 @@ use crate::{
     },
     page_token,
     search_limit::SearchLimit,
-    store::{Adjusted, Cursor, Idempotent, ListQuery, ProductFields, ProductStore, RequestKey, Written},
+    store::{
+        Adjusted, Cursor, FieldChanges, Idempotent, ListQuery, ProductFields, ProductStore, RequestKey,
+        Written,
+    },
 };
 
 pub const DEFAULT_PAGE_SIZE: i32 = 50;
@@ -31,8 +34,6 @@ pub const MAX_PAGE_SIZE: i32 = 1000;
 const UPDATABLE: [&str; 4] = ["name", "description", "price", "stock"];
 /// Paths that exist but only the server sets.
 const OUTPUT_ONLY: [&str; 6] = ["id", "etag", "create_time", "update_time", "created_by", "updated_by"];
-/// Optimistic updates without an etag retry this often on a concurrent write.
-const UPDATE_ATTEMPTS: usize = 5;
 
 pub struct ProductApi {
     store: ProductStore,
@@ -175,21 +176,23 @@ fn validated_changes(product: &Product, paths: &[&str]) -> Result<(), ApiError> 
     ApiError::check(violations)
 }
 
-fn apply(current: &ProductFields, product: &Product, paths: &[&str]) -> Result<ProductFields, ApiError> {
-    let mut next = current.clone();
+/// The fields of `product` that `paths` name, as an update's changes.
+fn changes(product: &Product, paths: &[&str]) -> Result<FieldChanges, ApiError> {
+    let mut changes = FieldChanges::default();
     for path in paths {
         match *path {
-            "name" => next.name = product.name.clone(),
-            "description" => next.description = product.description.clone(),
+            "name" => changes.name = Some(product.name.clone()),
+            "description" => changes.description = Some(product.description.clone()),
             "price" => {
-                next.price =
-                    Price::parse(&product.price).map_err(|why| ApiError::invalid("product.price", why))?
+                changes.price = Some(
+                    Price::parse(&product.price).map_err(|why| ApiError::invalid("product.price", why))?,
+                )
             }
-            "stock" => next.stock = product.stock,
+            "stock" => changes.stock = Some(product.stock),
             _ => {}
         }
     }
-    Ok(next)
+    Ok(changes)
 }
 
 fn not_found(id: i64) -> ApiError {
@@ -320,28 +323,13 @@ impl ProductApi {
             tag => Some(parse_etag(tag).ok_or(ApiError::Aborted(STALE_ETAG))?),
         };
 
-        for _ in 0..UPDATE_ATTEMPTS {
-            let current = self.store.get(product.id).await?.ok_or_else(|| not_found(product.id))?;
-            if expected_version.is_some_and(|v| v != current.version) {
-                return Err(ApiError::Aborted(STALE_ETAG));
-            }
-            let next = apply(&current.fields()?, product, &paths)?;
-            match self
-                .store
-                .update_if_version(product.id, current.version, &next, user_id, storegate::db::now())
-                .await?
-            {
-                Written::Done(row) => return row.into_product(),
-                Written::NotFound => return Err(not_found(product.id)),
-                // Someone wrote in between: with an etag the client loses,
-                // without one we re-read and apply the change again.
-                Written::VersionMismatch if expected_version.is_some() => {
-                    return Err(ApiError::Aborted(STALE_ETAG));
-                }
-                Written::VersionMismatch => continue,
-            }
+        let changes = changes(product, &paths)?;
+        match self.store.update(product.id, &changes, expected_version, user_id, storegate::db::now()).await?
+        {
+            Written::Done(row) => row.into_product(),
+            Written::NotFound => Err(not_found(product.id)),
+            Written::VersionMismatch => Err(ApiError::Aborted(STALE_ETAG)),
         }
-        Err(ApiError::Aborted("the product is changing too often; retry"))
     }
 
     async fn delete(&self, request: Request<DeleteProductRequest>) -> Result<(), ApiError> {

@@ -245,6 +245,15 @@ pub struct ProductFields {
     pub stock: i64,
 }
 
+/// What an update changes: the fields it sets; the others keep their value.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct FieldChanges {
+    pub name: Option<String>,
+    pub description: Option<String>,
+    pub price: Option<Price>,
+    pub stock: Option<i64>,
+}
+
 /// A client's idempotency key and what identifies its request.
 pub struct RequestKey {
     /// Who sent it (the access token's `sub`): request ids are the caller's
@@ -1180,38 +1189,51 @@ impl ProductStore {
         .await
     }
 
-    /// Writes `fields` if the product is still at `version` (optimistic
-    /// concurrency: of two writers from the same version, one wins).
-    pub async fn update_if_version(
+    /// Changes the fields `changes` sets, in one statement (at `version`
+    /// only, when one is given: an etag), and reads what it wrote in the
+    /// same transaction: the answer is this write's state, whatever comes
+    /// after. Without a version the last writer wins field by field, so a
+    /// concurrent write never makes an update fail.
+    pub async fn update(
         &self,
         id: i64,
-        version: i64,
-        fields: &ProductFields,
+        changes: &FieldChanges,
+        version: Option<i64>,
         user_id: Option<i64>,
         now: DateTime<Utc>,
     ) -> Result<Written<ProductRow>, ApiError> {
-        let price = &self.price_param(fields.price);
-        // The write and the read of what it wrote in one transaction: the
-        // answer is this write's state, whatever comes after.
+        let mut sets = String::new();
+        let mut params = Vec::new();
+        let mut set = |column: &str, param: ListParam| {
+            sets.push_str(&format!("{column} = ?, "));
+            params.push(param);
+        };
+        if let Some(name) = &changes.name {
+            set("name", ListParam::Text(name.clone()));
+        }
+        if let Some(description) = &changes.description {
+            set("description", ListParam::Text(description.clone()));
+        }
+        if let Some(price) = changes.price {
+            set("price", ListParam::Text(self.price_param(price)));
+        }
+        if let Some(stock) = changes.stock {
+            set("stock", ListParam::Int(stock));
+        }
+        let at_version = if version.is_some() { " AND version = ?" } else { "" };
+        let sql = format!(
+            "UPDATE products SET {sets}version = version + 1, updated_by = ?, update_time = ? WHERE id = ?{at_version}"
+        );
+        let (sql, params) = (&sql, &params);
         let written: Option<ProductRow> = retry_conflicts(move || async move {
             on_db!(&self.db, pool => async {
             let mut tx = pool.begin_write().await?;
-            let rows = sqlx::query(
-                "UPDATE products SET name = ?, description = ?, price = ?, stock = ?, version = version + 1, \
-                 updated_by = ?, update_time = ? WHERE id = ? AND version = ?",
-            )
-            .bind(&fields.name)
-            .bind(&fields.description)
-            .bind(price)
-            .bind(fields.stock)
-            .bind(user_id)
-            .bind(now)
-            .bind(id)
-            .bind(version)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-            if rows != 1 {
+            let query = bind_all!(sqlx::query(sql), params).bind(user_id).bind(now).bind(id);
+            let query = match version {
+                Some(version) => query.bind(version),
+                None => query,
+            };
+            if query.execute(&mut *tx).await?.rows_affected() != 1 {
                 return Ok::<_, ApiError>(None);
             }
             let row = sqlx::query_as(SELECT_BY_ID).bind(id).fetch_one(&mut *tx).await?;

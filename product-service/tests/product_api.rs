@@ -26,6 +26,7 @@ backend_tests!(
     missing_products_are_not_found,
     listing_pages_through_every_product_exactly_once,
     updates_change_only_masked_fields_and_respect_etags,
+    concurrent_updates_without_an_etag_all_apply,
     create_with_a_request_id_is_idempotent,
     prices_are_stored_as_exact_decimals,
     health_and_reflection_are_served,
@@ -503,6 +504,57 @@ async fn updates_change_only_masked_fields_and_respect_etags(backend: Backend) {
         .unwrap()
         .into_inner();
     assert_eq!(now, emptied, "stale writes changed nothing");
+}
+
+/// Without an etag an update sets its fields in one statement: of many at
+/// once, each is answered with its own change (none ABORTED), each field's
+/// last writer wins, and every one counts as a version.
+async fn concurrent_updates_without_an_etag_all_apply(backend: Backend) {
+    const WRITERS: usize = 24;
+    let stack = TestStack::start(backend).await;
+    let token = stack.admin_token("admin").await;
+    let original = create(&stack, &token, product("Kettle", "30.00", 4)).await;
+    let mut calls = Vec::new();
+    for i in 0..WRITERS {
+        let (mut products, token) = (stack.products().await, token.clone());
+        // Half rename, half reprice: two fields written at once.
+        let (changed, paths) = if i % 2 == 0 {
+            (Product { id: original.id, name: format!("Kettle {i}"), ..Default::default() }, vec!["name"])
+        } else {
+            (Product { id: original.id, price: format!("{i}.00"), ..Default::default() }, vec!["price"])
+        };
+        calls.push(tokio::spawn(async move {
+            let request = UpdateProductRequest { product: Some(changed), update_mask: mask(&paths) };
+            products.update_product(bearer(request, &token)).await.map(|r| r.into_inner())
+        }));
+    }
+    let (mut names, mut prices) = (HashSet::new(), HashSet::new());
+    for (i, call) in calls.into_iter().enumerate() {
+        let answered = call.await.unwrap().expect("an update without an etag is never refused");
+        if i % 2 == 0 {
+            assert_eq!(answered.name, format!("Kettle {i}"), "answered with its own change");
+            names.insert(answered.name);
+        } else {
+            assert_eq!(answered.price, format!("{i}.00"), "answered with its own change");
+            prices.insert(answered.price);
+        }
+    }
+    let after = stack
+        .products()
+        .await
+        .get_product(bearer(GetProductRequest { id: original.id }, &token))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(names.contains(&after.name) && prices.contains(&after.price), "{after:?}");
+    assert_eq!((after.stock, after.description), (original.stock, original.description), "untouched fields");
+    let db = stack.db.open().await;
+    let version: i64 = on_db!(&db, pool => {
+        sqlx::query_scalar("SELECT version FROM products WHERE id = ?").bind(original.id).fetch_one(pool).await
+    })
+    .unwrap();
+    assert_eq!(version, 1 + WRITERS as i64, "one version per update");
+    assert_ne!(after.etag, original.etag);
 }
 
 async fn create_with_a_request_id_is_idempotent(backend: Backend) {
