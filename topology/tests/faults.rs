@@ -8,7 +8,9 @@
 //! stopped). Afterwards every acknowledged create is there exactly once, each
 //! product's stock is its start minus its acknowledged decrements, and every
 //! replica is SERVING by itself. The failed calls per fault, by status code,
-//! are printed (and none may be INTERNAL).
+//! are printed: each is UNAVAILABLE or ABORTED, a killed replica fails only
+//! the calls it had in flight (the gateway sends the rest to the other), and
+//! a replica stopped with SIGTERM fails none.
 //!
 //! Runs under CI, or with `STOREGATE_TEST_GALERA=1`; skipped otherwise.
 
@@ -66,13 +68,15 @@ struct Load {
     next: AtomicUsize,
 }
 
-const PHASES: [&str; 8] = [
+const PHASES: [&str; 10] = [
     "steady",
     "kill -9 the writer node",
     "restart the writer node",
     "kill -9 a standby node",
     "kill -9 a product replica",
+    "the product replica starts again",
     "SIGTERM an auth replica",
+    "the auth replica starts again",
     "cut the database (HAProxy down)",
     "one product replica loses its database",
 ];
@@ -307,23 +311,26 @@ async fn faults_under_load_through_the_gateway_lose_nothing() {
     phase(4);
     replicas.product[0].signal(libc::SIGKILL);
     pause(3).await;
+    phase(5);
     replicas.product[0].respawn().unwrap();
     replicas.product[0].wait_serving(Duration::from_secs(30)).await.unwrap();
     pause(2).await;
-    phase(5);
+    phase(6);
     replicas.auth[1].signal(libc::SIGTERM);
     let status =
         replicas.auth[1].wait_exit(Duration::from_secs(20)).await.expect("SIGTERM stops the replica");
     assert!(status.success(), "a SIGTERM'd replica exits cleanly: {status}");
+    pause(1).await;
+    phase(7);
     replicas.auth[1].respawn().unwrap();
     replicas.auth[1].wait_serving(Duration::from_secs(30)).await.unwrap();
     pause(2).await;
-    phase(6);
+    phase(8);
     galera.writer_proxy("stop").unwrap();
     pause(3).await;
     galera.writer_proxy("start").unwrap();
     pause(4).await;
-    phase(7);
+    phase(9);
     own_link.set(Link::Refused);
     pause(3).await;
     own_link.set(Link::Up);
@@ -351,7 +358,7 @@ async fn faults_under_load_through_the_gateway_lose_nothing() {
     }
     // The replica without its database answers at once, so it does not
     // hold up the calls the gateway sends to the others.
-    let beside_outage = ledger.slowest.get(PHASES[7]).copied().unwrap_or_default();
+    let beside_outage = ledger.slowest.get(PHASES[9]).copied().unwrap_or_default();
     assert!(
         beside_outage < Duration::from_secs(2),
         "calls stalled beside a replica without its database: {beside_outage:?}"
@@ -364,11 +371,24 @@ async fn faults_under_load_through_the_gateway_lose_nothing() {
     );
     assert_eq!(ledger.unresolved, 0, "every write got a definite answer within 60 s");
     assert!(ledger.refused.is_empty(), "writes refused: {:?}", ledger.refused);
-    assert!(
-        !ledger.failures.keys().any(|(_, code)| code == "Internal"),
-        "no INTERNAL for a fault: {:?}",
-        ledger.failures
-    );
+    // A fault's calls get the documented answers: UNAVAILABLE (retry), or
+    // ABORTED for a request_id whose first call has not finished.
+    let undocumented: Vec<_> = ledger
+        .failures
+        .keys()
+        .filter(|(_, code)| !(code.starts_with("Unavailable") || code.starts_with("Aborted")))
+        .collect();
+    assert!(undocumented.is_empty(), "answers other than UNAVAILABLE / ABORTED: {:?}", ledger.failures);
+    let failed_in = |phase: usize| -> usize {
+        ledger.failures.iter().filter(|((p, _), _)| *p == PHASES[phase]).map(|(_, n)| n).sum()
+    };
+    // The gateway sends a call whose replica refuses the connection to the
+    // other one: only calls in flight on a killed replica fail (at most
+    // one per client), none of a replica stopped gracefully. (A replica
+    // that starts again answers UNAVAILABLE until it is ready, and nginx
+    // without health checks passes those on: phases 5 and 7.)
+    assert!(failed_in(4) <= WORKERS, "a killed product replica: {} failed calls", failed_in(4));
+    assert_eq!(failed_in(6), 0, "a SIGTERM'd auth replica drains: {:?}", ledger.failures);
 
     let db = Db::connect(&url).await.unwrap();
     for (name, id) in &ledger.creates {
