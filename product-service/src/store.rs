@@ -962,7 +962,13 @@ impl ProductStore {
         let (sql, params) = self.search_statement(q, words)?;
         let rows: Vec<ListedRow> =
             on_db!(&self.db, pool => bind_all!(sqlx::query_as(&sql), &params).fetch_all(pool).await)?;
-        let total_size = self.count_matches(words).await?;
+        // A first page the matches do not fill holds them all: that is the
+        // count, and the engine need not find them a second time (most
+        // searches of rare words end so).
+        let total_size = match q.after {
+            None if (rows.len() as i64) < q.limit => rows.len() as i64,
+            _ => self.count_matches(words).await?,
+        };
         let scores = if q.order.field == SortField::Relevance {
             rows.iter().map(|row| row.score.unwrap_or_default()).collect()
         } else {

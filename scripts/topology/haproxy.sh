@@ -9,6 +9,8 @@
 #   haproxy.sh status   each server's state (UP/DOWN) and which one is the writer;
 #                       exit 0 when haproxy runs and a server is UP
 #   haproxy.sh writer   print the name of the server taking the traffic (node1..3)
+#   haproxy.sh sessions "name open-sessions" per server (two writers at once
+#                       would show as sessions on more than one)
 #
 # Environment:
 #   TOPOLOGY_DIR       default /tmp/storegate-topology
@@ -81,6 +83,11 @@ admin() { # admin COMMAND: one command on the admin socket
 server_states() {
     admin "show stat" | awk -F, '$1 == "galera" && $2 ~ /^node/ {
         st = $18; gsub(/ /, "_", st); chk = $37; sub(/^\* /, "", chk); print $2, st, chk}'
+}
+
+# "name scur" per server: the client connections each holds now.
+server_sessions() {
+    admin "show stat" | awk -F, '$1 == "galera" && $2 ~ /^node/ {print $2, $5}'
 }
 
 # The server new connections go to: node1 if UP, else the first backup UP;
@@ -159,5 +166,6 @@ case ${1:-} in
     stop)   cmd_stop ;;
     status) cmd_status ;;
     writer) writer ;;
+    sessions) server_sessions ;;
     *)      sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
 esac

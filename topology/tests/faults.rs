@@ -304,6 +304,24 @@ async fn faults_under_load_through_the_gateway_lose_nothing() {
     phase(2);
     galera.script(&["restart", "1"]).unwrap();
     pause(4).await;
+    // Back on node1, HAProxy cut the standby's sessions
+    // (`on-marked-up shutdown-backup-sessions`): one writer, never two.
+    let one_writer = async {
+        for _ in 0..100 {
+            let sessions = galera.writer_proxy("sessions").unwrap();
+            let open: Vec<(String, u64)> = sessions
+                .lines()
+                .filter_map(|line| line.split_once(' '))
+                .map(|(node, n)| (node.to_owned(), n.trim().parse().unwrap_or(0)))
+                .collect();
+            if open.iter().all(|(node, n)| (node == "node1") == (*n > 0)) {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Err(galera.writer_proxy("sessions").unwrap())
+    };
+    one_writer.await.expect("after failback every session is on node1 and none on a standby");
     phase(3);
     galera.script(&["kill", "3"]).unwrap();
     pause(4).await;

@@ -151,6 +151,17 @@ async fn a_product_replica_waits_for_the_migrate_step(backend: Backend) {
             .unwrap();
     assert!(migrated.status.success(), "migrate: {}", String::from_utf8_lossy(&migrated.stderr));
     replicas.wait_serving().await.expect("both serve once the schema is there");
+    // The same step from the other binary, on the migrated schema: nothing
+    // to do, and it says so by succeeding.
+    let again = tokio::process::Command::new(storegate_testkit::process::binary("auth-service").unwrap())
+        .arg("migrate")
+        .env("DATABASE_URL", &db.url)
+        .env("RUST_LOG", "warn")
+        .output()
+        .await
+        .unwrap();
+    assert!(again.status.success(), "auth-service migrate: {}", String::from_utf8_lossy(&again.stderr));
+    assert_eq!(migrate::schema_state(&pool).await.unwrap(), SchemaState::Current);
     pool.close().await;
 }
 
