@@ -13,7 +13,10 @@
 //! pages of random sizes and orders, first pages and continuations, a third
 //! of them searches (15%), stock adjustments of ±1 with request ids (10%),
 //! creates (5%), token refreshes (9%), and complete sign-ups with a
-//! two-factor login (1%).
+//! two-factor login (1%). Each client is a shopper of its own (reads and
+//! searches carry its token, so per-user limits see many users, as behind
+//! a real gateway); the administrator makes the writes. Access tokens are
+//! renewed every 5 minutes, so a run may last as long as asked.
 
 use std::{
     collections::BTreeMap,
@@ -83,7 +86,8 @@ static ERROR_SAMPLES: Mutex<BTreeMap<String, String>> = Mutex::new(BTreeMap::new
 
 struct Traffic {
     ids: Vec<i64>,
-    admin: String,
+    /// The catalogue's administrator, who makes every write.
+    admin: Mutex<Session>,
     /// The gateway's gRPC-Web (HTTP/1.1) port.
     web: std::net::SocketAddr,
     sessions: Mutex<Vec<String>>,
@@ -116,6 +120,22 @@ impl Traffic {
         }
     }
 
+    /// The administrator's access token, renewed when it is 5 minutes old.
+    async fn admin_token(&self, auth: &mut AuthServiceClient<Channel>) -> String {
+        let stale = {
+            let admin = self.admin.lock().unwrap_or_else(|e| e.into_inner());
+            (admin.renewed.elapsed() > Duration::from_secs(300)).then(|| admin.refresh.clone())
+        };
+        if let Some(refresh_token) = stale
+            && let Ok(renewed) = auth.refresh_token(RefreshTokenRequest { refresh_token }).await
+        {
+            let renewed = renewed.into_inner();
+            *self.admin.lock().unwrap_or_else(|e| e.into_inner()) =
+                Session::new((renewed.access_token, renewed.refresh_token));
+        }
+        self.admin.lock().unwrap_or_else(|e| e.into_inner()).access.clone()
+    }
+
     /// A number that differs per call, for picking (not for anything secret).
     fn pick(&self, n: usize, modulo: usize) -> usize {
         (n.wrapping_mul(2_654_435_761) >> 7) % modulo.max(1)
@@ -126,23 +146,57 @@ fn uuid(n: usize) -> String {
     format!("00000000-0000-4000-8000-{n:012}")
 }
 
-async fn client_loop(traffic: Arc<Traffic>, channel: Channel) {
+/// A signed-in user's tokens, renewed before the access token (15 min)
+/// runs out.
+struct Session {
+    access: String,
+    refresh: String,
+    renewed: Instant,
+}
+
+impl Session {
+    fn new((access, refresh): (String, String)) -> Session {
+        Session { access, refresh, renewed: Instant::now() }
+    }
+
+    /// The access token, refreshed first when it is 5 minutes old.
+    async fn access(&mut self, auth: &mut AuthServiceClient<Channel>) -> String {
+        if self.renewed.elapsed() > Duration::from_secs(300) {
+            let request = RefreshTokenRequest { refresh_token: self.refresh.clone() };
+            if let Ok(renewed) = auth.refresh_token(request).await {
+                let renewed = renewed.into_inner();
+                *self = Session::new((renewed.access_token, renewed.refresh_token));
+            }
+        }
+        self.access.clone()
+    }
+}
+
+async fn client_loop(traffic: Arc<Traffic>, channel: Channel, shopper: usize) {
     let mut products = ProductServiceClient::new(channel.clone());
     let mut auth = AuthServiceClient::new(channel);
-    let mut page_tokens: Vec<(String, String)> = Vec::new();
+    // Each client is a shopper of its own, as many users are behind a
+    // gateway (searches are limited per user); the administrator writes.
+    let Ok(tokens) = sign_up(&mut auth, &format!("shopper{shopper}")).await else {
+        eprintln!("shopper {shopper} could not sign up");
+        return;
+    };
+    let mut session = Session::new(tokens);
+    // Pages seen before, to continue: (order, query, token).
+    let mut page_tokens: Vec<(String, String, String)> = Vec::new();
     while !traffic.stop.load(Ordering::Relaxed) {
         let n = traffic.next.fetch_add(1, Ordering::Relaxed);
         let id = traffic.ids[traffic.pick(n, traffic.ids.len())];
-        let admin = &traffic.admin;
+        let shopper = &session.access(&mut auth).await;
         let started = Instant::now();
         match n % 100 {
             0..54 => {
-                let result = products.get_product(bearer(GetProductRequest { id }, admin)).await;
+                let result = products.get_product(bearer(GetProductRequest { id }, shopper)).await;
                 traffic.record(started, &result);
             }
             54..60 => {
                 let request = prost::Message::encode_to_vec(&GetProductRequest { id });
-                let authorization = format!("Bearer {admin}");
+                let authorization = format!("Bearer {shopper}");
                 let result = grpc_web::unary(
                     traffic.web,
                     "/storegate.product.v1.ProductService/GetProduct",
@@ -158,11 +212,6 @@ async fn client_loop(traffic: Arc<Traffic>, channel: Channel) {
                 let order_by =
                     ["", "name", "price desc", "create_time", "id desc"][traffic.pick(n, 5)].to_owned();
                 let page_size = [10, 20, 50, 100][traffic.pick(n / 5, 4)];
-                // Half of the pages continue a listing seen before.
-                let page_token = match page_tokens.pop() {
-                    Some((order, token)) if order == order_by && n.is_multiple_of(2) => token,
-                    _ => String::new(),
-                };
                 // A third are searches, by relevance or in the page's order.
                 let query = if n.is_multiple_of(3) {
                     let words =
@@ -173,21 +222,35 @@ async fn client_loop(traffic: Arc<Traffic>, channel: Channel) {
                 };
                 let order_by =
                     if !query.is_empty() && n.is_multiple_of(2) { String::new() } else { order_by };
-                let request =
-                    ListProductsRequest { page_size, page_token, order_by: order_by.clone(), query };
-                let result = products.list_products(bearer(request, admin)).await;
+                // Half of the pages continue a listing seen before.
+                let page_token = match page_tokens.pop() {
+                    Some((order, seen_query, token))
+                        if order == order_by && seen_query == query && n.is_multiple_of(2) =>
+                    {
+                        token
+                    }
+                    _ => String::new(),
+                };
+                let request = ListProductsRequest {
+                    page_size,
+                    page_token,
+                    order_by: order_by.clone(),
+                    query: query.clone(),
+                };
+                let result = products.list_products(bearer(request, shopper)).await;
                 traffic.record(started, &result);
                 if let Ok(page) = result
                     && !page.get_ref().next_page_token.is_empty()
                 {
-                    page_tokens.push((order_by, page.into_inner().next_page_token));
+                    page_tokens.push((order_by, query, page.into_inner().next_page_token));
                     page_tokens.truncate(16);
                 }
             }
             75..85 => {
                 let delta = if n.is_multiple_of(2) { 1 } else { -1 };
                 let request = AdjustStockRequest { id, delta, request_id: uuid(n) };
-                let result = products.adjust_stock(bearer(request, admin)).await.map(drop);
+                let admin = traffic.admin_token(&mut auth).await;
+                let result = products.adjust_stock(bearer(request, &admin)).await.map(drop);
                 // Out of stock is an answer, not an error of the service.
                 let result = result
                     .or_else(|s| if s.code() == tonic::Code::FailedPrecondition { Ok(()) } else { Err(s) });
@@ -201,7 +264,8 @@ async fn client_loop(traffic: Arc<Traffic>, channel: Channel) {
                     ..Default::default()
                 };
                 let request = CreateProductRequest { product: Some(product), request_id: uuid(n) };
-                let result = products.create_product(bearer(request, admin)).await;
+                let admin = traffic.admin_token(&mut auth).await;
+                let result = products.create_product(bearer(request, &admin)).await;
                 traffic.record(started, &result);
             }
             90..99 => {
@@ -220,7 +284,7 @@ async fn client_loop(traffic: Arc<Traffic>, channel: Channel) {
             _ => {
                 let result = sign_up(&mut auth, &format!("soak{n}")).await;
                 traffic.record_as(started, &result, true);
-                if let Ok(refresh_token) = result {
+                if let Ok((_, refresh_token)) = result {
                     let mut sessions = traffic.sessions.lock().unwrap_or_else(|e| e.into_inner());
                     sessions.push(refresh_token);
                     // A bounded set of live sessions, as users come and go.
@@ -233,8 +297,12 @@ async fn client_loop(traffic: Arc<Traffic>, channel: Channel) {
     }
 }
 
-/// Register, password, enrollment code: a new user's refresh token.
-async fn sign_up(auth: &mut AuthServiceClient<Channel>, username: &str) -> Result<String, tonic::Status> {
+/// Register, password, enrollment code: a new user's access and refresh
+/// tokens.
+async fn sign_up(
+    auth: &mut AuthServiceClient<Channel>,
+    username: &str,
+) -> Result<(String, String), tonic::Status> {
     let password = "correct horse battery";
     auth.register(RegisterRequest { username: username.into(), password: password.into() }).await?;
     let begun = auth
@@ -248,7 +316,8 @@ async fn sign_up(auth: &mut AuthServiceClient<Channel>, username: &str) -> Resul
             code: totp_code(&secret, 0),
         })
         .await?;
-    Ok(done.into_inner().refresh_token)
+    let done = done.into_inner();
+    Ok((done.access_token, done.refresh_token))
 }
 
 fn percentile(sorted: &[u64], p: f64) -> f64 {
@@ -277,7 +346,8 @@ async fn main() -> anyhow::Result<()> {
     let mut replicas = Replicas::spawn(&Placement::all_on(&url, 2, 2), true, &[], &scratch.path)?;
     replicas.wait_serving().await?;
     let gateway = Gateway::start(&scratch.path.join("gateway"), &replicas)?;
-    let admin = replicas.login(&url, "soak-admin", true).await.access_token;
+    let admin = replicas.login(&url, "soak-admin", true).await;
+    let admin = Session::new((admin.access_token, admin.refresh_token));
     let channel = TestStack::channel(gateway.grpc).await;
 
     eprintln!("seeding {} products", args.products);
@@ -294,7 +364,7 @@ async fn main() -> anyhow::Result<()> {
         let created = products
             .create_product(bearer(
                 CreateProductRequest { product: Some(product), request_id: String::new() },
-                &admin,
+                &admin.access,
             ))
             .await?;
         ids.push(created.into_inner().id);
@@ -302,15 +372,16 @@ async fn main() -> anyhow::Result<()> {
 
     let traffic = Arc::new(Traffic {
         ids,
-        admin,
+        admin: Mutex::new(admin),
         web: gateway.web,
         sessions: Mutex::default(),
         interval: Mutex::default(),
         stop: AtomicBool::new(false),
         next: AtomicUsize::new(1_000_000),
     });
-    let clients: Vec<_> =
-        (0..args.concurrency).map(|_| tokio::spawn(client_loop(traffic.clone(), channel.clone()))).collect();
+    let clients: Vec<_> = (0..args.concurrency)
+        .map(|i| tokio::spawn(client_loop(traffic.clone(), channel.clone(), i)))
+        .collect();
     let started = Instant::now();
     let total = Duration::from_secs(args.minutes * 60);
     let mut reports = Vec::new();
