@@ -69,6 +69,10 @@ struct Args {
     /// Calls in flight for the concurrent scenarios (and shoppers signed in).
     #[arg(long, default_value_t = 64)]
     concurrency: usize,
+    /// Run only these scenarios (comma separated, e.g.
+    /// `search-rare,store-search-rare`); all of them by default.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
     /// Where the JSON results go.
     #[arg(long, default_value = "catalogue-results.json")]
     json: PathBuf,
@@ -152,8 +156,13 @@ async fn main() -> anyhow::Result<()> {
         eprintln!("{size} products (seeded {:.1} s); scenarios:", seeding.as_secs_f64());
         let mut outcomes: Vec<Outcome> = Vec::new();
         let slice = Duration::from_secs(args.seconds) / args.rounds.max(1);
+        let scenarios: Vec<&str> = SCENARIOS
+            .iter()
+            .copied()
+            .filter(|name| args.only.is_empty() || args.only.iter().any(|o| o == name))
+            .collect();
         for _ in 0..args.rounds.max(1) {
-            for (i, name) in SCENARIOS.iter().enumerate() {
+            for (i, name) in scenarios.iter().enumerate() {
                 let concurrency = if name.ends_with("/1") { 1 } else { args.concurrency };
                 let part = bench.run(name, concurrency, slice).await;
                 match outcomes.get_mut(i) {
