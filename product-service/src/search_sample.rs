@@ -119,6 +119,12 @@ impl Sample {
         }
     }
 
+    /// How many products the sample holds (none for a catalogue small
+    /// enough that every search of it is on the index).
+    pub fn sampled(&self) -> u32 {
+        self.products
+    }
+
     /// About how many products of the catalogue have every term.
     pub fn estimate(&self, terms: &Terms) -> i64 {
         let mut matching: Option<Vec<u32>> = None;

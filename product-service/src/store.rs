@@ -5,6 +5,7 @@
 //! Both read it back through `CAST(price AS CHAR)`.
 
 use std::{
+    collections::HashMap,
     fmt::Write as _,
     sync::{Arc, LazyLock},
 };
@@ -504,10 +505,14 @@ const EXTRA_COLUMN: usize = 10;
 /// columns are those of the FULLTEXT index (migrations/mysql/0006).
 const MYSQL_MATCH: &str = "MATCH (products.name, products.description) AGAINST (? IN BOOLEAN MODE)";
 
+/// A search by relevance with at most this many matches finds them all in
+/// one statement ([`ProductStore::search_few`]).
+const FEW_MATCHES: i64 = 1000;
+
 // Declared after the macros it uses.
 mod broad;
 use broad::Searches;
-pub use broad::{BROAD_CURSOR, SearchCounts, SearchLabels};
+pub use broad::{BROAD_CURSOR, SearchCounts, SearchLabels, SearchPath};
 
 impl ProductStore {
     pub async fn new(db: Db) -> Self {
@@ -955,10 +960,23 @@ impl ProductStore {
                     && estimate > self.searches.bounds.exact_up_to
             }
         };
-        self.searches.count(broad);
         if broad {
+            self.searches.count(SearchPath::Broad);
             return self.broad_search(q, words, &sample, estimate).await;
         }
+        // Few matches, by relevance: one full-text statement gives every
+        // match's id and score, so its count too, and only the page's rows
+        // are read from the table (the page and the count otherwise cost
+        // the engine two searches).
+        let few = sample.catalogue <= FEW_MATCHES || (sample.sampled() > 0 && estimate <= FEW_MATCHES / 4);
+        if q.order.field == SortField::Relevance
+            && few
+            && let Some(page) = self.search_few(q, words).await?
+        {
+            self.searches.count(SearchPath::Few);
+            return Ok(page);
+        }
+        self.searches.count(SearchPath::Index);
         let (sql, params) = self.search_statement(q, words)?;
         let rows: Vec<ListedRow> =
             on_db!(&self.db, pool => bind_all!(sqlx::query_as(&sql), &params).fetch_all(pool).await)?;
@@ -982,6 +1000,87 @@ impl ProductStore {
         })
     }
 
+    /// A relevance page of a search with at most [`FEW_MATCHES`] matches:
+    /// every match's id and score from the engine in one statement, in the
+    /// order the engine pages them (score, then id), then the page's rows
+    /// by id. None when there are more matches than that (the sample was
+    /// wrong): the caller searches the usual way.
+    async fn search_few(&self, q: &ListQuery<'_>, words: &Words) -> Result<Option<Page>, ApiError> {
+        let mysql = self.db.backend() == Backend::MySql;
+        let (sql, engine_query) = if mysql {
+            (
+                format!(
+                    "SELECT products.id, {MYSQL_MATCH} AS score FROM products WHERE {MYSQL_MATCH} \
+                     ORDER BY score DESC, products.id ASC LIMIT ?"
+                ),
+                words.mysql(),
+            )
+        } else {
+            (
+                "SELECT rowid, -bm25(products_search) AS score FROM products_search \
+                 WHERE products_search MATCH ? ORDER BY score DESC, rowid ASC LIMIT ?"
+                    .to_owned(),
+                words.fts5(),
+            )
+        };
+        let matches: Vec<(i64, f64)> = on_db!(&self.db, pool => {
+            let query = sqlx::query_as(&sql).bind(&engine_query);
+            let query = if mysql { query.bind(&engine_query) } else { query };
+            query.bind(FEW_MATCHES + 1).fetch_all(pool).await
+        })?;
+        if matches.len() as i64 > FEW_MATCHES {
+            return Ok(None);
+        }
+        let total_size = matches.len() as i64;
+        let after = Self::relevance_after(q)?;
+        let page: Vec<(i64, f64)> = matches
+            .into_iter()
+            .filter(|&(id, score)| {
+                after.is_none_or(|(last, last_id)| score < last || (score == last && id > last_id))
+            })
+            .take(q.limit.max(0) as usize)
+            .collect();
+        let ids: Vec<i64> = page.iter().map(|(id, _)| *id).collect();
+        let mut rows = self.rows_by_ids(&ids).await?;
+        // A product deleted since the engine found it is left out.
+        let (mut kept, mut scores) = (Vec::with_capacity(page.len()), Vec::with_capacity(page.len()));
+        for (id, score) in page {
+            if let Some(row) = rows.remove(&id) {
+                kept.push(row);
+                scores.push(score);
+            }
+        }
+        Ok(Some(Page { rows: kept, scores, total_size, ..Page::default() }))
+    }
+
+    /// The products with these ids, by id (padded to a power of two of
+    /// places, so that few statements are prepared).
+    async fn rows_by_ids(&self, ids: &[i64]) -> Result<HashMap<i64, ProductRow>, ApiError> {
+        let Some(&last) = ids.last() else { return Ok(HashMap::new()) };
+        let places = ids.len().next_power_of_two();
+        let sql = format!("SELECT {COLUMNS} FROM products WHERE id IN ({})", vec!["?"; places].join(", "));
+        let rows: Vec<ProductRow> = on_db!(&self.db, pool => {
+            let mut query = sqlx::query_as(&sql);
+            for place in 0..places {
+                query = query.bind(ids.get(place).copied().unwrap_or(last));
+            }
+            query.fetch_all(pool).await
+        })?;
+        Ok(rows.into_iter().map(|row| (row.id, row)).collect())
+    }
+
+    /// The (score, id) a relevance page goes on after, from its cursor.
+    fn relevance_after(q: &ListQuery<'_>) -> Result<Option<(f64, i64)>, ApiError> {
+        let Some(after) = q.after else { return Ok(None) };
+        let score = after
+            .sort_value
+            .parse()
+            .ok()
+            .filter(|x: &f64| x.is_finite())
+            .ok_or_else(|| ApiError::invalid("page_token", "is not valid"))?;
+        Ok(Some((score, after.id)))
+    }
+
     /// The statement of a search for `words` (not empty), and its parameters.
     fn search_statement(
         &self,
@@ -991,18 +1090,7 @@ impl ProductStore {
         let mysql = self.db.backend() == Backend::MySql;
         let engine_query = ListParam::Text(if mysql { words.mysql() } else { words.fts5() });
         let relevance = q.order.field == SortField::Relevance;
-        let after_score = match (relevance, q.after) {
-            (true, Some(after)) => Some((
-                after
-                    .sort_value
-                    .parse()
-                    .ok()
-                    .filter(|x: &f64| x.is_finite())
-                    .ok_or_else(|| ApiError::invalid("page_token", "is not valid"))?,
-                after.id,
-            )),
-            _ => None,
-        };
+        let after_score = if relevance { Self::relevance_after(q)? } else { None };
         if relevance && !mysql {
             return Ok(Self::fts5_ranked_statement(engine_query, after_score, q.limit));
         }

@@ -28,6 +28,7 @@ backend_tests!(
     writes_are_searchable_at_once,
     a_prefix_shorter_than_three_characters,
     searches_use_the_fulltext_index,
+    few_matches_page_as_the_engine_pages_them,
 );
 
 impl Shop {
@@ -332,4 +333,76 @@ async fn searches_use_the_fulltext_index(backend: Backend) {
         .unwrap();
         assert_eq!(kinds, [(Some("fulltext".to_string()), Some("products_search".to_string()))], "{order}");
     }
+}
+
+/// A search by relevance with few matches is answered from one statement
+/// (every match's id and score: its count too) instead of a page and a
+/// count: the same pages, in the same order, with the same scores and
+/// total, and a page token of either way goes on in the other.
+async fn few_matches_page_as_the_engine_pages_them(backend: Backend) {
+    use chrono::Utc;
+    use product_service::{
+        domain::{OrderBy, Price, SortField},
+        search_sample::SearchBounds,
+        store::{Cursor, ListQuery, ProductFields, ProductStore, SearchLabels},
+    };
+    // More products than one statement of matches may hold (1,000), so that
+    // a store without a sample of them pages on the engine; "lamp" in 90,
+    // with scores of every kind (repeats, longer and shorter texts).
+    const CATALOGUE: usize = 1_500;
+    let shop = Shop::open(backend.clone()).await;
+    let db = shop.stack.db.open().await;
+    let products: Vec<ProductFields> = (0..CATALOGUE)
+        .map(|i| {
+            let lamp = i % 17 == 0;
+            let name = if lamp { format!("Lamp {i}") } else { format!("Shelf {i}") };
+            let description =
+                if lamp { "lamp ".repeat(i % 4) + &"brass ".repeat(i % 5) } else { "oak".into() };
+            ProductFields { name, description, price: Price::parse("9.00").unwrap(), stock: 1 }
+        })
+        .collect();
+    ProductStore::pool_only(db.clone()).import(&products, None, Utc::now()).await.unwrap();
+    let lamps = (0..CATALOGUE).filter(|i| i % 17 == 0).count();
+    let engine = ProductStore::new(db.clone()).await;
+    // With a bound of 300 the catalogue is sampled, and "lamp" is few.
+    let few = ProductStore::new(db.clone()).await.with_search_bounds(SearchBounds::for_index_matches(300));
+    assert_eq!(common::search_when_indexed(&engine, &backend, "lamp", lamps).await.rows.len(), lamps);
+
+    let relevance = OrderBy { field: SortField::Relevance, descending: false };
+    let page = |store: &ProductStore, after: Option<Cursor>, limit: i64| {
+        let store = store.clone();
+        async move {
+            let q = ListQuery { order: relevance, query: Some("lamp"), after: after.as_ref(), limit };
+            let page = store.list(&q).await.unwrap();
+            let ids: Vec<i64> = page.rows.iter().map(|row| row.id).collect();
+            (ids, page.scores, page.total_size, page.rows)
+        }
+    };
+    let (all_ids, all_scores, total, _) = page(&engine, None, 1000).await;
+    assert_eq!((all_ids.len(), total), (lamps, lamps as i64));
+    assert_eq!(page(&few, None, 1000).await.0, all_ids, "one page of all, either way");
+    for page_size in [1, 7, 25] {
+        // Pages from the two ways in turn, each going on from the other's token.
+        let (mut ids, mut scores, mut after): (Vec<i64>, Vec<f64>, _) = (Vec::new(), Vec::new(), None);
+        for turn in 0.. {
+            let store = if turn % 2 == 0 { &few } else { &engine };
+            let (page_ids, page_scores, page_total, rows) = page(store, after.clone(), page_size + 1).await;
+            assert_eq!(page_total, lamps as i64, "total_size on every page, either way");
+            let more = page_ids.len() as i64 > page_size;
+            let kept = page_ids.len().min(page_size as usize);
+            ids.extend(&page_ids[..kept]);
+            scores.extend(&page_scores[..kept]);
+            if !more {
+                break;
+            }
+            let last = rows[kept - 1].clone().into_product().unwrap();
+            after = Some(Cursor::after_match(&last, page_scores[kept - 1], false));
+        }
+        assert_eq!(ids, all_ids, "page size {page_size}");
+        assert_eq!(scores, all_scores, "page size {page_size}");
+    }
+    let taken =
+        |store: &ProductStore, path| store.search_counts().get_or_create(&SearchLabels { path }).get();
+    assert!(taken(&few, "few") > 0 && taken(&few, "index") == 0, "the sampled store found few matches");
+    assert!(taken(&engine, "index") > 0 && taken(&engine, "few") == 0, "the other paged on the engine");
 }

@@ -51,8 +51,31 @@ const SAMPLE_RUNS: usize = 10;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SearchLabels {
-    /// `index`: by the full-text engine; `broad`: matched in Rust.
+    /// [`SearchPath::label`].
     pub path: &'static str,
+}
+
+/// How a search was answered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SearchPath {
+    /// By the full-text engine: the page, and the count apart.
+    Index,
+    /// By the full-text engine, every match's id in one statement (a
+    /// search by relevance with few matches).
+    Few,
+    /// Matched in Rust over a bounded read (common words).
+    Broad,
+}
+
+impl SearchPath {
+    /// The metric label: `index`, `few` or `broad`.
+    pub fn label(self) -> &'static str {
+        match self {
+            SearchPath::Index => "index",
+            SearchPath::Few => "few",
+            SearchPath::Broad => "broad",
+        }
+    }
 }
 
 /// Searches answered so far, by how (metric
@@ -75,8 +98,8 @@ impl Searches {
         Searches { bounds, ..Searches::default() }
     }
 
-    pub(super) fn count(&self, broad: bool) {
-        self.counts.get_or_create(&SearchLabels { path: if broad { "broad" } else { "index" } }).inc();
+    pub(super) fn count(&self, path: SearchPath) {
+        self.counts.get_or_create(&SearchLabels { path: path.label() }).inc();
     }
 
     fn latest(&self) -> Option<Arc<Sample>> {
@@ -91,8 +114,8 @@ impl Searches {
 }
 
 impl ProductStore {
-    /// Searches answered so far, by path (`index` or `broad`): for the
-    /// metrics endpoint and tests.
+    /// Searches answered so far, by path (`index`, `few` or `broad`): for
+    /// the metrics endpoint and tests.
     pub fn search_counts(&self) -> SearchCounts {
         self.searches.counts.clone()
     }
