@@ -68,6 +68,10 @@ impl Db {
                 // instead of failing at once.
                 .busy_timeout(Duration::from_secs(10))
                 .foreign_keys(true)
+                // Reads through a memory map, as the in-line read connections
+                // do (crate::sqlite_reads): searches and writes' reads on
+                // these connections otherwise copy every page with a read().
+                .pragma("mmap_size", crate::sqlite_reads::READ_MMAP_BYTES.to_string())
                 // Statement logs carry SQL text; errors are logged where
                 // they are handled, without it.
                 .disable_statement_logging();

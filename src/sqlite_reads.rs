@@ -40,7 +40,7 @@ const KEPT_CONNECTIONS: usize = 8;
 const STATEMENT_CACHE: usize = 64;
 /// How much of the file each read connection maps (a bound on address
 /// space, not memory: a smaller file maps whole).
-const READ_MMAP_BYTES: i64 = 1 << 30;
+pub(crate) const READ_MMAP_BYTES: i64 = 1 << 30;
 
 /// Read-only connections to a SQLite file for reads on the calling thread.
 #[derive(Debug)]
