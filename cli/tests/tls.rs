@@ -64,11 +64,7 @@ async fn the_cli_registers_over_tls_with_its_ca_file() {
     let dir = scratch("tls");
     let ca = TestCa::new(&dir, "good");
     let db = TestDb::new(&Backend::Sqlite).await;
-    let server = ca.server("auth");
-    let mut config = TestStack::auth_config(&db);
-    config.common.tls_cert_file = Some(server.cert);
-    config.common.tls_key_file = Some(server.key);
-    let auth = Running::auth(config).await;
+    let auth = Running::auth_over_tls(&db, &ca.server("auth")).await;
     let url = format!("https://localhost:{}", auth.addr.port());
     let trust = ClientTlsFiles { ca: Some(ca.ca_file.clone()), ..Default::default() };
     assert!(wait_serving_at(&url, &trust, Duration::from_secs(30)).await);

@@ -425,6 +425,14 @@ impl Running {
         Self::spawn(|listener, stop| auth_service::run(config, listener, stop)).await
     }
 
+    /// auth-service on `db` serving TLS with `server`'s certificate.
+    pub async fn auth_over_tls(db: &TestDb, server: &certs::PemFiles) -> Running {
+        let mut config = TestStack::auth_config(db);
+        config.common.tls_cert_file = Some(server.cert.clone());
+        config.common.tls_key_file = Some(server.key.clone());
+        Self::auth(config).await
+    }
+
     /// product-service with `config`, on port 0.
     pub async fn product(config: ProductConfig) -> Running {
         Self::spawn(|listener, stop| product_service::run(config, listener, stop)).await

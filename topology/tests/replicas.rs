@@ -141,28 +141,25 @@ async fn a_product_replica_waits_for_the_migrate_step(backend: Backend) {
     let pool = Db::connect(&db.url).await.unwrap();
     assert!(matches!(migrate::schema_state(&pool).await.unwrap(), SchemaState::Behind(_)), "nobody migrated");
 
-    let migrated =
-        tokio::process::Command::new(storegate_testkit::process::binary("product-service").unwrap())
-            .arg("migrate")
-            .env("DATABASE_URL", &db.url)
-            .env("RUST_LOG", "warn")
-            .output()
-            .await
-            .unwrap();
-    assert!(migrated.status.success(), "migrate: {}", String::from_utf8_lossy(&migrated.stderr));
+    migrate_with("product-service", &db.url).await;
     replicas.wait_serving().await.expect("both serve once the schema is there");
     // The same step from the other binary, on the migrated schema: nothing
     // to do, and it says so by succeeding.
-    let again = tokio::process::Command::new(storegate_testkit::process::binary("auth-service").unwrap())
+    migrate_with("auth-service", &db.url).await;
+    assert_eq!(migrate::schema_state(&pool).await.unwrap(), SchemaState::Current);
+    pool.close().await;
+}
+
+/// Runs `<binary> migrate` on `url`; it must succeed.
+async fn migrate_with(binary: &str, url: &str) {
+    let migrated = tokio::process::Command::new(storegate_testkit::process::binary(binary).unwrap())
         .arg("migrate")
-        .env("DATABASE_URL", &db.url)
+        .env("DATABASE_URL", url)
         .env("RUST_LOG", "warn")
         .output()
         .await
         .unwrap();
-    assert!(again.status.success(), "auth-service migrate: {}", String::from_utf8_lossy(&again.stderr));
-    assert_eq!(migrate::schema_state(&pool).await.unwrap(), SchemaState::Current);
-    pool.close().await;
+    assert!(migrated.status.success(), "{binary} migrate: {}", String::from_utf8_lossy(&migrated.stderr));
 }
 
 /// product-service can answer nothing without token keys: NOT_SERVING (and
