@@ -184,22 +184,67 @@ fn prepare_sqlite_files(database: &Path) -> anyhow::Result<()> {
 /// at once with SQLITE_BUSY; `BEGIN IMMEDIATE` waits for the lock up front.
 pub trait BeginWrite {
     type Database: sqlx::Database;
-    fn begin_write(
-        &self,
-    ) -> impl Future<Output = Result<Transaction<'static, Self::Database>, sqlx::Error>> + Send;
+    fn begin_write(&self) -> impl Future<Output = Result<WriteTx<Self::Database>, sqlx::Error>> + Send;
+}
+
+/// A write transaction: used as its connection (`&mut *tx`), ended by
+/// [`WriteTx::commit`] or, dropped, rolled back. On SQLite it holds the
+/// process's turn to write that file (see [`write_turn`]).
+pub struct WriteTx<DB: sqlx::Database> {
+    tx: Transaction<'static, DB>,
+    _turn: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl<DB: sqlx::Database> WriteTx<DB> {
+    pub async fn commit(self) -> Result<(), sqlx::Error> {
+        self.tx.commit().await
+    }
+}
+
+impl<DB: sqlx::Database> std::ops::Deref for WriteTx<DB> {
+    type Target = DB::Connection;
+    fn deref(&self) -> &DB::Connection {
+        &self.tx
+    }
+}
+
+impl<DB: sqlx::Database> std::ops::DerefMut for WriteTx<DB> {
+    fn deref_mut(&mut self) -> &mut DB::Connection {
+        &mut self.tx
+    }
+}
+
+/// The turn to write one SQLite file, shared by every pool of this process
+/// on it, first come first served. SQLite lets one writer in at a time and
+/// makes the others wait in its busy handler, which sleeps in growing steps
+/// (up to 100 ms) and so lets writers in in no order: with 64 writes in
+/// flight one waited 168 ms at p99 while the median waited 41 ms. Waiting
+/// here in order instead, a writer only meets SQLite's lock when another
+/// process (the other service on the same file) holds it.
+fn write_turn(path: &Path) -> std::sync::Arc<tokio::sync::Mutex<()>> {
+    use std::{
+        collections::HashMap,
+        sync::{Arc, LazyLock, Mutex},
+    };
+    static TURNS: LazyLock<Mutex<HashMap<std::path::PathBuf, Arc<tokio::sync::Mutex<()>>>>> =
+        LazyLock::new(Mutex::default);
+    let mut turns = TURNS.lock().unwrap_or_else(|e| e.into_inner());
+    turns.entry(path.to_owned()).or_default().clone()
 }
 
 impl BeginWrite for Pool<Sqlite> {
     type Database = Sqlite;
-    async fn begin_write(&self) -> Result<Transaction<'static, Sqlite>, sqlx::Error> {
-        self.begin_with("BEGIN IMMEDIATE").await
+    async fn begin_write(&self) -> Result<WriteTx<Sqlite>, sqlx::Error> {
+        let turn = write_turn(self.connect_options().get_filename()).lock_owned().await;
+        let tx = self.begin_with("BEGIN IMMEDIATE").await?;
+        Ok(WriteTx { tx, _turn: Some(turn) })
     }
 }
 
 impl BeginWrite for Pool<MySql> {
     type Database = MySql;
-    async fn begin_write(&self) -> Result<Transaction<'static, MySql>, sqlx::Error> {
-        self.begin().await
+    async fn begin_write(&self) -> Result<WriteTx<MySql>, sqlx::Error> {
+        Ok(WriteTx { tx: self.begin().await?, _turn: None })
     }
 }
 
