@@ -1023,25 +1023,39 @@ impl ProductStore {
                 words.fts5(),
             )
         };
-        let matches: Vec<(i64, f64)> = on_db!(&self.db, pool => {
+        let after = Self::relevance_after(q)?;
+        let on_page = |&(id, score): &(i64, f64)| {
+            after.is_none_or(|(last, last_id)| score < last || (score == last && id > last_id))
+        };
+        // Both statements on one connection: on MySQL sqlx's pool pings a
+        // connection each time it is given back.
+        let found: Option<(usize, Vec<(i64, f64)>, Vec<ProductRow>)> = on_db!(&self.db, pool => async {
+            let mut connection = pool.acquire().await?;
             let query = sqlx::query_as(&sql).bind(&engine_query);
             let query = if mysql { query.bind(&engine_query) } else { query };
-            query.bind(FEW_MATCHES + 1).fetch_all(pool).await
-        })?;
-        if matches.len() as i64 > FEW_MATCHES {
-            return Ok(None);
+            let matches: Vec<(i64, f64)> = query.bind(FEW_MATCHES + 1).fetch_all(&mut *connection).await?;
+            if matches.len() as i64 > FEW_MATCHES {
+                return Ok::<_, sqlx::Error>(None);
+            }
+            let total = matches.len();
+            let page: Vec<(i64, f64)> =
+                matches.into_iter().filter(on_page).take(q.limit.max(0) as usize).collect();
+            let Some(&(last_id, _)) = page.last() else { return Ok(Some((total, page, Vec::new()))) };
+            // Padded to a power of two of places, so that few statements
+            // are prepared.
+            let places = page.len().next_power_of_two();
+            let by_ids =
+                format!("SELECT {COLUMNS} FROM products WHERE id IN ({})", vec!["?"; places].join(", "));
+            let mut query = sqlx::query_as(&by_ids);
+            for place in 0..places {
+                query = query.bind(page.get(place).map_or(last_id, |(id, _)| *id));
+            }
+            let rows = query.fetch_all(&mut *connection).await?;
+            Ok(Some((total, page, rows)))
         }
-        let total_size = matches.len() as i64;
-        let after = Self::relevance_after(q)?;
-        let page: Vec<(i64, f64)> = matches
-            .into_iter()
-            .filter(|&(id, score)| {
-                after.is_none_or(|(last, last_id)| score < last || (score == last && id > last_id))
-            })
-            .take(q.limit.max(0) as usize)
-            .collect();
-        let ids: Vec<i64> = page.iter().map(|(id, _)| *id).collect();
-        let mut rows = self.rows_by_ids(&ids).await?;
+        .await)?;
+        let Some((total, page, rows)) = found else { return Ok(None) };
+        let mut rows: HashMap<i64, ProductRow> = rows.into_iter().map(|row| (row.id, row)).collect();
         // A product deleted since the engine found it is left out.
         let (mut kept, mut scores) = (Vec::with_capacity(page.len()), Vec::with_capacity(page.len()));
         for (id, score) in page {
@@ -1050,23 +1064,7 @@ impl ProductStore {
                 scores.push(score);
             }
         }
-        Ok(Some(Page { rows: kept, scores, total_size, ..Page::default() }))
-    }
-
-    /// The products with these ids, by id (padded to a power of two of
-    /// places, so that few statements are prepared).
-    async fn rows_by_ids(&self, ids: &[i64]) -> Result<HashMap<i64, ProductRow>, ApiError> {
-        let Some(&last) = ids.last() else { return Ok(HashMap::new()) };
-        let places = ids.len().next_power_of_two();
-        let sql = format!("SELECT {COLUMNS} FROM products WHERE id IN ({})", vec!["?"; places].join(", "));
-        let rows: Vec<ProductRow> = on_db!(&self.db, pool => {
-            let mut query = sqlx::query_as(&sql);
-            for place in 0..places {
-                query = query.bind(ids.get(place).copied().unwrap_or(last));
-            }
-            query.fetch_all(pool).await
-        })?;
-        Ok(rows.into_iter().map(|row| (row.id, row)).collect())
+        Ok(Some(Page { rows: kept, scores, total_size: total as i64, ..Page::default() }))
     }
 
     /// The (score, id) a relevance page goes on after, from its cursor.
