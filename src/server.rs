@@ -162,6 +162,58 @@ where
     }
 }
 
+/// Plain HTTP GETs a server answers beside gRPC, on the same port: those
+/// under `/.well-known/` (auth-service: OpenID discovery and the JWK Set,
+/// for gateways that check tokens themselves). Given the request's head;
+/// HEAD is answered as GET without the body.
+pub type HttpGets = Arc<
+    dyn Fn(http::request::Parts) -> BoxFuture<http::Response<tonic::body::Body>, Infallible> + Send + Sync,
+>;
+
+/// Sends GET and HEAD requests under `/.well-known/` to [`HttpGets`] and
+/// everything else on. Outermost, since tonic-web answers any HTTP/1.1
+/// request that is not gRPC-Web with 400.
+#[derive(Clone)]
+struct WithHttpGets<S> {
+    inner: S,
+    gets: Option<HttpGets>,
+}
+
+impl<S> Service<http::Request<tonic::body::Body>> for WithHttpGets<S>
+where
+    S: Service<
+            http::Request<tonic::body::Body>,
+            Response = http::Response<tonic::body::Body>,
+            Error = Infallible,
+        > + Send,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response, Infallible>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        let get = matches!(*request.method(), Method::GET | Method::HEAD)
+            && request.uri().path().starts_with("/.well-known/");
+        match &self.gets {
+            Some(gets) if get => {
+                let (parts, _) = request.into_parts();
+                let head = parts.method == Method::HEAD;
+                let answer = gets(parts);
+                Box::pin(async move {
+                    let response = answer.await?;
+                    Ok(if head { response.map(|_| tonic::body::Body::empty()) } else { response })
+                })
+            }
+            _ => Box::pin(self.inner.call(request)),
+        }
+    }
+}
+
 /// What a server's start-up hands over once the API is open.
 pub struct Started {
     pub db: Db,
@@ -234,6 +286,7 @@ pub async fn serve(
     config: &CommonConfig,
     start: impl Future<Output = anyhow::Result<Started>>,
     shutdown: impl Future<Output = ()>,
+    http_gets: Option<HttpGets>,
 ) -> anyhow::Result<()> {
     // The start-up, the lifecycle and the server are large futures (debug
     // builds): on the heap, so that a caller awaiting `serve` in place (a
@@ -287,10 +340,11 @@ pub async fn serve(
         tokio::spawn(tls.keep_current(interval))
     });
     tracing::info!(tls = tls.is_some(), mtls = config.tls_client_ca_file.is_some(), "serving");
-    let service = cors_layer(&config.cors_allowed_origins).layer(tonic_web::GrpcWebLayer::new().layer(
+    let grpc = cors_layer(&config.cors_allowed_origins).layer(tonic_web::GrpcWebLayer::new().layer(
         // Innermost: sees gRPC-Web calls already translated to gRPC.
         metrics.layer().layer(CallLimits::new(routes.routes().prepare(), limits)),
     ));
+    let service = WithHttpGets { inner: grpc, gets: http_gets };
     let server = connections::serve(listener, tls, limits, service, lifecycle);
     tokio::select! {
         () = Box::pin(server) => {}

@@ -36,6 +36,12 @@ pub struct AuthConfig {
     #[arg(long, env = "STOREGATE_MASTER_KEY_FILE")]
     pub master_key_file: Option<std::path::PathBuf>,
 
+    /// Where clients reach this service, e.g. `https://auth.example.com`:
+    /// the base of `jwks_uri` in `/.well-known/openid-configuration`.
+    /// Without it, each request's own scheme and Host.
+    #[arg(long, env = "AUTH_PUBLIC_URL")]
+    pub public_url: Option<String>,
+
     /// The issuer name authenticator apps show next to the account.
     #[arg(long, env = "TOTP_ISSUER", default_value = "storegate")]
     pub totp_issuer: String,
@@ -94,6 +100,7 @@ impl AuthConfig {
             metrics_listen_addr: String::new(),
             master_key: None,
             master_key_file: None,
+            public_url: None,
             totp_issuer: "storegate".to_owned(),
             login: LoginPolicy::default(),
         }

@@ -13,6 +13,7 @@ pub mod service;
 pub mod store;
 pub mod throttle;
 pub mod totp;
+pub mod well_known;
 
 use std::{future::Future, time::Duration};
 
@@ -71,6 +72,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let metrics = storegate::metrics::Metrics::new("auth-service");
     let api = Gate::default();
+    let well_known = well_known::WellKnown::default();
     let (mut routes, health) = storegate::server::base_routes(storegate::pb::AUTH_FILE_DESCRIPTOR_SET)?;
     routes.add_service(api.clone());
     tracing::info!(addr = %listener.local_addr()?, "auth-service listening; starting");
@@ -92,6 +94,12 @@ pub async fn run(
                 .collect();
         background.push(tokio::spawn(sweep_expired(state.store.clone())));
         let limits = &config.common.limits;
+        well_known.open(
+            state.keys.clone(),
+            state.issuer.clone(),
+            config.public_url.clone(),
+            config.common.tls_cert_file.is_some(),
+        );
         api.open(
             AuthServiceServer::new(AuthApi::new(state))
                 .max_decoding_message_size(limits.max_request_bytes.unwrap_or(MAX_REQUEST_BYTES))
@@ -102,7 +110,9 @@ pub async fn run(
         Ok(Started { db, db_health, also_ready: None, background })
     };
     let name = <AuthServiceServer<AuthApi> as tonic::server::NamedService>::NAME;
-    storegate::server::serve(routes, health, name, &metrics, listener, &config.common, start, shutdown).await
+    let gets = Some(well_known.http_gets());
+    storegate::server::serve(routes, health, name, &metrics, listener, &config.common, start, shutdown, gets)
+        .await
 }
 
 /// Deletes expired tickets and refresh tokens now and then; correctness

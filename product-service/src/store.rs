@@ -1029,7 +1029,13 @@ impl ProductStore {
         };
         // Both statements on one connection: on MySQL sqlx's pool pings a
         // connection each time it is given back.
-        let found: Option<(usize, Vec<(i64, f64)>, Vec<ProductRow>)> = on_db!(&self.db, pool => async {
+        /// Every match counted, the page's (id, score) and their rows.
+        struct Found {
+            total: usize,
+            page: Vec<(i64, f64)>,
+            rows: Vec<ProductRow>,
+        }
+        let found: Option<Found> = on_db!(&self.db, pool => async {
             let mut connection = pool.acquire().await?;
             let query = sqlx::query_as(&sql).bind(&engine_query);
             let query = if mysql { query.bind(&engine_query) } else { query };
@@ -1040,7 +1046,7 @@ impl ProductStore {
             let total = matches.len();
             let page: Vec<(i64, f64)> =
                 matches.into_iter().filter(on_page).take(q.limit.max(0) as usize).collect();
-            let Some(&(last_id, _)) = page.last() else { return Ok(Some((total, page, Vec::new()))) };
+            let Some(&(last_id, _)) = page.last() else { return Ok(Some(Found { total, page, rows: Vec::new() })) };
             // Padded to a power of two of places, so that few statements
             // are prepared.
             let places = page.len().next_power_of_two();
@@ -1051,10 +1057,10 @@ impl ProductStore {
                 query = query.bind(page.get(place).map_or(last_id, |(id, _)| *id));
             }
             let rows = query.fetch_all(&mut *connection).await?;
-            Ok(Some((total, page, rows)))
+            Ok(Some(Found { total, page, rows }))
         }
         .await)?;
-        let Some((total, page, rows)) = found else { return Ok(None) };
+        let Some(Found { total, page, rows }) = found else { return Ok(None) };
         let mut rows: HashMap<i64, ProductRow> = rows.into_iter().map(|row| (row.id, row)).collect();
         // A product deleted since the engine found it is left out.
         let (mut kept, mut scores) = (Vec::with_capacity(page.len()), Vec::with_capacity(page.len()));
