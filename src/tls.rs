@@ -156,8 +156,53 @@ pub struct ClientTlsFiles {
     pub key: Option<PathBuf>,
 }
 
+/// A rustls client configuration for `files`: the server verified against
+/// `files.ca` or, without one, the system roots; the client's certificate
+/// for mTLS when both its files are given. For clients that speak TLS
+/// themselves rather than through tonic (product-service's JWKS_URL).
+pub fn rustls_client_config(files: &ClientTlsFiles) -> anyhow::Result<rustls::ClientConfig> {
+    let mut roots = RootCertStore::empty();
+    match &files.ca {
+        Some(ca) => {
+            for cert in CertificateDer::pem_file_iter(ca)
+                .with_context(|| format!("cannot read the CA file {}", ca.display()))?
+            {
+                let cert = cert.with_context(|| format!("the CA file {} is not PEM", ca.display()))?;
+                roots
+                    .add(cert)
+                    .with_context(|| format!("the CA file {}: a bad certificate", ca.display()))?;
+            }
+        }
+        None => {
+            let native = rustls_native_certs::load_native_certs();
+            roots.add_parsable_certificates(native.certs);
+        }
+    }
+    if roots.is_empty() {
+        bail!("no CA certificate to verify servers with");
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .context("the TLS provider supports no protocol version")?
+        .with_root_certificates(roots);
+    Ok(match (&files.cert, &files.key) {
+        (Some(cert), Some(key)) => {
+            let chain = CertificateDer::pem_file_iter(cert)
+                .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+                .with_context(|| format!("cannot read the client certificate {}", cert.display()))?;
+            let key = PrivateKeyDer::from_pem_file(key)
+                .with_context(|| format!("cannot read the client key {}", key.display()))?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .context("the client certificate and key do not go together")?
+        }
+        (None, None) => builder.with_no_client_auth(),
+        _ => bail!("a client certificate needs both its certificate and its key file"),
+    })
+}
+
 /// Whether `host` is this machine, where plaintext never crosses a network.
-fn is_loopback(host: &str) -> bool {
+pub fn is_loopback(host: &str) -> bool {
     let host = host.trim_start_matches('[').trim_end_matches(']');
     host.eq_ignore_ascii_case("localhost")
         || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())

@@ -41,8 +41,15 @@ pub struct ProductConfig {
 
     /// Read the JWK Set from this file instead of asking auth-service
     /// (re-read on the same schedule).
-    #[arg(long, env = "JWKS_FILE")]
+    #[arg(long, env = "JWKS_FILE", conflicts_with = "jwks_url")]
     pub jwks_file: Option<PathBuf>,
+
+    /// Fetch the JWK Set by HTTP GET from this URL instead of auth-service's
+    /// GetJwks, e.g. `https://auth.example.com/.well-known/jwks.json`
+    /// (refreshed on the same schedule; https:// verified with
+    /// AUTH_SERVICE_CA_FILE, or the system roots, and its client certificate).
+    #[arg(long, env = "JWKS_URL")]
+    pub jwks_url: Option<String>,
 
     /// How often the key set is refreshed even when nothing asks for it.
     #[arg(long, env = "JWKS_REFRESH_INTERVAL_SECS", default_value_t = 300)]
@@ -111,6 +118,7 @@ impl ProductConfig {
             auth_service_cert_file: None,
             auth_service_key_file: None,
             jwks_file: None,
+            jwks_url: None,
             jwks_refresh_interval_secs: 300,
             jwt_max_lifetime_secs: storegate::token::ACCESS_TOKEN_TTL_SECS,
             db_read_connections: None,

@@ -33,6 +33,8 @@ pub enum KeySource {
     Auth(AuthServiceClient<Channel>),
     /// A JWK Set file, for deployments that distribute keys themselves.
     File(PathBuf),
+    /// A JWK Set by HTTP GET (JWKS_URL).
+    Url(crate::jwks_url::JwksUrl),
 }
 
 impl KeySource {
@@ -59,6 +61,9 @@ impl KeySource {
             KeySource::File(path) => tokio::fs::read_to_string(path)
                 .await
                 .with_context(|| format!("cannot read JWKS_FILE {}", path.display()))?,
+            KeySource::Url(url) => tokio::time::timeout(FETCH_TIMEOUT, url.fetch())
+                .await
+                .context("JWKS_URL did not answer in time")??,
         };
         KeySet::parse_jwks_json(&json).context("the JWK Set is not valid JSON")
     }

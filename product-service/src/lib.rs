@@ -6,6 +6,7 @@ pub mod auth;
 pub mod config;
 pub mod domain;
 pub mod import;
+pub mod jwks_url;
 pub mod keys;
 pub mod page_token;
 pub mod plan;
@@ -47,9 +48,10 @@ pub async fn run(
     routes.add_service(api.clone());
     tracing::info!(addr = %listener.local_addr()?, "product-service listening; starting");
     let start = async {
-        let source = match &config.jwks_file {
-            Some(path) => KeySource::File(path.clone()),
-            None => KeySource::auth(&config.auth_service_url, &config.auth_service_tls())?,
+        let source = match (&config.jwks_file, &config.jwks_url) {
+            (Some(path), _) => KeySource::File(path.clone()),
+            (None, Some(url)) => KeySource::Url(jwks_url::JwksUrl::new(url, &config.auth_service_tls())?),
+            (None, None) => KeySource::auth(&config.auth_service_url, &config.auth_service_tls())?,
         };
         let db = config.common.open_database().await?;
         // What can fail first, so that a failed start leaves no task behind.

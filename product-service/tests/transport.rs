@@ -279,3 +279,86 @@ async fn a_certificate_without_its_key_is_a_start_up_error() {
     let error = auth.stop().await.expect_err("a certificate without a key must not start");
     assert!(format!("{error:#}").contains("TLS_KEY_FILE"), "{error:#}");
 }
+
+/// product-service with its keys from `jwks_url` (JWKS_URL, the key set over
+/// plain HTTP GET) and an AUTH_SERVICE_URL where nothing answers: the keys
+/// can only come from the URL.
+async fn product_with_jwks_url(db: &TestDb, jwks_url: String, ca: Option<&TestCa>) -> (Running, String) {
+    let mut config = ProductConfig::with_database_url(&db.url);
+    config.auth_service_url = "http://127.0.0.1:1".into();
+    config.jwks_url = Some(jwks_url);
+    config.auth_service_ca_file = ca.map(|ca| ca.ca_file.clone());
+    let product = Running::product(config).await;
+    let url = format!("http://{}", product.addr);
+    (product, url)
+}
+
+async fn list_with(url: &str, token: &str) -> Result<i64, tonic::Status> {
+    let channel = channel_to(url, &ClientTlsFiles::default()).await.unwrap();
+    let listed = ProductServiceClient::new(channel)
+        .list_products(bearer(ListProductsRequest { page_size: 1, ..Default::default() }, token))
+        .await?;
+    Ok(listed.into_inner().total_size)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn product_service_takes_its_keys_from_a_jwks_url() {
+    let stack = TestStack::start_auth(Backend::Sqlite).await;
+    let token = stack.admin_token("alice").await;
+    let jwks_url = format!("http://{}/.well-known/jwks.json", stack.auth_addr);
+    let (_product, url) = product_with_jwks_url(&stack.db, jwks_url, None).await;
+    assert!(
+        wait_serving_at(&url, &ClientTlsFiles::default(), Duration::from_secs(30)).await,
+        "SERVING on keys fetched from JWKS_URL"
+    );
+    assert_eq!(list_with(&url, &token).await.expect("a real token verifies"), 0);
+    let forged = format!("{}x", &token[..token.len() - 1]);
+    assert_eq!(list_with(&url, &forged).await.unwrap_err().code(), tonic::Code::Unauthenticated);
+
+    // Fetched again, the unchanged set comes back (the server answers the
+    // ETag with 304, and the last set stands).
+    let source = product_service::jwks_url::JwksUrl::new(
+        &format!("http://{}/.well-known/jwks.json", stack.auth_addr),
+        &ClientTlsFiles::default(),
+    )
+    .unwrap();
+    let first = source.fetch().await.unwrap();
+    assert!(first.contains("Ed25519"), "{first}");
+    assert_eq!(source.fetch().await.unwrap(), first);
+    for (bad, why) in [("ftp://127.0.0.1/jwks.json", "http:// or https://"), ("http:///jwks.json", "URL")] {
+        let error = product_service::jwks_url::JwksUrl::new(bad, &ClientTlsFiles::default()).err().unwrap();
+        assert!(format!("{error:#}").contains(why), "{bad}: {error:#}");
+    }
+    let with_ca = ClientTlsFiles { ca: Some("/nonexistent/ca.pem".into()), ..Default::default() };
+    let error =
+        product_service::jwks_url::JwksUrl::new("http://127.0.0.1/jwks.json", &with_ca).err().unwrap();
+    assert!(format!("{error:#}").contains("https://"), "{error:#}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_jwks_url_over_tls_is_verified_and_never_downgraded() {
+    let dir = scratch("jwks-url");
+    let ca = TestCa::new(&dir.0, "good");
+    let db = TestDb::new(&Backend::Sqlite).await;
+    let auth = auth_over_tls(&db, &ca.server("auth"), None).await;
+    let auth_url = format!("https://localhost:{}", auth.addr.port());
+    assert!(wait_serving_at(&auth_url, &trusting(&ca), Duration::from_secs(30)).await);
+    let (_product, url) =
+        product_with_jwks_url(&db, format!("{auth_url}/.well-known/jwks.json"), Some(&ca)).await;
+    assert!(
+        wait_serving_at(&url, &ClientTlsFiles::default(), Duration::from_secs(30)).await,
+        "keys fetched over verified TLS"
+    );
+
+    // A plaintext server behind an https:// JWKS_URL: no key is ever taken.
+    let plain = TestStack::start_auth(Backend::Sqlite).await;
+    let downgrade = format!("https://localhost:{}/.well-known/jwks.json", plain.auth_addr.port());
+    let (_product, url) = product_with_jwks_url(&plain.db, downgrade, Some(&ca)).await;
+    assert!(
+        !wait_serving_at(&url, &ClientTlsFiles::default(), Duration::from_secs(3)).await,
+        "product-service must not report SERVING on keys fetched over a downgrade"
+    );
+    let token = plain.admin_token("mallory").await;
+    let status = list_with(&url, &token).await.expect_err("no call accepted without trusted keys");
+    assert!(matches!(status.code(), tonic::Code::Unauthenticated | tonic::Code::Unavailable), "{status:?}");
+}
