@@ -240,6 +240,141 @@ pub async fn unlock_user(config: &AuthConfig, username: &str) -> anyhow::Result<
     Ok(unlocked)
 }
 
+/// One account in an operator's words: a line of `list-users`, or the
+/// lines of `show-user`.
+fn describe(account: &store::Account, long: bool) -> String {
+    let when = |t: &Option<chrono::DateTime<chrono::Utc>>| {
+        t.map_or("never".to_owned(), |t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+    };
+    let mut state = Vec::new();
+    if account.disabled_at.is_some() {
+        state.push("disabled");
+    }
+    if account.locked_at.is_some() {
+        state.push("locked");
+    }
+    if account.totp_confirmed_at.is_none() {
+        state.push("enrolling");
+    }
+    let state = if state.is_empty() { "active".to_owned() } else { state.join(", ") };
+    let roles = if account.roles.is_empty() { "-".to_owned() } else { account.roles.join(",") };
+    if !long {
+        return format!(
+            "{:<24} {:<20} {:<12} {:>8}  {}",
+            account.username,
+            state,
+            roles,
+            account.sessions,
+            when(&account.last_login_at)
+        );
+    }
+    format!(
+        "username:    {}\nid:          {}\nstate:       {state}\nroles:       {roles}\n\
+         enrolled:    {}\ncreated:     {}\nlast login:  {}\nsessions:    {} live\n\
+         locked:      {}\ndisabled:    {}",
+        account.username,
+        account.id,
+        account.totp_confirmed_at.map_or("no (the next login enrolls)".to_owned(), |_| format!(
+            "yes, since {}",
+            when(&account.totp_confirmed_at)
+        )),
+        when(&Some(account.created_at)),
+        when(&account.last_login_at),
+        account.sessions,
+        account.locked_at.map_or("no".to_owned(), |_| format!("since {}", when(&account.locked_at))),
+        account.disabled_at.map_or("no".to_owned(), |_| format!("since {}", when(&account.disabled_at))),
+    )
+}
+
+/// `auth-service list-users`: every account, its state, roles, live
+/// sessions and last login.
+pub async fn list_users(config: &AuthConfig) -> anyhow::Result<Vec<store::Account>> {
+    let store = admin_store(config).await?;
+    let accounts = store.accounts(db::now()).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    println!("{:<24} {:<20} {:<12} {:>8}  last login", "username", "state", "roles", "sessions");
+    for account in &accounts {
+        println!("{}", describe(account, false));
+    }
+    store.db().close().await;
+    Ok(accounts)
+}
+
+/// `auth-service show-user <username>`.
+pub async fn show_user(config: &AuthConfig, username: &str) -> anyhow::Result<store::Account> {
+    let store = admin_store(config).await?;
+    let (user_id, username) = user_id_of(&store, username).await?;
+    let account = store
+        .account(user_id, db::now())
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .with_context(|| format!("no user named {}", username.as_str()))?;
+    println!("{}", describe(&account, true));
+    store.db().close().await;
+    Ok(account)
+}
+
+/// `auth-service disable-user <username>` (or `enable-user`): a disabled
+/// account cannot log in or refresh, and its sessions end at once. True
+/// when it changed.
+pub async fn set_user_disabled(config: &AuthConfig, username: &str, disabled: bool) -> anyhow::Result<bool> {
+    let store = admin_store(config).await?;
+    let (user_id, username) = user_id_of(&store, username).await?;
+    let changed =
+        store.set_disabled(user_id, disabled, db::now()).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let name = username.as_str();
+    match (disabled, changed) {
+        (true, true) => {
+            tracing::warn!(user_id, "an administrator disabled an account");
+            println!(
+                "disabled {name}: no login or refresh until enable-user; their sessions ended, and access \
+                 tokens already issued expire within {} minutes",
+                storegate::token::ACCESS_TOKEN_TTL_SECS / 60
+            );
+        }
+        (true, false) => println!("{name} is disabled already"),
+        (false, true) => {
+            tracing::info!(user_id, "an administrator enabled an account");
+            println!("enabled {name}: they can log in again");
+        }
+        (false, false) => println!("{name} is not disabled"),
+    }
+    store.db().close().await;
+    Ok(changed)
+}
+
+/// `auth-service delete-user <username>`: the account, its roles, tickets,
+/// sessions and recovery codes; products keep its id as their author.
+pub async fn delete_user(config: &AuthConfig, username: &str) -> anyhow::Result<()> {
+    let store = admin_store(config).await?;
+    let (user_id, username) = user_id_of(&store, username).await?;
+    let deleted = store.delete_user(user_id).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    anyhow::ensure!(deleted, "no user named {}", username.as_str());
+    tracing::warn!(user_id, "an administrator deleted an account");
+    println!(
+        "deleted {} (id {user_id}): their sessions ended, access tokens already issued expire within {} \
+         minutes; products they wrote keep the id",
+        username.as_str(),
+        storegate::token::ACCESS_TOKEN_TTL_SECS / 60
+    );
+    store.db().close().await;
+    Ok(())
+}
+
+/// `auth-service reset-totp <username>`: forgets the second factor and
+/// ends every session; the next login enrolls a new one.
+pub async fn reset_totp(config: &AuthConfig, username: &str) -> anyhow::Result<()> {
+    let store = admin_store(config).await?;
+    let (user_id, username) = user_id_of(&store, username).await?;
+    store.forget_second_factor(user_id, db::now()).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    tracing::warn!(user_id, "an administrator reset an account's second factor");
+    println!(
+        "reset the second factor of {}: their sessions ended, and their next login shows a new QR code",
+        username.as_str()
+    );
+    store.db().close().await;
+    Ok(())
+}
+
 /// `auth-service revoke-key <kid>`: withdraws a signing key at once (it
 /// leaked, say). When it was the one signing, a new key takes over now.
 pub async fn revoke_key(config: &AuthConfig, kid: &str) -> anyhow::Result<()> {

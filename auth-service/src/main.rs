@@ -29,6 +29,21 @@ enum Command {
     RevokeSessions { username: String },
     /// Lift the lock set after too many consecutive failed logins.
     UnlockUser { username: String },
+    /// Every account: state (active, enrolling, locked, disabled), roles,
+    /// live sessions, last login.
+    ListUsers,
+    /// One account in detail.
+    ShowUser { username: String },
+    /// No login or refresh for this account until enable-user; its sessions
+    /// end now.
+    DisableUser { username: String },
+    /// Let a disabled account log in again.
+    EnableUser { username: String },
+    /// Delete an account (its sessions end; products keep its id).
+    DeleteUser { username: String },
+    /// Forget an account's second factor and end its sessions: the next
+    /// login enrolls a new authenticator.
+    ResetTotp { username: String },
     /// Withdraw a signing key at once: it leaves the JWK Set and signs
     /// nothing more (a new key takes over if it was signing).
     RevokeKey { kid: String },
@@ -64,6 +79,16 @@ async fn main() -> anyhow::Result<()> {
             auth_service::revoke_sessions(&cli.config, &username).await.map(drop)
         }
         Command::UnlockUser { username } => auth_service::unlock_user(&cli.config, &username).await.map(drop),
+        Command::ListUsers => auth_service::list_users(&cli.config).await.map(drop),
+        Command::ShowUser { username } => auth_service::show_user(&cli.config, &username).await.map(drop),
+        Command::DisableUser { username } => {
+            auth_service::set_user_disabled(&cli.config, &username, true).await.map(drop)
+        }
+        Command::EnableUser { username } => {
+            auth_service::set_user_disabled(&cli.config, &username, false).await.map(drop)
+        }
+        Command::DeleteUser { username } => auth_service::delete_user(&cli.config, &username).await,
+        Command::ResetTotp { username } => auth_service::reset_totp(&cli.config, &username).await,
         Command::RevokeKey { kid } => auth_service::revoke_key(&cli.config, &kid).await,
         Command::RotateKeys { activate_after_secs } => {
             let activate_after = std::time::Duration::from_secs(activate_after_secs);

@@ -42,6 +42,7 @@ const BAD_CODE: &str = "invalid code";
 const BAD_REFRESH_TOKEN: &str = "refresh token is invalid, expired or revoked; log in again";
 const ACCOUNT_LOCKED: &str =
     "this account is locked after too many failed logins; an administrator must unlock it";
+const ACCOUNT_DISABLED: &str = "this account is disabled; an administrator can enable it";
 const ENROLLMENT_TAKEN: &str = "another login confirmed a second factor first; start the login again";
 const STILL_ENROLLING: &str =
     "the account has no confirmed second factor yet: complete the login with this ticket first";
@@ -78,6 +79,7 @@ impl AuthState {
             Ok(_) => "ok",
             Err(ApiError::Unauthenticated(_)) => "rejected",
             Err(ApiError::PermissionDenied(ACCOUNT_LOCKED)) => "locked",
+            Err(ApiError::PermissionDenied(ACCOUNT_DISABLED)) => "disabled",
             Err(ApiError::ResourceExhausted { message, .. }) if *message == throttle::THROTTLED => {
                 "throttled"
             }
@@ -205,11 +207,11 @@ impl AuthState {
         };
         // Unknown users are checked against a dummy hash: same answer, same time.
         let (stored_hash, user) = match user {
-            Some(u) => (Some(u.password_hash), Some((u.id, u.locked_at, u.totp))),
+            Some(u) => (Some(u.password_hash), Some((u.id, u.locked_at, u.disabled_at, u.totp))),
             None => (None, None),
         };
         let password_ok = self.hasher.verify(req.password, stored_hash).await?;
-        let Some((user_id, locked_at, totp_state)) = user else {
+        let Some((user_id, locked_at, disabled_at, totp_state)) = user else {
             return Err(ApiError::Unauthenticated(BAD_CREDENTIALS));
         };
         if !password_ok {
@@ -217,6 +219,9 @@ impl AuthState {
             return Err(ApiError::Unauthenticated(BAD_CREDENTIALS));
         }
         // Said only to whoever knows the password.
+        if disabled_at.is_some() {
+            return Err(ApiError::PermissionDenied(ACCOUNT_DISABLED));
+        }
         if locked_at.is_some() {
             return Err(ApiError::PermissionDenied(ACCOUNT_LOCKED));
         }
@@ -372,6 +377,9 @@ impl AuthState {
         let now = storegate::db::now();
         let ticket = self.ticket(login_ticket).await?;
         let ticket_hash = token_hash(login_ticket);
+        if ticket.disabled_at.is_some() {
+            return Err(ApiError::PermissionDenied(ACCOUNT_DISABLED));
+        }
         if ticket.locked_at.is_some() {
             return Err(ApiError::PermissionDenied(ACCOUNT_LOCKED));
         }

@@ -82,8 +82,27 @@ pub struct LoginUser {
     /// Set when consecutive failures reached the cap: only an administrator
     /// lifts it.
     pub locked_at: Option<DateTime<Utc>>,
+    /// Set by `auth-service disable-user`: no login until `enable-user`.
+    pub disabled_at: Option<DateTime<Utc>>,
     #[sqlx(flatten)]
     pub totp: TotpState,
+}
+
+/// An account as an operator sees it (`auth-service list-users`, `show-user`).
+#[derive(Debug, sqlx::FromRow)]
+pub struct Account {
+    pub id: i64,
+    pub username: String,
+    pub created_at: DateTime<Utc>,
+    /// When the second factor was confirmed; None while enrolling.
+    pub totp_confirmed_at: Option<DateTime<Utc>>,
+    pub locked_at: Option<DateTime<Utc>>,
+    pub disabled_at: Option<DateTime<Utc>>,
+    pub last_login_at: Option<DateTime<Utc>>,
+    /// Logins (refresh token families) live now.
+    pub sessions: i64,
+    #[sqlx(skip)]
+    pub roles: Vec<String>,
 }
 
 /// An account's TOTP state, for CompleteLogin and enrollment.
@@ -102,6 +121,7 @@ pub struct Ticket {
     /// The sealed secret this ticket offers for enrollment, if it does.
     pub enrollment_secret: Option<Vec<u8>>,
     pub locked_at: Option<DateTime<Utc>>,
+    pub disabled_at: Option<DateTime<Utc>>,
     #[sqlx(flatten)]
     pub totp: TotpState,
 }
@@ -253,7 +273,7 @@ impl AuthStore {
     pub async fn find_login_user(&self, username: &str) -> Result<Option<LoginUser>, ApiError> {
         Ok(on_db!(&self.db, pool => {
             sqlx::query_as(concat!(
-                "SELECT users.id, users.password_hash, users.locked_at, ",
+                "SELECT users.id, users.password_hash, users.locked_at, users.disabled_at, ",
                 totp_columns!(),
                 " FROM users WHERE username = ?"
             ))
@@ -361,7 +381,7 @@ impl AuthStore {
     ) -> Result<Option<Ticket>, ApiError> {
         Ok(on_db!(&self.db, pool => {
             sqlx::query_as(concat!(
-                "SELECT login_tickets.user_id, login_tickets.enrollment_secret, users.locked_at, ",
+                "SELECT login_tickets.user_id, login_tickets.enrollment_secret, users.locked_at, users.disabled_at, ",
                 totp_columns!(),
                 " FROM login_tickets JOIN users ON users.id = login_tickets.user_id \
                  WHERE login_tickets.ticket_hash = ? AND login_tickets.expires_at > ? \
@@ -549,7 +569,9 @@ impl AuthStore {
             .bind(throttle_subject)
             .execute(&mut *tx)
             .await?;
-            sqlx::query("UPDATE users SET failed_logins = 0 WHERE id = ? AND failed_logins <> 0")
+            // The row is this transaction's already (its factor was spent).
+            sqlx::query("UPDATE users SET failed_logins = 0, last_login_at = ? WHERE id = ?")
+                .bind(now)
                 .bind(user_id)
                 .execute(&mut *tx)
                 .await?;
@@ -926,6 +948,119 @@ impl AuthStore {
             .await)
         })
         .await
+    }
+
+    /// Every account as an operator sees it, by username.
+    pub async fn accounts(&self, now: DateTime<Utc>) -> Result<Vec<Account>, ApiError> {
+        self.accounts_where("1 = 1", None, now).await
+    }
+
+    /// One account as an operator sees it.
+    pub async fn account(&self, user_id: i64, now: DateTime<Utc>) -> Result<Option<Account>, ApiError> {
+        Ok(self.accounts_where("users.id = ?", Some(user_id), now).await?.into_iter().next())
+    }
+
+    async fn accounts_where(
+        &self,
+        condition: &str,
+        user_id: Option<i64>,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Account>, ApiError> {
+        // Roles and live sessions as subqueries: plain SQL both backends
+        // run alike (no GROUP_CONCAT / group_concat difference).
+        let sql = format!(
+            "SELECT users.id, users.username, users.created_at, users.totp_confirmed_at, users.locked_at, \
+             users.disabled_at, users.last_login_at, \
+             (SELECT COUNT(DISTINCT family) FROM refresh_tokens WHERE refresh_tokens.user_id = users.id \
+              AND refresh_tokens.revoked_at IS NULL AND refresh_tokens.expires_at > ?) AS sessions \
+             FROM users WHERE {condition} ORDER BY users.username"
+        );
+        let mut accounts: Vec<Account> = on_db!(&self.db, pool => {
+            let query = sqlx::query_as(&sql).bind(now);
+            let query = match user_id {
+                Some(id) => query.bind(id),
+                None => query,
+            };
+            query.fetch_all(pool).await
+        })?;
+        for account in &mut accounts {
+            account.roles = self.roles(account.id).await?;
+        }
+        Ok(accounts)
+    }
+
+    /// Disables an account (or enables it again): a disabled account's
+    /// sessions and pending tickets end with it, in one transaction. False
+    /// when it already was so.
+    pub async fn set_disabled(
+        &self,
+        user_id: i64,
+        disabled: bool,
+        now: DateTime<Utc>,
+    ) -> Result<bool, ApiError> {
+        retry_conflicts(move || async move {
+            on_db!(&self.db, pool => async {
+                let mut tx = pool.begin_write().await?;
+                let changed = if disabled {
+                    sqlx::query("UPDATE users SET disabled_at = ? WHERE id = ? AND disabled_at IS NULL")
+                        .bind(now)
+                        .bind(user_id)
+                        .execute(&mut *tx)
+                        .await?
+                } else {
+                    sqlx::query("UPDATE users SET disabled_at = NULL WHERE id = ? AND disabled_at IS NOT NULL")
+                        .bind(user_id)
+                        .execute(&mut *tx)
+                        .await?
+                };
+                if disabled && changed.rows_affected() == 1 {
+                    sqlx::query(REVOKE_USER_SESSIONS).bind(now).bind(user_id).execute(&mut *tx).await?;
+                    sqlx::query("DELETE FROM login_tickets WHERE user_id = ?").bind(user_id).execute(&mut *tx).await?;
+                }
+                tx.commit().await?;
+                Ok::<_, ApiError>(changed.rows_affected() == 1)
+            }
+            .await)
+        })
+        .await
+    }
+
+    /// Forgets an account's second factor (secret, recovery codes) and ends
+    /// its sessions and pending tickets: the next login enrolls afresh.
+    pub async fn forget_second_factor(&self, user_id: i64, now: DateTime<Utc>) -> Result<(), ApiError> {
+        retry_conflicts(move || async move {
+            on_db!(&self.db, pool => async {
+                let mut tx = pool.begin_write().await?;
+                sqlx::query(
+                    "UPDATE users SET totp_secret = ?, totp_confirmed_at = NULL, totp_last_step = NULL WHERE id = ?",
+                )
+                .bind(Vec::<u8>::new())
+                .bind(user_id)
+                .execute(&mut *tx)
+                .await?;
+                sqlx::query("DELETE FROM recovery_codes WHERE user_id = ?").bind(user_id).execute(&mut *tx).await?;
+                sqlx::query(REVOKE_USER_SESSIONS).bind(now).bind(user_id).execute(&mut *tx).await?;
+                sqlx::query("DELETE FROM login_tickets WHERE user_id = ?").bind(user_id).execute(&mut *tx).await?;
+                tx.commit().await?;
+                Ok::<_, ApiError>(())
+            }
+            .await)
+        })
+        .await
+    }
+
+    /// Deletes an account; its roles, tickets, refresh tokens and recovery
+    /// codes go with it (foreign keys, ON DELETE CASCADE), so its sessions
+    /// end. Products keep its id as who made or changed them. False when
+    /// there was no such account.
+    pub async fn delete_user(&self, user_id: i64) -> Result<bool, ApiError> {
+        let deleted: u64 = retry_conflicts(move || async move {
+            Ok(on_db!(&self.db, pool => {
+                sqlx::query("DELETE FROM users WHERE id = ?").bind(user_id).execute(pool).await.map(|r| r.rows_affected())
+            })?)
+        })
+        .await?;
+        Ok(deleted == 1)
     }
 
     /// Takes `role` away; false if the user did not have it.
