@@ -115,6 +115,11 @@ impl Metrics {
             "Database connections idle in the pool",
             pool_idle.clone(),
         );
+        // Both outcomes' series from the start, at 0, so that increase()
+        // sees the first conflict (an alert on it fires).
+        for outcome in ["retried", "gave_up"] {
+            drop(TRANSACTION_CONFLICTS.get_or_create(&ConflictLabels { outcome }));
+        }
         registry.register(
             "db_transaction_conflicts",
             "Transactions the database rolled back for a conflict (deadlock, Galera certification), \

@@ -57,7 +57,7 @@ pub async fn open_state(config: &AuthConfig) -> anyhow::Result<AuthState> {
         audience: config.common.jwt_audience.clone(),
         totp_issuer: config.totp_issuer.clone(),
         policy: config.login.clone(),
-        login_attempts: Default::default(),
+        login_attempts: service::login_attempts_from_zero(),
         accounts_locked: Default::default(),
     })
 }

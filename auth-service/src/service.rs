@@ -73,6 +73,22 @@ pub struct LoginLabels {
     outcome: &'static str,
 }
 
+/// The steps counted in `storegate_login_attempts_total`, and their outcomes.
+const LOGIN_STEPS: [&str; 4] = ["begin", "complete", "change_password", "reset_totp"];
+const LOGIN_OUTCOMES: [&str; 7] = ["ok", "rejected", "locked", "disabled", "throttled", "busy", "error"];
+
+/// The login counters with every step's and outcome's series at 0, so that
+/// Prometheus's rate() and increase() see the first event of each.
+pub fn login_attempts_from_zero() -> Family<LoginLabels, Counter> {
+    let family = Family::<LoginLabels, Counter>::default();
+    for step in LOGIN_STEPS {
+        for outcome in LOGIN_OUTCOMES {
+            drop(family.get_or_create(&LoginLabels { step, outcome }));
+        }
+    }
+    family
+}
+
 impl AuthState {
     fn count_login<T>(&self, step: &'static str, outcome: &Result<T, ApiError>) {
         let outcome = match outcome {

@@ -204,3 +204,94 @@ async fn metrics_count_calls_by_method_and_status_and_login_outcomes() {
     // How the process exits is the other test's subject; this one is about
     // the metrics (Drop stops the process).
 }
+
+/// Every `storegate_*` metric the Grafana dashboard and the Prometheus alert
+/// rules in deploy/ query is one the services export, with the labels their
+/// selectors match on (and, for `label="value"`, a series with that value),
+/// so that a renamed metric or label cannot leave a panel or an alert
+/// silently empty. promtool checks the expressions themselves (.ci/run).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dashboard_and_alerts_query_only_metrics_the_services_export() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let (auth_metrics, product_metrics) = (free_port(), free_port());
+    let up = Up::start(
+        "dashboard",
+        &[
+            "--metrics-listen-addr",
+            &format!("127.0.0.1:{auth_metrics}"),
+            "--product-metrics-listen-addr",
+            &format!("127.0.0.1:{product_metrics}"),
+        ],
+        &[],
+    );
+    // One call, so that the per-method families have a series.
+    let mut auth = AuthServiceClient::new(connect(&up.auth_url).await);
+    let login = BeginLoginRequest { username: "nobody".into(), password: "wrong password!".into() };
+    assert_eq!(auth.begin_login(login).await.unwrap_err().code(), Code::Unauthenticated);
+    let pages = [scrape(auth_metrics), scrape(product_metrics)];
+    let samples: Vec<&str> = pages.iter().flat_map(|p| p.lines()).filter(|l| !l.starts_with('#')).collect();
+
+    let deploy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+    let mut queried = 0;
+    for file in ["grafana/storegate-dashboard.json", "prometheus/storegate-alerts.yml"] {
+        let text = std::fs::read_to_string(deploy.join(file)).unwrap();
+        for (name, matchers) in selectors(&text) {
+            queried += 1;
+            let series: Vec<&str> = samples
+                .iter()
+                .filter(|line| {
+                    line.strip_prefix(name.as_str()).is_some_and(|rest| rest.starts_with(['{', ' ']))
+                })
+                .copied()
+                .collect();
+            assert!(!series.is_empty(), "{file} queries {name}, which no service exports");
+            for (label, value) in matchers {
+                // Prometheus adds these at scrape time.
+                if label == "job" || label == "instance" {
+                    continue;
+                }
+                let wanted = match &value {
+                    Some(value) => format!("{label}=\"{value}\""),
+                    None => format!("{label}=\""),
+                };
+                assert!(
+                    series.iter().any(|line| line.contains(&wanted)),
+                    "{file} selects {name} by {wanted}, which no series has:\n{}",
+                    series.join("\n")
+                );
+            }
+        }
+    }
+    assert!(queried >= 10, "the files query the metrics ({queried} selectors found)");
+}
+
+/// The `storegate_…` metrics a text's queries select, each with its label
+/// matchers: the value for `label="value"`, None for the other operators.
+fn selectors(text: &str) -> Vec<(String, Vec<(String, Option<String>)>)> {
+    let mut found = Vec::new();
+    let mut rest = text;
+    while let Some(start) = rest.find("storegate_") {
+        let tail = &rest[start..];
+        let end = tail.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(tail.len());
+        let name = tail[..end].to_owned();
+        let mut matchers = Vec::new();
+        if let Some(inside) = tail[end..].strip_prefix('{').and_then(|t| t.split_once('}')).map(|(m, _)| m) {
+            for matcher in inside.split(',') {
+                let Some(op_at) = matcher.find(['=', '!']) else { continue };
+                let label = matcher[..op_at].trim().to_owned();
+                let operator_and_value = &matcher[op_at..];
+                let exact = operator_and_value.starts_with("=\"") || operator_and_value.starts_with("=\\\"");
+                let value = exact.then(|| {
+                    operator_and_value
+                        .trim_start_matches(['=', '\\', '"'])
+                        .trim_end_matches(['\\', '"'])
+                        .to_owned()
+                });
+                matchers.push((label, value));
+            }
+        }
+        found.push((name, matchers));
+        rest = &tail[end..];
+    }
+    found
+}

@@ -73,7 +73,8 @@ pub async fn run(
             .with_search_bounds(SearchBounds::for_index_matches(config.search_index_max_matches));
         metrics.register(
             "product_searches",
-            "Searches answered, by path: index (the full-text engine) or broad (common words, \
+            "Searches answered, by path: index (the full-text engine, the page and the count apart), \
+             few (relevance over every match's id in one statement) or broad (common words, \
              matched over a bounded read of the catalogue)",
             store.search_counts(),
         );

@@ -68,6 +68,8 @@ pub enum SearchPath {
 }
 
 impl SearchPath {
+    pub const ALL: [SearchPath; 3] = [SearchPath::Index, SearchPath::Few, SearchPath::Broad];
+
     /// The metric label: `index`, `few` or `broad`.
     pub fn label(self) -> &'static str {
         match self {
@@ -84,7 +86,7 @@ pub type SearchCounts = Family<SearchLabels, Counter>;
 
 /// What a store's searches share: the bounds, the latest sample of the
 /// catalogue's words, and counts.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(super) struct Searches {
     pub(super) bounds: SearchBounds,
     sample: Mutex<Option<Arc<Sample>>>,
@@ -93,9 +95,21 @@ pub(super) struct Searches {
     counts: SearchCounts,
 }
 
+impl Default for Searches {
+    fn default() -> Searches {
+        Searches::new(SearchBounds::default())
+    }
+}
+
 impl Searches {
     pub(super) fn new(bounds: SearchBounds) -> Searches {
-        Searches { bounds, ..Searches::default() }
+        // Every path's series from the start, at 0: Prometheus's rate() and
+        // increase() see the first search of a path, not only the second.
+        let counts = SearchCounts::default();
+        for path in SearchPath::ALL {
+            drop(counts.get_or_create(&SearchLabels { path: path.label() }));
+        }
+        Searches { bounds, sample: Mutex::default(), sampling: tokio::sync::Mutex::default(), counts }
     }
 
     pub(super) fn count(&self, path: SearchPath) {
