@@ -265,9 +265,13 @@ async fn dashboard_and_alerts_query_only_metrics_the_services_export() {
     assert!(queried >= 10, "the files query the metrics ({queried} selectors found)");
 }
 
+/// A label matcher of a selector: the value for `label="value"`, None for
+/// the other operators.
+type Matcher = (String, Option<String>);
+
 /// The `storegate_…` metrics a text's queries select, each with its label
-/// matchers: the value for `label="value"`, None for the other operators.
-fn selectors(text: &str) -> Vec<(String, Vec<(String, Option<String>)>)> {
+/// matchers.
+fn selectors(text: &str) -> Vec<(String, Vec<Matcher>)> {
     let mut found = Vec::new();
     let mut rest = text;
     while let Some(start) = rest.find("storegate_") {
