@@ -6,7 +6,11 @@ use std::{env, fs, path::PathBuf};
 
 use prost::Message as _;
 
-const PROTOS: &[&str] = &["proto/storegate/auth/v1/auth.proto", "proto/storegate/product/v1/product.proto"];
+const PROTOS: &[&str] = &[
+    "proto/storegate/auth/v1/auth.proto",
+    "proto/storegate/auth/v1/admin.proto",
+    "proto/storegate/product/v1/product.proto",
+];
 
 /// Messages that carry passwords, codes, tickets or tokens: their Debug is
 /// written by hand (redacted) so that no log line can print them.
@@ -35,10 +39,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     fs::write(out_dir.join("storegate_descriptor.bin"), descriptors.encode_to_vec())?;
     // One set per service as well: reflection on a server must list only
     // the services it serves, and lists every service of the sets it has.
-    for (proto, out) in
-        [(PROTOS[0], "storegate_auth_descriptor.bin"), (PROTOS[1], "storegate_product_descriptor.bin")]
+    for (protos, out) in
+        [(&PROTOS[..2], "storegate_auth_descriptor.bin"), (&PROTOS[2..], "storegate_product_descriptor.bin")]
     {
-        fs::write(out_dir.join(out), protox::compile([proto], ["proto"])?.encode_to_vec())?;
+        fs::write(out_dir.join(out), protox::compile(protos, ["proto"])?.encode_to_vec())?;
     }
     println!("cargo:rerun-if-changed=proto");
     // sqlx::migrate! embeds these at compile time.

@@ -196,6 +196,14 @@ impl TokenVerifier {
     }
 }
 
+/// The token of an `authorization: Bearer <token>` header value (scheme
+/// matched case-insensitively, as RFC 6750 allows).
+pub fn bearer_token(header: Option<&str>) -> Option<&str> {
+    let (scheme, token) = header?.split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -61,6 +61,17 @@ impl Client {
     }
 }
 
+impl Client {
+    /// The address itself (an IPv6 one whole, not its /64), for the audit
+    /// trail.
+    pub fn address(self) -> Option<IpAddr> {
+        match self {
+            Client::Address(addr) => Some(addr),
+            Client::Unknown => None,
+        }
+    }
+}
+
 /// Walks the forwarding chain from the nearest hop outwards while the hop is
 /// a trusted gateway: the first address not vouched for by one is the
 /// client. Anything a client wrote itself sits further left and is never

@@ -46,9 +46,16 @@ pub struct AuthConfig {
     #[arg(long, env = "TOTP_ISSUER", default_value = "storegate")]
     pub totp_issuer: String,
 
+    /// Days the audit trail keeps an entry; 0 keeps them forever.
+    #[arg(long, env = "AUDIT_RETENTION_DAYS", default_value_t = DEFAULT_AUDIT_RETENTION_DAYS)]
+    pub audit_retention_days: u32,
+
     #[command(flatten)]
     pub login: LoginPolicy,
 }
+
+/// A year and a bit: long enough to look back over a yearly review.
+pub const DEFAULT_AUDIT_RETENTION_DAYS: u32 = 400;
 
 /// Throttles and session lifetimes.
 #[derive(clap::Args, Clone, Debug)]
@@ -102,6 +109,7 @@ impl AuthConfig {
             master_key_file: None,
             public_url: None,
             totp_issuer: "storegate".to_owned(),
+            audit_retention_days: DEFAULT_AUDIT_RETENTION_DAYS,
             login: LoginPolicy::default(),
         }
     }

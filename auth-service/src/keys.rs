@@ -20,6 +20,7 @@ use storegate::{
 };
 use tokio::sync::RwLock;
 
+use crate::audit;
 use crate::crypto::MasterKey;
 use crate::store::{AuthStore, StoredSigningKey};
 
@@ -78,6 +79,8 @@ impl SigningKeys {
             let key = Self::new_key(&master_key)?;
             store.rotate_signing_key(&key, now, now).await?;
             tracing::info!(kid = key.kid, "created the first signing key");
+            let entry = audit::Entry::new(audit::Event::KeyRotated, audit::Actor::System);
+            audit::record(&store, entry.detail(format!("first key {}", key.kid))).await;
         }
         let signer = Self::current(&store, &master_key).await?;
         Ok(SigningKeys {

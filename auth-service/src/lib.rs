@@ -2,6 +2,9 @@
 //! EdDSA access tokens it issues. `main.rs` only parses flags and calls
 //! [`run`] or one of the admin commands.
 
+pub mod admin;
+pub mod admin_api;
+pub mod audit;
 pub mod client;
 pub mod config;
 pub mod crypto;
@@ -21,7 +24,7 @@ use anyhow::Context as _;
 use storegate::{
     db,
     db_health::DbHealth,
-    pb::auth::v1::auth_service_server::AuthServiceServer,
+    pb::auth::v1::{admin_service_server::AdminServiceServer, auth_service_server::AuthServiceServer},
     server::{Gate, Started},
 };
 use tokio::net::TcpListener;
@@ -72,9 +75,11 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let metrics = storegate::metrics::Metrics::new("auth-service");
     let api = Gate::default();
+    let admin_api = Gate::default();
     let well_known = well_known::WellKnown::default();
     let (mut routes, health) = storegate::server::base_routes(storegate::pb::AUTH_FILE_DESCRIPTOR_SET)?;
     routes.add_service(api.clone());
+    routes.add_service(admin_api.clone());
     tracing::info!(addr = %listener.local_addr()?, "auth-service listening; starting");
     let start = async {
         let state = open_state(&config).await?;
@@ -92,13 +97,21 @@ pub async fn run(
                 .await?
                 .into_iter()
                 .collect();
-        background.push(tokio::spawn(sweep_expired(state.store.clone())));
+        background.push(tokio::spawn(sweep_expired(state.store.clone(), config.audit_retention_days)));
         let limits = &config.common.limits;
         well_known.open(
             state.keys.clone(),
             state.issuer.clone(),
             config.public_url.clone(),
             config.common.tls_cert_file.is_some(),
+        );
+        let admin =
+            admin_api::AdminApi::new(state.store.clone(), state.keys.clone(), &state.issuer, &state.audience);
+        admin_api.open(
+            AdminServiceServer::new(admin)
+                .max_decoding_message_size(limits.max_request_bytes.unwrap_or(MAX_REQUEST_BYTES))
+                .max_encoding_message_size(limits.max_response_bytes),
+            db_health.clone(),
         );
         api.open(
             AuthServiceServer::new(AuthApi::new(state))
@@ -115,14 +128,42 @@ pub async fn run(
         .await
 }
 
-/// Deletes expired tickets and refresh tokens now and then; correctness
-/// never depends on it (every query checks expiry), only table size.
-async fn sweep_expired(store: AuthStore) {
+/// Deletes expired tickets and refresh tokens now and then, and audit
+/// entries past their retention; correctness never depends on it (every
+/// query checks expiry), only table size.
+async fn sweep_expired(store: AuthStore, audit_retention_days: u32) {
     let mut interval = tokio::time::interval(SWEEP_INTERVAL);
     loop {
         interval.tick().await;
-        if let Err(e) = store.sweep_expired(storegate::db::now()).await {
+        let now = storegate::db::now();
+        if let Err(e) = store.sweep_expired(now).await {
             tracing::warn!(error = %e, "sweeping expired tickets failed");
+        }
+        if audit_retention_days > 0
+            && let Err(e) =
+                prune_audit(&store, now - chrono::Duration::days(i64::from(audit_retention_days))).await
+        {
+            tracing::warn!(error = %e, "pruning the audit trail failed");
+        }
+    }
+}
+
+/// Deletes the audit entries from before `cutoff`, a batch at a time;
+/// how many.
+pub async fn prune_audit(
+    store: &AuthStore,
+    cutoff: chrono::DateTime<chrono::Utc>,
+) -> Result<u64, storegate::ApiError> {
+    const BATCH: i64 = 1000;
+    let mut pruned = 0;
+    loop {
+        let deleted = store.prune_audit(cutoff, BATCH).await?;
+        pruned += deleted;
+        if deleted < BATCH as u64 {
+            if pruned > 0 {
+                tracing::info!(pruned, "pruned the audit trail");
+            }
+            return Ok(pruned);
         }
     }
 }
@@ -147,96 +188,80 @@ async fn admin_store(config: &AuthConfig) -> anyhow::Result<AuthStore> {
     Ok(AuthStore::new(config.common.open_database().await?))
 }
 
-fn parse_role(role: &str) -> anyhow::Result<&str> {
-    let role = role.trim();
-    anyhow::ensure!(
-        !role.is_empty()
-            && role.len() <= 32
-            && role.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-'),
-        "a role is 1 to 32 characters of a-z, 0-9, '_' and '-'"
-    );
-    Ok(role)
-}
-
-async fn user_id_of(store: &AuthStore, username: &str) -> anyhow::Result<(i64, domain::Username)> {
-    let username =
-        domain::Username::parse(username).map_err(|v| anyhow::anyhow!("username {}", v.description))?;
-    let user_id = store
-        .user_id_by_name(username.as_str())
+/// The operator's view of the accounts, and the account named `username`.
+async fn operator_target(
+    config: &AuthConfig,
+    username: &str,
+) -> anyhow::Result<(admin::Accounts, admin::Target)> {
+    let accounts = admin::Accounts::new(admin_store(config).await?, audit::Actor::Operator);
+    if let Err(v) = domain::Username::parse(username) {
+        anyhow::bail!("username {}", v.description);
+    }
+    let target = accounts
+        .find(username)
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?
-        .with_context(|| format!("no user named {}", username.as_str()))?;
-    Ok((user_id, username))
+        .with_context(|| format!("no user named {username}"))?;
+    Ok((accounts, target))
 }
 
 /// `auth-service grant-role <username> <role>`.
 pub async fn grant_role(config: &AuthConfig, username: &str, role: &str) -> anyhow::Result<()> {
-    let role = parse_role(role)?;
-    let store = admin_store(config).await?;
-    let (user_id, username) = user_id_of(&store, username).await?;
-    let granted = store.grant_role(user_id, role).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let role = admin::parse_role(role).map_err(anyhow::Error::msg)?;
+    let (accounts, target) = operator_target(config, username).await?;
+    let granted = accounts.grant_role(&target, role).await.map_err(|e| anyhow::anyhow!("{e}"))?;
     if granted {
-        println!("granted role {role} to {}; it is in their next access token", username.as_str());
+        println!("granted role {role} to {}; it is in their next access token", target.username);
     } else {
-        println!("{} already has role {role}", username.as_str());
+        println!("{} already has role {role}", target.username);
     }
-    store.db().close().await;
+    accounts.store.db().close().await;
     Ok(())
 }
 
 /// `auth-service revoke-role <username> <role>`.
 pub async fn revoke_role(config: &AuthConfig, username: &str, role: &str) -> anyhow::Result<()> {
-    let role = parse_role(role)?;
-    let store = admin_store(config).await?;
-    let (user_id, username) = user_id_of(&store, username).await?;
-    let revoked = store.revoke_role(user_id, role).await.map_err(|e| anyhow::anyhow!("{e}"))?;
-    if revoked {
-        // A session would otherwise mint tokens with the role for as long
-        // as it is refreshed.
-        let sessions =
-            store.revoke_user_sessions(user_id, None, db::now()).await.map_err(|e| anyhow::anyhow!("{e}"))?;
-        println!(
+    let role = admin::parse_role(role).map_err(anyhow::Error::msg)?;
+    let (accounts, target) = operator_target(config, username).await?;
+    match accounts.revoke_role(&target, role, db::now()).await.map_err(|e| anyhow::anyhow!("{e}"))? {
+        Some(sessions) => println!(
             "revoked role {role} from {} and ended their {sessions} session(s); access tokens issued \
              before now keep the role until they expire (at most {} minutes)",
-            username.as_str(),
+            target.username,
             storegate::token::ACCESS_TOKEN_TTL_SECS / 60
-        );
-    } else {
-        println!("{} did not have role {role}", username.as_str());
+        ),
+        None => println!("{} did not have role {role}", target.username),
     }
-    store.db().close().await;
+    accounts.store.db().close().await;
     Ok(())
 }
 
 /// `auth-service revoke-sessions <username>`: ends every session of a user.
 pub async fn revoke_sessions(config: &AuthConfig, username: &str) -> anyhow::Result<i64> {
-    let store = admin_store(config).await?;
-    let (user_id, username) = user_id_of(&store, username).await?;
-    let sessions =
-        store.revoke_user_sessions(user_id, None, db::now()).await.map_err(|e| anyhow::anyhow!("{e}"))?;
-    tracing::info!(user_id, sessions, "an administrator ended every session of a user");
+    let (accounts, target) = operator_target(config, username).await?;
+    let sessions = accounts.revoke_sessions(&target, db::now()).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    tracing::info!(user_id = target.user_id, sessions, "an administrator ended every session of a user");
     println!(
         "ended {sessions} session(s) of {}; access tokens already issued expire within {} minutes",
-        username.as_str(),
+        target.username,
         storegate::token::ACCESS_TOKEN_TTL_SECS / 60
     );
-    store.db().close().await;
+    accounts.store.db().close().await;
     Ok(sessions)
 }
 
 /// `auth-service unlock-user <username>`: lifts the lock that the cap of
 /// consecutive failed logins set.
 pub async fn unlock_user(config: &AuthConfig, username: &str) -> anyhow::Result<bool> {
-    let store = admin_store(config).await?;
-    let (user_id, username) = user_id_of(&store, username).await?;
-    let unlocked = store.unlock_user(user_id).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let (accounts, target) = operator_target(config, username).await?;
+    let unlocked = accounts.unlock(&target).await.map_err(|e| anyhow::anyhow!("{e}"))?;
     if unlocked {
-        tracing::info!(user_id, "an administrator unlocked an account");
-        println!("unlocked {}; their failed logins are forgotten", username.as_str());
+        tracing::info!(user_id = target.user_id, "an administrator unlocked an account");
+        println!("unlocked {}; their failed logins are forgotten", target.username);
     } else {
-        println!("{} is not locked", username.as_str());
+        println!("{} is not locked", target.username);
     }
-    store.db().close().await;
+    accounts.store.db().close().await;
     Ok(unlocked)
 }
 
@@ -301,15 +326,14 @@ pub async fn list_users(config: &AuthConfig) -> anyhow::Result<Vec<store::Accoun
 
 /// `auth-service show-user <username>`.
 pub async fn show_user(config: &AuthConfig, username: &str) -> anyhow::Result<store::Account> {
-    let store = admin_store(config).await?;
-    let (user_id, username) = user_id_of(&store, username).await?;
-    let account = store
-        .account(user_id, db::now())
+    let (accounts, target) = operator_target(config, username).await?;
+    let account = accounts
+        .account(&target, db::now())
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?
-        .with_context(|| format!("no user named {}", username.as_str()))?;
+        .with_context(|| format!("no user named {}", target.username))?;
     println!("{}", describe(&account, true));
-    store.db().close().await;
+    accounts.store.db().close().await;
     Ok(account)
 }
 
@@ -317,11 +341,10 @@ pub async fn show_user(config: &AuthConfig, username: &str) -> anyhow::Result<st
 /// account cannot log in or refresh, and its sessions end at once. True
 /// when it changed.
 pub async fn set_user_disabled(config: &AuthConfig, username: &str, disabled: bool) -> anyhow::Result<bool> {
-    let store = admin_store(config).await?;
-    let (user_id, username) = user_id_of(&store, username).await?;
+    let (accounts, target) = operator_target(config, username).await?;
     let changed =
-        store.set_disabled(user_id, disabled, db::now()).await.map_err(|e| anyhow::anyhow!("{e}"))?;
-    let name = username.as_str();
+        accounts.set_disabled(&target, disabled, db::now()).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let (user_id, name) = (target.user_id, &target.username);
     match (disabled, changed) {
         (true, true) => {
             tracing::warn!(user_id, "an administrator disabled an account");
@@ -338,41 +361,78 @@ pub async fn set_user_disabled(config: &AuthConfig, username: &str, disabled: bo
         }
         (false, false) => println!("{name} is not disabled"),
     }
-    store.db().close().await;
+    accounts.store.db().close().await;
     Ok(changed)
 }
 
 /// `auth-service delete-user <username>`: the account, its roles, tickets,
 /// sessions and recovery codes; products keep its id as their author.
 pub async fn delete_user(config: &AuthConfig, username: &str) -> anyhow::Result<()> {
-    let store = admin_store(config).await?;
-    let (user_id, username) = user_id_of(&store, username).await?;
-    let deleted = store.delete_user(user_id).await.map_err(|e| anyhow::anyhow!("{e}"))?;
-    anyhow::ensure!(deleted, "no user named {}", username.as_str());
-    tracing::warn!(user_id, "an administrator deleted an account");
+    let (accounts, target) = operator_target(config, username).await?;
+    let deleted = accounts.delete(&target).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    anyhow::ensure!(deleted, "no user named {}", target.username);
+    tracing::warn!(user_id = target.user_id, "an administrator deleted an account");
     println!(
-        "deleted {} (id {user_id}): their sessions ended, access tokens already issued expire within {} \
+        "deleted {} (id {}): their sessions ended, access tokens already issued expire within {} \
          minutes; products they wrote keep the id",
-        username.as_str(),
+        target.username,
+        target.user_id,
         storegate::token::ACCESS_TOKEN_TTL_SECS / 60
     );
-    store.db().close().await;
+    accounts.store.db().close().await;
     Ok(())
 }
 
 /// `auth-service reset-totp <username>`: forgets the second factor and
 /// ends every session; the next login enrolls a new one.
 pub async fn reset_totp(config: &AuthConfig, username: &str) -> anyhow::Result<()> {
-    let store = admin_store(config).await?;
-    let (user_id, username) = user_id_of(&store, username).await?;
-    store.forget_second_factor(user_id, db::now()).await.map_err(|e| anyhow::anyhow!("{e}"))?;
-    tracing::warn!(user_id, "an administrator reset an account's second factor");
+    let (accounts, target) = operator_target(config, username).await?;
+    accounts.reset_totp(&target, db::now()).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    tracing::warn!(user_id = target.user_id, "an administrator reset an account's second factor");
     println!(
         "reset the second factor of {}: their sessions ended, and their next login shows a new QR code",
-        username.as_str()
+        target.username
     );
-    store.db().close().await;
+    accounts.store.db().close().await;
     Ok(())
+}
+
+/// `auth-service audit-log [--user <username>] [--limit N]`: the newest
+/// security events first.
+pub async fn audit_log(
+    config: &AuthConfig,
+    username: Option<&str>,
+    limit: u32,
+) -> anyhow::Result<Vec<audit::Record>> {
+    let (store, user_id) = match username {
+        Some(username) => {
+            let (accounts, target) = operator_target(config, username).await?;
+            (accounts.store, Some(target.user_id))
+        }
+        None => (admin_store(config).await?, None),
+    };
+    let records = store
+        .audit_events(user_id, None, i64::from(limit.max(1)))
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    for r in &records {
+        let account = match (&r.username, r.user_id) {
+            (Some(name), Some(id)) => format!("{name} (id {id})"),
+            (None, Some(id)) => format!("id {id}"),
+            _ => "-".to_owned(),
+        };
+        println!(
+            "{}  {:<30} {:<24} by {:<12} from {:<15} {}",
+            r.occurred_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            r.event,
+            account,
+            r.actor,
+            r.client_addr.as_deref().unwrap_or("-"),
+            r.detail.as_deref().unwrap_or("")
+        );
+    }
+    store.db().close().await;
+    Ok(records)
 }
 
 /// `auth-service revoke-key <kid>`: withdraws a signing key at once (it
@@ -385,6 +445,8 @@ pub async fn revoke_key(config: &AuthConfig, kid: &str) -> anyhow::Result<()> {
     let withdrawn = store.withdraw_signing_key(kid, now).await.map_err(|e| anyhow::anyhow!("{e}"))?;
     anyhow::ensure!(withdrawn, "no signing key {kid:?} that is not withdrawn already");
     tracing::warn!(kid, "an administrator withdrew a signing key");
+    audit::record(&store, audit::Entry::new(audit::Event::KeyWithdrawn, audit::Actor::Operator).detail(kid))
+        .await;
     if signing.is_some_and(|k| k.kid == kid) {
         let new_kid = SigningKeys::rotate(&store, &master_key, Duration::ZERO).await?;
         println!("withdrew {kid}, the key that was signing; {new_kid} signs from now");
@@ -405,6 +467,8 @@ pub async fn rotate_keys(config: &AuthConfig, activate_after: Duration) -> anyho
     let store = admin_store(config).await?;
     let master_key = load_master_key(config)?;
     let kid = SigningKeys::rotate(&store, &master_key, activate_after).await?;
+    let entry = audit::Entry::new(audit::Event::KeyRotated, audit::Actor::Operator);
+    audit::record(&store, entry.detail(format!("{kid}, signing in {}s", activate_after.as_secs()))).await;
     println!(
         "new signing key {kid} is published now and signs from {}s from now; \
          the current key retires then and stays published until its tokens have expired",

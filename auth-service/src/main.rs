@@ -44,6 +44,14 @@ enum Command {
     /// Forget an account's second factor and end its sessions: the next
     /// login enrolls a new authenticator.
     ResetTotp { username: String },
+    /// The audit trail of security events, newest first.
+    AuditLog {
+        /// Only this account's events.
+        #[arg(long)]
+        user: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
     /// Withdraw a signing key at once: it leaves the JWK Set and signs
     /// nothing more (a new key takes over if it was signing).
     RevokeKey { kid: String },
@@ -89,6 +97,9 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::DeleteUser { username } => auth_service::delete_user(&cli.config, &username).await,
         Command::ResetTotp { username } => auth_service::reset_totp(&cli.config, &username).await,
+        Command::AuditLog { user, limit } => {
+            auth_service::audit_log(&cli.config, user.as_deref(), limit).await.map(drop)
+        }
         Command::RevokeKey { kid } => auth_service::revoke_key(&cli.config, &kid).await,
         Command::RotateKeys { activate_after_secs } => {
             let activate_after = std::time::Duration::from_secs(activate_after_secs);

@@ -19,6 +19,7 @@ use storegate::{
 use tonic::{Request, Response, Status};
 
 use crate::{
+    audit::{self, Actor, Entry, Event},
     client::Client,
     config::LoginPolicy,
     crypto::{MasterKey, random_bytes, random_token, token_hash},
@@ -135,6 +136,9 @@ struct Completed {
     refresh_token: Option<String>,
     /// Only on the call that confirmed the enrollment.
     recovery_codes: Vec<String>,
+    /// This call confirmed the enrollment.
+    enrolled: bool,
+    used_recovery_code: bool,
 }
 
 impl AuthState {
@@ -183,6 +187,8 @@ impl AuthState {
         }
         let user_id = created?;
         tracing::info!(user_id, "registered a user");
+        let entry = Entry::new(Event::Registered, Actor::Owner).account(user_id, username.as_str());
+        audit::record(&self.store, entry.client(client)).await;
         Ok(RegisterResponse { user_id })
     }
 
@@ -200,7 +206,7 @@ impl AuthState {
             let attempt =
                 throttle::admit(&self.store, throttle::subject(&req.username, client), now.timestamp())
                     .await?;
-            let outcome = self.check_password_and_issue_ticket(req, attempt.subject(), now).await;
+            let outcome = self.check_password_and_issue_ticket(req, attempt.subject(), client, now).await;
             // A ticket is the outcome's last step, stored in the transaction
             // that gives the attempt back: an Ok has settled it.
             attempt.settle(&self.store, &outcome).await;
@@ -215,6 +221,7 @@ impl AuthState {
         &self,
         req: BeginLoginRequest,
         throttle_subject: &[u8],
+        client: Client,
         now: DateTime<Utc>,
     ) -> Result<BeginLoginResponse, ApiError> {
         let user = match Username::parse(&req.username) {
@@ -228,17 +235,26 @@ impl AuthState {
         };
         let password_ok = self.hasher.verify(req.password, stored_hash).await?;
         let Some((user_id, locked_at, disabled_at, totp_state)) = user else {
+            // The name is not stored: it may be a password typed in the
+            // wrong field.
+            let entry = Entry::new(Event::PasswordRejected, Actor::Anonymous).detail("unknown user");
+            audit::record(&self.store, entry.client(client)).await;
             return Err(ApiError::Unauthenticated(BAD_CREDENTIALS));
         };
+        let entry =
+            |event, actor| Entry::new(event, actor).account(user_id, &totp_state.username).client(client);
         if !password_ok {
+            audit::record(&self.store, entry(Event::PasswordRejected, Actor::Anonymous)).await;
             self.count_account_failure(user_id, now).await;
             return Err(ApiError::Unauthenticated(BAD_CREDENTIALS));
         }
         // Said only to whoever knows the password.
         if disabled_at.is_some() {
+            audit::record(&self.store, entry(Event::LoginRefusedDisabled, Actor::Owner)).await;
             return Err(ApiError::PermissionDenied(ACCOUNT_DISABLED));
         }
         if locked_at.is_some() {
+            audit::record(&self.store, entry(Event::LoginRefusedLocked, Actor::Owner)).await;
             return Err(ApiError::PermissionDenied(ACCOUNT_LOCKED));
         }
 
@@ -276,6 +292,7 @@ impl AuthState {
             )
             .await?;
         tracing::info!(user_id, enrolling = enrollment.is_some(), "password accepted; ticket issued");
+        audit::record(&self.store, entry(Event::PasswordAccepted, Actor::Owner)).await;
         Ok(BeginLoginResponse {
             login_ticket: ticket,
             ticket_expire_time: Some(prost_types::Timestamp { seconds: expires_at.timestamp(), nanos: 0 }),
@@ -290,6 +307,10 @@ impl AuthState {
         match self.store.count_account_failure(user_id, self.policy.max_failed_logins, now).await {
             Ok(true) => {
                 self.accounts_locked.inc();
+                let entry = Entry::new(Event::AccountLocked, Actor::System).user(user_id);
+                let entry =
+                    entry.detail(format!("{} consecutive failed logins", self.policy.max_failed_logins));
+                audit::record(&self.store, entry).await;
                 tracing::warn!(
                     user_id,
                     failures = self.policy.max_failed_logins,
@@ -393,10 +414,15 @@ impl AuthState {
         let now = storegate::db::now();
         let ticket = self.ticket(login_ticket).await?;
         let ticket_hash = token_hash(login_ticket);
+        let entry = |event, actor| {
+            Entry::new(event, actor).account(ticket.user_id, &ticket.totp.username).client(client)
+        };
         if ticket.disabled_at.is_some() {
+            audit::record(&self.store, entry(Event::LoginRefusedDisabled, Actor::Owner)).await;
             return Err(ApiError::PermissionDenied(ACCOUNT_DISABLED));
         }
         if ticket.locked_at.is_some() {
+            audit::record(&self.store, entry(Event::LoginRefusedLocked, Actor::Owner)).await;
             return Err(ApiError::PermissionDenied(ACCOUNT_LOCKED));
         }
         let enrolling = ticket.enrollment_secret.is_some();
@@ -419,11 +445,31 @@ impl AuthState {
             user_id: ticket.user_id,
             throttle_subject: attempt.subject(),
         };
+        let succeeded = match &intent {
+            Intent::SignIn => Event::LoginCompleted,
+            Intent::ChangePassword { .. } => Event::PasswordChanged,
+            Intent::ResetTotp => Event::TotpReset,
+        };
         let completed = self.check_code_and_complete(code, &login, &ticket, intent, now).await;
         // Settled by what the transaction did: once it committed (and
         // cleared the count), a failure to sign the token is no attempt's
         // outcome and must not refund a count added since.
         attempt.settle(&self.store, &completed).await;
+        match &completed {
+            Ok(done) => {
+                let how = match (done.enrolled, done.used_recovery_code) {
+                    (true, _) => Some("enrolled a second factor"),
+                    (false, true) => Some("with a recovery code"),
+                    (false, false) => None,
+                };
+                let entry = entry(succeeded, Actor::Owner);
+                audit::record(&self.store, if let Some(how) = how { entry.detail(how) } else { entry }).await;
+            }
+            Err(ApiError::Unauthenticated(BAD_CODE)) => {
+                audit::record(&self.store, entry(Event::CodeRejected, Actor::Anonymous)).await;
+            }
+            Err(_) => {}
+        }
         if matches!(completed, Err(ApiError::Unauthenticated(BAD_CODE))) {
             if let Err(e) = self.store.record_wrong_code(&ticket_hash).await {
                 // The answer stays "invalid code"; the ticket still dies at expiry.
@@ -510,6 +556,8 @@ impl AuthState {
             username: totp_state.username.clone(),
             refresh_token: (!matches!(action, LoginAction::ResetTotp)).then_some(refresh_token),
             recovery_codes,
+            enrolled: confirmed_enrollment,
+            used_recovery_code,
         })
     }
 
@@ -548,6 +596,8 @@ impl AuthState {
             Rotation::Rotated { user_id } => user_id,
             Rotation::Reused { user_id } => {
                 tracing::warn!(user_id, "a rotated refresh token was presented again; its login is revoked");
+                let entry = Entry::new(Event::RefreshTokenReused, Actor::Anonymous).user(user_id);
+                audit::record(&self.store, entry.detail("the session it belongs to ended")).await;
                 return Err(ApiError::Unauthenticated(BAD_REFRESH_TOKEN));
             }
             Rotation::Invalid => return Err(ApiError::Unauthenticated(BAD_REFRESH_TOKEN)),
@@ -567,11 +617,15 @@ impl AuthState {
         // Like RFC 7009: an unknown token is not an error, there is nothing
         // to revoke and nothing to tell.
         if !req.refresh_token.is_empty() && req.refresh_token.len() <= MAX_OPAQUE_LEN {
-            let revoked = self
+            let ended = self
                 .store
                 .revoke_refresh_family(&token_hash(&req.refresh_token), storegate::db::now())
                 .await?;
-            tracing::info!(revoked, "logout");
+            tracing::info!(revoked = ended.is_some(), "logout");
+            if let Some(user_id) = ended {
+                let entry = Entry::new(Event::SessionsRevoked, Actor::Owner).user(user_id).detail("logout");
+                audit::record(&self.store, entry).await;
+            }
         }
         Ok(LogoutResponse {})
     }
@@ -594,6 +648,12 @@ impl AuthState {
             kept_current = req.keep_current,
             "sessions revoked"
         );
+        let detail = format!(
+            "{revoked_sessions} session(s){}",
+            if req.keep_current { ", the current one kept" } else { "" }
+        );
+        let entry = Entry::new(Event::SessionsRevoked, Actor::Owner).user(session.user_id).detail(detail);
+        audit::record(&self.store, entry).await;
         Ok(RevokeSessionsResponse { revoked_sessions })
     }
 

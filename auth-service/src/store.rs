@@ -12,6 +12,8 @@ use storegate::{
 
 use crate::throttle::{DELAYS_SECS, FREE_FAILURES};
 
+mod audit;
+
 /// A wrong code is allowed this many times per ticket; then the ticket dies.
 pub const MAX_WRONG_CODES_PER_TICKET: i32 = 5;
 
@@ -103,6 +105,13 @@ pub struct Account {
     pub sessions: i64,
     #[sqlx(skip)]
     pub roles: Vec<String>,
+}
+
+/// What an account query selects by.
+#[derive(Clone, Copy)]
+enum AccountKey<'a> {
+    Id(i64),
+    Name(&'a str),
 }
 
 /// An account's TOTP state, for CompleteLogin and enrollment.
@@ -892,10 +901,10 @@ impl AuthStore {
         &self,
         token_hash: &[u8],
         now: DateTime<Utc>,
-    ) -> Result<bool, ApiError> {
-        let Some(token) = self.refresh_token(token_hash).await? else { return Ok(false) };
+    ) -> Result<Option<i64>, ApiError> {
+        let Some(token) = self.refresh_token(token_hash).await? else { return Ok(None) };
         self.revoke_family(&token.family, now).await?;
-        Ok(true)
+        Ok(Some(token.user_id))
     }
 
     async fn revoke_family(&self, family: &[u8], now: DateTime<Utc>) -> Result<(), ApiError> {
@@ -952,18 +961,34 @@ impl AuthStore {
 
     /// Every account as an operator sees it, by username.
     pub async fn accounts(&self, now: DateTime<Utc>) -> Result<Vec<Account>, ApiError> {
-        self.accounts_where("1 = 1", None, now).await
+        self.accounts_where("1 = 1", None, None, now).await
     }
 
     /// One account as an operator sees it.
     pub async fn account(&self, user_id: i64, now: DateTime<Utc>) -> Result<Option<Account>, ApiError> {
-        Ok(self.accounts_where("users.id = ?", Some(user_id), now).await?.into_iter().next())
+        Ok(self
+            .accounts_where("users.id = ?", Some(AccountKey::Id(user_id)), None, now)
+            .await?
+            .into_iter()
+            .next())
+    }
+
+    /// Up to `limit` accounts in username order, after `after` when given.
+    pub async fn accounts_page(
+        &self,
+        after: Option<&str>,
+        limit: i64,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Account>, ApiError> {
+        let condition = if after.is_some() { "users.username > ?" } else { "1 = 1" };
+        self.accounts_where(condition, after.map(AccountKey::Name), Some(limit), now).await
     }
 
     async fn accounts_where(
         &self,
         condition: &str,
-        user_id: Option<i64>,
+        key: Option<AccountKey<'_>>,
+        limit: Option<i64>,
         now: DateTime<Utc>,
     ) -> Result<Vec<Account>, ApiError> {
         // Roles and live sessions as subqueries: plain SQL both backends
@@ -973,12 +998,18 @@ impl AuthStore {
              users.disabled_at, users.last_login_at, \
              (SELECT COUNT(DISTINCT family) FROM refresh_tokens WHERE refresh_tokens.user_id = users.id \
               AND refresh_tokens.revoked_at IS NULL AND refresh_tokens.expires_at > ?) AS sessions \
-             FROM users WHERE {condition} ORDER BY users.username"
+             FROM users WHERE {condition} ORDER BY users.username{}",
+            if limit.is_some() { " LIMIT ?" } else { "" }
         );
         let mut accounts: Vec<Account> = on_db!(&self.db, pool => {
             let query = sqlx::query_as(&sql).bind(now);
-            let query = match user_id {
-                Some(id) => query.bind(id),
+            let query = match key {
+                Some(AccountKey::Id(id)) => query.bind(id),
+                Some(AccountKey::Name(name)) => query.bind(name),
+                None => query,
+            };
+            let query = match limit {
+                Some(limit) => query.bind(limit),
                 None => query,
             };
             query.fetch_all(pool).await

@@ -114,6 +114,28 @@ async fn a_disabled_account_cannot_log_in_or_refresh_until_enabled(backend: Back
     assert!(admin_command(&stack, &["enable-user", "alice"]).starts_with("enabled alice"));
     let ticket = begin(&stack, "alice", PASSWORD).await.expect("enabled again");
     complete(&stack, &ticket, &totp_code(&secret, 1)).await.expect("a login after enable-user");
+
+    // The operator's commands are in the audit trail, newest first.
+    let trail = admin_command(&stack, &["audit-log", "--user", "alice", "--limit", "6"]);
+    let events: Vec<(&str, &str)> = trail
+        .lines()
+        .map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            (fields[1], fields[fields.iter().position(|f| *f == "by").unwrap() + 1])
+        })
+        .collect();
+    assert_eq!(
+        events,
+        [
+            ("login.completed", "self"),
+            ("login.password_accepted", "self"),
+            ("account.enabled", "operator"),
+            ("login.password_rejected", "anonymous"),
+            ("login.refused_disabled", "self"),
+            ("account.disabled", "operator"),
+        ],
+        "{trail}"
+    );
     stack.stop().await;
 }
 

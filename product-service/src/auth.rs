@@ -10,7 +10,7 @@ use std::{
 };
 
 use sha2::{Digest as _, Sha256};
-use storegate::token::{Claims, KeySet, TokenVerifier};
+use storegate::token::{Claims, KeySet, TokenVerifier, bearer_token};
 use tonic::{
     Request, Status,
     codegen::{BoxFuture, Service, http},
@@ -26,14 +26,6 @@ const INVALID_TOKEN: &str = "access token is missing, invalid or expired";
 const VERIFIED_CACHE_ENTRIES: usize = 10_000;
 /// How long a call with an unknown kid may wait for a key refresh.
 const UNKNOWN_KID_WAIT: Duration = Duration::from_secs(2);
-
-/// The token of an `authorization: Bearer <token>` header value (scheme
-/// matched case-insensitively, as RFC 6750 allows).
-fn bearer_token(header: Option<&str>) -> Option<&str> {
-    let (scheme, token) = header?.split_once(' ')?;
-    let token = token.trim();
-    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
-}
 
 /// Tokens that verified, by SHA-256 of the token, until they expire. Emptied
 /// whenever the key set changes, so a key that is withdrawn takes its
