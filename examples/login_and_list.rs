@@ -25,7 +25,7 @@ use tonic::transport::Channel;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    storegate::telemetry::init(storegate::telemetry::LogFormat::Text);
+    let _telemetry = storegate::telemetry::init(storegate::telemetry::LogFormat::Text, "login-and-list");
     let Some(username) = std::env::args().nth(1) else {
         eprintln!("usage: login_and_list <username>   (password and code on standard input)");
         std::process::exit(2);

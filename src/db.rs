@@ -41,6 +41,20 @@ macro_rules! on_db {
     };
 }
 
+/// Statement events only for trace spans (`crate::telemetry`), every
+/// statement, slow or not, at one level; off without traces. They carry SQL
+/// text, which the log never shows; errors are logged where they are
+/// handled, without it.
+fn statement_logging<O: sqlx::ConnectOptions>(options: O) -> O {
+    if crate::telemetry::traces_on() {
+        options
+            .log_statements(log::LevelFilter::Debug)
+            .log_slow_statements(log::LevelFilter::Debug, Duration::from_secs(1))
+    } else {
+        options.disable_statement_logging()
+    }
+}
+
 /// Which SQL dialect a [`Db`] speaks, for the few statements that differ.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backend {
@@ -71,10 +85,8 @@ impl Db {
                 // Reads through a memory map, as the in-line read connections
                 // do (crate::sqlite_reads): searches and writes' reads on
                 // these connections otherwise copy every page with a read().
-                .pragma("mmap_size", crate::sqlite_reads::READ_MMAP_BYTES.to_string())
-                // Statement logs carry SQL text; errors are logged where
-                // they are handled, without it.
-                .disable_statement_logging();
+                .pragma("mmap_size", crate::sqlite_reads::READ_MMAP_BYTES.to_string());
+            let options = statement_logging(options);
             // An in-memory database has no files.
             if !url.contains(":memory:") && !url.contains("mode=memory") {
                 prepare_sqlite_files(options.get_filename())?;
@@ -94,8 +106,8 @@ impl Db {
             let url = url.replacen("mariadb:", "mysql:", 1);
             let options = MySqlConnectOptions::from_str(&url)
                 .context("DATABASE_URL is not a valid mysql URL")?
-                .charset("utf8mb4")
-                .disable_statement_logging();
+                .charset("utf8mb4");
+            let options = statement_logging(options);
             let pool = MySqlPoolOptions::new()
                 .max_connections(16)
                 .acquire_timeout(Duration::from_secs(5))

@@ -18,6 +18,7 @@ use prometheus_client::{
 };
 use tokio::net::TcpListener;
 use tonic::codegen::{BoxFuture, Service, http};
+use tracing::Instrument as _;
 
 use crate::Db;
 
@@ -236,16 +237,27 @@ where
         let metrics = self.metrics.clone();
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        Box::pin(async move {
-            let response = inner.call(request).await?;
-            let mut pending = Some(Pending { metrics, method, started });
-            if let Some(code) = status_of(response.headers())
-                && let Some(p) = pending.take()
-            {
-                p.metrics.record(&p.method, code, p.started);
+        // The call's span lives until its status is known (the trailers of
+        // a streamed answer).
+        let span = crate::telemetry::call_span(&method, request.headers());
+        let call = {
+            let _entered = span.enter();
+            inner.call(request)
+        };
+        Box::pin(
+            async move {
+                let response = call.await?;
+                let span = tracing::Span::current();
+                let mut pending = Some(Pending { metrics, method, started, span });
+                if let Some(code) = status_of(response.headers())
+                    && let Some(p) = pending.take()
+                {
+                    p.finish(code);
+                }
+                Ok(response.map(|inner| RecordingBody { inner, pending }))
             }
-            Ok(response.map(|inner| RecordingBody { inner, pending }))
-        })
+            .instrument(span),
+        )
     }
 }
 
@@ -253,6 +265,14 @@ struct Pending {
     metrics: Metrics,
     method: String,
     started: Instant,
+    span: tracing::Span,
+}
+
+impl Pending {
+    fn finish(self, code: tonic::Code) {
+        self.metrics.record(&self.method, code, self.started);
+        crate::telemetry::record_status(&self.span, code);
+    }
 }
 
 /// A response body that records the call when its trailers go by (or, if
@@ -265,7 +285,7 @@ pub struct RecordingBody<B> {
 impl<B> RecordingBody<B> {
     fn finish(&mut self, code: tonic::Code) {
         if let Some(p) = self.pending.take() {
-            p.metrics.record(&p.method, code, p.started);
+            p.finish(code);
         }
     }
 }

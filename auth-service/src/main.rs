@@ -69,7 +69,7 @@ enum Command {
 async fn main() -> anyhow::Result<()> {
     storegate::alloc::return_freed_memory_promptly();
     let cli: Cli = storegate::config::parse_command_line();
-    storegate::telemetry::init(cli.config.common.log_format);
+    let _telemetry = storegate::telemetry::init(cli.config.common.log_format, "auth-service");
     match cli.command.unwrap_or(Command::Serve) {
         Command::Migrate => cli.config.common.migrate_database().await,
         Command::Serve => {

@@ -8,7 +8,12 @@ use storegate::pb::{
     product::v1::product_service_client::ProductServiceClient,
 };
 use storegate::tls::ClientTlsFiles;
-use tonic::transport::Channel;
+use tonic::{service::interceptor::InterceptedService, transport::Channel};
+
+/// Passes the command's trace on with every call.
+type Propagate = fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status>;
+/// A channel whose calls carry the command's trace (W3C `traceparent`).
+pub type Traced = InterceptedService<Channel, Propagate>;
 
 use crate::session::{Session, unix_now};
 
@@ -56,12 +61,14 @@ impl Endpoints {
         })
     }
 
-    pub async fn auth(&self) -> anyhow::Result<AuthServiceClient<Channel>> {
-        Ok(AuthServiceClient::new(self.channel(&self.auth_url, "AUTH_SERVICE_URL").await?))
+    pub async fn auth(&self) -> anyhow::Result<AuthServiceClient<Traced>> {
+        let channel = self.channel(&self.auth_url, "AUTH_SERVICE_URL").await?;
+        Ok(AuthServiceClient::with_interceptor(channel, storegate::telemetry::propagate as Propagate))
     }
 
-    pub async fn products(&self) -> anyhow::Result<ProductServiceClient<Channel>> {
-        Ok(ProductServiceClient::new(self.channel(&self.product_url, "PRODUCT_SERVICE_URL").await?))
+    pub async fn products(&self) -> anyhow::Result<ProductServiceClient<Traced>> {
+        let channel = self.channel(&self.product_url, "PRODUCT_SERVICE_URL").await?;
+        Ok(ProductServiceClient::with_interceptor(channel, storegate::telemetry::propagate as Propagate))
     }
 
     /// The stored session, refreshed first if its access token is about to

@@ -9,6 +9,7 @@ mod session;
 mod up;
 
 use clap::{Parser, Subcommand};
+use tracing::Instrument as _;
 
 #[derive(Parser)]
 #[command(
@@ -57,16 +58,32 @@ async fn main() {
     storegate::alloc::return_freed_memory_promptly();
     let cli: Cli = storegate::config::parse_command_line();
     let out = output::Output { json: cli.json };
-    let result = match cli.command {
-        Command::Up(args) => up::up(*args).await,
-        Command::Register(args) => account::register(&cli.connect, &out, args).await,
-        Command::Login(args) => account::login(&cli.connect, &out, args).await,
-        Command::Logout(args) => account::logout(&cli.connect, &out, args).await,
-        Command::ChangePassword(args) => account::change_password(&cli.connect, &out, args).await,
-        Command::ResetTotp(args) => account::reset_totp(&cli.connect, &out, args).await,
-        Command::Whoami => account::whoami(&cli.connect, &out).await,
-        Command::Products(command) => products::run(&cli.connect, &out, command).await,
-    };
+    if let Command::Up(args) = cli.command {
+        if let Err(err) = up::up(*args).await {
+            std::process::exit(output::report_error(&err));
+        }
+        return;
+    }
+    // A client command is one trace (exported when OTEL_* asks for it), its
+    // calls to both services under one span.
+    let telemetry =
+        storegate::telemetry::init_logging_at(storegate::telemetry::LogFormat::Text, "storegate-cli", "warn");
+    let span = tracing::info_span!("storegate command", otel.kind = "client");
+    let result = async {
+        match cli.command {
+            Command::Up(_) => unreachable!("handled above"),
+            Command::Register(args) => account::register(&cli.connect, &out, args).await,
+            Command::Login(args) => account::login(&cli.connect, &out, args).await,
+            Command::Logout(args) => account::logout(&cli.connect, &out, args).await,
+            Command::ChangePassword(args) => account::change_password(&cli.connect, &out, args).await,
+            Command::ResetTotp(args) => account::reset_totp(&cli.connect, &out, args).await,
+            Command::Whoami => account::whoami(&cli.connect, &out).await,
+            Command::Products(command) => products::run(&cli.connect, &out, command).await,
+        }
+    }
+    .instrument(span)
+    .await;
+    drop(telemetry);
     if let Err(err) = result {
         std::process::exit(output::report_error(&err));
     }

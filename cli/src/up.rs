@@ -24,7 +24,7 @@ pub struct UpArgs {
 /// fetches its keys from the auth-service beside it.
 pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     let shutdown = storegate::server::shutdown_signal();
-    storegate::telemetry::init(args.auth.common.log_format);
+    let _telemetry = storegate::telemetry::init(args.auth.common.log_format, "storegate");
     let auth_listener = storegate::server::bind(&args.auth.listen_addr).await?;
     let product_listener = storegate::server::bind(&args.product_listen_addr).await?;
     let auth_addr = auth_listener.local_addr()?;

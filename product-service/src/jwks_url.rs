@@ -68,7 +68,8 @@ impl JwksUrl {
         if let Some((etag, _)) = &last {
             request = request.header(header::IF_NONE_MATCH, etag);
         }
-        let request = request.body(Empty::<bytes::Bytes>::new())?;
+        let mut request = request.body(Empty::<bytes::Bytes>::new())?;
+        storegate::telemetry::inject_current(request.headers_mut());
         let response = match &self.tls {
             Some(tls) => {
                 let name = rustls::pki_types::ServerName::try_from(host.to_owned())

@@ -21,6 +21,7 @@ use storegate::{
 };
 use tokio::sync::{Notify, watch};
 use tonic::transport::Channel;
+use tracing::Instrument as _;
 
 pub const MIN_REFETCH_GAP: Duration = Duration::from_secs(5);
 const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
@@ -52,7 +53,7 @@ impl KeySource {
             KeySource::Auth(client) => {
                 client
                     .clone()
-                    .get_jwks(GetJwksRequest {})
+                    .get_jwks(storegate::telemetry::traced_request(GetJwksRequest {}))
                     .await
                     .context("GetJwks failed")?
                     .into_inner()
@@ -82,6 +83,9 @@ struct Fetches {
 pub struct JwksCache {
     keys: Arc<RwLock<Arc<KeySet>>>,
     refresh_wanted: Arc<Notify>,
+    /// The span of the call that asked for the next fetch: the fetch is
+    /// part of that call's trace.
+    requested_by: Arc<std::sync::Mutex<Option<tracing::Span>>>,
     fetches: watch::Sender<Fetches>,
 }
 
@@ -90,6 +94,7 @@ impl Default for JwksCache {
         JwksCache {
             keys: Arc::default(),
             refresh_wanted: Arc::new(Notify::new()),
+            requested_by: Arc::default(),
             fetches: watch::Sender::new(Fetches::default()),
         }
     }
@@ -129,6 +134,7 @@ impl JwksCache {
 
     /// Asks the refresher to fetch now (a token named an unknown kid).
     pub fn request_refresh(&self) {
+        *self.requested_by.lock().unwrap_or_else(|e| e.into_inner()) = Some(tracing::Span::current());
         self.refresh_wanted.notify_one();
     }
 
@@ -150,33 +156,43 @@ impl JwksCache {
         let mut retry = FIRST_RETRY;
         loop {
             let fetched_at = tokio::time::Instant::now();
-            let wait = match source.fetch().await {
-                Ok(keys) if keys.is_empty() => {
-                    // Never trade working keys for none: keep the cached set.
-                    tracing::warn!("the JWK Set has no usable Ed25519 key; keeping the cached keys");
-                    self.record_fetch(false);
-                    let wait = retry;
-                    retry = (retry * 2).min(interval);
-                    wait
-                }
-                Ok(keys) => {
-                    tracing::debug!(keys = keys.len(), "signing keys refreshed");
-                    self.replace(keys);
-                    self.record_fetch(true);
-                    retry = FIRST_RETRY;
-                    interval
-                }
-                Err(e) => {
-                    tracing::warn!(
-                        error = format!("{e:#}"),
-                        "cannot refresh signing keys; keeping the cached ones"
-                    );
-                    self.record_fetch(false);
-                    let wait = retry;
-                    retry = (retry * 2).min(interval);
-                    wait
-                }
+            let requested_by = self.requested_by.lock().unwrap_or_else(|e| e.into_inner()).take();
+            let span = match requested_by {
+                Some(call) => tracing::info_span!(parent: &call, "fetch signing keys"),
+                None => tracing::info_span!(parent: None, "fetch signing keys"),
             };
+            // The fetch and what it logs belong to the call that asked for it.
+            let wait = async {
+                match source.fetch().await {
+                    Ok(keys) if keys.is_empty() => {
+                        // Never trade working keys for none: keep the cached set.
+                        tracing::warn!("the JWK Set has no usable Ed25519 key; keeping the cached keys");
+                        self.record_fetch(false);
+                        let wait = retry;
+                        retry = (retry * 2).min(interval);
+                        wait
+                    }
+                    Ok(keys) => {
+                        tracing::debug!(keys = keys.len(), "signing keys refreshed");
+                        self.replace(keys);
+                        self.record_fetch(true);
+                        retry = FIRST_RETRY;
+                        interval
+                    }
+                    Err(e) => {
+                        tracing::warn!(
+                            error = format!("{e:#}"),
+                            "cannot refresh signing keys; keeping the cached ones"
+                        );
+                        self.record_fetch(false);
+                        let wait = retry;
+                        retry = (retry * 2).min(interval);
+                        wait
+                    }
+                }
+            }
+            .instrument(span)
+            .await;
             tokio::select! {
                 () = tokio::time::sleep(wait) => {}
                 () = self.refresh_wanted.notified() => {

@@ -395,6 +395,7 @@ pub mod catalogue;
 pub mod certs;
 pub mod grpc_web;
 pub mod observe;
+pub mod otlp;
 pub mod process;
 pub mod proxy;
 
