@@ -618,8 +618,10 @@ async fn health_and_reflection_are_served(backend: Backend) {
     let stack = TestStack::start(backend).await;
     let auth = ("storegate.auth.v1.AuthService", "storegate.auth.v1.RegisterRequest");
     let products = ("storegate.product.v1.ProductService", "storegate.product.v1.Product");
-    for (addr, (own, own_symbol), (other, other_symbol)) in
-        [(stack.auth_addr, auth, products), (stack.product_addr.unwrap(), products, auth)]
+    // auth-service also serves AdminService, from its own .proto file.
+    let admin: &[&str] = &["storegate.auth.v1.AdminService"];
+    for (addr, (own, own_symbol), also, (other, other_symbol)) in
+        [(stack.auth_addr, auth, admin, products), (stack.product_addr.unwrap(), products, &[][..], auth)]
     {
         let channel = TestStack::channel(addr).await;
 
@@ -645,11 +647,11 @@ async fn health_and_reflection_are_served(backend: Backend) {
         assert!(names.contains("grpc.health.v1.Health"), "{names:?}");
         assert!(names.contains(own), "{own} is listed: {names:?}");
         assert!(!names.contains(other), "{other} is not served here, so not listed: {names:?}");
+        assert!(also.iter().all(|n| names.contains(*n)), "{also:?} listed: {names:?}");
         assert!(
-            names
-                .iter()
-                .all(|n| [own, "grpc.health.v1.Health"].contains(&n.as_str())
-                    || n.starts_with("grpc.reflection.")),
+            names.iter().all(|n| [own, "grpc.health.v1.Health"].contains(&n.as_str())
+                || also.contains(&n.as_str())
+                || n.starts_with("grpc.reflection.")),
             "nothing else is listed: {names:?}"
         );
 
