@@ -101,7 +101,9 @@ pub fn init_logging_at(
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     // Statement logs carry SQL text: never into the log, whatever RUST_LOG says.
     let filter = filter.add_directive("sqlx::query=off".parse().expect("a valid directive"));
-    let layer = fmt::layer().with_writer(std::io::stderr);
+    // Colours only for a person at a terminal, not in files and collectors.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let layer = fmt::layer().with_writer(std::io::stderr).with_ansi(ansi);
     let log = match format {
         LogFormat::Text => layer.with_filter(filter).boxed(),
         LogFormat::Json => layer.json().flatten_event(true).with_filter(filter).boxed(),

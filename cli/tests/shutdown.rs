@@ -145,6 +145,22 @@ async fn sigterm_reports_not_serving_then_drains_calls_in_flight() {
     up.wait_for_clean_exit().await;
 }
 
+/// `storegate up` with both metrics endpoints on free ports (returned).
+fn up_with_metrics(name: &str) -> (Up, u16, u16) {
+    let (auth_metrics, product_metrics) = (free_port(), free_port());
+    let up = Up::start(
+        name,
+        &[
+            "--metrics-listen-addr",
+            &format!("127.0.0.1:{auth_metrics}"),
+            "--product-metrics-listen-addr",
+            &format!("127.0.0.1:{product_metrics}"),
+        ],
+        &[],
+    );
+    (up, auth_metrics, product_metrics)
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
@@ -163,17 +179,7 @@ fn scrape(port: u16) -> String {
 async fn metrics_count_calls_by_method_and_status_and_login_outcomes() {
     use storegate::pb::product::v1::{GetProductRequest, product_service_client::ProductServiceClient};
     let _alone = ONE_AT_A_TIME.lock().await;
-    let (auth_metrics, product_metrics) = (free_port(), free_port());
-    let up = Up::start(
-        "metrics",
-        &[
-            "--metrics-listen-addr",
-            &format!("127.0.0.1:{auth_metrics}"),
-            "--product-metrics-listen-addr",
-            &format!("127.0.0.1:{product_metrics}"),
-        ],
-        &[],
-    );
+    let (up, auth_metrics, product_metrics) = up_with_metrics("metrics");
     let mut auth = AuthServiceClient::new(connect(&up.auth_url).await);
     for _ in 0..2 {
         let err = auth
@@ -213,17 +219,7 @@ async fn metrics_count_calls_by_method_and_status_and_login_outcomes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn dashboard_and_alerts_query_only_metrics_the_services_export() {
     let _alone = ONE_AT_A_TIME.lock().await;
-    let (auth_metrics, product_metrics) = (free_port(), free_port());
-    let up = Up::start(
-        "dashboard",
-        &[
-            "--metrics-listen-addr",
-            &format!("127.0.0.1:{auth_metrics}"),
-            "--product-metrics-listen-addr",
-            &format!("127.0.0.1:{product_metrics}"),
-        ],
-        &[],
-    );
+    let (up, auth_metrics, product_metrics) = up_with_metrics("dashboard");
     // One call, so that the per-method families have a series.
     let mut auth = AuthServiceClient::new(connect(&up.auth_url).await);
     let login = BeginLoginRequest { username: "nobody".into(), password: "wrong password!".into() };
