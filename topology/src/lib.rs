@@ -286,6 +286,23 @@ impl Galera {
             sqlx::query(&format!("CREATE DATABASE `{name}` CHARACTER SET utf8mb4")).execute(pool).await.map(drop)
         })?;
         server.close().await;
+        // Certified on every node, but applied on the others a moment
+        // later: a replica connecting there at once could find no such
+        // database. Each node, asked with wsrep_sync_wait, answers only once
+        // it has applied everything the cluster committed before.
+        for n in 1..=3 {
+            let node = storegate::Db::connect(&self.node_url(n)).await?;
+            let seen: Option<String> = storegate::on_db!(&node, pool => async {
+                let mut conn = pool.acquire().await?;
+                sqlx::query("SET SESSION wsrep_sync_wait = 15").execute(&mut *conn).await?;
+                sqlx::query_scalar("SELECT SCHEMA_NAME FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = ?")
+                    .bind(name)
+                    .fetch_optional(&mut *conn)
+                    .await
+            }.await)?;
+            node.close().await;
+            anyhow::ensure!(seen.is_some(), "node {n} does not have database {name} after a causal read");
+        }
         Ok(name.to_owned())
     }
 
