@@ -85,7 +85,11 @@ impl Db {
                 // Reads through a memory map, as the in-line read connections
                 // do (crate::sqlite_reads): searches and writes' reads on
                 // these connections otherwise copy every page with a read().
-                .pragma("mmap_size", crate::sqlite_reads::READ_MMAP_BYTES.to_string());
+                .pragma("mmap_size", crate::sqlite_reads::READ_MMAP_BYTES.to_string())
+                // Pages a write changes are kept in the connection's own
+                // cache (the map serves only reads): SQLite's default of
+                // 2 MiB holds few of a large catalogue's index pages.
+                .pragma("cache_size", "-32768");
             let options = statement_logging(options);
             // An in-memory database has no files.
             if !url.contains(":memory:") && !url.contains("mode=memory") {
@@ -195,16 +199,16 @@ fn prepare_sqlite_files(database: &Path) -> anyhow::Result<()> {
 /// write lock only at the first write, and a reader that later writes can fail
 /// at once with SQLITE_BUSY; `BEGIN IMMEDIATE` waits for the lock up front.
 pub trait BeginWrite {
-    type Database: sqlx::Database;
-    fn begin_write(&self) -> impl Future<Output = Result<WriteTx<Self::Database>, sqlx::Error>> + Send;
+    /// The write in progress: its connection, ended by `commit` (an
+    /// inherent method of each) or rolled back when dropped.
+    type Write: std::ops::DerefMut + Send;
+    fn begin_write(&self) -> impl Future<Output = Result<Self::Write, sqlx::Error>> + Send;
 }
 
-/// A write transaction: used as its connection (`&mut *tx`), ended by
-/// [`WriteTx::commit`] or, dropped, rolled back. On SQLite it holds the
-/// process's turn to write that file (see [`write_turn`]).
+/// A write transaction on MySQL: used as its connection (`&mut *tx`),
+/// ended by [`WriteTx::commit`] or, dropped, rolled back.
 pub struct WriteTx<DB: sqlx::Database> {
     tx: Transaction<'static, DB>,
-    _turn: Option<tokio::sync::OwnedMutexGuard<()>>,
 }
 
 impl<DB: sqlx::Database> WriteTx<DB> {
@@ -226,37 +230,25 @@ impl<DB: sqlx::Database> std::ops::DerefMut for WriteTx<DB> {
     }
 }
 
-/// The turn to write one SQLite file, shared by every pool of this process
-/// on it, first come first served. SQLite lets one writer in at a time and
-/// makes the others wait in its busy handler, which sleeps in growing steps
-/// (up to 100 ms) and so lets writers in in no order: with 64 writes in
-/// flight one waited 168 ms at p99 while the median waited 41 ms. Waiting
-/// here in order instead, a writer only meets SQLite's lock when another
-/// process (the other service on the same file) holds it.
-fn write_turn(path: &Path) -> std::sync::Arc<tokio::sync::Mutex<()>> {
-    use std::{
-        collections::HashMap,
-        sync::{Arc, LazyLock, Mutex},
-    };
-    static TURNS: LazyLock<Mutex<HashMap<std::path::PathBuf, Arc<tokio::sync::Mutex<()>>>>> =
-        LazyLock::new(Mutex::default);
-    let mut turns = TURNS.lock().unwrap_or_else(|e| e.into_inner());
-    turns.entry(path.to_owned()).or_default().clone()
-}
-
+/// On SQLite a write waits for the file's turn, first come first served,
+/// and shares its commit with the writes queued behind it (see
+/// [`crate::sqlite_writes`]). SQLite lets one writer in at a time and makes
+/// the others wait in its busy handler, which sleeps in growing steps (up
+/// to 100 ms) and so lets writers in in no order: with 64 writes in flight
+/// one waited 168 ms at p99 while the median waited 41 ms. Waiting here in
+/// order instead, a writer only meets SQLite's lock when another process
+/// (the other service on the same file) holds it.
 impl BeginWrite for Pool<Sqlite> {
-    type Database = Sqlite;
-    async fn begin_write(&self) -> Result<WriteTx<Sqlite>, sqlx::Error> {
-        let turn = write_turn(self.connect_options().get_filename()).lock_owned().await;
-        let tx = self.begin_with("BEGIN IMMEDIATE").await?;
-        Ok(WriteTx { tx, _turn: Some(turn) })
+    type Write = crate::sqlite_writes::SqliteWrite;
+    async fn begin_write(&self) -> Result<crate::sqlite_writes::SqliteWrite, sqlx::Error> {
+        crate::sqlite_writes::begin(self).await
     }
 }
 
 impl BeginWrite for Pool<MySql> {
-    type Database = MySql;
+    type Write = WriteTx<MySql>;
     async fn begin_write(&self) -> Result<WriteTx<MySql>, sqlx::Error> {
-        Ok(WriteTx { tx: self.begin().await?, _turn: None })
+        Ok(WriteTx { tx: self.begin().await? })
     }
 }
 

@@ -17,6 +17,7 @@ mod redact;
 pub mod server;
 pub mod shared_reads;
 pub mod sqlite_reads;
+pub mod sqlite_writes;
 pub mod telemetry;
 pub mod tls;
 pub mod token;

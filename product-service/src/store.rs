@@ -446,7 +446,14 @@ macro_rules! claim_request_id {
             .await
             {
                 Ok(_) => {}
-                Err(e) if is_unique_violation(&e) => return Ok(None),
+                Err(e) if is_unique_violation(&e) => {
+                    // Claimed by a request in flight. Committing this empty
+                    // transaction returns once that claim's is done (on
+                    // SQLite it may share our group commit), so that its
+                    // answer can be read next.
+                    $tx.commit().await?;
+                    return Ok(None);
+                }
                 Err(e) => return Err(ApiError::from(e)),
             }
         }
