@@ -54,7 +54,10 @@ impl AdminApi {
     async fn caller<T>(&self, request: &Request<T>) -> Result<Caller, ApiError> {
         let header = request.metadata().get("authorization").and_then(|v| v.to_str().ok());
         let token = bearer_token(header).ok_or(ApiError::Unauthenticated(NEEDS_TOKEN))?;
-        let keys = KeySet::from_jwks(&self.keys.jwks().await.map_err(ApiError::from)?);
+        // The published set, cached as GetJwks serves it (a withdrawn key
+        // leaves it within seconds): no database read per call for it.
+        let keys = KeySet::parse_jwks_json(&self.keys.jwks_json().await?)
+            .map_err(|e| ApiError::Internal(anyhow::Error::new(e)))?;
         let claims =
             self.verifier.verify(&keys, token).map_err(|_| ApiError::Unauthenticated(NEEDS_TOKEN))?;
         let user_id = claims.user_id().ok_or(ApiError::Unauthenticated(NEEDS_TOKEN))?;
