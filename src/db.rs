@@ -89,10 +89,15 @@ impl Db {
                 // Pages a write changes are kept in the connection's own
                 // cache (the map serves only reads): SQLite's default of
                 // 2 MiB holds few of a large catalogue's index pages.
-                .pragma("cache_size", "-32768");
+                .pragma("cache_size", "-32768")
+                // WAL checkpoints are a task's of their own (crate::sqlite_checkpoint);
+                // a writer copies the WAL back only if that task falls behind.
+                .pragma("wal_autocheckpoint", crate::sqlite_checkpoint::WRITER_CHECKPOINT_PAGES.to_string())
+                .pragma("journal_size_limit", crate::sqlite_checkpoint::WAL_SIZE_LIMIT_BYTES.to_string());
             let options = statement_logging(options);
             // An in-memory database has no files.
-            if !url.contains(":memory:") && !url.contains("mode=memory") {
+            let on_file = !url.contains(":memory:") && !url.contains("mode=memory");
+            if on_file {
                 prepare_sqlite_files(options.get_filename())?;
             }
             let pool = SqlitePoolOptions::new()
@@ -105,6 +110,9 @@ impl Db {
                 .connect_with(options)
                 .await
                 .context("cannot open the SQLite database")?;
+            if on_file {
+                crate::sqlite_checkpoint::spawn(&pool);
+            }
             Ok(Db::Sqlite(pool))
         } else if url.starts_with("mysql:") || url.starts_with("mariadb:") {
             let url = url.replacen("mariadb:", "mysql:", 1);

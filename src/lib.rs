@@ -16,6 +16,7 @@ pub mod private_files;
 mod redact;
 pub mod server;
 pub mod shared_reads;
+pub mod sqlite_checkpoint;
 pub mod sqlite_reads;
 pub mod sqlite_writes;
 pub mod telemetry;
