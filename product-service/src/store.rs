@@ -65,6 +65,26 @@ macro_rules! product_row {
 }
 const SELECT_BY_ID: &str = concat!("SELECT ", columns!(), " FROM products WHERE id = ?");
 
+macro_rules! insert_product {
+    () => {
+        "INSERT INTO products (name, description, price, stock, version, created_by, updated_by, \
+         create_time, update_time) VALUES (?, ?, ?, ?, 1, ?, ?, ?, ?)"
+    };
+}
+const INSERT_PRODUCT: &str = insert_product!();
+const INSERT_PRODUCT_RETURNING: &str = concat!(insert_product!(), " RETURNING ", columns!());
+
+/// AdjustStock's one conditional UPDATE: the stock never leaves
+/// 0..=MAX_STOCK. Binds: delta, user, time, id, delta, delta, MAX_STOCK.
+macro_rules! adjust_stock {
+    () => {
+        "UPDATE products SET stock = stock + ?, version = version + 1, updated_by = ?, update_time = ? \
+         WHERE id = ? AND stock + ? >= 0 AND stock + ? <= ?"
+    };
+}
+const ADJUST_STOCK: &str = adjust_stock!();
+const ADJUST_STOCK_RETURNING: &str = concat!(adjust_stock!(), " RETURNING ", columns!());
+
 /// Point reads that share a statement on MySQL: at most this many ids in one
 /// `IN (…)`.
 const SHARED_GETS: usize = 32;
@@ -587,6 +607,14 @@ impl ProductStore {
     }
 
     /// A price as this backend's price column takes it.
+    /// Whether a write's statement hands back the row it wrote (SQLite's
+    /// `RETURNING`), instead of a SELECT after it: one trip less to the
+    /// connection's worker thread while the write holds SQLite's one write
+    /// turn. MySQL has no `RETURNING` (MariaDB only on INSERT).
+    fn returns_written_rows(&self) -> bool {
+        self.db.backend() == Backend::Sqlite
+    }
+
     fn price_param(&self, price: Price) -> String {
         match self.db.backend() {
             Backend::MySql => price.to_string(),
@@ -643,28 +671,28 @@ impl ProductStore {
         now: DateTime<Utc>,
     ) -> Result<Idempotent<Product>, ApiError> {
         let price = &self.price_param(fields.price);
+        let returning = self.returns_written_rows();
         // An async block, so that `return` leaves only the transaction.
         let created: Option<Product> = retry_conflicts(move || async move {
             on_db!(&self.db, pool => async {
             let mut tx = pool.begin_write().await?;
             claim_request_id!(tx, request, now);
-            let id = sqlx::query(
-                "INSERT INTO products (name, description, price, stock, version, created_by, updated_by, \
-                 create_time, update_time) VALUES (?, ?, ?, ?, 1, ?, ?, ?, ?)",
-            )
-            .bind(&fields.name)
-            .bind(&fields.description)
-            .bind(price)
-            .bind(fields.stock)
-            .bind(user_id)
-            .bind(user_id)
-            .bind(now)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?
-            .insert_id();
-            count_products!(tx, id, 1_i64);
-            let row: ProductRow = sqlx::query_as(SELECT_BY_ID).bind(id).fetch_one(&mut *tx).await?;
+            let insert = sqlx::query(if returning { INSERT_PRODUCT_RETURNING } else { INSERT_PRODUCT })
+                .bind(&fields.name)
+                .bind(&fields.description)
+                .bind(price)
+                .bind(fields.stock)
+                .bind(user_id)
+                .bind(user_id)
+                .bind(now)
+                .bind(now);
+            let row: ProductRow = if returning {
+                sqlx::FromRow::from_row(&insert.fetch_one(&mut *tx).await?)?
+            } else {
+                let id = insert.execute(&mut *tx).await?.insert_id();
+                sqlx::query_as(SELECT_BY_ID).bind(id).fetch_one(&mut *tx).await?
+            };
+            count_products!(tx, row.id, 1_i64);
             let product = row.into_product()?;
             record_response!(tx, request, product);
             tx.commit().await?;
@@ -763,29 +791,33 @@ impl ProductStore {
         user_id: Option<i64>,
         now: DateTime<Utc>,
     ) -> Result<Idempotent<Adjusted>, ApiError> {
+        let returning = self.returns_written_rows();
         let adjusted: Option<Adjusted> = retry_conflicts(move || async move { on_db!(&self.db, pool => async {
             let mut tx = pool.begin_write().await?;
             claim_request_id!(tx, request, now);
-            let changed = sqlx::query(
-                "UPDATE products SET stock = stock + ?, version = version + 1, updated_by = ?, update_time = ? \
-                 WHERE id = ? AND stock + ? >= 0 AND stock + ? <= ?",
-            )
-            .bind(delta)
-            .bind(user_id)
-            .bind(now)
-            .bind(id)
-            .bind(delta)
-            .bind(delta)
-            .bind(MAX_STOCK)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-            let row: Option<ProductRow> = sqlx::query_as(SELECT_BY_ID).bind(id).fetch_optional(&mut *tx).await?;
-            let Some(row) = row else { return Ok(Some(Adjusted::NotFound)) };
-            if changed != 1 {
+            let update = sqlx::query(if returning { ADJUST_STOCK_RETURNING } else { ADJUST_STOCK })
+                .bind(delta)
+                .bind(user_id)
+                .bind(now)
+                .bind(id)
+                .bind(delta)
+                .bind(delta)
+                .bind(MAX_STOCK);
+            let adjusted: Option<ProductRow> = if returning {
+                match update.fetch_optional(&mut *tx).await? {
+                    Some(row) => Some(sqlx::FromRow::from_row(&row)?),
+                    None => None,
+                }
+            } else if update.execute(&mut *tx).await?.rows_affected() == 1 {
+                Some(sqlx::query_as(SELECT_BY_ID).bind(id).fetch_one(&mut *tx).await?)
+            } else {
+                None
+            };
+            let Some(row) = adjusted else {
                 // Nothing changed; the transaction (and the claim) roll back.
-                return Ok(Some(Adjusted::OutOfRange));
-            }
+                let exists = sqlx::query("SELECT 1 FROM products WHERE id = ?").bind(id).fetch_optional(&mut *tx).await?;
+                return Ok(Some(if exists.is_some() { Adjusted::OutOfRange } else { Adjusted::NotFound }));
+            };
             let product = row.into_product()?;
             record_response!(tx, request, product);
             tx.commit().await?;
