@@ -55,9 +55,24 @@ struct OpenGroup {
     id: u64,
 }
 
+/// What a group runs once for all its members, outside their savepoints:
+/// work that may wait for the group's end, such as the product store's
+/// full-text index (migrations/sqlite/0009_search_queue.sql), which would
+/// otherwise write a segment at every member's SAVEPOINT.
+#[derive(Clone, Copy, Debug)]
+pub struct GroupStatements {
+    /// Right after the group's BEGIN.
+    pub at_begin: &'static str,
+    /// Right before its COMMIT, in the same transaction; if it fails, the
+    /// group fails.
+    pub before_commit: &'static str,
+}
+
 /// One SQLite file's writes in this process.
 struct FileWrites {
     group: Arc<tokio::sync::Mutex<Option<OpenGroup>>>,
+    /// Set once by whoever owns the schema's work (see [`run_in_every_group`]).
+    statements: Mutex<Option<GroupStatements>>,
     /// Writers waiting for the turn.
     waiting: AtomicUsize,
     next_id: AtomicU64,
@@ -81,11 +96,24 @@ fn file_writes(pool: &Pool<Sqlite>) -> Arc<FileWrites> {
         .or_insert_with(|| {
             Arc::new(FileWrites {
                 group: Arc::default(),
+                statements: Mutex::default(),
                 waiting: AtomicUsize::new(0),
                 next_id: AtomicU64::new(0),
             })
         })
         .clone()
+}
+
+/// Every later group of `pool`'s file in this process runs `statements`
+/// (a later call replaces them).
+pub fn run_in_every_group(pool: &Pool<Sqlite>, statements: GroupStatements) {
+    *file_writes(pool).statements.lock().unwrap_or_else(|e| e.into_inner()) = Some(statements);
+}
+
+impl FileWrites {
+    fn statements(&self) -> Option<GroupStatements> {
+        *self.statements.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 /// One writer waiting for the turn, for as long as it lives.
@@ -126,6 +154,12 @@ pub async fn begin(pool: &Pool<Sqlite>) -> Result<SqliteWrite, sqlx::Error> {
     if group.is_none() {
         let mut conn = pool.acquire().await?;
         conn.execute("BEGIN IMMEDIATE").await?;
+        if let Some(statements) = write.file.statements()
+            && let Err(e) = conn.execute(statements.at_begin).await
+        {
+            let _ = conn.execute("ROLLBACK").await;
+            return Err(e);
+        }
         let id = write.file.next_id.fetch_add(1, Ordering::Relaxed);
         **group = Some(OpenGroup { conn, members: Vec::new(), started: Instant::now(), id });
     }
@@ -158,7 +192,7 @@ impl SqliteWrite {
         let id = group.id;
         let full = group.members.len() >= MAX_GROUP || group.started.elapsed() >= MAX_GROUP_AGE;
         if full || self.file.waiting.load(Ordering::SeqCst) == 0 {
-            commit_group(&mut turn).await;
+            commit_group(&mut turn, &self.file).await;
         }
         drop(turn);
         loop {
@@ -169,7 +203,7 @@ impl SqliteWrite {
                     // waiting for it): commit our group ourselves.
                     let mut turn = self.file.group.clone().lock_owned().await;
                     if turn.as_ref().is_some_and(|g| g.id == id) {
-                        commit_group(&mut turn).await;
+                        commit_group(&mut turn, &self.file).await;
                     }
                 }
             }
@@ -190,13 +224,17 @@ fn answer(committed: Result<Outcome, oneshot::error::RecvError>) -> Result<(), s
 static COMMITS: AtomicU64 = AtomicU64::new(0);
 
 /// Commits the open group and tells its members.
-async fn commit_group(group: &mut Option<OpenGroup>) {
+async fn commit_group(group: &mut Option<OpenGroup>, file: &FileWrites) {
     #[cfg(test)]
     COMMITS.fetch_add(1, Ordering::SeqCst);
-    let committed = match group.as_mut() {
-        Some(open) => open.conn.execute("COMMIT").await.map(drop).map_err(|e| e.to_string()),
-        None => return,
-    };
+    let Some(open) = group.as_mut() else { return };
+    let mut committed = Ok(());
+    if let Some(statements) = file.statements() {
+        committed = open.conn.execute(statements.before_commit).await.map(drop).map_err(|e| e.to_string());
+    }
+    if committed.is_ok() {
+        committed = open.conn.execute("COMMIT").await.map(drop).map_err(|e| e.to_string());
+    }
     end_group(group, committed).await;
 }
 
@@ -240,7 +278,7 @@ impl Drop for SqliteWrite {
                 let _ = open.conn.execute("ROLLBACK").await;
                 *turn = None;
             } else if file.waiting.load(Ordering::SeqCst) == 0 {
-                commit_group(&mut turn).await;
+                commit_group(&mut turn, &file).await;
             }
         };
         // Without a runtime (the process is ending) the connection closes
@@ -393,5 +431,53 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(2), a.commit()).await.expect("A is answered").unwrap();
         drop(follower);
         assert_eq!(rows(&pool).await, ["a"]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn group_statements_run_once_a_group_and_a_failing_one_fails_the_group() {
+        let pool = pool("statements").await;
+        pool.execute("CREATE TABLE groups (phase TEXT NOT NULL, members INTEGER NOT NULL)").await.unwrap();
+        run_in_every_group(
+            &pool,
+            GroupStatements {
+                at_begin: "INSERT INTO groups (phase, members) SELECT 'begin', COUNT(*) FROM t",
+                before_commit: "INSERT INTO groups (phase, members) SELECT 'commit', COUNT(*) FROM t",
+            },
+        );
+        let before = COMMITS.load(Ordering::SeqCst);
+        let writes: Vec<_> = (0..32)
+            .map(|i| {
+                let pool = pool.clone();
+                tokio::spawn(async move { insert(&pool, format!("{i:02}"), true).await.unwrap() })
+            })
+            .collect();
+        for write in writes {
+            write.await.unwrap();
+        }
+        let phases: Vec<(String, i64)> = sqlx::query_as("SELECT phase, members FROM groups ORDER BY rowid")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+        let commits = COMMITS.load(Ordering::SeqCst) - before;
+        // Other tests commit groups too; these 32 writes took at most that many.
+        assert!(phases.len() as u64 <= 2 * commits && phases.len() % 2 == 0, "{phases:?}");
+        // Each group: begin, then commit after all its members' writes.
+        let mut seen = 0;
+        for pair in phases.chunks(2) {
+            assert_eq!((pair[0].0.as_str(), pair[0].1), ("begin", seen));
+            assert_eq!(pair[1].0, "commit");
+            assert!(pair[1].1 > seen);
+            seen = pair[1].1;
+        }
+        assert_eq!(seen, 32);
+
+        // A failing statement before the commit fails the group: its write
+        // is refused and did not happen.
+        run_in_every_group(
+            &pool,
+            GroupStatements { at_begin: "SELECT 1", before_commit: "SELECT * FROM missing" },
+        );
+        assert!(insert(&pool, "refused".into(), true).await.is_err());
+        assert_eq!(rows(&pool).await.len(), 32);
     }
 }

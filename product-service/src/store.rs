@@ -510,6 +510,20 @@ macro_rules! count_products {
     };
 }
 
+/// On SQLite, the full-text index's changes of a group commit: queued by
+/// the triggers while the group is open, written to the index once before
+/// its COMMIT (migrations/sqlite/0009_search_queue.sql), so that FTS5 does
+/// not write a segment at each member's SAVEPOINT (2,049 → 2,3xx creates/s
+/// at 1M, BENCHMARKS.md).
+const SQLITE_SEARCH_QUEUE: storegate::sqlite_writes::GroupStatements =
+    storegate::sqlite_writes::GroupStatements {
+        at_begin: "UPDATE products_search_deferral SET deferred = 1",
+        before_commit: "INSERT INTO products_search (products_search, rowid, name, description) \
+        SELECT command, product_id, name, description FROM products_search_queue ORDER BY seq; \
+        DELETE FROM products_search_queue; \
+        UPDATE products_search_deferral SET deferred = 0",
+    };
+
 /// How many connections gets and keyset pages have on MySQL, beside the
 /// pool's, unless configured: one per core, at most 16. Reads that wait for one share
 /// its next statement, so fewer connections mean fewer statements and fewer
@@ -549,6 +563,9 @@ impl ProductStore {
     /// A store whose MySQL gets and keyset pages have `read_connections`
     /// connections of their own (unused on SQLite).
     pub async fn with_read_connections(db: Db, read_connections: usize) -> Self {
+        if let Db::Sqlite(pool) = &db {
+            storegate::sqlite_writes::run_in_every_group(pool, SQLITE_SEARCH_QUEUE);
+        }
         let reads = match &db {
             Db::Sqlite(_) => SqliteReads::for_db(&db).await.map(|reads| Reads::Sqlite(Arc::new(reads))),
             Db::MySql(pool) => Some(Reads::MySql(Arc::new(MySqlShared {
