@@ -460,7 +460,7 @@ mod tests {
             .unwrap();
         let commits = COMMITS.load(Ordering::SeqCst) - before;
         // Other tests commit groups too; these 32 writes took at most that many.
-        assert!(phases.len() as u64 <= 2 * commits && phases.len() % 2 == 0, "{phases:?}");
+        assert!(phases.len() as u64 <= 2 * commits && phases.len().is_multiple_of(2), "{phases:?}");
         // Each group: begin, then commit after all its members' writes.
         let mut seen = 0;
         for pair in phases.chunks(2) {

@@ -513,8 +513,8 @@ macro_rules! count_products {
 /// On SQLite, the full-text index's changes of a group commit: queued by
 /// the triggers while the group is open, written to the index once before
 /// its COMMIT (migrations/sqlite/0009_search_queue.sql), so that FTS5 does
-/// not write a segment at each member's SAVEPOINT (2,049 → 2,3xx creates/s
-/// at 1M, BENCHMARKS.md).
+/// not write a segment at each member's SAVEPOINT (BENCHMARKS.md, "SQLite
+/// writes: checkpoints, RETURNING, one index write per group").
 const SQLITE_SEARCH_QUEUE: storegate::sqlite_writes::GroupStatements =
     storegate::sqlite_writes::GroupStatements {
         at_begin: "UPDATE products_search_deferral SET deferred = 1",
