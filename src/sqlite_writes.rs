@@ -53,6 +53,8 @@ struct OpenGroup {
     members: Vec<oneshot::Sender<Outcome>>,
     started: Instant,
     id: u64,
+    /// What it ran at BEGIN, and so runs before its COMMIT.
+    statements: Option<GroupStatements>,
 }
 
 /// What a group runs once for all its members, outside their savepoints:
@@ -104,8 +106,9 @@ fn file_writes(pool: &Pool<Sqlite>) -> Arc<FileWrites> {
         .clone()
 }
 
-/// Every later group of `pool`'s file in this process runs `statements`
-/// (a later call replaces them).
+/// Every group of `pool`'s file in this process that begins after this
+/// runs `statements` (a later call replaces them for the groups after it; a
+/// group runs the pair it began with).
 pub fn run_in_every_group(pool: &Pool<Sqlite>, statements: GroupStatements) {
     *file_writes(pool).statements.lock().unwrap_or_else(|e| e.into_inner()) = Some(statements);
 }
@@ -154,14 +157,15 @@ pub async fn begin(pool: &Pool<Sqlite>) -> Result<SqliteWrite, sqlx::Error> {
     if group.is_none() {
         let mut conn = pool.acquire().await?;
         conn.execute("BEGIN IMMEDIATE").await?;
-        if let Some(statements) = write.file.statements()
+        let statements = write.file.statements();
+        if let Some(statements) = statements
             && let Err(e) = conn.execute(statements.at_begin).await
         {
             let _ = conn.execute("ROLLBACK").await;
             return Err(e);
         }
         let id = write.file.next_id.fetch_add(1, Ordering::Relaxed);
-        **group = Some(OpenGroup { conn, members: Vec::new(), started: Instant::now(), id });
+        **group = Some(OpenGroup { conn, members: Vec::new(), started: Instant::now(), id, statements });
     }
     if let Err(e) = write.conn().execute(SAVEPOINT).await {
         let group = write.turn.as_mut().expect("the turn is held");
@@ -192,7 +196,7 @@ impl SqliteWrite {
         let id = group.id;
         let full = group.members.len() >= MAX_GROUP || group.started.elapsed() >= MAX_GROUP_AGE;
         if full || self.file.waiting.load(Ordering::SeqCst) == 0 {
-            commit_group(&mut turn, &self.file).await;
+            commit_group(&mut turn).await;
         }
         drop(turn);
         loop {
@@ -203,7 +207,7 @@ impl SqliteWrite {
                     // waiting for it): commit our group ourselves.
                     let mut turn = self.file.group.clone().lock_owned().await;
                     if turn.as_ref().is_some_and(|g| g.id == id) {
-                        commit_group(&mut turn, &self.file).await;
+                        commit_group(&mut turn).await;
                     }
                 }
             }
@@ -224,12 +228,12 @@ fn answer(committed: Result<Outcome, oneshot::error::RecvError>) -> Result<(), s
 static COMMITS: AtomicU64 = AtomicU64::new(0);
 
 /// Commits the open group and tells its members.
-async fn commit_group(group: &mut Option<OpenGroup>, file: &FileWrites) {
+async fn commit_group(group: &mut Option<OpenGroup>) {
     #[cfg(test)]
     COMMITS.fetch_add(1, Ordering::SeqCst);
     let Some(open) = group.as_mut() else { return };
     let mut committed = Ok(());
-    if let Some(statements) = file.statements() {
+    if let Some(statements) = open.statements {
         committed = open.conn.execute(statements.before_commit).await.map(drop).map_err(|e| e.to_string());
     }
     if committed.is_ok() {
@@ -278,7 +282,7 @@ impl Drop for SqliteWrite {
                 let _ = open.conn.execute("ROLLBACK").await;
                 *turn = None;
             } else if file.waiting.load(Ordering::SeqCst) == 0 {
-                commit_group(&mut turn, &file).await;
+                commit_group(&mut turn).await;
             }
         };
         // Without a runtime (the process is ending) the connection closes

@@ -10,14 +10,17 @@
 -- index's changes, and the group writes the queue to the index once, before
 -- its COMMIT: in the same transaction, so the index still changes with every
 -- write's commit. Any other writer (a tool, the sqlite3 shell) finds 0 and
--- changes the index directly, as before.
+-- changes the index directly, as before; so does every writer if the flag's
+-- row is ever missing (IS NOT 1), so that the index never silently stops.
 CREATE TABLE products_search_deferral (
     deferred INTEGER NOT NULL
 );
 INSERT INTO products_search_deferral (deferred) VALUES (0);
 
 -- In the order of the changes: 'delete' takes a product's old words out,
--- NULL adds its words (the values of products_search's command column).
+-- NULL adds its words (the values of products_search's command column). The
+-- group writes them by product, each product's in order: FTS5 starts a new
+-- segment whenever a write's rowid is lower than the one before.
 CREATE TABLE products_search_queue (
     seq         INTEGER PRIMARY KEY,
     command     TEXT,
@@ -32,7 +35,7 @@ DROP TRIGGER products_search_update;
 
 -- Each trigger is one statement, as in 0006.
 CREATE TRIGGER products_search_insert AFTER INSERT ON products
-WHEN (SELECT deferred FROM products_search_deferral) = 0 BEGIN
+WHEN (SELECT deferred FROM products_search_deferral) IS NOT 1 BEGIN
     INSERT INTO products_search (rowid, name, description) VALUES (new.id, new.name, new.description); END;
 
 CREATE TRIGGER products_search_insert_queued AFTER INSERT ON products
@@ -41,7 +44,7 @@ WHEN (SELECT deferred FROM products_search_deferral) = 1 BEGIN
     VALUES (NULL, new.id, new.name, new.description); END;
 
 CREATE TRIGGER products_search_delete AFTER DELETE ON products
-WHEN (SELECT deferred FROM products_search_deferral) = 0 BEGIN
+WHEN (SELECT deferred FROM products_search_deferral) IS NOT 1 BEGIN
     INSERT INTO products_search (products_search, rowid, name, description)
     VALUES ('delete', old.id, old.name, old.description); END;
 
@@ -52,7 +55,7 @@ WHEN (SELECT deferred FROM products_search_deferral) = 1 BEGIN
 
 -- Stock and price changes leave the index alone.
 CREATE TRIGGER products_search_update AFTER UPDATE OF name, description ON products
-WHEN (SELECT deferred FROM products_search_deferral) = 0 BEGIN
+WHEN (SELECT deferred FROM products_search_deferral) IS NOT 1 BEGIN
     INSERT INTO products_search (products_search, rowid, name, description)
     VALUES ('delete', old.id, old.name, old.description)
     ; INSERT INTO products_search (rowid, name, description) VALUES (new.id, new.name, new.description); END;

@@ -519,7 +519,7 @@ const SQLITE_SEARCH_QUEUE: storegate::sqlite_writes::GroupStatements =
     storegate::sqlite_writes::GroupStatements {
         at_begin: "UPDATE products_search_deferral SET deferred = 1",
         before_commit: "INSERT INTO products_search (products_search, rowid, name, description) \
-        SELECT command, product_id, name, description FROM products_search_queue ORDER BY seq; \
+        SELECT command, product_id, name, description FROM products_search_queue ORDER BY product_id, seq; \
         DELETE FROM products_search_queue; \
         UPDATE products_search_deferral SET deferred = 0",
     };
