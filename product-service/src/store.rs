@@ -623,7 +623,6 @@ impl ProductStore {
         &self.db
     }
 
-    /// A price as this backend's price column takes it.
     /// Whether a write's statement hands back the row it wrote (SQLite's
     /// `RETURNING`), instead of a SELECT after it: one trip less to the
     /// connection's worker thread while the write holds SQLite's one write
@@ -632,6 +631,7 @@ impl ProductStore {
         self.db.backend() == Backend::Sqlite
     }
 
+    /// A price as this backend's price column takes it.
     fn price_param(&self, price: Price) -> String {
         match self.db.backend() {
             Backend::MySql => price.to_string(),
@@ -821,10 +821,7 @@ impl ProductStore {
                 .bind(delta)
                 .bind(MAX_STOCK);
             let adjusted: Option<ProductRow> = if returning {
-                match update.fetch_optional(&mut *tx).await? {
-                    Some(row) => Some(sqlx::FromRow::from_row(&row)?),
-                    None => None,
-                }
+                update.fetch_optional(&mut *tx).await?.map(|row| sqlx::FromRow::from_row(&row)).transpose()?
             } else if update.execute(&mut *tx).await?.rows_affected() == 1 {
                 Some(sqlx::query_as(SELECT_BY_ID).bind(id).fetch_one(&mut *tx).await?)
             } else {
