@@ -102,9 +102,9 @@ pub struct Search {
 }
 
 /// A search as shoppers make them: a product word (35%), two (20%), a
-/// word and the start of another as typed (15%), a model name (15%), a
-/// word the catalogue does not have (10%), one of the commonest words (5%).
-/// Most by relevance, some by price.
+/// word and the start of another as typed (15%), a model name (10%), a
+/// product word and a model name (5%), a word the catalogue does not have
+/// (10%), one of the commonest words (5%). Most by relevance, some by price.
 pub fn search(rng: &mut impl Rng) -> Search {
     let common = |rng: &mut _| word(Commonness::Common, rng);
     let query = match rng.gen_range(0..100) {
@@ -114,7 +114,8 @@ pub fn search(rng: &mut impl Rng) -> Search {
             let next = common(rng);
             format!("{} {}", common(rng), &next[..next.len().min(rng.gen_range(3..=5))])
         }
-        70..85 => word(Commonness::Rare, rng).to_owned(),
+        70..80 => word(Commonness::Rare, rng).to_owned(),
+        80..85 => format!("{} {}", common(rng), word(Commonness::Rare, rng)),
         85..95 => format!("{}q", word(Commonness::Rare, rng)),
         _ => word(Commonness::VeryCommon, rng).to_owned(),
     };

@@ -28,10 +28,14 @@ const MIN_WORD_CHARS: usize = 3;
 /// InnoDB's maximum indexed word length (`innodb_ft_max_token_size`).
 const MAX_WORD_CHARS: usize = 84;
 
-/// The words a query searches for; the last one is a prefix. Empty: the
-/// query names no word either engine can find, and matches nothing.
+/// The words a query searches for; the last one is a prefix (but in
+/// [`Words::only`]). Empty: the query names no word either engine can find,
+/// and matches nothing.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Words(Vec<String>);
+pub struct Words {
+    words: Vec<String>,
+    last_is_prefix: bool,
+}
 
 impl Words {
     pub fn of(query: &str) -> Words {
@@ -40,11 +44,21 @@ impl Words {
         let last = words.pop();
         words.retain(|w| (MIN_WORD_CHARS..=MAX_WORD_CHARS).contains(&w.chars().count()));
         words.extend(last.filter(|w| w.chars().count() <= MAX_WORD_CHARS));
-        Words(words.into_iter().map(str::to_owned).collect())
+        Words { words: words.into_iter().map(str::to_owned).collect(), last_is_prefix: true }
     }
 
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.words.is_empty()
+    }
+
+    /// The query of word `index` alone, a prefix only if it is the last:
+    /// what the engine is asked for when that word is the rarest of a
+    /// search whose other words are common (`store::anchored`).
+    pub fn only(&self, index: usize) -> Words {
+        Words {
+            words: self.words.get(index).cloned().into_iter().collect(),
+            last_is_prefix: index + 1 == self.words.len(),
+        }
     }
 
     /// For `MATCH (name, description) AGAINST (? IN BOOLEAN MODE)`:
@@ -55,7 +69,9 @@ impl Words {
     /// bm25 ranks prefix matches by how often they occur.
     pub fn mysql(&self) -> String {
         let mut terms = self.terms(|word| format!("+{word}"), |word| format!("+{word}*"));
-        if let Some(last) = self.0.last().filter(|w| w.chars().count() >= MIN_WORD_CHARS) {
+        if let Some(last) =
+            self.words.last().filter(|w| self.last_is_prefix && w.chars().count() >= MIN_WORD_CHARS)
+        {
             terms.push(' ');
             terms.push_str(last);
         }
@@ -70,8 +86,9 @@ impl Words {
     }
 
     fn terms(&self, word: impl Fn(&str) -> String, prefix: impl Fn(&str) -> String) -> String {
-        let Some((last, rest)) = self.0.split_last() else { return String::new() };
-        rest.iter().map(|w| word(w)).chain([prefix(last)]).collect::<Vec<_>>().join(" ")
+        let Some((last, rest)) = self.words.split_last() else { return String::new() };
+        let last = if self.last_is_prefix { prefix(last) } else { word(last) };
+        rest.iter().map(|w| word(w)).chain([last]).collect::<Vec<_>>().join(" ")
     }
 }
 
@@ -162,10 +179,18 @@ pub struct Terms(Vec<Term>);
 
 impl Terms {
     pub fn of(words: &Words) -> Terms {
-        let Some((last, rest)) = words.0.split_last() else { return Terms(Vec::new()) };
+        let Some((last, rest)) = words.words.split_last() else { return Terms(Vec::new()) };
         let mut terms: Vec<Term> = rest.iter().map(|w| Term::Word(fold(w))).collect();
-        terms.push(Term::Prefix(fold(last)));
+        terms.push(if words.last_is_prefix { Term::Prefix(fold(last)) } else { Term::Word(fold(last)) });
         Terms(terms)
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &Term> {
@@ -228,6 +253,17 @@ mod tests {
         assert_eq!(words.mysql(), "+Cast +iron +te*");
         assert_eq!(Words::of("iron tea").mysql(), "+iron +tea* tea");
         assert_eq!(words.fts5(), r#""Cast" "iron" "te"*"#);
+    }
+
+    #[test]
+    fn one_word_alone_is_a_prefix_only_if_it_was_the_last() {
+        let words = Words::of("Cast iron tea");
+        assert_eq!(words.only(1).mysql(), "+iron");
+        assert_eq!(words.only(1).fts5(), r#""iron""#);
+        assert_eq!(Terms::of(&words.only(1)).iter().collect::<Vec<_>>(), [&Term::Word("iron".into())]);
+        assert_eq!(words.only(2).mysql(), "+tea* tea");
+        assert_eq!(words.only(2).fts5(), r#""tea"*"#);
+        assert!(words.only(3).is_empty());
     }
 
     #[test]

@@ -31,8 +31,15 @@ pub struct SearchBounds {
     pub refresh: Duration,
     /// Most products one broad search reads.
     pub rows_read: usize,
-    /// A broad search by relevance ranks the newest this many matches.
+    /// A broad search by relevance ranks the matches of one window of the
+    /// newest products at a time: this many, or as many as a quarter of
+    /// [`Self::rows_read`] products hold.
     pub ranked_matches: usize,
+    /// A search whose words the engine cannot intersect within
+    /// [`Self::exact_up_to`] postings, but one of whose words is in at
+    /// most this many products, is anchored on that word: the engine finds
+    /// its products and Rust keeps those with every word.
+    pub anchor_up_to: i64,
 }
 
 impl SearchBounds {
@@ -52,6 +59,9 @@ impl SearchBounds {
             // On MySQL each ranked match costs reading products until it
             // is found: 200 of a word in 2% of products, 10,000.
             ranked_matches: (matches / 50).max(1),
+            // Each anchor product is read from the table (a random read by
+            // primary key on MySQL): a tenth of the engine's bound.
+            anchor_up_to: (matches as i64 / 10).max(1),
         }
     }
 }
@@ -60,6 +70,19 @@ impl Default for SearchBounds {
     fn default() -> Self {
         SearchBounds::for_index_matches(DEFAULT_INDEX_MATCHES)
     }
+}
+
+/// How one search is answered, and the matches the sample estimates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// By the full-text engine on every word: their lists are short.
+    Engine { matches: i64 },
+    /// The engine finds the products with the rarest word, `term` (its
+    /// position in the query), and Rust keeps those with every word.
+    Anchored { term: usize, matches: i64 },
+    /// Matched in Rust over a bounded read of the catalogue in the order
+    /// asked for (common words, `store::broad`).
+    Broad { matches: i64 },
 }
 
 /// SEARCH_INDEX_MAX_MATCHES unless configured.
@@ -141,11 +164,56 @@ impl Sample {
                 break;
             }
         }
-        let matching = matching.map_or(0, |m| m.len());
+        self.scale(matching.map_or(0, |m| m.len()))
+    }
+
+    /// About how many products of the catalogue have `term`: the length of
+    /// its list in a full-text index (for a prefix, of all its words' lists
+    /// merged).
+    pub fn estimate_term(&self, term: &Term) -> i64 {
+        self.scale(self.having(term).len())
+    }
+
+    fn scale(&self, sampled: usize) -> i64 {
         if self.products == 0 {
             return 0;
         }
-        (matching as f64 / f64::from(self.products) * self.catalogue as f64).round() as i64
+        (sampled as f64 / f64::from(self.products) * self.catalogue as f64).round() as i64
+    }
+
+    /// How a search for `terms` is answered: decided by what each way
+    /// would cost, as the sample estimates it.
+    pub fn route(&self, terms: &Terms, bounds: &SearchBounds) -> Route {
+        let matches = self.estimate(terms);
+        // A catalogue that small is not sampled: every search on the index.
+        if self.catalogue <= bounds.exact_up_to {
+            return Route::Engine { matches };
+        }
+        // Both engines read the whole list of every word of a query (InnoDB
+        // to intersect them, FTS5 merges a prefix's lists first): the
+        // engine's cost is their sum, whatever the matches.
+        let lists: Vec<i64> = terms.iter().map(|term| self.estimate_term(term)).collect();
+        if lists.iter().sum::<i64>() <= bounds.exact_up_to {
+            return Route::Engine { matches };
+        }
+        if matches > bounds.exact_up_to {
+            return Route::Broad { matches };
+        }
+        let term = self.rarest(terms);
+        match lists.get(term) {
+            Some(&list) if list <= bounds.anchor_up_to => Route::Anchored { term, matches },
+            // Every word is common, their matches together are not: no list
+            // is short enough to read, and the matches too sparse for a page
+            // of them to be found in a few reads (`store::broad`).
+            _ => Route::Broad { matches },
+        }
+    }
+
+    /// The position of the term fewest sampled products have (the first of
+    /// those as rare).
+    pub fn rarest(&self, terms: &Terms) -> usize {
+        let lists = terms.iter().map(|term| self.having(term).len());
+        lists.enumerate().min_by_key(|(_, list)| *list).map_or(0, |(term, _)| term)
     }
 
     /// Each term's BM25 weight, from how many sampled products have it.
@@ -190,6 +258,41 @@ mod tests {
         assert_eq!(estimate("m1"), 110_000, "M1 and M10..M19");
         assert_eq!(estimate("nothing"), 0);
         assert!((sample.average_words - 6.1).abs() < 1e-9, "{}", sample.average_words);
+    }
+
+    #[test]
+    fn a_search_goes_where_its_lists_are_short() {
+        // 100 sampled of a million: each sampled product stands for 10,000.
+        let sample = sample(1_000_000);
+        let bounds = SearchBounds { anchor_up_to: 10_000, ..SearchBounds::for_index_matches(20_000) };
+        let route = |query: &str| sample.route(&Terms::of(&Words::of(query)), &bounds);
+        assert_eq!(route("m42"), Route::Engine { matches: 10_000 }, "one short list");
+        assert_eq!(
+            route("m42 m4"),
+            Route::Anchored { term: 0, matches: 10_000 },
+            "lists of 10,000 and 110,000"
+        );
+        assert_eq!(route("teapot"), Route::Broad { matches: 100_000 }, "many matches");
+        assert_eq!(
+            route("with m42"),
+            Route::Anchored { term: 1, matches: 10_000 },
+            "a common and a rare word"
+        );
+        assert_eq!(route("m42 with"), Route::Anchored { term: 0, matches: 10_000 }, "in either place");
+        assert_eq!(
+            route("with oak m42"),
+            Route::Anchored { term: 2, matches: 10_000 },
+            "the rarest of three"
+        );
+        assert_eq!(route("oak teapot"), Route::Broad { matches: 0 }, "two common words, no match together");
+        assert_eq!(route("teapot m1"), Route::Broad { matches: 10_000 }, "lists of 100,000 and 110,000");
+        assert_eq!(route("oak with"), Route::Broad { matches: 900_000 });
+        let small = super::Sample::of(20_000, [], Indexed::by(Backend::Sqlite));
+        assert_eq!(
+            small.route(&Terms::of(&Words::of("with")), &bounds),
+            Route::Engine { matches: 0 },
+            "not sampled"
+        );
     }
 
     #[test]

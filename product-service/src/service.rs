@@ -289,19 +289,20 @@ impl ProductApi {
         let query = (!req.query.is_empty()).then_some(req.query.as_str());
         // One extra row tells whether another page follows.
         let listing = ListQuery { order, query, after: after.as_ref(), limit: i64::from(page_size) + 1 };
-        let crate::store::Page { mut rows, scores, total_size, broad, resume } =
+        let crate::store::Page { mut rows, scores, cursors, total_size, resume, .. } =
             self.store.list(&listing).await?;
         let more = rows.len() > page_size as usize;
         rows.truncate(page_size as usize);
         let products = rows.into_iter().map(|row| row.into_product()).collect::<Result<Vec<_>, _>>()?;
         let next_page_token = match (products.last(), resume) {
             (Some(last), _) if more => {
-                let cursor = match order.field {
-                    SortField::Relevance => {
+                let cursor = match (cursors.into_iter().nth(products.len() - 1), order.field) {
+                    (Some(cursor), _) => cursor,
+                    (None, SortField::Relevance) => {
                         let score = scores.get(products.len() - 1).copied().unwrap_or_default();
-                        Cursor::after_match(last, score, broad)
+                        Cursor::after_match(last, score)
                     }
-                    _ => Cursor::after(last, order),
+                    (None, _) => Cursor::after(last, order),
                 };
                 page_token::encode(&cursor, order, &req.query)
             }

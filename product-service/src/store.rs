@@ -31,7 +31,7 @@ use crate::{
     domain::{MAX_STOCK, OrderBy, Price, SortField, etag},
     plan::Plan,
     search::{Terms, Words},
-    search_sample::SearchBounds,
+    search_sample::{Route, Sample, SearchBounds},
 };
 
 /// The columns of a product row, in [`ProductRow`]'s order (the in-line
@@ -178,9 +178,13 @@ pub struct Page {
     /// a query.
     pub scores: Vec<f64>,
     pub total_size: i64,
-    /// Matched in Rust over a bounded read (a search of common words, see
-    /// `store::broad`), not by the full-text engine.
-    pub broad: bool,
+    /// How a search was answered; `None` for a listing without a query.
+    pub path: Option<SearchPath>,
+    /// Where the listing goes on after each row, when the store says so: a
+    /// search ranked in Rust (`store::broad`, `store::anchored`) marks its
+    /// cursors so that the next page is ranked the same way. Empty: the
+    /// cursor is the row's own ([`Cursor::after`], [`Cursor::after_match`]).
+    pub cursors: Vec<Cursor>,
     /// Where the listing goes on when this page has fewer rows than asked
     /// but the listing may have more: a broad search stopped at its bound
     /// on rows read.
@@ -334,14 +338,13 @@ impl Cursor {
         Cursor { sort_value, id: row.id }
     }
 
-    /// The cursor that continues a relevance listing after `row`, whose
-    /// relevance was `score`. The score travels as Rust's shortest text that
-    /// parses back to the same f64, so the next page's comparison with the
-    /// engine's own value is exact; a broad search's (`store::broad`) is
-    /// marked, as its next page must be one too.
-    pub fn after_match(row: &Product, score: f64, broad: bool) -> Cursor {
-        let mark = if broad { BROAD_CURSOR } else { "" };
-        Cursor { sort_value: format!("{mark}{score}"), id: row.id }
+    /// The cursor that continues a relevance listing of the full-text
+    /// engine after `row`, whose relevance was `score`. The score travels as
+    /// Rust's shortest text that parses back to the same f64, so the next
+    /// page's comparison with the engine's own value is exact. (Searches
+    /// ranked in Rust give their own, marked cursors: [`Page::cursors`].)
+    pub fn after_match(row: &Product, score: f64) -> Cursor {
+        Cursor { sort_value: score.to_string(), id: row.id }
     }
 }
 
@@ -550,8 +553,11 @@ const MYSQL_MATCH: &str = "MATCH (products.name, products.description) AGAINST (
 /// one statement ([`ProductStore::search_few`]).
 const FEW_MATCHES: i64 = 1000;
 
-// Declared after the macros it uses.
+// Declared after the macros they use.
+mod anchored;
 mod broad;
+pub use anchored::ANCHORED_CURSOR;
+use anchored::Anchored;
 use broad::Searches;
 pub use broad::{BROAD_CURSOR, SearchCounts, SearchLabels, SearchPath};
 
@@ -1002,18 +1008,47 @@ impl ProductStore {
             return Ok(Page::default());
         }
         let sample = self.search_sample().await?;
-        let estimate = sample.estimate(&Terms::of(words));
-        // A relevance listing goes on as it began: the two rank differently.
-        let broad = match q.after {
+        let terms = Terms::of(words);
+        let route = match q.after {
+            // A relevance listing goes on as it began: each way ranks its own.
             Some(after) if q.order.field == SortField::Relevance => {
-                after.sort_value.starts_with(BROAD_CURSOR)
+                let matches = sample.estimate(&terms);
+                if after.sort_value.starts_with(BROAD_CURSOR) {
+                    Route::Broad { matches }
+                } else if after.sort_value.starts_with(ANCHORED_CURSOR) {
+                    match sample.route(&terms, &self.searches.bounds) {
+                        anchored @ Route::Anchored { .. } => anchored,
+                        // Any word anchors the same matches; the rarest
+                        // reads fewest.
+                        _ => Route::Anchored { term: sample.rarest(&terms), matches },
+                    }
+                } else {
+                    Route::Engine { matches }
+                }
             }
-            _ => {
-                sample.catalogue > self.searches.bounds.exact_up_to
-                    && estimate > self.searches.bounds.exact_up_to
+            _ => sample.route(&terms, &self.searches.bounds),
+        };
+        let estimate = match route {
+            Route::Engine { .. } => None,
+            Route::Broad { matches } => Some(matches),
+            Route::Anchored { term, matches } => {
+                match self.anchored_search(q, words, term, &sample).await? {
+                    Anchored::Page(page) => {
+                        self.searches.count(SearchPath::Anchored);
+                        return Ok(page);
+                    }
+                    // Its page token must not change how it is ranked.
+                    Anchored::NotRare if q.after.is_some() && q.order.field == SortField::Relevance => {
+                        return Err(ApiError::invalid(
+                            "page_token",
+                            "has expired: the catalogue changed too much since the listing began; start again without it",
+                        ));
+                    }
+                    Anchored::NotRare => Some(matches),
+                }
             }
         };
-        if broad {
+        if let Some(estimate) = estimate {
             self.searches.count(SearchPath::Broad);
             return self.broad_search(q, words, &sample, estimate).await;
         }
@@ -1021,6 +1056,7 @@ impl ProductStore {
         // match's id and score, so its count too, and only the page's rows
         // are read from the table (the page and the count otherwise cost
         // the engine two searches).
+        let estimate = sample.estimate(&terms);
         let few = sample.catalogue <= FEW_MATCHES || (sample.sampled() > 0 && estimate <= FEW_MATCHES / 4);
         if q.order.field == SortField::Relevance
             && few
@@ -1049,6 +1085,7 @@ impl ProductStore {
             rows: rows.into_iter().map(|row| row.product).collect(),
             scores,
             total_size,
+            path: Some(SearchPath::Index),
             ..Page::default()
         })
     }
@@ -1123,7 +1160,13 @@ impl ProductStore {
                 scores.push(score);
             }
         }
-        Ok(Some(Page { rows: kept, scores, total_size: total as i64, ..Page::default() }))
+        Ok(Some(Page {
+            rows: kept,
+            scores,
+            total_size: total as i64,
+            path: Some(SearchPath::Few),
+            ..Page::default()
+        }))
     }
 
     /// The (score, id) a relevance page goes on after, from its cursor.

@@ -396,7 +396,7 @@ async fn few_matches_page_as_the_engine_pages_them(backend: Backend) {
                 break;
             }
             let last = rows[kept - 1].clone().into_product().unwrap();
-            after = Some(Cursor::after_match(&last, page_scores[kept - 1], false));
+            after = Some(Cursor::after_match(&last, page_scores[kept - 1]));
         }
         assert_eq!(ids, all_ids, "page size {page_size}");
         assert_eq!(scores, all_scores, "page size {page_size}");

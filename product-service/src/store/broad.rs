@@ -17,11 +17,20 @@
 //!   cluster elsewhere in that order) the page is shorter than asked, even
 //!   empty, with a token that goes on from the last product read (AIP-158
 //!   allows short pages).
-//! - By relevance: the newest [`SearchBounds::ranked_matches`] matches,
-//!   ranked by BM25 with term weights from the sample; this listing ends
-//!   after them (ranking every match is what costs). The newest products
-//!   are read and matched here, at most a quarter of the bound on rows
-//!   read (so a word in 1% of products ranks about 50 matches).
+//! - By relevance: the newest products in windows, each window's matches
+//!   ranked by BM25 with term weights from the sample, window after window
+//!   (see [`WindowCursor`]): ranking every match is what costs. A window
+//!   holds [`SearchBounds::ranked_matches`] matches or a quarter of the
+//!   bound on rows read, so a word in 1% of products ranks about 50
+//!   matches at a time. A page stopped by the bound is short, with a token.
+//!
+//! A search is broad too when every word is common but their matches
+//! together are few (`oak sto`: two words in a few percent of products
+//! each, 0.1% together): the engine would read both words' whole lists
+//! (130–200 ms at a million products on MariaDB, growing with the
+//! catalogue), and no word's list is short enough to anchor on
+//! (`store::anchored`). Its pages are as above, short ones more often:
+//! the bound on rows read holds whatever the matches' density.
 //!
 //! `total_size` is the sample's estimate.
 
@@ -41,6 +50,80 @@ use crate::{
 /// How a relevance page token's score begins when the listing is a broad
 /// search's: its next page is one too, whatever a newer sample says.
 pub const BROAD_CURSOR: &str = "broad ";
+
+/// Where a broad search by relevance stands: which products its window
+/// holds (ids below `below`, down to `down_to`), and after which match of
+/// the window's ranking.
+///
+/// By relevance the newest products are read as windows, one after the
+/// other: a window holds the newest products not in the windows before it,
+/// until [`SearchBounds::ranked_matches`] matches or a quarter of
+/// [`SearchBounds::rows_read`] products. Each window's matches are ranked
+/// with BM25 and listed in that order before the next window's: ranking
+/// every match is what costs, so relevance ranks within recency. A page
+/// token names its window by ids, so a page reads it again (at most that
+/// quarter), and the listing gives every match once.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct WindowCursor {
+    window: Window,
+    /// The (score, id) of the last match returned from the window.
+    after: Option<(f64, i64)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Window {
+    /// Its products' ids are below this; `None`: the newest.
+    below: Option<i64>,
+    /// And at least this; `None`: not read yet (it ends where its bounds
+    /// say). 0 for a window that reached the first product.
+    down_to: Option<i64>,
+}
+
+/// A window as read.
+struct WindowRead {
+    below: i64,
+    down_to: i64,
+    /// Its products that match, newest first.
+    matches: Vec<ProductRow>,
+    /// Products read.
+    read: usize,
+}
+
+impl WindowCursor {
+    /// As a page token's sort value: `broad w{below}-{down_to} {score}`
+    /// after a match (the cursor's id is the match's), `broad w{below}`
+    /// at a window not read yet. Tokens of the build before windows,
+    /// `broad {score}`, go on in the newest window.
+    fn cursor(self) -> Cursor {
+        let Window { below, down_to } = self.window;
+        let below = below.map(|id| id.to_string()).unwrap_or_default();
+        match (down_to, self.after) {
+            (Some(down_to), Some((score, id))) => {
+                Cursor { sort_value: format!("{BROAD_CURSOR}w{below}-{down_to} {score}"), id }
+            }
+            _ => Cursor { sort_value: format!("{BROAD_CURSOR}w{below}"), id: 0 },
+        }
+    }
+
+    fn parse(cursor: &Cursor) -> Result<(Window, Option<(f64, i64)>), ApiError> {
+        let invalid = || ApiError::invalid("page_token", "is not valid");
+        let rest = cursor.sort_value.strip_prefix(BROAD_CURSOR).ok_or_else(invalid)?;
+        let Some(window) = rest.strip_prefix('w') else {
+            let score = ProductStore::marked_score(&cursor.sort_value, BROAD_CURSOR)?;
+            return Ok((Window { below: None, down_to: None }, Some((score, cursor.id))));
+        };
+        let id = |text: &str| text.parse::<i64>().ok().filter(|id| *id >= 0).ok_or_else(invalid);
+        match window.split_once(' ') {
+            None => Ok((Window { below: Some(id(window)?), down_to: None }, None)),
+            Some((bounds, score)) => {
+                let (below, down_to) = bounds.split_once('-').ok_or_else(invalid)?;
+                let score = score.parse::<f64>().ok().filter(|s| s.is_finite()).ok_or_else(invalid)?;
+                let window = Window { below: Some(id(below)?), down_to: Some(id(down_to)?) };
+                Ok((window, Some((score, cursor.id))))
+            }
+        }
+    }
+}
 
 /// Most products one statement of a broad search reads.
 const MOST_PER_READ: usize = 2_000;
@@ -65,17 +148,22 @@ pub enum SearchPath {
     Few,
     /// Matched in Rust over a bounded read (common words).
     Broad,
+    /// The engine finds the products of the rarest word, Rust keeps those
+    /// with every word (a rare word among common ones).
+    Anchored,
 }
 
 impl SearchPath {
-    pub const ALL: [SearchPath; 3] = [SearchPath::Index, SearchPath::Few, SearchPath::Broad];
+    pub const ALL: [SearchPath; 4] =
+        [SearchPath::Index, SearchPath::Few, SearchPath::Broad, SearchPath::Anchored];
 
-    /// The metric label: `index`, `few` or `broad`.
+    /// The metric label: `index`, `few`, `broad` or `anchored`.
     pub fn label(self) -> &'static str {
         match self {
             SearchPath::Index => "index",
             SearchPath::Few => "few",
             SearchPath::Broad => "broad",
+            SearchPath::Anchored => "anchored",
         }
     }
 }
@@ -128,7 +216,8 @@ impl Searches {
 }
 
 impl ProductStore {
-    /// Searches answered so far, by path (`index`, `few` or `broad`): for
+    /// Searches answered so far, by path (`index`, `few`, `broad` or
+    /// `anchored`): for
     /// the metrics endpoint and tests.
     pub fn search_counts(&self) -> SearchCounts {
         self.searches.counts.clone()
@@ -222,7 +311,7 @@ impl ProductStore {
             _ => self.broad_ordered(q, &terms, share).await?,
         };
         page.total_size = estimate;
-        page.broad = true;
+        page.path = Some(SearchPath::Broad);
         Ok(page)
     }
 
@@ -272,55 +361,9 @@ impl ProductStore {
         }
     }
 
-    /// The score and id a broad relevance page goes on after.
-    fn broad_after(q: &ListQuery<'_>) -> Result<Option<(f64, i64)>, ApiError> {
-        let Some(after) = q.after else { return Ok(None) };
-        let score = after
-            .sort_value
-            .strip_prefix(BROAD_CURSOR)
-            .and_then(|score| score.parse::<f64>().ok())
-            .filter(|score| score.is_finite())
-            .ok_or_else(|| ApiError::invalid("page_token", "is not valid"))?;
-        Ok(Some((score, after.id)))
-    }
-
-    /// The products of the newest matches of `terms`, newest first: the
-    /// newest products read and matched here, at most a quarter of
-    /// [`SearchBounds::rows_read`] of them. Not found by an engine: InnoDB
-    /// finds every match of a query before it returns one, and FTS5 merges
-    /// the whole lists of matches of every word that begins with the last
-    /// word before the first (60 ms for `with*` in a million products,
-    /// whatever the LIMIT or the range of rowids asked for).
-    async fn newest_matches(
-        &self,
-        terms: &Terms,
-        newest: usize,
-        share: f64,
-    ) -> Result<Vec<ProductRow>, ApiError> {
-        let most_read = (self.searches.bounds.rows_read / 4).max(1);
-        let indexed = Indexed::by(self.db.backend());
-        let by_id_desc = OrderBy { field: SortField::Id, descending: true };
-        let (mut matches, mut from, mut read) = (Vec::new(), None, 0);
-        while matches.len() < newest && read < most_read {
-            let wanted = newest - matches.len();
-            let expected = (wanted as f64 / share * 1.2) as usize;
-            let chunk = expected.clamp(1, MOST_PER_READ).min(most_read - read);
-            let (batch, ended) = self.read_on(by_id_desc, from.as_ref(), chunk).await?;
-            read += batch.len();
-            from = batch.last().map(|row| Cursor { sort_value: String::new(), id: row.id });
-            matches.extend(
-                batch.into_iter().filter(|row| terms.hits(indexed, &row.name, &row.description).is_some()),
-            );
-            if ended {
-                break;
-            }
-        }
-        matches.truncate(newest);
-        Ok(matches)
-    }
-
-    /// A broad search by relevance: the newest matches, ranked by BM25
-    /// with term weights from the sample.
+    /// A broad search by relevance: the matches of one window of the
+    /// newest products at a time, ranked by BM25 with term weights from the
+    /// sample (see [`Window`]).
     async fn broad_ranked(
         &self,
         q: &ListQuery<'_>,
@@ -328,26 +371,109 @@ impl ProductStore {
         sample: &Sample,
         share: f64,
     ) -> Result<Page, ApiError> {
-        let newest = self.searches.bounds.ranked_matches;
-        let after = Self::broad_after(q)?;
-        let matches = self.newest_matches(terms, newest, share).await?;
+        let bounds = self.searches.bounds;
+        let window_read = (bounds.rows_read / 4).max(1);
         let indexed = Indexed::by(self.db.backend());
         let idfs = sample.idfs(terms);
-        let mut ranked: Vec<(f64, ProductRow)> = matches
-            .into_iter()
-            .filter_map(|row| {
-                let (hits, words) = terms.hits(indexed, &row.name, &row.description)?;
-                Some((bm25(&hits, &idfs, words, sample.average_words), row))
-            })
-            .collect();
-        ranked.sort_by(|(a, row_a), (b, row_b)| b.total_cmp(a).then(row_a.id.cmp(&row_b.id)));
-        let (scores, rows) = ranked
-            .into_iter()
-            .filter(|(score, row)| {
-                after.is_none_or(|(last, last_id)| *score < last || (*score == last && row.id > last_id))
-            })
-            .take(q.limit.max(0) as usize)
-            .unzip();
-        Ok(Page { rows, scores, ..Page::default() })
+        let limit = q.limit.max(0) as usize;
+        let (mut window, mut after) = match q.after {
+            None => (Window { below: None, down_to: None }, None),
+            Some(cursor) => WindowCursor::parse(cursor)?,
+        };
+        let (mut page, mut read) = (Page::default(), 0);
+        loop {
+            let WindowRead { below, down_to, matches, read: window_cost } =
+                self.read_window(window, terms, share).await?;
+            read += window_cost;
+            let mut ranked: Vec<(f64, ProductRow)> = matches
+                .into_iter()
+                .filter_map(|row| {
+                    let (hits, words) = terms.hits(indexed, &row.name, &row.description)?;
+                    Some((bm25(&hits, &idfs, words, sample.average_words), row))
+                })
+                .collect();
+            ranked.sort_by(|(a, row_a), (b, row_b)| b.total_cmp(a).then(row_a.id.cmp(&row_b.id)));
+            let wanted = limit - page.rows.len();
+            for (score, row) in ranked
+                .into_iter()
+                .filter(|(score, row)| {
+                    after.is_none_or(|(last, last_id)| *score < last || (*score == last && row.id > last_id))
+                })
+                .take(wanted)
+            {
+                let window = Window { below: Some(below), down_to: Some(down_to) };
+                let at = WindowCursor { window, after: Some((score, row.id)) };
+                page.cursors.push(at.cursor());
+                page.rows.push(row);
+                page.scores.push(score);
+            }
+            // A window down to 0 reached the catalogue's first product.
+            if page.rows.len() == limit || down_to == 0 {
+                return Ok(page);
+            }
+            window = Window { below: Some(down_to), down_to: None };
+            after = None;
+            if read + window_read > bounds.rows_read {
+                page.resume = Some(WindowCursor { window, after: None }.cursor());
+                return Ok(page);
+            }
+        }
+    }
+
+    /// The products of `window` that match `terms`, newest first, and the
+    /// window's bounds: a window met for the first time ends after
+    /// [`SearchBounds::ranked_matches`] matches or a quarter of
+    /// [`SearchBounds::rows_read`] products; one from a page token is read
+    /// again between its bounds.
+    async fn read_window(&self, window: Window, terms: &Terms, share: f64) -> Result<WindowRead, ApiError> {
+        let bounds = self.searches.bounds;
+        let most_read = (bounds.rows_read / 4).max(1);
+        let indexed = Indexed::by(self.db.backend());
+        let by_id_desc = OrderBy { field: SortField::Id, descending: true };
+        let mut from = window.below.map(|id| Cursor { sort_value: String::new(), id });
+        let (mut matches, mut read, mut newest, mut oldest) = (Vec::new(), 0, None, None);
+        let ended = loop {
+            let chunk = match (window.down_to, window.below) {
+                // Its products, no more: a window never holds more than
+                // `most_read` products, nor more than its ids (ids are
+                // never reused; deletes only thin it).
+                (Some(down_to), Some(below)) => {
+                    let ids = usize::try_from(below - down_to).unwrap_or(0);
+                    MOST_PER_READ.min(most_read - read).min(ids.max(1))
+                }
+                (Some(_), None) => MOST_PER_READ.min(most_read - read),
+                (None, _) => {
+                    let wanted = bounds.ranked_matches - matches.len();
+                    let expected = (wanted as f64 / share * 1.2) as usize;
+                    expected.clamp(1, MOST_PER_READ).min(most_read - read)
+                }
+            };
+            let (mut batch, mut ended) = self.read_on(by_id_desc, from.as_ref(), chunk).await?;
+            if let Some(down_to) = window.down_to {
+                let inside = batch.iter().take_while(|row| row.id >= down_to).count();
+                ended |= inside < batch.len();
+                batch.truncate(inside);
+            }
+            read += batch.len();
+            newest = newest.or(batch.first().map(|row| row.id));
+            oldest = batch.last().map(|row| row.id).or(oldest);
+            from = batch.last().map(|row| Cursor { sort_value: String::new(), id: row.id });
+            matches.extend(
+                batch.into_iter().filter(|row| terms.hits(indexed, &row.name, &row.description).is_some()),
+            );
+            let full = window.down_to.is_none() && matches.len() >= bounds.ranked_matches;
+            if ended || full || read >= most_read {
+                break ended;
+            }
+        };
+        // A new window's upper bound is pinned on its newest product, so
+        // that products created since are not in it when it is read again.
+        let below = window.below.or(newest.map(|id| id + 1)).unwrap_or(0);
+        let down_to = match window.down_to {
+            Some(down_to) => down_to,
+            None if ended => 0,
+            None => oldest.unwrap_or(0),
+        };
+        Ok(WindowRead { below, down_to, matches, read })
     }
 }
