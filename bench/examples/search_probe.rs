@@ -62,10 +62,15 @@ async fn main() -> anyhow::Result<()> {
                     let page =
                         store.list(&ListQuery { order, query: Some(query), after: None, limit: 25 }).await?;
                     times.push(started.elapsed().as_secs_f64() * 1000.0);
-                    info = format!("total {} {}", page.total_size, page.path.map_or("", |path| path.label()));
+                    info = format!(
+                        "rows {} total {} {}",
+                        page.rows.len(),
+                        page.total_size,
+                        page.path.map_or("", |path| path.label())
+                    );
                 }
                 times.sort_by(f64::total_cmp);
-                line.push_str(&format!(" | {:>8.2} ms {info:>20}", times[2]));
+                line.push_str(&format!(" | {:>8.2} ms {info:>28}", times[2]));
             }
             println!("{line}");
         }

@@ -87,10 +87,14 @@ pub struct ProductConfig {
     pub search_wait_ms: u64,
 
     /// A search the catalogue's sample estimates to match more products
-    /// than this is not run on the full-text index (whose cost is its
-    /// matches) but matched over a bounded read of the catalogue: at most
-    /// twice this many products read, by relevance the newest fiftieth of it
-    /// ranked. A search's total_size is exact up to this many.
+    /// than this, or whose words' lists in the full-text index are longer
+    /// than this together, is not run on the index on all its words (whose
+    /// cost is what it reads): a word in at most a tenth of this many
+    /// products is looked up alone and the others matched in Rust; else the
+    /// search is matched over a bounded read of the catalogue (at most twice
+    /// this many products read, by relevance windows of a fiftieth of it
+    /// ranked at a time). A search's total_size is exact up to this many,
+    /// an estimate for a bounded read.
     #[arg(long, env = "SEARCH_INDEX_MAX_MATCHES",
           default_value_t = crate::search_sample::DEFAULT_INDEX_MATCHES,
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]

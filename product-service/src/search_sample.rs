@@ -16,6 +16,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use storegate::db::Backend;
+
 use crate::search::{Indexed, Term, Terms, idf};
 
 /// What bounds one search's cost.
@@ -62,6 +64,20 @@ impl SearchBounds {
             // Each anchor product is read from the table (a random read by
             // primary key on MySQL): a tenth of the engine's bound.
             anchor_up_to: (matches as i64 / 10).max(1),
+        }
+    }
+}
+
+impl SearchBounds {
+    /// How long the words' lists of a search run on `backend`'s full-text
+    /// engine may be together. FTS5 reads a list about ten times as fast as
+    /// InnoDB (`oak sto`, 80,000 entries at a million products: 8.5 ms on
+    /// SQLite, 100 ms on MariaDB; BENCHMARKS.md), so it is given ten times
+    /// as many: either way a search reads the index for at most about 10 ms.
+    pub fn engine_postings(&self, backend: Backend) -> i64 {
+        match backend {
+            Backend::MySql => self.exact_up_to,
+            Backend::Sqlite => self.exact_up_to.saturating_mul(10),
         }
     }
 }
@@ -181,23 +197,23 @@ impl Sample {
         (sampled as f64 / f64::from(self.products) * self.catalogue as f64).round() as i64
     }
 
-    /// How a search for `terms` is answered: decided by what each way
-    /// would cost, as the sample estimates it.
-    pub fn route(&self, terms: &Terms, bounds: &SearchBounds) -> Route {
+    /// How a search for `terms` on `backend`'s engine is answered: decided
+    /// by what each way would read, as the sample estimates it.
+    pub fn route(&self, terms: &Terms, bounds: &SearchBounds, backend: Backend) -> Route {
         let matches = self.estimate(terms);
         // A catalogue that small is not sampled: every search on the index.
         if self.catalogue <= bounds.exact_up_to {
             return Route::Engine { matches };
         }
+        if matches > bounds.exact_up_to {
+            return Route::Broad { matches };
+        }
         // Both engines read the whole list of every word of a query (InnoDB
         // to intersect them, FTS5 merges a prefix's lists first): the
         // engine's cost is their sum, whatever the matches.
         let lists: Vec<i64> = terms.iter().map(|term| self.estimate_term(term)).collect();
-        if lists.iter().sum::<i64>() <= bounds.exact_up_to {
+        if lists.iter().sum::<i64>() <= bounds.engine_postings(backend) {
             return Route::Engine { matches };
-        }
-        if matches > bounds.exact_up_to {
-            return Route::Broad { matches };
         }
         let term = self.rarest(terms);
         match lists.get(term) {
@@ -228,8 +244,6 @@ impl Sample {
 
 #[cfg(test)]
 mod tests {
-    use storegate::db::Backend;
-
     use super::*;
     use crate::search::Words;
 
@@ -265,7 +279,7 @@ mod tests {
         // 100 sampled of a million: each sampled product stands for 10,000.
         let sample = sample(1_000_000);
         let bounds = SearchBounds { anchor_up_to: 10_000, ..SearchBounds::for_index_matches(20_000) };
-        let route = |query: &str| sample.route(&Terms::of(&Words::of(query)), &bounds);
+        let route = |query: &str| sample.route(&Terms::of(&Words::of(query)), &bounds, Backend::MySql);
         assert_eq!(route("m42"), Route::Engine { matches: 10_000 }, "one short list");
         assert_eq!(
             route("m42 m4"),
@@ -287,9 +301,16 @@ mod tests {
         assert_eq!(route("oak teapot"), Route::Broad { matches: 0 }, "two common words, no match together");
         assert_eq!(route("teapot m1"), Route::Broad { matches: 10_000 }, "lists of 100,000 and 110,000");
         assert_eq!(route("oak with"), Route::Broad { matches: 900_000 });
+        // FTS5 reads ten times as long lists.
+        let on_sqlite = |query: &str| sample.route(&Terms::of(&Words::of(query)), &bounds, Backend::Sqlite);
+        assert_eq!(route("teapot m42"), Route::Anchored { term: 1, matches: 0 }, "110,000 over 20,000");
+        assert_eq!(on_sqlite("teapot m42"), Route::Engine { matches: 0 }, "110,000 within 200,000");
+        assert_eq!(on_sqlite("teapot m1"), Route::Broad { matches: 10_000 }, "210,000 over 200,000");
+        assert_eq!(on_sqlite("with m42"), Route::Anchored { term: 1, matches: 10_000 });
+        assert_eq!(on_sqlite("teapot"), Route::Broad { matches: 100_000 }, "many matches still");
         let small = super::Sample::of(20_000, [], Indexed::by(Backend::Sqlite));
         assert_eq!(
-            small.route(&Terms::of(&Words::of("with")), &bounds),
+            small.route(&Terms::of(&Words::of("with")), &bounds, Backend::MySql),
             Route::Engine { matches: 0 },
             "not sampled"
         );

@@ -1016,7 +1016,7 @@ impl ProductStore {
                 if after.sort_value.starts_with(BROAD_CURSOR) {
                     Route::Broad { matches }
                 } else if after.sort_value.starts_with(ANCHORED_CURSOR) {
-                    match sample.route(&terms, &self.searches.bounds) {
+                    match sample.route(&terms, &self.searches.bounds, self.db.backend()) {
                         anchored @ Route::Anchored { .. } => anchored,
                         // Any word anchors the same matches; the rarest
                         // reads fewest.
@@ -1026,7 +1026,7 @@ impl ProductStore {
                     Route::Engine { matches }
                 }
             }
-            _ => sample.route(&terms, &self.searches.bounds),
+            _ => sample.route(&terms, &self.searches.bounds, self.db.backend()),
         };
         let estimate = match route {
             Route::Engine { .. } => None,

@@ -477,3 +477,33 @@ impl ProductStore {
         Ok(WindowRead { below, down_to, matches, read })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn window_cursors_round_trip_and_refuse_garbage() {
+        let in_window = WindowCursor {
+            window: Window { below: Some(1_000_001), down_to: Some(998_760) },
+            after: Some((3.25, 999_003)),
+        };
+        let cursor = in_window.cursor();
+        assert_eq!(cursor.sort_value, "broad w1000001-998760 3.25");
+        assert_eq!(WindowCursor::parse(&cursor).unwrap(), (in_window.window, in_window.after));
+        let next = WindowCursor { window: Window { below: Some(998_760), down_to: None }, after: None };
+        assert_eq!(WindowCursor::parse(&next.cursor()).unwrap(), (next.window, None));
+        // A token of the build before windows goes on in the newest window.
+        let old = Cursor { sort_value: "broad 1.5".into(), id: 7 };
+        assert_eq!(
+            WindowCursor::parse(&old).unwrap(),
+            (Window { below: None, down_to: None }, Some((1.5, 7)))
+        );
+        for garbage in
+            ["broad w", "broad wx", "broad w5-", "broad w5-3 NaN", "broad w-5", "1.5", "broad w5-3"]
+        {
+            let cursor = Cursor { sort_value: garbage.into(), id: 1 };
+            assert!(WindowCursor::parse(&cursor).is_err(), "{garbage}");
+        }
+    }
+}
