@@ -71,9 +71,10 @@ impl SearchBounds {
 impl SearchBounds {
     /// How long the words' lists of a search run on `backend`'s full-text
     /// engine may be together. FTS5 reads a list about ten times as fast as
-    /// InnoDB (`oak sto`, 80,000 entries at a million products: 8.5 ms on
-    /// SQLite, 100 ms on MariaDB; BENCHMARKS.md), so it is given ten times
-    /// as many: either way a search reads the index for at most about 10 ms.
+    /// InnoDB (`oak sto` at a million products, lists of 87,707 and 13,008
+    /// entries: 8 ms on SQLite, 100–113 ms on MariaDB; BENCHMARKS.md), so
+    /// it is given ten times as many: either way a search reads the index
+    /// for about 10 ms at most.
     pub fn engine_postings(&self, backend: Backend) -> i64 {
         match backend {
             Backend::MySql => self.exact_up_to,

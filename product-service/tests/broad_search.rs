@@ -346,7 +346,7 @@ async fn rare_words_are_still_searched_on_the_index(backend: Backend) {
         assert_eq!(path_of(&store, query, order).await, path, "{query} by {order}");
     }
     // Two common words with few matches together: FTS5 reads their lists
-    // (729 entries) within its ten times larger allowance; InnoDB would
+    // (729 entries) within its ten times larger allowance (2,500); InnoDB would
     // read them over its own, and the search is broad there.
     let two_lists = if matches!(backend, Backend::Sqlite) { "index" } else { "broad" };
     assert_eq!(path_of(&store, "teapot crem", "price").await, two_lists);
