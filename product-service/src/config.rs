@@ -87,14 +87,13 @@ pub struct ProductConfig {
     pub search_wait_ms: u64,
 
     /// A search the catalogue's sample estimates to match more products
-    /// than this, or whose words' lists in the full-text index are longer
-    /// than this together, is not run on the index on all its words (whose
-    /// cost is what it reads): a word in at most a tenth of this many
-    /// products is looked up alone and the others matched in Rust; else the
-    /// search is matched over a bounded read of the catalogue (at most twice
-    /// this many products read, by relevance windows of a fiftieth of it
-    /// ranked at a time). A search's total_size is exact up to this many,
-    /// an estimate for a bounded read.
+    /// than this is matched over a bounded read of the catalogue instead of
+    /// on the full-text index (at most twice this many products read, by
+    /// relevance windows of a fiftieth of it ranked at a time), and so is
+    /// one whose words' lists would cost the index more than that read. A
+    /// word in at most a tenth of this many products may be looked up alone
+    /// and the others matched in Rust. A search's total_size is exact up to
+    /// this many, an estimate for a bounded read.
     #[arg(long, env = "SEARCH_INDEX_MAX_MATCHES",
           default_value_t = crate::search_sample::DEFAULT_INDEX_MATCHES,
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]

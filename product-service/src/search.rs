@@ -237,6 +237,13 @@ pub fn bm25(hits: &[u32], idfs: &[f64], words: usize, average_words: f64) -> f64
         .sum()
 }
 
+/// Whether the match `id` of relevance `score` comes after `after` (the
+/// last page's (score, id)) in a ranking best first, ties by id: where a
+/// relevance page goes on, whoever ranked it.
+pub fn comes_after(score: f64, id: i64, after: Option<(f64, i64)>) -> bool {
+    after.is_none_or(|(last, last_id)| score < last || (score == last && id > last_id))
+}
+
 /// A term's weight when `with` of `of` products have it: BM25's idf, never
 /// negative.
 pub fn idf(with: f64, of: f64) -> f64 {

@@ -37,11 +37,40 @@ pub struct SearchBounds {
     /// newest products at a time: this many, or as many as a quarter of
     /// [`Self::rows_read`] products hold.
     pub ranked_matches: usize,
-    /// A search whose words the engine cannot intersect within
-    /// [`Self::exact_up_to`] postings, but one of whose words is in at
-    /// most this many products, is anchored on that word: the engine finds
-    /// its products and Rust keeps those with every word.
+    /// A search one of whose words is in at most this many products may be
+    /// anchored on that word (when that reads less than the engine would):
+    /// the engine finds its products and Rust keeps those with every word.
     pub anchor_up_to: i64,
+    /// What reads cost, weighed against each other; `None`: the measured
+    /// costs of the store's backend ([`ReadCosts::of`]).
+    pub costs: Option<ReadCosts>,
+}
+
+/// What a search's reads cost on one backend, in entries of a word's list
+/// read by its full-text engine: what the ways of answering a search are
+/// weighed in ([`Sample::route`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadCosts {
+    /// A product found by the engine and read by id (an anchored search).
+    pub product_by_id: i64,
+    /// A product read in an order's index (a broad search).
+    pub product_in_order: i64,
+}
+
+impl ReadCosts {
+    /// Measured at a million products, one caller (BENCHMARKS.md, "Routing
+    /// searches by what they read"). InnoDB: a list entry about 1 µs (`oak
+    /// sto`, 100,715 entries, 100–113 ms; `with tojidan`, 840,000, 1.1 s), a
+    /// product the engine found 15–20 µs (anchored searches: 46 products in
+    /// 0.8 ms), a product in an index's order 2–4 µs (a broad search's
+    /// 20,000 in 46–85 ms). FTS5: an entry 0.04–0.08 µs (8 ms and 31 ms),
+    /// a product the engine found 5–10 µs, one in order 1–2 µs (22–45 ms).
+    pub fn of(backend: Backend) -> ReadCosts {
+        match backend {
+            Backend::MySql => ReadCosts { product_by_id: 15, product_in_order: 3 },
+            Backend::Sqlite => ReadCosts { product_by_id: 100, product_in_order: 20 },
+        }
+    }
 }
 
 impl SearchBounds {
@@ -64,21 +93,7 @@ impl SearchBounds {
             // Each anchor product is read from the table (a random read by
             // primary key on MySQL): a tenth of the engine's bound.
             anchor_up_to: (matches as i64 / 10).max(1),
-        }
-    }
-}
-
-impl SearchBounds {
-    /// How long the words' lists of a search run on `backend`'s full-text
-    /// engine may be together. FTS5 reads a list about ten times as fast as
-    /// InnoDB (`oak sto` at a million products, lists of 87,707 and 13,008
-    /// entries: 8 ms on SQLite, 100–113 ms on MariaDB; BENCHMARKS.md), so
-    /// it is given ten times as many: either way a search reads the index
-    /// for about 10 ms at most.
-    pub fn engine_postings(&self, backend: Backend) -> i64 {
-        match backend {
-            Backend::MySql => self.exact_up_to,
-            Backend::Sqlite => self.exact_up_to.saturating_mul(10),
+            costs: None,
         }
     }
 }
@@ -100,6 +115,15 @@ pub enum Route {
     /// Matched in Rust over a bounded read of the catalogue in the order
     /// asked for (common words, `store::broad`).
     Broad { matches: i64 },
+}
+
+impl Route {
+    /// The matches the sample estimates.
+    pub fn matches(self) -> i64 {
+        match self {
+            Route::Engine { matches } | Route::Anchored { matches, .. } | Route::Broad { matches } => matches,
+        }
+    }
 }
 
 /// SEARCH_INDEX_MAX_MATCHES unless configured.
@@ -198,8 +222,16 @@ impl Sample {
         (sampled as f64 / f64::from(self.products) * self.catalogue as f64).round() as i64
     }
 
-    /// How a search for `terms` on `backend`'s engine is answered: decided
-    /// by what each way would read, as the sample estimates it.
+    /// How a search for `terms` on `backend` is answered: the way that
+    /// reads least, as the sample estimates what each would read.
+    ///
+    /// Both engines read the whole list of every word of a query (InnoDB
+    /// to intersect them, FTS5 merges a prefix's lists first), so the
+    /// engine's cost is their sum, whatever the matches. An anchored search
+    /// reads the rarest word's list and each of its products. A broad
+    /// search reads at most [`SearchBounds::rows_read`] products in order:
+    /// the engine is given no more than that would cost, so that no way's
+    /// cost grows with the catalogue.
     pub fn route(&self, terms: &Terms, bounds: &SearchBounds, backend: Backend) -> Route {
         let matches = self.estimate(terms);
         // A catalogue that small is not sampled: every search on the index.
@@ -209,21 +241,23 @@ impl Sample {
         if matches > bounds.exact_up_to {
             return Route::Broad { matches };
         }
-        // Both engines read the whole list of every word of a query (InnoDB
-        // to intersect them, FTS5 merges a prefix's lists first): the
-        // engine's cost is their sum, whatever the matches.
+        let costs = bounds.costs.unwrap_or(ReadCosts::of(backend));
         let lists: Vec<i64> = terms.iter().map(|term| self.estimate_term(term)).collect();
-        if lists.iter().sum::<i64>() <= bounds.engine_postings(backend) {
+        let engine = lists.iter().sum::<i64>();
+        let term = self.rarest(terms);
+        if let Some(&rarest) = lists.get(term)
+            && rarest <= bounds.anchor_up_to
+            && rarest.saturating_mul(costs.product_by_id.saturating_add(1)) < engine
+        {
+            return Route::Anchored { term, matches };
+        }
+        if engine <= (bounds.rows_read as i64).saturating_mul(costs.product_in_order) {
             return Route::Engine { matches };
         }
-        let term = self.rarest(terms);
-        match lists.get(term) {
-            Some(&list) if list <= bounds.anchor_up_to => Route::Anchored { term, matches },
-            // Every word is common, their matches together are not: no list
-            // is short enough to read, and the matches too sparse for a page
-            // of them to be found in a few reads (`store::broad`).
-            _ => Route::Broad { matches },
-        }
+        // Every word is common, their matches together are not: no list is
+        // short enough to read, and the matches too sparse for a page of
+        // them to be found in a few reads (`store::broad`).
+        Route::Broad { matches }
     }
 
     /// The position of the term fewest sampled products have (the first of
@@ -276,18 +310,21 @@ mod tests {
     }
 
     #[test]
-    fn a_search_goes_where_its_lists_are_short() {
+    fn a_search_goes_the_way_that_reads_least() {
         // 100 sampled of a million: each sampled product stands for 10,000.
         let sample = sample(1_000_000);
-        let bounds = SearchBounds { anchor_up_to: 10_000, ..SearchBounds::for_index_matches(20_000) };
-        let route = |query: &str| sample.route(&Terms::of(&Words::of(query)), &bounds, Backend::MySql);
+        let bounds = |costs| SearchBounds {
+            anchor_up_to: 10_000,
+            costs: Some(costs),
+            ..SearchBounds::for_index_matches(20_000)
+        };
+        // The engine may read 120,000 entries (40,000 products in order at
+        // 3 each); an anchored search costs 16 entries per product.
+        let innodb = bounds(ReadCosts { product_by_id: 15, product_in_order: 3 });
+        let route = |query: &str| sample.route(&Terms::of(&Words::of(query)), &innodb, Backend::MySql);
         assert_eq!(route("m42"), Route::Engine { matches: 10_000 }, "one short list");
-        assert_eq!(
-            route("m42 m4"),
-            Route::Anchored { term: 0, matches: 10_000 },
-            "lists of 10,000 and 110,000"
-        );
         assert_eq!(route("teapot"), Route::Broad { matches: 100_000 }, "many matches");
+        assert_eq!(route("oak with"), Route::Broad { matches: 900_000 });
         assert_eq!(
             route("with m42"),
             Route::Anchored { term: 1, matches: 10_000 },
@@ -299,19 +336,34 @@ mod tests {
             Route::Anchored { term: 2, matches: 10_000 },
             "the rarest of three"
         );
-        assert_eq!(route("oak teapot"), Route::Broad { matches: 0 }, "two common words, no match together");
-        assert_eq!(route("teapot m1"), Route::Broad { matches: 10_000 }, "lists of 100,000 and 110,000");
-        assert_eq!(route("oak with"), Route::Broad { matches: 900_000 });
-        // FTS5 reads ten times as long lists.
-        let on_sqlite = |query: &str| sample.route(&Terms::of(&Words::of(query)), &bounds, Backend::Sqlite);
-        assert_eq!(route("teapot m42"), Route::Anchored { term: 1, matches: 0 }, "110,000 over 20,000");
-        assert_eq!(on_sqlite("teapot m42"), Route::Engine { matches: 0 }, "110,000 within 200,000");
-        assert_eq!(on_sqlite("teapot m1"), Route::Broad { matches: 10_000 }, "210,000 over 200,000");
-        assert_eq!(on_sqlite("with m42"), Route::Anchored { term: 1, matches: 10_000 });
-        assert_eq!(on_sqlite("teapot"), Route::Broad { matches: 100_000 }, "many matches still");
+        assert_eq!(route("m42 m4"), Route::Engine { matches: 10_000 }, "120,000 entries, 160,000 anchored");
+        assert_eq!(route("teapot m42"), Route::Engine { matches: 0 }, "110,000 entries, 160,000 anchored");
+        assert_eq!(route("oak teapot"), Route::Broad { matches: 0 }, "1,000,000 entries, none rare");
+        assert_eq!(route("teapot m1"), Route::Broad { matches: 10_000 }, "210,000 entries, none rare");
+
+        // The engine may read 800,000 entries; 101 per anchored product.
+        let fts5 = bounds(ReadCosts { product_by_id: 100, product_in_order: 20 });
+        let route = |query: &str| sample.route(&Terms::of(&Words::of(query)), &fts5, Backend::Sqlite);
+        assert_eq!(route("teapot m1"), Route::Engine { matches: 10_000 }, "210,000 entries");
+        assert_eq!(
+            route("with oak m42"),
+            Route::Anchored { term: 2, matches: 10_000 },
+            "1,910,000, 1,010,000"
+        );
+        assert_eq!(route("with m42"), Route::Broad { matches: 10_000 }, "1,010,000 either way");
+        assert_eq!(route("oak teapot"), Route::Broad { matches: 0 }, "1,000,000 entries, none rare");
+
+        // Without costs given, the backend's own.
+        let measured = SearchBounds { anchor_up_to: 10_000, ..SearchBounds::for_index_matches(20_000) };
+        for (backend, costs) in [(Backend::MySql, innodb), (Backend::Sqlite, fts5)] {
+            for query in ["teapot m1", "with m42", "m42 m4", "oak teapot"] {
+                let terms = Terms::of(&Words::of(query));
+                assert_eq!(sample.route(&terms, &measured, backend), sample.route(&terms, &costs, backend));
+            }
+        }
         let small = super::Sample::of(20_000, [], Indexed::by(Backend::Sqlite));
         assert_eq!(
-            small.route(&Terms::of(&Words::of("with")), &bounds, Backend::MySql),
+            small.route(&Terms::of(&Words::of("with")), &innodb, Backend::MySql),
             Route::Engine { matches: 0 },
             "not sampled"
         );

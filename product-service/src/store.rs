@@ -999,10 +999,11 @@ impl ProductStore {
     /// repeats a row while the index stands still, and a write only
     /// reorders the rows whose scores it changed.
     ///
-    /// A search the catalogue's sample says matches more than
-    /// [`SearchBounds::exact_up_to`] products is not given to the engine,
-    /// whose cost is its matches, but matched in Rust over a bounded read
-    /// ([`Self::broad_search`]).
+    /// Only a search whose words' lists the engine can read within its
+    /// allowance is given to the engine on all its words; the catalogue's
+    /// sample says which ([`Sample::route`]). A rare word among common ones
+    /// is looked up alone ([`Self::anchored_search`]); other searches are
+    /// matched in Rust over a bounded read ([`Self::broad_search`]).
     async fn search(&self, q: &ListQuery<'_>, words: &Words) -> Result<Page, ApiError> {
         if words.is_empty() {
             return Ok(Page::default());
@@ -1016,39 +1017,34 @@ impl ProductStore {
                 if after.sort_value.starts_with(BROAD_CURSOR) {
                     Route::Broad { matches }
                 } else if after.sort_value.starts_with(ANCHORED_CURSOR) {
-                    match sample.route(&terms, &self.searches.bounds, self.db.backend()) {
-                        anchored @ Route::Anchored { .. } => anchored,
-                        // Any word anchors the same matches; the rarest
-                        // reads fewest.
-                        _ => Route::Anchored { term: sample.rarest(&terms), matches },
-                    }
+                    // Any word anchors the same matches; the rarest reads
+                    // fewest.
+                    Route::Anchored { term: sample.rarest(&terms), matches }
                 } else {
                     Route::Engine { matches }
                 }
             }
             _ => sample.route(&terms, &self.searches.bounds, self.db.backend()),
         };
-        let estimate = match route {
-            Route::Engine { .. } => None,
-            Route::Broad { matches } => Some(matches),
-            Route::Anchored { term, matches } => {
-                match self.anchored_search(q, words, term, &sample).await? {
-                    Anchored::Page(page) => {
-                        self.searches.count(SearchPath::Anchored);
-                        return Ok(page);
-                    }
-                    // Its page token must not change how it is ranked.
-                    Anchored::NotRare if q.after.is_some() && q.order.field == SortField::Relevance => {
-                        return Err(ApiError::invalid(
-                            "page_token",
-                            "has expired: the catalogue changed too much since the listing began; start again without it",
-                        ));
-                    }
-                    Anchored::NotRare => Some(matches),
+        if let Route::Anchored { term, .. } = route {
+            match self.anchored_search(q, words, term, &sample).await? {
+                Anchored::Page(page) => {
+                    self.searches.count(SearchPath::Anchored);
+                    return Ok(page);
                 }
+                // Its page token must not change how it is ranked.
+                Anchored::NotRare if q.after.is_some() && q.order.field == SortField::Relevance => {
+                    return Err(ApiError::invalid(
+                        "page_token",
+                        "has expired: the catalogue changed too much since the listing began; start again without it",
+                    ));
+                }
+                // The sample's estimate of the word was low: read broad.
+                Anchored::NotRare => {}
             }
-        };
-        if let Some(estimate) = estimate {
+        }
+        let estimate = route.matches();
+        if !matches!(route, Route::Engine { .. }) {
             self.searches.count(SearchPath::Broad);
             return self.broad_search(q, words, &sample, estimate).await;
         }
@@ -1056,7 +1052,6 @@ impl ProductStore {
         // match's id and score, so its count too, and only the page's rows
         // are read from the table (the page and the count otherwise cost
         // the engine two searches).
-        let estimate = sample.estimate(&terms);
         let few = sample.catalogue <= FEW_MATCHES || (sample.sampled() > 0 && estimate <= FEW_MATCHES / 4);
         if q.order.field == SortField::Relevance
             && few
@@ -1114,9 +1109,7 @@ impl ProductStore {
             )
         };
         let after = Self::relevance_after(q)?;
-        let on_page = |&(id, score): &(i64, f64)| {
-            after.is_none_or(|(last, last_id)| score < last || (score == last && id > last_id))
-        };
+        let on_page = |&(id, score): &(i64, f64)| crate::search::comes_after(score, id, after);
         // Both statements on one connection: on MySQL sqlx's pool pings a
         // connection each time it is given back.
         /// Every match counted, the page's (id, score) and their rows.

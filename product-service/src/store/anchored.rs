@@ -23,8 +23,8 @@
 //!   id) in that ranking. Its token is marked ([`ANCHORED_CURSOR`]), so
 //!   that the next page is ranked the same way.
 
-use super::*;
-use crate::search::{Indexed, bm25};
+use super::{broad::ranked, *};
+use crate::search::{Indexed, comes_after};
 
 /// How a relevance page token's score begins when the listing is an
 /// anchored search's.
@@ -113,20 +113,10 @@ impl ProductStore {
         };
         let total_size = matches.len() as i64;
         let idfs = sample.idfs(terms);
-        let mut ranked: Vec<(f64, ProductRow)> = matches
-            .into_iter()
-            .filter_map(|row| {
-                let (hits, words) = terms.hits(indexed, &row.name, &row.description)?;
-                Some((bm25(&hits, &idfs, words, sample.average_words), row))
-            })
-            .collect();
-        ranked.sort_by(|(a, row_a), (b, row_b)| b.total_cmp(a).then(row_a.id.cmp(&row_b.id)));
         let (mut rows, mut scores, mut cursors) = (Vec::new(), Vec::new(), Vec::new());
-        for (score, row) in ranked
+        for (score, row) in ranked(matches, terms, &idfs, sample, indexed)
             .into_iter()
-            .filter(|(score, row)| {
-                after.is_none_or(|(last, last_id)| *score < last || (*score == last && row.id > last_id))
-            })
+            .filter(|(score, row)| comes_after(*score, row.id, after))
             .take(q.limit.max(0) as usize)
         {
             cursors.push(Cursor { sort_value: format!("{ANCHORED_CURSOR}{score}"), id: row.id });
