@@ -1,9 +1,10 @@
 //! One caller's searches, timed one at a time, on a catalogue kept between
 //! runs: each query and order on the full-text index (as every search ran
-//! before bounded searches) and as the service runs it now (the index, or a
-//! bounded read for common words; see product-service/src/store/broad.rs).
-//! The median of 5 runs of each. For BENCHMARKS.md ("Searches of common
-//! words").
+//! before bounded searches) and as the service runs it now (the index, a
+//! rare word looked up alone, or a bounded read for common words; see
+//! `Sample::route`), with the rows of the page and the way it took. The
+//! median of 5 runs of each. For BENCHMARKS.md ("Searches of common words",
+//! "Routing searches by what they read").
 //!
 //!     cargo run --release -p storegate-bench --example search_probe -- \
 //!         [sqlite:///tmp/probe.db | mysql://root@127.0.0.1:3306/probe] [SIZE] [QUERY …]
@@ -43,7 +44,7 @@ async fn main() -> anyhow::Result<()> {
     let queries: Vec<String> = if queries.is_empty() {
         [
             "with", "the", "steel", "blue", "garden", "red blue", "steel te", "oak sto", "lamp", "rug",
-            "desk ch", "zzzq",
+            "desk ch", "zzzq", "with tojidan", "steel rapoze", "lamp zeromi",
         ]
         .map(String::from)
         .to_vec()
