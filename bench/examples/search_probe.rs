@@ -43,8 +43,21 @@ async fn main() -> anyhow::Result<()> {
     let queries: Vec<String> = std::env::args().skip(3).collect();
     let queries: Vec<String> = if queries.is_empty() {
         [
-            "with", "the", "steel", "blue", "garden", "red blue", "steel te", "oak sto", "lamp", "rug",
-            "desk ch", "zzzq", "with tojidan", "steel rapoze", "lamp zeromi",
+            "with",
+            "the",
+            "steel",
+            "blue",
+            "garden",
+            "red blue",
+            "steel te",
+            "oak sto",
+            "lamp",
+            "rug",
+            "desk ch",
+            "zzzq",
+            "with tojidan",
+            "steel rapoze",
+            "lamp zeromi",
         ]
         .map(String::from)
         .to_vec()
