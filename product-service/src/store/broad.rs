@@ -469,7 +469,7 @@ impl ProductStore {
             read += batch.len();
             newest = newest.or(batch.first().map(|row| row.id));
             oldest = batch.last().map(|row| row.id).or(oldest);
-            from = batch.last().map(|row| Cursor { sort_value: String::new(), id: row.id });
+            from = batch.last().map(|row| Cursor { sort_value: String::new(), id: row.id }).or(from);
             matches.extend(
                 batch.into_iter().filter(|row| terms.hits(indexed, &row.name, &row.description).is_some()),
             );
