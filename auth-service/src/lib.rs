@@ -12,6 +12,7 @@ pub mod domain;
 pub mod keys;
 pub mod password;
 pub mod recovery;
+pub mod refusal;
 pub mod service;
 pub mod store;
 pub mod throttle;

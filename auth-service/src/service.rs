@@ -27,8 +27,9 @@ use crate::{
     keys::SigningKeys,
     password::PasswordHasher,
     recovery,
+    refusal::{LoginError, Refusal},
     store::{
-        Admission, AuthStore, CompleteLoginRefused, CompletingLogin, LoginAction, NewRefreshToken, Rotation,
+        Admission, AuthStore, CompletingLogin, Completion, LoginAction, NewRefreshToken, Rotation,
         SecondFactor, Ticket,
     },
     throttle, totp,
@@ -37,14 +38,7 @@ use crate::{
 /// How long a login ticket may wait for its code.
 pub const TICKET_TTL_SECS: i64 = 5 * 60;
 
-const BAD_CREDENTIALS: &str = "invalid username or password";
-const BAD_TICKET: &str = "login ticket is invalid or expired; start the login again";
-const BAD_CODE: &str = "invalid code";
 const BAD_REFRESH_TOKEN: &str = "refresh token is invalid, expired or revoked; log in again";
-const ACCOUNT_LOCKED: &str =
-    "this account is locked after too many failed logins; an administrator must unlock it";
-const ACCOUNT_DISABLED: &str = "this account is disabled; an administrator can enable it";
-const ENROLLMENT_TAKEN: &str = "another login confirmed a second factor first; start the login again";
 const STILL_ENROLLING: &str =
     "the account has no confirmed second factor yet: complete the login with this ticket first";
 const NOT_A_RECOVERY_CODE: &str = "a recovery code looks like ABCD-EFGH-JKLM";
@@ -91,19 +85,24 @@ pub fn login_attempts_from_zero() -> Family<LoginLabels, Counter> {
 }
 
 impl AuthState {
-    fn count_login<T>(&self, step: &'static str, outcome: &Result<T, ApiError>) {
-        let outcome = match outcome {
+    /// Counts a login step by its outcome, and turns it into the answer.
+    fn count_login<T>(&self, step: &'static str, outcome: Result<T, LoginError>) -> Result<T, ApiError> {
+        let counted = match &outcome {
             Ok(_) => "ok",
-            Err(ApiError::Unauthenticated(_)) => "rejected",
-            Err(ApiError::PermissionDenied(ACCOUNT_LOCKED)) => "locked",
-            Err(ApiError::PermissionDenied(ACCOUNT_DISABLED)) => "disabled",
-            Err(ApiError::ResourceExhausted { message, .. }) if *message == throttle::THROTTLED => {
-                "throttled"
-            }
-            Err(ApiError::ResourceExhausted { .. }) => "busy",
-            Err(_) => "error",
+            Err(LoginError::Refused(refusal)) => match refusal {
+                Refusal::BadCredentials
+                | Refusal::BadTicket
+                | Refusal::BadCode
+                | Refusal::EnrollmentTaken => "rejected",
+                Refusal::Locked => "locked",
+                Refusal::Disabled => "disabled",
+                Refusal::Throttled { .. } => "throttled",
+            },
+            Err(LoginError::Failed(ApiError::ResourceExhausted { .. })) => "busy",
+            Err(LoginError::Failed(_)) => "error",
         };
-        self.login_attempts.get_or_create(&LoginLabels { step, outcome }).inc();
+        self.login_attempts.get_or_create(&LoginLabels { step, outcome: counted }).inc();
+        outcome.map_err(ApiError::from)
     }
 }
 
@@ -199,7 +198,7 @@ impl AuthState {
     ) -> Result<BeginLoginResponse, ApiError> {
         // Refused before any hashing or counting: it says nothing about the account.
         if !password_length_ok(&req.password) || req.username.len() > MAX_OPAQUE_LEN {
-            return Err(ApiError::Unauthenticated(BAD_CREDENTIALS));
+            return Err(Refusal::BadCredentials.into());
         }
         let now = storegate::db::now();
         let outcome = async {
@@ -213,8 +212,7 @@ impl AuthState {
             outcome
         }
         .await;
-        self.count_login("begin", &outcome);
-        outcome
+        self.count_login("begin", outcome)
     }
 
     async fn check_password_and_issue_ticket(
@@ -223,7 +221,7 @@ impl AuthState {
         throttle_subject: &[u8],
         client: Client,
         now: DateTime<Utc>,
-    ) -> Result<BeginLoginResponse, ApiError> {
+    ) -> Result<BeginLoginResponse, LoginError> {
         let user = match Username::parse(&req.username) {
             Ok(name) => self.store.find_login_user(name.as_str()).await?,
             Err(_) => None,
@@ -239,23 +237,23 @@ impl AuthState {
             // wrong field.
             let entry = Entry::new(Event::PasswordRejected, Actor::Anonymous).detail("unknown user");
             audit::record(&self.store, entry.client(client)).await;
-            return Err(ApiError::Unauthenticated(BAD_CREDENTIALS));
+            return Err(Refusal::BadCredentials.into());
         };
         let entry =
             |event, actor| Entry::new(event, actor).account(user_id, &totp_state.username).client(client);
         if !password_ok {
             audit::record(&self.store, entry(Event::PasswordRejected, Actor::Anonymous)).await;
             self.count_account_failure(user_id, now).await;
-            return Err(ApiError::Unauthenticated(BAD_CREDENTIALS));
+            return Err(Refusal::BadCredentials.into());
         }
         // Said only to whoever knows the password.
         if disabled_at.is_some() {
             audit::record(&self.store, entry(Event::LoginRefusedDisabled, Actor::Owner)).await;
-            return Err(ApiError::PermissionDenied(ACCOUNT_DISABLED));
+            return Err(Refusal::Disabled.into());
         }
         if locked_at.is_some() {
             audit::record(&self.store, entry(Event::LoginRefusedLocked, Actor::Owner)).await;
-            return Err(ApiError::PermissionDenied(ACCOUNT_LOCKED));
+            return Err(Refusal::Locked.into());
         }
 
         // Until a code confirms one, every ticket offers a secret of its
@@ -339,8 +337,7 @@ impl AuthState {
             })
         }
         .await;
-        self.count_login("complete", &outcome);
-        outcome
+        self.count_login("complete", outcome)
     }
 
     async fn change_password(
@@ -368,14 +365,13 @@ impl AuthState {
             })
         }
         .await;
-        self.count_login("change_password", &outcome);
-        outcome
+        self.count_login("change_password", outcome)
     }
 
     async fn reset_totp(&self, req: ResetTotpRequest, client: Client) -> Result<ResetTotpResponse, ApiError> {
         let outcome = async {
             if recovery::normalise(&req.recovery_code).is_none() {
-                return Err(ApiError::invalid("recovery_code", NOT_A_RECOVERY_CODE));
+                return Err(ApiError::invalid("recovery_code", NOT_A_RECOVERY_CODE).into());
             }
             let completed =
                 self.complete(&req.login_ticket, &req.recovery_code, client, Intent::ResetTotp).await?;
@@ -386,19 +382,16 @@ impl AuthState {
             Ok(ResetTotpResponse {})
         }
         .await;
-        self.count_login("reset_totp", &outcome);
-        outcome
+        self.count_login("reset_totp", outcome)
     }
 
-    /// A live ticket, or UNAUTHENTICATED.
-    async fn ticket(&self, login_ticket: &str) -> Result<Ticket, ApiError> {
+    /// A live ticket, or [`Refusal::BadTicket`].
+    async fn ticket(&self, login_ticket: &str) -> Result<Ticket, LoginError> {
         if login_ticket.is_empty() || login_ticket.len() > MAX_OPAQUE_LEN {
-            return Err(ApiError::Unauthenticated(BAD_TICKET));
+            return Err(Refusal::BadTicket.into());
         }
-        self.store
-            .live_ticket(&token_hash(login_ticket), storegate::db::now())
-            .await?
-            .ok_or(ApiError::Unauthenticated(BAD_TICKET))
+        let ticket = self.store.live_ticket(&token_hash(login_ticket), storegate::db::now()).await?;
+        Ok(ticket.ok_or(Refusal::BadTicket)?)
     }
 
     /// The last step shared by CompleteLogin, ChangePassword and ResetTotp:
@@ -410,7 +403,7 @@ impl AuthState {
         code: &str,
         client: Client,
         intent: Intent,
-    ) -> Result<Completed, ApiError> {
+    ) -> Result<Completed, LoginError> {
         let now = storegate::db::now();
         let ticket = self.ticket(login_ticket).await?;
         let ticket_hash = token_hash(login_ticket);
@@ -419,20 +412,20 @@ impl AuthState {
         };
         if ticket.disabled_at.is_some() {
             audit::record(&self.store, entry(Event::LoginRefusedDisabled, Actor::Owner)).await;
-            return Err(ApiError::PermissionDenied(ACCOUNT_DISABLED));
+            return Err(Refusal::Disabled.into());
         }
         if ticket.locked_at.is_some() {
             audit::record(&self.store, entry(Event::LoginRefusedLocked, Actor::Owner)).await;
-            return Err(ApiError::PermissionDenied(ACCOUNT_LOCKED));
+            return Err(Refusal::Locked.into());
         }
         let enrolling = ticket.enrollment_secret.is_some();
         if enrolling && !matches!(intent, Intent::SignIn) {
-            return Err(ApiError::FailedPrecondition(STILL_ENROLLING.to_owned()));
+            return Err(ApiError::FailedPrecondition(STILL_ENROLLING.to_owned()).into());
         }
         // A ticket issued before a reset offers no secret, yet the account
         // has none confirmed: it belongs to a login that no longer exists.
         if !enrolling && ticket.totp.totp_confirmed_at.is_none() {
-            return Err(ApiError::Unauthenticated(BAD_TICKET));
+            return Err(Refusal::BadTicket.into());
         }
 
         // Wrong codes count against the account's name as wrong passwords do,
@@ -465,12 +458,12 @@ impl AuthState {
                 let entry = entry(succeeded, Actor::Owner);
                 audit::record(&self.store, if let Some(how) = how { entry.detail(how) } else { entry }).await;
             }
-            Err(ApiError::Unauthenticated(BAD_CODE)) => {
+            Err(LoginError::Refused(Refusal::BadCode)) => {
                 audit::record(&self.store, entry(Event::CodeRejected, Actor::Anonymous)).await;
             }
             Err(_) => {}
         }
-        if matches!(completed, Err(ApiError::Unauthenticated(BAD_CODE))) {
+        if matches!(completed, Err(LoginError::Refused(Refusal::BadCode))) {
             if let Err(e) = self.store.record_wrong_code(&ticket_hash).await {
                 // The answer stays "invalid code"; the ticket still dies at expiry.
                 tracing::warn!(error = %e, "cannot count a wrong code against its ticket");
@@ -489,7 +482,7 @@ impl AuthState {
         ticket: &Ticket,
         intent: Intent,
         now: DateTime<Utc>,
-    ) -> Result<Completed, ApiError> {
+    ) -> Result<Completed, LoginError> {
         let user_id = login.user_id;
         let totp_state = &ticket.totp;
         let now_step = totp::step_at(u64::try_from(now.timestamp()).unwrap_or(0));
@@ -498,19 +491,19 @@ impl AuthState {
             (Some(sealed), _) => {
                 let secret = self.open_totp_secret(user_id, sealed)?;
                 let step = totp::matching_step(&secret, code, now_step, totp_state.totp_last_step)
-                    .ok_or(ApiError::Unauthenticated(BAD_CODE))?;
+                    .ok_or(Refusal::BadCode)?;
                 SecondFactor::TotpStep(step)
             }
             (None, Some(recovery_code)) => {
                 SecondFactor::RecoveryCode(recovery::hash(&self.master_key, &recovery_code))
             }
             (None, None) if matches!(intent, Intent::ResetTotp) => {
-                return Err(ApiError::invalid("recovery_code", NOT_A_RECOVERY_CODE));
+                return Err(ApiError::invalid("recovery_code", NOT_A_RECOVERY_CODE).into());
             }
             (None, None) => {
                 let secret = self.open_totp_secret(user_id, &totp_state.totp_secret)?;
                 let step = totp::matching_step(&secret, code, now_step, totp_state.totp_last_step)
-                    .ok_or(ApiError::Unauthenticated(BAD_CODE))?;
+                    .ok_or(Refusal::BadCode)?;
                 SecondFactor::TotpStep(step)
             }
         };
@@ -540,12 +533,10 @@ impl AuthState {
             session_expires_at,
         };
         match self.store.complete_login(login, &factor, &action, &refresh, now).await? {
-            Ok(()) => {}
-            Err(CompleteLoginRefused::TicketInvalid) => return Err(ApiError::Unauthenticated(BAD_TICKET)),
-            Err(CompleteLoginRefused::FactorSpent) => return Err(ApiError::Unauthenticated(BAD_CODE)),
-            Err(CompleteLoginRefused::EnrollmentTaken) => {
-                return Err(ApiError::Unauthenticated(ENROLLMENT_TAKEN));
-            }
+            Completion::Completed => {}
+            Completion::TicketInvalid => return Err(Refusal::BadTicket.into()),
+            Completion::FactorSpent => return Err(Refusal::BadCode.into()),
+            Completion::EnrollmentTaken => return Err(Refusal::EnrollmentTaken.into()),
         }
 
         let used_recovery_code = matches!(factor, SecondFactor::RecoveryCode(_));

@@ -1,7 +1,7 @@
 //! Every SQL statement of auth-service. Placeholders are `?` on both
 //! backends; each statement here runs unchanged on SQLite and MySQL.
 
-use std::{future::Future, sync::LazyLock};
+use std::future::Future;
 
 use chrono::{DateTime, Utc};
 use storegate::{
@@ -9,8 +9,6 @@ use storegate::{
     db::{BeginWrite as _, InsertId as _, is_unique_violation, retry_conflicts},
     on_db,
 };
-
-use crate::throttle::{DELAYS_SECS, FREE_FAILURES};
 
 mod audit;
 
@@ -28,27 +26,43 @@ const REVOKE_USER_SESSIONS: &str =
 /// [`AuthStore::refund_login_attempt`]).
 const REFUND_ATTEMPT_SQL: &str = "UPDATE login_throttle SET failures = failures - 1, locked_until = NULL WHERE subject = ? AND failures > 0";
 
-/// Counts one attempt unless the name is locked, and sets the lock when the
-/// count reaches [`FREE_FAILURES`]: 30 s after the 5th failure, doubling up
-/// to 15 minutes. `locked_until` is assigned before `failures` on purpose:
-/// MySQL evaluates SET assignments left to right with the new values,
-/// SQLite with the old ones; in this order both read the old count.
-static ADMIT_ATTEMPT_SQL: LazyLock<String> = LazyLock::new(|| {
-    let ladder: String = DELAYS_SECS
-        .iter()
-        .enumerate()
-        .map(|(i, delay)| format!("WHEN {} THEN {delay} ", FREE_FAILURES + i as i64))
-        .collect();
-    let longest = DELAYS_SECS[DELAYS_SECS.len() - 1];
-    format!(
-        "UPDATE login_throttle SET \
-         locked_until = CASE WHEN failures + 1 < {FREE_FAILURES} THEN NULL \
-                        ELSE ? + CASE failures + 1 {ladder}ELSE {longest} END END, \
-         failures = failures + 1, \
-         updated_at = ? \
-         WHERE subject = ? AND (locked_until IS NULL OR locked_until <= ?)"
-    )
-});
+/// How long a name is locked after each failure from the first that locks
+/// it: the throttle's policy (`throttle::LADDER`), applied by the database
+/// in the UPDATE that counts an attempt.
+#[derive(Debug, Clone, Copy)]
+pub struct LockLadder {
+    /// Failures allowed before the first lock.
+    pub free_failures: i64,
+    /// The lock after failure `free_failures`, the next, …, in seconds; the
+    /// last one for every failure after.
+    pub delays_secs: &'static [i64],
+}
+
+impl LockLadder {
+    /// Counts one attempt unless the name is locked, and sets the lock when
+    /// the count reaches `free_failures`. `locked_until` is assigned before
+    /// `failures` on purpose: MySQL evaluates SET assignments left to right
+    /// with the new values, SQLite with the old ones; in this order both
+    /// read the old count.
+    fn admit_attempt_sql(&self) -> String {
+        let free = self.free_failures;
+        let ladder: String = self
+            .delays_secs
+            .iter()
+            .enumerate()
+            .map(|(i, delay)| format!("WHEN {} THEN {delay} ", free + i as i64))
+            .collect();
+        let longest = self.delays_secs.last().copied().unwrap_or(0);
+        format!(
+            "UPDATE login_throttle SET \
+             locked_until = CASE WHEN failures + 1 < {free} THEN NULL \
+                            ELSE ? + CASE failures + 1 {ladder}ELSE {longest} END END, \
+             failures = failures + 1, \
+             updated_at = ? \
+             WHERE subject = ? AND (locked_until IS NULL OR locked_until <= ?)"
+        )
+    }
+}
 
 /// The window of [`AuthStore::admit_quota`]: an hour.
 pub const QUOTA_WINDOW_SECS: i64 = 60 * 60;
@@ -229,8 +243,10 @@ pub struct CompletingLogin<'a> {
     pub throttle_subject: &'a [u8],
 }
 
-/// Why the last step of a login was refused.
-pub enum CompleteLoginRefused {
+/// What the last step of a login did.
+pub enum Completion {
+    /// Committed: the ticket burned, the factor spent, the action done.
+    Completed,
     /// The ticket is unknown, used, expired or out of attempts.
     TicketInvalid,
     /// The TOTP step was already used (a replay), or the recovery code is
@@ -442,7 +458,7 @@ impl AuthStore {
         action: &LoginAction<'_>,
         refresh: &NewRefreshToken,
         now: DateTime<Utc>,
-    ) -> Result<Result<(), CompleteLoginRefused>, ApiError> {
+    ) -> Result<Completion, ApiError> {
         // Parallel completions for one user lock the same rows; InnoDB may
         // end one as a deadlock victim (Galera: a failed certification),
         // rolling all of it back, so rerunning it is safe (and it then meets
@@ -460,7 +476,7 @@ impl AuthStore {
         action: &LoginAction<'_>,
         refresh: &NewRefreshToken,
         now: DateTime<Utc>,
-    ) -> Result<Result<(), CompleteLoginRefused>, sqlx::Error> {
+    ) -> Result<Completion, sqlx::Error> {
         let &CompletingLogin { ticket_hash, user_id, throttle_subject } = login;
         on_db!(&self.db, pool => {
             let mut tx = pool.begin_write().await?;
@@ -474,7 +490,7 @@ impl AuthStore {
             .execute(&mut *tx)
             .await?;
             if burned.rows_affected() != 1 {
-                return Ok(Err(CompleteLoginRefused::TicketInvalid));
+                return Ok(Completion::TicketInvalid);
             }
             let spent = match (factor, action) {
                 // The first code of a secret confirms that secret, unless
@@ -491,11 +507,11 @@ impl AuthStore {
                     .execute(&mut *tx)
                     .await?;
                     if confirmed.rows_affected() != 1 {
-                        return Ok(Err(CompleteLoginRefused::EnrollmentTaken));
+                        return Ok(Completion::EnrollmentTaken);
                     }
                     confirmed
                 }
-                (_, LoginAction::Enroll { .. }) => return Ok(Err(CompleteLoginRefused::FactorSpent)),
+                (_, LoginAction::Enroll { .. }) => return Ok(Completion::FactorSpent),
                 (SecondFactor::TotpStep(step), _) => sqlx::query(
                     "UPDATE users SET totp_last_step = ? WHERE id = ? AND totp_confirmed_at IS NOT NULL \
                      AND (totp_last_step IS NULL OR totp_last_step < ?)",
@@ -515,7 +531,7 @@ impl AuthStore {
                 .await?,
             };
             if spent.rows_affected() != 1 {
-                return Ok(Err(CompleteLoginRefused::FactorSpent));
+                return Ok(Completion::FactorSpent);
             }
             match action {
                 LoginAction::SignIn => {}
@@ -585,7 +601,7 @@ impl AuthStore {
                 .execute(&mut *tx)
                 .await?;
             tx.commit().await?;
-            Ok(Ok(()))
+            Ok(Completion::Completed)
         })
     }
 
@@ -602,7 +618,7 @@ impl AuthStore {
             on_db!(&self.db, pool => async {
                 let mut tx = pool.begin_write().await?;
                 // locked_at before failed_logins: both backends then read the
-                // old count (see ADMIT_ATTEMPT_SQL).
+                // old count (see `LockLadder::admit_attempt_sql`).
                 sqlx::query(
                     "UPDATE users SET \
                      locked_at = CASE WHEN locked_at IS NULL AND failed_logins + 1 >= ? THEN ? ELSE locked_at END, \
@@ -643,16 +659,22 @@ impl AuthStore {
         .await
     }
 
-    /// Counts a login attempt for `subject` unless it is locked. See
-    /// `throttle.rs`.
-    pub async fn admit_login_attempt(&self, subject: &[u8], now_unix: i64) -> Result<Admission, ApiError> {
+    /// Counts a login attempt for `subject` unless it is locked, locking it
+    /// by `ladder`. See `throttle.rs`.
+    pub async fn admit_login_attempt(
+        &self,
+        subject: &[u8],
+        ladder: &LockLadder,
+        now_unix: i64,
+    ) -> Result<Admission, ApiError> {
+        let admit_sql = &ladder.admit_attempt_sql();
         self.admit_counted(
             now_unix,
             // Each statement here stands alone: a conflict reruns just it.
             || async move {
                 retry_conflicts(move || async move {
                     Ok(on_db!(&self.db, pool => {
-                        sqlx::query(&ADMIT_ATTEMPT_SQL)
+                        sqlx::query(admit_sql)
                             .bind(now_unix)
                             .bind(storegate::db::now())
                             .bind(subject)

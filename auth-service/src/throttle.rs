@@ -6,24 +6,21 @@
 //! atomic UPDATE that also refuses attempts while the name is locked), so
 //! parallel attempts cannot slip past the limit. An attempt that turns out
 //! right, or is never evaluated, gives its count back; a completed login
-//! clears the count, in the transaction that completes it. The delays after
-//! [`FREE_FAILURES`] consecutive failures are in `store.rs` next to the SQL
-//! that applies them.
+//! clears the count, in the transaction that completes it. The policy, how
+//! long a name is locked after how many consecutive failures, is
+//! [`LADDER`]; the store applies it in the UPDATE that counts.
 
 use sha2::{Digest as _, Sha256};
-use storegate::ApiError;
 
 use crate::{
     client::Client,
-    store::{Admission, AuthStore},
+    refusal::{LoginError, Refusal},
+    store::{Admission, AuthStore, LockLadder},
 };
 
-/// Failures allowed before the first delay.
-pub const FREE_FAILURES: i64 = 5;
-/// Delays after the 5th, 6th, … consecutive failure, in seconds: 30 s
-/// doubling, capped at 15 minutes.
-pub const DELAYS_SECS: [i64; 6] = [30, 60, 120, 240, 480, 900];
-pub const THROTTLED: &str = "too many failed attempts; try again later";
+/// Five failures free, then 30 s after the 5th consecutive failure,
+/// doubling with each failure, capped at 15 minutes.
+pub const LADDER: LockLadder = LockLadder { free_failures: 5, delays_secs: &[30, 60, 120, 240, 480, 900] };
 
 pub const REGISTRATIONS_THROTTLED: &str = "too many registrations from this address; try again later";
 
@@ -55,15 +52,15 @@ pub struct Attempt {
     subject: Vec<u8>,
 }
 
-/// Counts an attempt for `subject`, or refuses it with RESOURCE_EXHAUSTED
-/// (carrying a RetryInfo) while the name is locked.
-pub async fn admit(store: &AuthStore, subject: Vec<u8>, now_unix: i64) -> Result<Attempt, ApiError> {
-    match store.admit_login_attempt(&subject, now_unix).await? {
+/// Counts an attempt for `subject`, or refuses it while the name is locked
+/// ([`Refusal::Throttled`]: RESOURCE_EXHAUSTED with a RetryInfo).
+pub async fn admit(store: &AuthStore, subject: Vec<u8>, now_unix: i64) -> Result<Attempt, LoginError> {
+    match store.admit_login_attempt(&subject, &LADDER, now_unix).await? {
         Admission::Admitted => Ok(Attempt { subject }),
-        Admission::RefusedUntil(locked_until) => Err(ApiError::ResourceExhausted {
-            message: THROTTLED,
-            retry_after: Some(std::time::Duration::from_secs((locked_until - now_unix).max(1) as u64)),
-        }),
+        Admission::RefusedUntil(locked_until) => Err(Refusal::Throttled {
+            retry_after: std::time::Duration::from_secs((locked_until - now_unix).max(1) as u64),
+        }
+        .into()),
     }
 }
 
@@ -73,18 +70,20 @@ impl Attempt {
         &self.subject
     }
 
-    /// Settles the attempt by its outcome: a wrong credential stays counted;
-    /// any other error (before evaluation, or one that rolled the outcome's
-    /// transaction back) is given back. An Ok outcome has nothing
+    /// Settles the attempt by its outcome: a wrong password or code stays
+    /// counted; any other refusal or error (before evaluation, a ticket
+    /// that died meanwhile, or one that rolled the outcome's transaction
+    /// back) is given back. An Ok outcome has nothing
     /// left to settle: its own transaction gave the count back (BeginLogin's
     /// ticket) or cleared it (a completed login). A commit whose answer was
     /// lost on the way (an error, yet committed) is refunded once more here:
     /// one wrong attempt of that name is forgotten, the rare cost of never
     /// counting a right password.
-    pub async fn settle<T>(self, store: &AuthStore, outcome: &Result<T, ApiError>) {
+    pub async fn settle<T>(self, store: &AuthStore, outcome: &Result<T, LoginError>) {
         let settled = match outcome {
-            Ok(_) | Err(ApiError::Unauthenticated(_)) => Ok(()),
-            _ => store.refund_login_attempt(&self.subject).await,
+            Ok(_) => Ok(()),
+            Err(LoginError::Refused(refusal)) if refusal.is_wrong_credential() => Ok(()),
+            Err(_) => store.refund_login_attempt(&self.subject).await,
         };
         if let Err(e) = settled {
             tracing::warn!(error = %e, "cannot settle a login attempt");
@@ -108,8 +107,10 @@ mod tests {
 
     #[test]
     fn delays_double_from_30_seconds_up_to_15_minutes() {
-        assert_eq!(DELAYS_SECS[0], 30);
-        assert!(DELAYS_SECS.windows(2).all(|w| w[1] == (w[0] * 2).min(900)));
-        assert_eq!(*DELAYS_SECS.last().unwrap(), 15 * 60);
+        assert_eq!(LADDER.free_failures, 5);
+        let delays = LADDER.delays_secs;
+        assert_eq!(delays[0], 30);
+        assert!(delays.windows(2).all(|w| w[1] == (w[0] * 2).min(900)));
+        assert_eq!(*delays.last().unwrap(), 15 * 60);
     }
 }
