@@ -31,7 +31,8 @@ use std::{
 use clap::Parser;
 use product_service::{
     domain::OrderBy,
-    store::{Cursor, ListQuery, ProductStore},
+    page_token::Cursor,
+    store::{ListQuery, ProductStore},
 };
 use rand::Rng;
 use storegate::pb::{
@@ -360,7 +361,7 @@ impl Bench {
                 let products: Vec<Product> =
                     page.rows.into_iter().filter_map(|row| row.into_product().ok()).collect();
                 let next = (products.len() == browse.page_size as usize)
-                    .then(|| products.last().map(|last| Cursor::after(last, order)))
+                    .then(|| products.last().and_then(|last| Cursor::after(last, order).ok()))
                     .flatten();
                 callers.read(worker, next);
                 !products.is_empty()

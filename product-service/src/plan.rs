@@ -8,7 +8,8 @@ use storegate::ApiError;
 
 use crate::{
     domain::{OrderBy, SortField},
-    store::{Cursor, ListQuery, ProductStore},
+    page_token::Cursor,
+    store::{ListQuery, ProductStore},
 };
 
 /// The page size the checks ask plans for: the API's default.
@@ -38,7 +39,7 @@ pub async fn check_all(store: &ProductStore) -> Result<Vec<Check>, ApiError> {
             let first = ListQuery { order, query: None, after: None, limit: CHECKED_PAGE_SIZE };
             let first_row = store.list(&ListQuery { limit: 1, ..first }).await?.rows.into_iter().next();
             let cursor = match first_row {
-                Some(row) => Some(Cursor::after(&row.into_product()?, order)),
+                Some(row) => Some(Cursor::after(&row.into_product()?, order)?),
                 None => None,
             };
             let name = order.canonical();

@@ -20,11 +20,10 @@ use crate::{
         MAX_STOCK, OrderBy, Price, SortField, check_description, check_name, check_query, check_stock,
         parse_etag, parse_request_id,
     },
-    page_token,
+    page_token::{self, Cursor},
     search_limit::SearchLimit,
     store::{
-        Adjusted, Cursor, FieldChanges, Idempotent, ListQuery, ProductFields, ProductStore, RequestKey,
-        Written,
+        Adjusted, FieldChanges, Idempotent, ListQuery, ProductFields, ProductStore, RequestKey, Written,
     },
 };
 
@@ -302,7 +301,7 @@ impl ProductApi {
                         let score = scores.get(products.len() - 1).copied().unwrap_or_default();
                         Cursor::after_match(last, score)
                     }
-                    (None, _) => Cursor::after(last, order),
+                    (None, _) => Cursor::after(last, order)?,
                 };
                 page_token::encode(&cursor, order, &req.query)
             }

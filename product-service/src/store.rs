@@ -29,6 +29,7 @@ use storegate::{
 
 use crate::{
     domain::{MAX_STOCK, OrderBy, Price, SortField, etag},
+    page_token::{Cursor, Ranked},
     plan::Plan,
     search::{Terms, Words},
     search_sample::{Route, Sample, SearchBounds},
@@ -315,39 +316,6 @@ pub enum Adjusted {
     OutOfRange,
 }
 
-/// Where a page starts: after the row with this sort value and id.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Cursor {
-    /// The row's value in the sort column, as text (unused when sorting by id).
-    pub sort_value: String,
-    pub id: i64,
-}
-
-impl Cursor {
-    /// The cursor that continues after `row` in `order`.
-    pub fn after(row: &Product, order: OrderBy) -> Cursor {
-        let sort_value = match order.field {
-            // See `Cursor::after_match`.
-            SortField::Id | SortField::Relevance => String::new(),
-            SortField::Name => row.name.clone(),
-            SortField::Price => row.price.clone(),
-            SortField::CreateTime => {
-                row.create_time.map(|t| format!("{}.{:09}", t.seconds, t.nanos)).unwrap_or_default()
-            }
-        };
-        Cursor { sort_value, id: row.id }
-    }
-
-    /// The cursor that continues a relevance listing of the full-text
-    /// engine after `row`, whose relevance was `score`. The score travels as
-    /// Rust's shortest text that parses back to the same f64, so the next
-    /// page's comparison with the engine's own value is exact. (Searches
-    /// ranked in Rust give their own, marked cursors: [`Page::cursors`].)
-    pub fn after_match(row: &Product, score: f64) -> Cursor {
-        Cursor { sort_value: score.to_string(), id: row.id }
-    }
-}
-
 /// One page of a listing.
 pub struct ListQuery<'a> {
     pub order: OrderBy,
@@ -556,10 +524,9 @@ const FEW_MATCHES: i64 = 1000;
 // Declared after the macros they use.
 mod anchored;
 mod broad;
-pub use anchored::ANCHORED_CURSOR;
 use anchored::Anchored;
 use broad::Searches;
-pub use broad::{BROAD_CURSOR, SearchCounts, SearchLabels, SearchPath};
+pub use broad::{SearchCounts, SearchLabels, SearchPath};
 
 impl ProductStore {
     pub async fn new(db: Db) -> Self {
@@ -938,26 +905,27 @@ impl ProductStore {
             };
             if q.order.descending { (column, "<", "DESC") } else { (column, ">", "ASC") }
         };
-        let sort_param = match (q.after, q.order.field) {
-            (None, _) | (Some(_), SortField::Id | SortField::Relevance) => None,
-            (Some(after), SortField::Name) => Some(ListParam::Text(after.sort_value.clone())),
-            (Some(after), SortField::Price) => Some(ListParam::Text(
-                self.price_param(
-                    Price::parse(&after.sort_value)
-                        .map_err(|_| ApiError::invalid("page_token", "is not valid"))?,
-                ),
-            )),
-            (Some(after), SortField::CreateTime) => Some(ListParam::Time(
-                parse_cursor_time(&after.sort_value)
-                    .ok_or_else(|| ApiError::invalid("page_token", "is not valid"))?,
-            )),
-        };
-        match (q.after, sort_param) {
-            (Some(after), None) => {
-                sql.push_str(&format!(" AND products.id {cmp} ?"));
-                params.push(ListParam::Int(after.id));
+        // The cursor's id, and its value in the sort column (none by id).
+        let after = match (q.after, q.order.field) {
+            (None, _) => None,
+            (Some(&Cursor::Id(id)), SortField::Id) => Some((id, None)),
+            (Some(Cursor::Name { name, id }), SortField::Name) => {
+                Some((*id, Some(ListParam::Text(name.clone()))))
             }
-            (Some(after), Some(sort_param)) => {
+            (Some(&Cursor::Price { price, id }), SortField::Price) => {
+                Some((id, Some(ListParam::Text(self.price_param(price)))))
+            }
+            (Some(&Cursor::CreateTime { time, id }), SortField::CreateTime) => {
+                Some((id, Some(ListParam::Time(time))))
+            }
+            (Some(_), _) => return Err(ApiError::invalid("page_token", "is not valid")),
+        };
+        match after {
+            Some((after_id, None)) => {
+                sql.push_str(&format!(" AND products.id {cmp} ?"));
+                params.push(ListParam::Int(after_id));
+            }
+            Some((after_id, Some(sort_param))) => {
                 // MySQL compares a DECIMAL with a string as doubles; cast the
                 // bound price so the comparison stays exact. SQLite compares
                 // its fixed-width text as text.
@@ -972,9 +940,9 @@ impl ProductStore {
                     " AND {column} {cmp}= {value} \
                      AND ({column} {cmp} {value} OR ({column} = {value} AND products.id {cmp} ?))"
                 ));
-                params.extend([sort_param.clone(), sort_param.clone(), sort_param, ListParam::Int(after.id)]);
+                params.extend([sort_param.clone(), sort_param.clone(), sort_param, ListParam::Int(after_id)]);
             }
-            (None, _) => {}
+            None => {}
         }
         if q.order.field == SortField::Id {
             sql.push_str(&format!(" ORDER BY products.id {dir} LIMIT ?"));
@@ -1012,16 +980,14 @@ impl ProductStore {
         let terms = Terms::of(words);
         let route = match q.after {
             // A relevance listing goes on as it began: each way ranks its own.
-            Some(after) if q.order.field == SortField::Relevance => {
+            Some(Cursor::Ranked(ranked)) => {
                 let matches = sample.estimate(&terms);
-                if after.sort_value.starts_with(BROAD_CURSOR) {
-                    Route::Broad { matches }
-                } else if after.sort_value.starts_with(ANCHORED_CURSOR) {
+                match ranked {
+                    Ranked::Engine { .. } => Route::Engine { matches },
                     // Any word anchors the same matches; the rarest reads
                     // fewest.
-                    Route::Anchored { term: sample.rarest(&terms), matches }
-                } else {
-                    Route::Engine { matches }
+                    Ranked::Anchored { .. } => Route::Anchored { term: sample.rarest(&terms), matches },
+                    Ranked::Broad { .. } => Route::Broad { matches },
                 }
             }
             _ => sample.route(&terms, &self.searches.bounds, self.db.backend()),
@@ -1162,16 +1128,13 @@ impl ProductStore {
         }))
     }
 
-    /// The (score, id) a relevance page goes on after, from its cursor.
+    /// The (score, id) a relevance page of the engine goes on after.
     fn relevance_after(q: &ListQuery<'_>) -> Result<Option<(f64, i64)>, ApiError> {
-        let Some(after) = q.after else { return Ok(None) };
-        let score = after
-            .sort_value
-            .parse()
-            .ok()
-            .filter(|x: &f64| x.is_finite())
-            .ok_or_else(|| ApiError::invalid("page_token", "is not valid"))?;
-        Ok(Some((score, after.id)))
+        match q.after {
+            None => Ok(None),
+            Some(&Cursor::Ranked(Ranked::Engine { score, id })) => Ok(Some((score, id))),
+            Some(_) => Err(ApiError::invalid("page_token", "is not valid")),
+        }
     }
 
     /// The statement of a search for `words` (not empty), and its parameters.
@@ -1472,15 +1435,4 @@ impl ProductStore {
         }
         Ok(swept)
     }
-}
-
-/// A create_time cursor: "seconds.nanoseconds".
-fn parse_cursor_time(text: &str) -> Option<DateTime<Utc>> {
-    let (seconds, nanos) = text.split_once('.')?;
-    let (seconds, nanos): (i64, u32) = (seconds.parse().ok()?, nanos.parse().ok()?);
-    // Within what both backends store (years 1970 to 9999).
-    if !(0..=253_402_300_799).contains(&seconds) || nanos >= 1_000_000_000 {
-        return None;
-    }
-    DateTime::from_timestamp(seconds, nanos)
 }

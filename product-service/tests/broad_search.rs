@@ -13,8 +13,9 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use product_service::{
     domain::{OrderBy, Price},
+    page_token::Cursor,
     search_sample::{ReadCosts, SearchBounds},
-    store::{Cursor, ListQuery, ProductFields, ProductStore, SearchLabels},
+    store::{ListQuery, ProductFields, ProductStore, SearchLabels},
 };
 use storegate::pb::product::v1::{ListProductsRequest, Product};
 use storegate_testkit::{Backend, TestStack, backend_tests};
@@ -243,7 +244,7 @@ async fn store_pages(store: &ProductStore, query: &str, order: &str, page_size: 
         } else if let Some(cursor) = page.cursors.get(kept - 1) {
             Some(cursor.clone())
         } else {
-            Some(Cursor::after(&products[kept - 1], order))
+            Some(Cursor::after(&products[kept - 1], order).unwrap())
         };
         answers.push(Answer { products, total_size: page.total_size, more: next.is_some() });
         match next {

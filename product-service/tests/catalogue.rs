@@ -522,7 +522,8 @@ async fn database_errors_never_leak(backend: Backend) {
 async fn hot_read_paths_return_what_the_pool_returns(backend: Backend) {
     use product_service::{
         domain::{OrderBy, SortField},
-        store::{Cursor, ListQuery, ProductStore},
+        page_token::Cursor,
+        store::{ListQuery, ProductStore},
     };
     let is_sqlite = matches!(backend, Backend::Sqlite);
     let shop = Shop::open(backend).await;
@@ -590,7 +591,7 @@ async fn hot_read_paths_return_what_the_pool_returns(backend: Backend) {
                     inline_listings += usize::from(query.is_none());
                     seen += inline.rows.len();
                     let Some(last) = inline.rows.last() else { break };
-                    after = Some(Cursor::after(&last.clone().into_product().unwrap(), order));
+                    after = Some(Cursor::after(&last.clone().into_product().unwrap(), order).unwrap());
                 }
                 // Descriptions are "About <name>": a match is a name's match.
                 let expected = match query {

@@ -343,8 +343,9 @@ async fn few_matches_page_as_the_engine_pages_them(backend: Backend) {
     use chrono::Utc;
     use product_service::{
         domain::{OrderBy, Price, SortField},
+        page_token::Cursor,
         search_sample::SearchBounds,
-        store::{Cursor, ListQuery, ProductFields, ProductStore, SearchLabels},
+        store::{ListQuery, ProductFields, ProductStore, SearchLabels},
     };
     // More products than one statement of matches may hold (1,000), so that
     // a store without a sample of them pages on the engine; "lamp" in 90,

@@ -20,15 +20,11 @@
 //!   filtered; a later page counts the matches in a second read.
 //! - By relevance every match is ranked with BM25 (term weights from the
 //!   sample, as broad searches rank), and the page is a keyset on (score,
-//!   id) in that ranking. Its token is marked ([`ANCHORED_CURSOR`]), so
+//!   id) in that ranking. Its token says so ([`Ranked::Anchored`]), so
 //!   that the next page is ranked the same way.
 
 use super::{broad::ranked, *};
 use crate::search::{Indexed, comes_after};
-
-/// How a relevance page token's score begins when the listing is an
-/// anchored search's.
-pub const ANCHORED_CURSOR: &str = "anchored ";
 
 /// An anchored page, or why there is none.
 pub(super) enum Anchored {
@@ -109,7 +105,8 @@ impl ProductStore {
     ) -> Result<Page, ApiError> {
         let after = match q.after {
             None => None,
-            Some(after) => Some((Self::marked_score(&after.sort_value, ANCHORED_CURSOR)?, after.id)),
+            Some(&Cursor::Ranked(Ranked::Anchored { score, id })) => Some((score, id)),
+            Some(_) => return Err(ApiError::invalid("page_token", "is not valid")),
         };
         let total_size = matches.len() as i64;
         let idfs = sample.idfs(terms);
@@ -119,19 +116,10 @@ impl ProductStore {
             .filter(|(score, row)| comes_after(*score, row.id, after))
             .take(q.limit.max(0) as usize)
         {
-            cursors.push(Cursor { sort_value: format!("{ANCHORED_CURSOR}{score}"), id: row.id });
+            cursors.push(Cursor::Ranked(Ranked::Anchored { score, id: row.id }));
             rows.push(row);
             scores.push(score);
         }
         Ok(Page { rows, scores, cursors, total_size, path: Some(SearchPath::Anchored), resume: None })
-    }
-
-    /// The score after `mark` in a relevance cursor's sort value.
-    pub(super) fn marked_score(sort_value: &str, mark: &str) -> Result<f64, ApiError> {
-        sort_value
-            .strip_prefix(mark)
-            .and_then(|score| score.parse::<f64>().ok())
-            .filter(|score| score.is_finite())
-            .ok_or_else(|| ApiError::invalid("page_token", "is not valid"))
     }
 }

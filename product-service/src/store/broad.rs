@@ -19,7 +19,7 @@
 //!   allows short pages).
 //! - By relevance: the newest products in windows, each window's matches
 //!   ranked by BM25 with term weights from the sample, window after window
-//!   (see [`WindowCursor`]): ranking every match is what costs. A window
+//!   (see [`Ranked::Broad`]): ranking every match is what costs. A window
 //!   holds [`SearchBounds::ranked_matches`] matches or a quarter of the
 //!   bound on rows read, so a word in 1% of products ranks about 50
 //!   matches at a time. A page stopped by the bound is short, with a token.
@@ -44,41 +44,19 @@ use prometheus_client::{
 
 use super::*;
 use crate::{
+    page_token::Window,
     search::{Indexed, bm25, comes_after},
     search_sample::Sample,
 };
 
-/// How a relevance page token's score begins when the listing is a broad
-/// search's: its next page is one too, whatever a newer sample says.
-pub const BROAD_CURSOR: &str = "broad ";
-
-/// Where a broad search by relevance stands: which products its window
-/// holds (ids below `below`, down to `down_to`), and after which match of
-/// the window's ranking.
-///
-/// By relevance the newest products are read as windows, one after the
-/// other: a window holds the newest products not in the windows before it,
-/// until [`SearchBounds::ranked_matches`] matches or a quarter of
-/// [`SearchBounds::rows_read`] products. Each window's matches are ranked
-/// with BM25 and listed in that order before the next window's: ranking
-/// every match is what costs, so relevance ranks within recency. A page
-/// token names its window by ids, so a page reads it again (at most that
-/// quarter), and the listing gives every match once.
-#[derive(Debug, Clone, Copy, PartialEq)]
-struct WindowCursor {
-    window: Window,
-    /// The (score, id) of the last match returned from the window.
-    after: Option<(f64, i64)>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Window {
-    /// Its products' ids are below this; `None`: the newest.
-    below: Option<i64>,
-    /// And at least this; `None`: not read yet (it ends where its bounds
-    /// say). 0 for a window that reached the first product.
-    down_to: Option<i64>,
-}
+// By relevance the newest products are read as windows, one after the
+// other: a window holds the newest products not in the windows before it,
+// until [`SearchBounds::ranked_matches`] matches or a quarter of
+// [`SearchBounds::rows_read`] products. Each window's matches are ranked
+// with BM25 and listed in that order before the next window's: ranking
+// every match is what costs, so relevance ranks within recency. A page
+// token names its window by ids ([`Ranked::Broad`]), so a page reads it
+// again (at most that quarter), and the listing gives every match once.
 
 /// A window as read.
 struct WindowRead {
@@ -88,42 +66,6 @@ struct WindowRead {
     matches: Vec<ProductRow>,
     /// Products read.
     read: usize,
-}
-
-impl WindowCursor {
-    /// As a page token's sort value: `broad w{below}-{down_to} {score}`
-    /// after a match (the cursor's id is the match's), `broad w{below}`
-    /// at a window not read yet. Tokens of the build before windows,
-    /// `broad {score}`, go on in the newest window.
-    fn cursor(self) -> Cursor {
-        let Window { below, down_to } = self.window;
-        let below = below.map(|id| id.to_string()).unwrap_or_default();
-        match (down_to, self.after) {
-            (Some(down_to), Some((score, id))) => {
-                Cursor { sort_value: format!("{BROAD_CURSOR}w{below}-{down_to} {score}"), id }
-            }
-            _ => Cursor { sort_value: format!("{BROAD_CURSOR}w{below}"), id: 0 },
-        }
-    }
-
-    fn parse(cursor: &Cursor) -> Result<(Window, Option<(f64, i64)>), ApiError> {
-        let invalid = || ApiError::invalid("page_token", "is not valid");
-        let rest = cursor.sort_value.strip_prefix(BROAD_CURSOR).ok_or_else(invalid)?;
-        let Some(window) = rest.strip_prefix('w') else {
-            let score = ProductStore::marked_score(&cursor.sort_value, BROAD_CURSOR)?;
-            return Ok((Window { below: None, down_to: None }, Some((score, cursor.id))));
-        };
-        let id = |text: &str| text.parse::<i64>().ok().filter(|id| *id >= 0).ok_or_else(invalid);
-        match window.split_once(' ') {
-            None => Ok((Window { below: Some(id(window)?), down_to: None }, None)),
-            Some((bounds, score)) => {
-                let (below, down_to) = bounds.split_once('-').ok_or_else(invalid)?;
-                let score = score.parse::<f64>().ok().filter(|s| s.is_finite()).ok_or_else(invalid)?;
-                let window = Window { below: Some(id(below)?), down_to: Some(id(down_to)?) };
-                Ok((window, Some((score, cursor.id))))
-            }
-        }
-    }
 }
 
 /// The products of `matches` that have every term, best first by BM25 with
@@ -366,7 +308,7 @@ impl ProductStore {
             let (batch, ended) = self.read_on(q.order, after.as_ref(), chunk).await?;
             read += batch.len();
             if let Some(last) = batch.last() {
-                after = Some(Cursor::after(&last.clone().into_product()?, q.order));
+                after = Some(Cursor::after(&last.clone().into_product()?, q.order)?);
             }
             rows.extend(
                 batch
@@ -400,7 +342,8 @@ impl ProductStore {
         let limit = q.limit.max(0) as usize;
         let (mut window, mut after) = match q.after {
             None => (Window { below: None, down_to: None }, None),
-            Some(cursor) => WindowCursor::parse(cursor)?,
+            Some(&Cursor::Ranked(Ranked::Broad { window, after })) => (window, after),
+            Some(_) => return Err(ApiError::invalid("page_token", "is not valid")),
         };
         let (mut page, mut read) = (Page::default(), 0);
         loop {
@@ -414,8 +357,7 @@ impl ProductStore {
                 .take(wanted)
             {
                 let window = Window { below: Some(below), down_to: Some(down_to) };
-                let at = WindowCursor { window, after: Some((score, row.id)) };
-                page.cursors.push(at.cursor());
+                page.cursors.push(Cursor::Ranked(Ranked::Broad { window, after: Some((score, row.id)) }));
                 page.rows.push(row);
                 page.scores.push(score);
             }
@@ -426,7 +368,7 @@ impl ProductStore {
             window = Window { below: Some(down_to), down_to: None };
             after = None;
             if read + window_read > bounds.rows_read {
-                page.resume = Some(WindowCursor { window, after: None }.cursor());
+                page.resume = Some(Cursor::Ranked(Ranked::Broad { window, after: None }));
                 return Ok(page);
             }
         }
@@ -442,7 +384,7 @@ impl ProductStore {
         let most_read = (bounds.rows_read / 4).max(1);
         let indexed = Indexed::by(self.db.backend());
         let by_id_desc = OrderBy { field: SortField::Id, descending: true };
-        let mut from = window.below.map(|id| Cursor { sort_value: String::new(), id });
+        let mut from = window.below.map(Cursor::Id);
         let (mut matches, mut read, mut newest, mut oldest) = (Vec::new(), 0, None, None);
         let ended = loop {
             let chunk = match (window.down_to, window.below) {
@@ -469,7 +411,7 @@ impl ProductStore {
             read += batch.len();
             newest = newest.or(batch.first().map(|row| row.id));
             oldest = batch.last().map(|row| row.id).or(oldest);
-            from = batch.last().map(|row| Cursor { sort_value: String::new(), id: row.id }).or(from);
+            from = batch.last().map(|row| Cursor::Id(row.id)).or(from);
             matches.extend(
                 batch.into_iter().filter(|row| terms.hits(indexed, &row.name, &row.description).is_some()),
             );
@@ -487,35 +429,5 @@ impl ProductStore {
             None => oldest.unwrap_or(0),
         };
         Ok(WindowRead { below, down_to, matches, read })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn window_cursors_round_trip_and_refuse_garbage() {
-        let in_window = WindowCursor {
-            window: Window { below: Some(1_000_001), down_to: Some(998_760) },
-            after: Some((3.25, 999_003)),
-        };
-        let cursor = in_window.cursor();
-        assert_eq!(cursor.sort_value, "broad w1000001-998760 3.25");
-        assert_eq!(WindowCursor::parse(&cursor).unwrap(), (in_window.window, in_window.after));
-        let next = WindowCursor { window: Window { below: Some(998_760), down_to: None }, after: None };
-        assert_eq!(WindowCursor::parse(&next.cursor()).unwrap(), (next.window, None));
-        // A token of the build before windows goes on in the newest window.
-        let old = Cursor { sort_value: "broad 1.5".into(), id: 7 };
-        assert_eq!(
-            WindowCursor::parse(&old).unwrap(),
-            (Window { below: None, down_to: None }, Some((1.5, 7)))
-        );
-        for garbage in
-            ["broad w", "broad wx", "broad w5-", "broad w5-3 NaN", "broad w-5", "1.5", "broad w5-3"]
-        {
-            let cursor = Cursor { sort_value: garbage.into(), id: 1 };
-            assert!(WindowCursor::parse(&cursor).is_err(), "{garbage}");
-        }
     }
 }
