@@ -417,68 +417,97 @@ async fn read_page(
     Ok(answers)
 }
 
-/// Inside an idempotent write's transaction `$tx`: claims the request id
-/// (if any) by its unique key. When another call holds it, leaves the
-/// enclosing async block with `Ok(None)`; the caller then replays the
-/// recorded answer. On MySQL the insert waits for the other transaction, so
-/// concurrent retries see its answer, not a gap.
-macro_rules! claim_request_id {
-    ($tx:ident, $request:expr, $now:expr) => {
-        if let Some(request) = $request {
-            match sqlx::query(
-                "INSERT INTO product_request_ids (caller, request_id, request_hash, created_at) \
-                 VALUES (?, ?, ?, ?)",
-            )
-            .bind(&request.caller)
-            .bind(&request.id)
-            .bind(&request.hash)
-            .bind($now)
-            .execute(&mut *$tx)
-            .await
-            {
-                Ok(_) => {}
-                Err(e) if is_unique_violation(&e) => {
-                    // Claimed by a request in flight. Committing this empty
-                    // transaction returns once that claim's is done (on
-                    // SQLite it may share our group commit), so that its
-                    // answer can be read next.
-                    $tx.commit().await?;
-                    return Ok(None);
-                }
-                Err(e) => return Err(ApiError::from(e)),
-            }
-        }
-    };
+/// What claiming a write's request id found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Claim {
+    /// The write carries no request id.
+    NoRequestId,
+    /// Claimed in this transaction: the write goes on.
+    Claimed,
+    /// Claimed by a request in flight or done: its answer is to be read.
+    Taken,
 }
 
-/// Records the answer of an idempotent write under its request id, in `$tx`.
-macro_rules! record_response {
-    ($tx:ident, $request:expr, $product:expr) => {
-        if let Some(request) = $request {
-            sqlx::query("UPDATE product_request_ids SET response = ? WHERE caller = ? AND request_id = ?")
-                .bind($product.encode_to_vec())
-                .bind(&request.caller)
-                .bind(&request.id)
-                .execute(&mut *$tx)
-                .await?;
-        }
-    };
+/// Claims `request`'s id in the transaction of `conn`, before the write it
+/// guards. On [`Claim::Taken`] the caller commits its (empty) transaction,
+/// which returns once the claim's own is done (on SQLite it may share its
+/// group commit), and reads the recorded answer.
+async fn claim_request_id<C>(
+    conn: &mut C,
+    request: Option<&RequestKey>,
+    now: DateTime<Utc>,
+) -> Result<Claim, sqlx::Error>
+where
+    C: sqlx::Connection,
+    for<'e> &'e mut C: sqlx::Executor<'e, Database = C::Database>,
+    for<'q> <C::Database as sqlx::Database>::Arguments<'q>: sqlx::IntoArguments<'q, C::Database>,
+    for<'q> &'q str: sqlx::Encode<'q, C::Database> + sqlx::Type<C::Database>,
+    for<'q> &'q [u8]: sqlx::Encode<'q, C::Database> + sqlx::Type<C::Database>,
+    for<'q> DateTime<Utc>: sqlx::Encode<'q, C::Database> + sqlx::Type<C::Database>,
+{
+    let Some(request) = request else { return Ok(Claim::NoRequestId) };
+    let claimed = sqlx::query::<C::Database>(
+        "INSERT INTO product_request_ids (caller, request_id, request_hash, created_at) VALUES (?, ?, ?, ?)",
+    )
+    .bind(request.caller.as_str())
+    .bind(request.id.as_str())
+    .bind(request.hash.as_slice())
+    .bind(now)
+    .execute(conn)
+    .await;
+    match claimed {
+        Ok(_) => Ok(Claim::Claimed),
+        Err(e) if is_unique_violation(&e) => Ok(Claim::Taken),
+        Err(e) => Err(e),
+    }
+}
+
+/// Records the answer of an idempotent write under its request id, in the
+/// transaction of `conn`.
+async fn record_response<C>(
+    conn: &mut C,
+    request: Option<&RequestKey>,
+    product: &Product,
+) -> Result<(), sqlx::Error>
+where
+    C: sqlx::Connection,
+    for<'e> &'e mut C: sqlx::Executor<'e, Database = C::Database>,
+    for<'q> <C::Database as sqlx::Database>::Arguments<'q>: sqlx::IntoArguments<'q, C::Database>,
+    for<'q> &'q str: sqlx::Encode<'q, C::Database> + sqlx::Type<C::Database>,
+    for<'q> Vec<u8>: sqlx::Encode<'q, C::Database> + sqlx::Type<C::Database>,
+{
+    let Some(request) = request else { return Ok(()) };
+    sqlx::query::<C::Database>(
+        "UPDATE product_request_ids SET response = ? WHERE caller = ? AND request_id = ?",
+    )
+    .bind(product.encode_to_vec())
+    .bind(request.caller.as_str())
+    .bind(request.id.as_str())
+    .execute(conn)
+    .await?;
+    Ok(())
 }
 
 /// Rows of `product_counts`: a product is counted in row `id % COUNT_SHARDS`
 /// (see migrations/*/0003_product_counts.sql).
 const COUNT_SHARDS: i64 = 16;
 
-/// Adds `$delta` to the count of products, in `$tx` beside the write that
-/// made the difference, so the count is exact whenever the write commits.
-macro_rules! count_products {
-    ($tx:ident, $id:expr, $delta:expr) => {
-        sqlx::query("UPDATE product_counts SET products = products + ? WHERE shard = ?")
-            .bind($delta)
-            .bind($id % COUNT_SHARDS)
-            .execute(&mut *$tx)
-            .await?;
-    };
+/// Adds `delta` to the count of products, in the transaction of `conn`
+/// beside the write that made the difference, so the count is exact
+/// whenever the write commits.
+async fn count_products<C>(conn: &mut C, id: i64, delta: i64) -> Result<(), sqlx::Error>
+where
+    C: sqlx::Connection,
+    for<'e> &'e mut C: sqlx::Executor<'e, Database = C::Database>,
+    for<'q> <C::Database as sqlx::Database>::Arguments<'q>: sqlx::IntoArguments<'q, C::Database>,
+    for<'q> i64: sqlx::Encode<'q, C::Database> + sqlx::Type<C::Database>,
+{
+    sqlx::query::<C::Database>("UPDATE product_counts SET products = products + ? WHERE shard = ?")
+        .bind(delta)
+        .bind(id % COUNT_SHARDS)
+        .execute(conn)
+        .await?;
+    Ok(())
 }
 
 /// On SQLite, the full-text index's changes of a group commit: queued by
@@ -666,7 +695,10 @@ impl ProductStore {
         let created: Option<Product> = retry_conflicts(move || async move {
             on_db!(&self.db, pool => async {
             let mut tx = pool.begin_write().await?;
-            claim_request_id!(tx, request, now);
+            if claim_request_id(&mut *tx, request, now).await? == Claim::Taken {
+                tx.commit().await?;
+                return Ok(None);
+            }
             let insert = sqlx::query(if returning { INSERT_PRODUCT_RETURNING } else { INSERT_PRODUCT })
                 .bind(&fields.name)
                 .bind(&fields.description)
@@ -682,9 +714,9 @@ impl ProductStore {
                 let id = insert.execute(&mut *tx).await?.insert_id();
                 sqlx::query_as(SELECT_BY_ID).bind(id).fetch_one(&mut *tx).await?
             };
-            count_products!(tx, row.id, 1_i64);
+            count_products(&mut *tx, row.id, 1).await?;
             let product = row.into_product()?;
-            record_response!(tx, request, product);
+            record_response(&mut *tx, request, &product).await?;
             tx.commit().await?;
             Ok(Some(product))
         }
@@ -747,7 +779,7 @@ impl ProductStore {
             }
             // The shards only spread concurrent writers over rows; the count
             // is their sum, so the whole import may go to one of them.
-            count_products!(tx, first_id.unwrap_or_default(), products.len() as i64);
+            count_products(&mut *tx, first_id.unwrap_or_default(), products.len() as i64).await?;
             tx.commit().await?;
             Ok(())
         }
@@ -784,7 +816,10 @@ impl ProductStore {
         let returning = self.returns_written_rows();
         let adjusted: Option<Adjusted> = retry_conflicts(move || async move { on_db!(&self.db, pool => async {
             let mut tx = pool.begin_write().await?;
-            claim_request_id!(tx, request, now);
+            if claim_request_id(&mut *tx, request, now).await? == Claim::Taken {
+                tx.commit().await?;
+                return Ok(None);
+            }
             let update = sqlx::query(if returning { ADJUST_STOCK_RETURNING } else { ADJUST_STOCK })
                 .bind(delta)
                 .bind(user_id)
@@ -806,7 +841,7 @@ impl ProductStore {
                 return Ok(Some(if exists.is_some() { Adjusted::OutOfRange } else { Adjusted::NotFound }));
             };
             let product = row.into_product()?;
-            record_response!(tx, request, product);
+            record_response(&mut *tx, request, &product).await?;
             tx.commit().await?;
             Ok(Some(Adjusted::Done(product)))
         }
@@ -1409,7 +1444,7 @@ impl ProductStore {
             }?
             .rows_affected();
             if rows == 1 {
-                count_products!(tx, id, -1_i64);
+                count_products(&mut *tx, id, -1).await?;
             }
             tx.commit().await?;
             Ok::<_, ApiError>(rows)
