@@ -3,7 +3,6 @@
 //! lets a token signed by a just-published key wait for that key.
 
 use std::{
-    collections::HashMap,
     sync::{Arc, Mutex},
     task::{Context, Poll},
     time::Duration,
@@ -27,39 +26,52 @@ const VERIFIED_CACHE_ENTRIES: usize = 10_000;
 /// How long a call with an unknown kid may wait for a key refresh.
 const UNKNOWN_KID_WAIT: Duration = Duration::from_secs(2);
 
-/// Tokens that verified, by SHA-256 of the token, until they expire. Emptied
+/// Tokens that verified, by SHA-256 of the token, until they expire: at
+/// most [`VERIFIED_CACHE_ENTRIES`], the least used evicted first. Emptied
 /// whenever the key set changes, so a key that is withdrawn takes its
 /// tokens with it.
-#[derive(Default)]
 struct VerifiedTokens {
-    keys: Option<Arc<KeySet>>,
-    claims: HashMap<[u8; 32], Claims>,
+    /// The key set the remembered verifications were made with.
+    keys: Mutex<Option<Arc<KeySet>>>,
+    claims: quick_cache::sync::Cache<[u8; 32], Claims>,
+}
+
+impl Default for VerifiedTokens {
+    fn default() -> Self {
+        VerifiedTokens {
+            keys: Mutex::default(),
+            claims: quick_cache::sync::Cache::new(VERIFIED_CACHE_ENTRIES),
+        }
+    }
 }
 
 impl VerifiedTokens {
-    fn get(&mut self, keys: &Arc<KeySet>, token_hash: &[u8; 32], now: i64) -> Option<Claims> {
-        if !self.keys.as_ref().is_some_and(|k| Arc::ptr_eq(k, keys)) {
-            self.keys = Some(keys.clone());
+    /// The key set remembered, locked. A poisoned lock only means another
+    /// call panicked while holding it: the key set itself is whole.
+    fn known_keys(&self) -> std::sync::MutexGuard<'_, Option<Arc<KeySet>>> {
+        self.keys.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn get(&self, keys: &Arc<KeySet>, token_hash: &[u8; 32], now: i64) -> Option<Claims> {
+        let mut known = self.known_keys();
+        if !known.as_ref().is_some_and(|k| Arc::ptr_eq(k, keys)) {
+            *known = Some(keys.clone());
             self.claims.clear();
             return None;
         }
-        self.claims.get(token_hash).filter(|c| c.exp > now).cloned()
+        drop(known);
+        self.claims.get(token_hash).filter(|c| c.exp > now)
     }
 
     /// Remembers a verification made with `keys`, unless the set has
     /// changed since: a verification that raced a key withdrawal must not
-    /// outlive the key.
-    fn insert(&mut self, keys: &Arc<KeySet>, token_hash: [u8; 32], claims: Claims, now: i64) {
-        if !self.keys.as_ref().is_some_and(|k| Arc::ptr_eq(k, keys)) {
-            return;
+    /// outlive the key (checked and inserted under the key set's lock, so
+    /// that no change of set falls in between).
+    fn insert(&self, keys: &Arc<KeySet>, token_hash: [u8; 32], claims: Claims) {
+        let known = self.known_keys();
+        if known.as_ref().is_some_and(|k| Arc::ptr_eq(k, keys)) {
+            self.claims.insert(token_hash, claims);
         }
-        if self.claims.len() >= VERIFIED_CACHE_ENTRIES {
-            self.claims.retain(|_, c| c.exp > now);
-            if self.claims.len() >= VERIFIED_CACHE_ENTRIES {
-                self.claims.clear();
-            }
-        }
-        self.claims.insert(token_hash, claims);
     }
 }
 
@@ -69,7 +81,7 @@ impl VerifiedTokens {
 pub struct JwtAuth {
     keys: JwksCache,
     verifier: Arc<TokenVerifier>,
-    verified: Arc<Mutex<VerifiedTokens>>,
+    verified: Arc<VerifiedTokens>,
 }
 
 impl JwtAuth {
@@ -84,20 +96,12 @@ impl JwtAuth {
         }
         let now = chrono::Utc::now().timestamp();
         let token_hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        // A poisoned lock only means another call panicked mid-update of a cache.
-        let mut verified = self.verified.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(claims) = verified.get(&keys, &token_hash, now) {
+        if let Some(claims) = self.verified.get(&keys, &token_hash, now) {
             return Ok(claims);
         }
-        drop(verified);
         match self.verifier.verify(&keys, token) {
             Ok(claims) => {
-                self.verified.lock().unwrap_or_else(|e| e.into_inner()).insert(
-                    &keys,
-                    token_hash,
-                    claims.clone(),
-                    now,
-                );
+                self.verified.insert(&keys, token_hash, claims.clone());
                 Ok(claims)
             }
             Err(why) => {
@@ -205,9 +209,9 @@ mod tests {
     #[test]
     fn verified_tokens_expire_and_go_with_their_key_set() {
         let (keys, other_keys) = (Arc::new(KeySet::default()), Arc::new(KeySet::default()));
-        let mut cache = VerifiedTokens::default();
+        let cache = VerifiedTokens::default();
         assert_eq!(cache.get(&keys, &[1; 32], 100), None);
-        cache.insert(&keys, [1; 32], claims(200), 100);
+        cache.insert(&keys, [1; 32], claims(200));
         assert_eq!(cache.get(&keys, &[1; 32], 150), Some(claims(200)));
         assert_eq!(cache.get(&keys, &[1; 32], 200), None, "expired");
         assert_eq!(cache.get(&other_keys, &[1; 32], 150), None, "new key set");
@@ -217,25 +221,26 @@ mod tests {
     #[test]
     fn a_verification_made_with_a_replaced_key_set_is_not_remembered() {
         let (old_keys, new_keys) = (Arc::new(KeySet::default()), Arc::new(KeySet::default()));
-        let mut cache = VerifiedTokens::default();
+        let cache = VerifiedTokens::default();
         cache.get(&old_keys, &[1; 32], 100);
         // A call verified with the old set while another call switched the
         // cache to the new one (a key was withdrawn in between).
         cache.get(&new_keys, &[2; 32], 100);
-        cache.insert(&old_keys, [1; 32], claims(200), 100);
+        cache.insert(&old_keys, [1; 32], claims(200));
         assert_eq!(cache.get(&new_keys, &[1; 32], 150), None);
     }
 
     #[test]
     fn the_cache_stays_bounded() {
         let keys = Arc::new(KeySet::default());
-        let mut cache = VerifiedTokens::default();
+        let cache = VerifiedTokens::default();
         cache.get(&keys, &[0; 32], 0);
         for i in 0..(VERIFIED_CACHE_ENTRIES as u32 + 10) {
             let mut hash = [0u8; 32];
             hash[..4].copy_from_slice(&i.to_be_bytes());
-            cache.insert(&keys, hash, claims(1_000), 0);
+            cache.insert(&keys, hash, claims(1_000));
         }
         assert!(cache.claims.len() <= VERIFIED_CACHE_ENTRIES);
+        assert!(cache.claims.len() > VERIFIED_CACHE_ENTRIES / 2, "evicted one by one, not emptied");
     }
 }
