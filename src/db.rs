@@ -100,16 +100,14 @@ impl Db {
             if on_file {
                 prepare_sqlite_files(options.get_filename())?;
             }
-            let pool = SqlitePoolOptions::new()
+            let pool_options = SqlitePoolOptions::new()
                 .max_connections(8)
                 .acquire_timeout(Duration::from_secs(10))
                 // A file has no connection to go stale; a ping before every
                 // query would only be one more trip to the connection's
                 // worker thread (measured: a third of a point read's cost).
-                .test_before_acquire(false)
-                .connect_with(options)
-                .await
-                .context("cannot open the SQLite database")?;
+                .test_before_acquire(false);
+            let pool = open_sqlite(pool_options, options).await.context("cannot open the SQLite database")?;
             if on_file {
                 crate::sqlite_checkpoint::spawn(&pool);
             }
@@ -201,6 +199,41 @@ fn prepare_sqlite_files(database: &Path) -> anyhow::Result<()> {
             .with_context(|| format!("cannot make {} private", companion.display()))?;
     }
     Ok(())
+}
+
+/// How often a first connection to a SQLite file is tried again while
+/// another process holds the file's lock, and how long it waits in between.
+const SQLITE_OPEN_ATTEMPTS: u32 = 20;
+const SQLITE_OPEN_RETRY: Duration = Duration::from_millis(100);
+
+/// The pool's first connection, tried again while the file is busy. Two
+/// processes opening a new file at once (both services of `storegate up`,
+/// replicas started together) both switch it to WAL: that needs the file's
+/// exclusive lock, and SQLite answers SQLITE_BUSY at once, without the busy
+/// handler, where waiting could deadlock (seen in CI: "database is locked"
+/// at start-up). The lock is held for moments, so a few tries settle it.
+async fn open_sqlite(
+    pool_options: SqlitePoolOptions,
+    options: SqliteConnectOptions,
+) -> Result<Pool<Sqlite>, sqlx::Error> {
+    let mut attempt = 1;
+    loop {
+        match pool_options.clone().connect_with(options.clone()).await {
+            Err(e) if is_sqlite_busy(&e) && attempt < SQLITE_OPEN_ATTEMPTS => {
+                tracing::debug!(attempt, "the SQLite file is busy at start-up; trying again");
+                tokio::time::sleep(SQLITE_OPEN_RETRY).await;
+                attempt += 1;
+            }
+            opened => return opened,
+        }
+    }
+}
+
+/// Whether SQLite said SQLITE_BUSY (its primary code 5, or an extended
+/// code of it).
+fn is_sqlite_busy(err: &sqlx::Error) -> bool {
+    let code = err.as_database_error().and_then(|e| e.code()).and_then(|code| code.parse::<i32>().ok());
+    code.is_some_and(|code| code & 0xff == 5)
 }
 
 /// Starting a transaction that will write. SQLite's default `BEGIN` takes the
@@ -394,6 +427,31 @@ mod tests {
 
     use super::*;
     use crate::metrics::transaction_conflicts;
+
+    /// Pools opening one new file at once, as the services and replicas of
+    /// one host do at start-up: every one opens, in WAL mode.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn pools_opening_a_new_file_at_once_all_open() {
+        for round in 0..50 {
+            let folder = std::env::temp_dir().join(format!("storegate-open-{}-{round}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&folder);
+            let url = format!("sqlite://{}/storegate.db", folder.display());
+            let opens: Vec<_> = (0..8)
+                .map(|_| {
+                    let url = url.clone();
+                    tokio::spawn(async move { Db::connect(&url).await })
+                })
+                .collect();
+            for open in opens {
+                let db = open.await.unwrap().unwrap_or_else(|e| panic!("round {round}: {e:#}"));
+                let Db::Sqlite(pool) = &db else { panic!("a SQLite URL") };
+                let mode: String = sqlx::query_scalar("PRAGMA journal_mode").fetch_one(pool).await.unwrap();
+                assert_eq!(mode, "wal");
+                db.close().await;
+            }
+            std::fs::remove_dir_all(&folder).unwrap();
+        }
+    }
 
     // One test, so that the process-wide counts it reads are its own.
     #[tokio::test(start_paused = true)]
