@@ -16,6 +16,15 @@ use sqlx::{
     sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteQueryResult},
 };
 
+/// How much of a SQLite file each connection maps, the pools' and the
+/// in-line read connections' alike (a bound on address space, not memory:
+/// a smaller file maps whole).
+pub const SQLITE_READ_MMAP_BYTES: i64 = 1 << 30;
+
+/// An idle MySQL connection this old is pinged before it is lent, by the
+/// pools here and by product-service's own read connections.
+pub const MYSQL_CHECK_IF_IDLE_FOR: Duration = Duration::from_secs(1);
+
 /// The default store: a SQLite file created on first start.
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://storegate-data/storegate.db";
 
@@ -83,9 +92,9 @@ impl Db {
                 .busy_timeout(Duration::from_secs(10))
                 .foreign_keys(true)
                 // Reads through a memory map, as the in-line read connections
-                // do (crate::sqlite_reads): searches and writes' reads on
+                // do (product-service's store): searches and writes' reads on
                 // these connections otherwise copy every page with a read().
-                .pragma("mmap_size", crate::sqlite_reads::READ_MMAP_BYTES.to_string())
+                .pragma("mmap_size", SQLITE_READ_MMAP_BYTES.to_string())
                 // Pages a write changes are kept in the connection's own
                 // cache (the map serves only reads): SQLite's default of
                 // 2 MiB holds few of a large catalogue's index pages.
@@ -131,7 +140,7 @@ impl Db {
                 .after_connect(|connection, _| Box::pin(prepare_mysql_session(connection)))
                 .before_acquire(|connection, meta| {
                     Box::pin(async move {
-                        if meta.idle_for >= crate::mysql_reads::CHECK_IF_IDLE_FOR
+                        if meta.idle_for >= MYSQL_CHECK_IF_IDLE_FOR
                             || crate::db_health::opened_before_last_outage(meta.age)
                         {
                             sqlx::Connection::ping(connection).await?;
@@ -449,7 +458,9 @@ mod tests {
                 assert_eq!(mode, "wal");
                 db.close().await;
             }
-            std::fs::remove_dir_all(&folder).unwrap();
+            // Best effort: the checkpoint task's connection may outlive
+            // `close` by a moment and recreate the WAL's files.
+            let _ = std::fs::remove_dir_all(&folder);
         }
     }
 

@@ -20,11 +20,8 @@ use sqlx::MySqlConnection;
 use storegate::{
     ApiError, Db,
     db::{Backend, BeginWrite as _, InsertId as _, is_unique_violation, retry_conflicts},
-    mysql_reads::MySqlReads,
     on_db,
     pb::product::v1::Product,
-    shared_reads::{SharedCounts, SharedReads, Sharing},
-    sqlite_reads::{ReadCounts, SqliteReads},
 };
 
 use crate::{
@@ -113,12 +110,12 @@ pub struct ProductStore {
 /// The hot reads' own path on each backend.
 #[derive(Clone, Debug)]
 enum Reads {
-    /// In-line on the calling thread first (`storegate::sqlite_reads`); the
+    /// In-line on the calling thread first (`store::sqlite_reads`); the
     /// pool is their fallback.
     Sqlite(Arc<SqliteReads>),
     /// Connections without sqlx's ping after each query
-    /// (`storegate::mysql_reads`), and statements shared by the reads
-    /// waiting for one (`storegate::shared_reads`).
+    /// (`store::mysql_reads`), and statements shared by the reads
+    /// waiting for one (`store::shared_reads`).
     MySql(Arc<MySqlShared>),
 }
 
@@ -553,9 +550,18 @@ const FEW_MATCHES: i64 = 1000;
 // Declared after the macros they use.
 mod anchored;
 mod broad;
+// The hot reads' own paths.
+mod mysql_reads;
+mod shared_reads;
+mod sqlite_reads;
 use anchored::Anchored;
 use broad::Searches;
 pub use broad::{SearchCounts, SearchLabels, SearchPath};
+use mysql_reads::MySqlReads;
+pub use shared_reads::SharedCounts;
+use shared_reads::{SharedReads, Sharing};
+pub use sqlite_reads::ReadCounts;
+use sqlite_reads::SqliteReads;
 
 impl ProductStore {
     pub async fn new(db: Db) -> Self {

@@ -514,8 +514,8 @@ async fn database_errors_never_leak(backend: Backend) {
 }
 
 /// Gets and unfiltered listings have their own read path (on SQLite in-line
-/// on the calling thread, storegate::sqlite_reads; on MySQL connections
-/// without a ping per query, storegate::mysql_reads); they must return
+/// on the calling thread, store::sqlite_reads; on MySQL connections
+/// without a ping per query, store::mysql_reads); they must return
 /// exactly what the pool's reads return, for every listing shape, and on
 /// SQLite give way to the pool for a row they cannot read (here: a time
 /// written by hand in another format).
@@ -544,7 +544,7 @@ async fn hot_read_paths_return_what_the_pool_returns(backend: Backend) {
         assert_eq!(store.get(id).await.unwrap(), pool.get(id).await.unwrap(), "product {id}");
     }
     // At once, as under load: on MySQL, gets and pages waiting for a read
-    // connection share statements (storegate::shared_reads), yet each
+    // connection share statements (store::shared_reads), yet each
     // caller gets its own answer, a missing or repeated id included.
     let asked: Vec<i64> =
         (0..96).map(|i| if i % 7 == 0 { 999_999 } else { ids[i * 5 % ids.len()] }).collect();

@@ -30,7 +30,7 @@ use std::{
 
 use rusqlite::{Connection, OpenFlags};
 
-use crate::Db;
+use storegate::db::{Db, SQLITE_READ_MMAP_BYTES as READ_MMAP_BYTES};
 
 /// Connections kept for reuse; more are opened while more threads read at
 /// once (at most one per thread, as a read never yields), and closed after.
@@ -38,9 +38,6 @@ const KEPT_CONNECTIONS: usize = 8;
 /// Every distinct listing statement fits (sort fields × directions × cursor ×
 /// query filter), so none is re-prepared.
 const STATEMENT_CACHE: usize = 64;
-/// How much of the file each read connection maps (a bound on address
-/// space, not memory: a smaller file maps whole).
-pub(crate) const READ_MMAP_BYTES: i64 = 1 << 30;
 
 /// Read-only connections to a SQLite file for reads on the calling thread.
 #[derive(Debug)]

@@ -21,7 +21,7 @@ use std::sync::{
 use sqlx::MySqlConnection;
 use tokio::sync::oneshot;
 
-use crate::mysql_reads::MySqlReads;
+use super::mysql_reads::MySqlReads;
 
 /// Which waiting reads one statement answers.
 #[derive(Clone, Copy, Debug)]
@@ -202,8 +202,8 @@ mod tests {
 
     use tokio::task::{JoinHandle, LocalSet, spawn_local};
 
+    use super::super::mysql_reads::tests::reads;
     use super::*;
-    use crate::mysql_reads::tests::reads;
 
     /// Runs `test` with one read connection on the test server, lent for at
     /// most `acquire_timeout`; skipped, as every MySQL test is, outside CI

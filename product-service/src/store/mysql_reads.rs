@@ -18,11 +18,9 @@ use std::{
 };
 
 use sqlx::{Connection as _, MySqlConnection, mysql::MySqlConnectOptions};
+use storegate::db::MYSQL_CHECK_IF_IDLE_FOR as CHECK_IF_IDLE_FOR;
 use tokio::sync::{Semaphore, SemaphorePermit};
 
-/// An idle connection this old is pinged before it is lent (here and in the
-/// services' sqlx pools, see `Db::connect`).
-pub const CHECK_IF_IDLE_FOR: Duration = Duration::from_secs(1);
 /// An idle connection this old is closed rather than lent (servers and
 /// proxies drop idle connections after their own timeouts).
 const CLOSE_IF_IDLE_FOR: Duration = Duration::from_secs(5 * 60);
@@ -97,7 +95,7 @@ impl MySqlReads {
                 let _ = stale.connection.close().await;
             }
             let Some(mut kept) = idle else {
-                let connection = crate::db::connect_mysql(&self.options).await?;
+                let connection = storegate::db::connect_mysql(&self.options).await?;
                 let kept = Kept { connection, opened: Instant::now(), idle_since: Instant::now() };
                 return Ok(Lease { reads: self, kept: Some(kept), _permit: permit });
             };
@@ -107,7 +105,7 @@ impl MySqlReads {
                 continue;
             }
             let check = idle_for >= CHECK_IF_IDLE_FOR
-                || crate::db_health::opened_before_last_outage(kept.opened.elapsed());
+                || storegate::db_health::opened_before_last_outage(kept.opened.elapsed());
             if check && kept.connection.ping().await.is_err() {
                 tracing::info!("a pooled MySQL connection was gone; replacing it");
                 continue;
