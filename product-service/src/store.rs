@@ -546,7 +546,7 @@ impl ProductStore {
                 }
             }
             Some(Reads::MySql(reads)) => {
-                return Ok(reads.gets.read(&reads.connections, id, read_by_ids).await?);
+                return Ok(reads.gets.read(&*reads.connections, id, read_by_ids).await?);
             }
             None => {}
         }

@@ -31,7 +31,7 @@ impl ProductStore {
             Some(Reads::Sqlite(reads)) => Self::list_inline(reads, &sql, &params),
             Some(Reads::MySql(reads)) => {
                 let page = Arc::new(PageRead { sql, params });
-                return Ok(reads.pages.read(&reads.connections, page, read_page).await?);
+                return Ok(reads.pages.read(&*reads.connections, page, read_page).await?);
             }
             None => None,
         };

@@ -11,6 +11,14 @@
 //! that sat idle for a while is pinged before it is lent, so one the server or
 //! a proxy dropped meanwhile is replaced without a failed call, and one idle
 //! for minutes or open for half an hour is closed instead of lent.
+//!
+//! Upstream: sqlx's `PoolConnection` pings on its way back to the pool
+//! (`return_to_pool` in sqlx-core's pool), whatever `test_before_acquire`
+//! says; sqlx issue #1743 asked for pings only after idleness and was
+//! closed by #1901, which made the ping on acquire optional but kept the one
+//! on release. An option to give a connection back without the ping (or
+//! only after it sat idle) would let this module go: the hot reads would
+//! then use a second sqlx pool with both pings off.
 
 use std::{
     sync::{Arc, Mutex, PoisonError},

@@ -21,7 +21,46 @@ use std::sync::{
 use sqlx::MySqlConnection;
 use tokio::sync::oneshot;
 
-use super::mysql_reads::MySqlReads;
+use super::mysql_reads::{self, MySqlReads};
+
+/// What lends connections to shared reads, one read at a time: the MySQL
+/// read connections ([`MySqlReads`]), or a fake in tests.
+pub trait Lender {
+    type Connection;
+    type Lease<'a>: Leased<Connection = Self::Connection>
+    where
+        Self: 'a;
+    /// A connection for one read, or the error of getting none in time.
+    fn lease(&self) -> impl Future<Output = Result<Self::Lease<'_>, sqlx::Error>>;
+}
+
+/// A connection lent for one read.
+pub trait Leased {
+    type Connection;
+    fn connection(&mut self) -> &mut Self::Connection;
+    /// The read finished: the connection goes back as it is. A lease
+    /// dropped without it closes its connection (a read cut short may have
+    /// left a reply unread on it).
+    fn finish(self);
+}
+
+impl Lender for MySqlReads {
+    type Connection = MySqlConnection;
+    type Lease<'a> = mysql_reads::Lease<'a>;
+    fn lease(&self) -> impl Future<Output = Result<Self::Lease<'_>, sqlx::Error>> {
+        MySqlReads::lease(self)
+    }
+}
+
+impl Leased for mysql_reads::Lease<'_> {
+    type Connection = MySqlConnection;
+    fn connection(&mut self) -> &mut MySqlConnection {
+        mysql_reads::Lease::connection(self)
+    }
+    fn finish(self) {
+        mysql_reads::Lease::finish(self)
+    }
+}
 
 /// Which waiting reads one statement answers.
 #[derive(Clone, Copy, Debug)]
@@ -83,11 +122,11 @@ impl<K: Clone, V> SharedReads<K, V> {
     /// one: each of its callers then reads alone, so that every caller gets
     /// its own error. One whose caller gave up mid-way (its future dropped)
     /// leaves its other callers to queue again.
-    pub async fn read(
+    pub async fn read<L: Lender>(
         &self,
-        reads: &MySqlReads,
+        reads: &L,
         key: K,
-        run: impl AsyncFn(&mut MySqlConnection, &[K]) -> Result<Vec<V>, sqlx::Error>,
+        run: impl AsyncFn(&mut L::Connection, &[K]) -> Result<Vec<V>, sqlx::Error>,
     ) -> Result<V, sqlx::Error> {
         'queue: loop {
             let caller = self.next_caller.fetch_add(1, Ordering::Relaxed);
@@ -200,19 +239,70 @@ mod tests {
         time::Duration,
     };
 
-    use tokio::task::{JoinHandle, LocalSet, spawn_local};
+    use tokio::{
+        sync::{Semaphore, SemaphorePermit},
+        task::{JoinHandle, LocalSet, spawn_local},
+    };
 
-    use super::super::mysql_reads::tests::reads;
     use super::*;
 
-    /// Runs `test` with one read connection on the test server, lent for at
-    /// most `acquire_timeout`; skipped, as every MySQL test is, outside CI
-    /// without a server. Its reads run as local tasks: a test's `run`
-    /// closure borrows from its caller, and the compiler cannot yet show such
-    /// an async closure's future to be `Send` for every lifetime (the
-    /// services pass named `async fn`s, which it can).
-    async fn with_one_connection(acquire_timeout: Duration, test: impl AsyncFnOnce(Arc<MySqlReads>)) {
-        let Some(reads) = reads(1, acquire_timeout) else { return };
+    /// Lends stand-ins for connections as [`MySqlReads`] lends connections:
+    /// a limited number at once, an error after waiting too long for one,
+    /// kept for the next read when the read finished, dropped when not.
+    struct FakeLender {
+        permits: Semaphore,
+        idle: StdMutex<Vec<FakeConnection>>,
+        acquire_timeout: Duration,
+    }
+
+    /// A connection's stand-in: the statements are the tests' own.
+    struct FakeConnection;
+
+    struct FakeLease<'a> {
+        lender: &'a FakeLender,
+        connection: Option<FakeConnection>,
+        _permit: SemaphorePermit<'a>,
+    }
+
+    impl FakeLender {
+        fn idle_connections(&self) -> usize {
+            self.idle.lock().unwrap().len()
+        }
+    }
+
+    impl Lender for FakeLender {
+        type Connection = FakeConnection;
+        type Lease<'a> = FakeLease<'a>;
+        async fn lease(&self) -> Result<FakeLease<'_>, sqlx::Error> {
+            let permit = tokio::time::timeout(self.acquire_timeout, self.permits.acquire())
+                .await
+                .map_err(|_| sqlx::Error::PoolTimedOut)?
+                .map_err(|_| sqlx::Error::PoolClosed)?;
+            let connection = self.idle.lock().unwrap().pop().unwrap_or(FakeConnection);
+            Ok(FakeLease { lender: self, connection: Some(connection), _permit: permit })
+        }
+    }
+
+    impl Leased for FakeLease<'_> {
+        type Connection = FakeConnection;
+        fn connection(&mut self) -> &mut FakeConnection {
+            self.connection.as_mut().expect("lent until finished")
+        }
+        fn finish(mut self) {
+            if let Some(connection) = self.connection.take() {
+                self.lender.idle.lock().unwrap().push(connection);
+            }
+        }
+    }
+
+    /// Runs `test` with one connection to lend, lent for at most
+    /// `acquire_timeout`, in paused time. Its reads run as local tasks: a
+    /// test's `run` closure borrows from its caller, and the compiler cannot
+    /// yet show such an async closure's future to be `Send` for every
+    /// lifetime (the services pass named `async fn`s, which it can).
+    async fn with_one_connection(acquire_timeout: Duration, test: impl AsyncFnOnce(Arc<FakeLender>)) {
+        let reads =
+            Arc::new(FakeLender { permits: Semaphore::new(1), idle: StdMutex::default(), acquire_timeout });
         LocalSet::new().run_until(test(reads)).await;
     }
 
@@ -235,32 +325,24 @@ mod tests {
         if keys.len() > 1 { Step::Fail } else { Step::Answer }
     }
 
-    /// Reads `key` as ten times itself, in a statement that really runs on
-    /// the lent connection and is recorded, doing what `step` says.
+    /// Reads `key` as ten times itself, in a statement that is recorded and
+    /// does what `step` says.
     async fn read_ten_times(
         shared: &SharedReads<u32, u32>,
-        reads: &MySqlReads,
+        reads: &FakeLender,
         statements: &Statements,
         key: u32,
         step: fn(&[u32]) -> Step,
     ) -> Result<u32, sqlx::Error> {
         shared
-            .read(reads, key, async |connection, keys| {
+            .read(reads, key, async |_connection, keys| {
                 statements.lock().unwrap().push(keys.to_vec());
                 match step(keys) {
                     Step::Answer => {}
-                    Step::Fail => {
-                        return Err(sqlx::query("SELECT no_such_column")
-                            .execute(connection)
-                            .await
-                            .unwrap_err());
-                    }
-                    Step::Stall => {
-                        sqlx::query("SELECT SLEEP(5)").execute(&mut *connection).await?;
-                    }
+                    Step::Fail => return Err(sqlx::Error::Protocol("the statement failed".into())),
+                    Step::Stall => tokio::time::sleep(Duration::from_secs(5)).await,
                 }
-                let ten: i64 = sqlx::query_scalar("SELECT 10").fetch_one(connection).await?;
-                Ok(keys.iter().map(|k| k * ten as u32).collect())
+                Ok(keys.iter().map(|k| k * 10).collect())
             })
             .await
     }
@@ -268,7 +350,7 @@ mod tests {
     /// Starts a read of each key while the only connection is lent, waits
     /// until all of them queue, then gives the connection back.
     async fn queued_reads(
-        reads: &Arc<MySqlReads>,
+        reads: &Arc<FakeLender>,
         shared: &Arc<SharedReads<u32, u32>>,
         keys: &[u32],
         step: fn(&[u32]) -> Step,
@@ -293,7 +375,7 @@ mod tests {
         Arc::new(SharedReads::new(Sharing { up_to, joins: |_, _| true }))
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn reads_waiting_for_a_connection_share_statements() {
         with_one_connection(Duration::from_secs(5), async |reads| {
             let keys: Vec<u32> = (1..=10).collect();
@@ -308,7 +390,7 @@ mod tests {
         .await;
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_free_connection_reads_at_once_alone() {
         with_one_connection(Duration::from_secs(5), async |reads| {
             let (shared, statements) = (any_reads(4), Statements::default());
@@ -324,7 +406,7 @@ mod tests {
         .await;
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn only_reads_that_may_join_share_a_statement() {
         with_one_connection(Duration::from_secs(5), async |reads| {
             let same = Arc::new(SharedReads::new(Sharing { up_to: usize::MAX, joins: |a, b| a == b }));
@@ -337,7 +419,7 @@ mod tests {
         .await;
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn after_a_failed_shared_statement_each_caller_reads_alone() {
         with_one_connection(Duration::from_secs(5), async |reads| {
             let (calls, statements) = queued_reads(&reads, &any_reads(8), &[1, 2, 3], fail_shared).await;
@@ -352,7 +434,7 @@ mod tests {
         .await;
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_caller_that_gave_up_is_left_out() {
         with_one_connection(Duration::from_secs(5), async |reads| {
             let shared = any_reads(8);
@@ -378,12 +460,12 @@ mod tests {
         .await;
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_failed_statement_gives_each_caller_an_error_of_its_own() {
         with_one_connection(Duration::from_secs(5), async |reads| {
             let (calls, statements) = queued_reads(&reads, &any_reads(8), &[1, 2, 3], |_| Step::Fail).await;
             for call in calls {
-                assert!(matches!(call.await.unwrap(), Err(sqlx::Error::Database(_))));
+                assert!(matches!(call.await.unwrap(), Err(sqlx::Error::Protocol(_))));
             }
             let mut statements = statements.lock().unwrap().clone();
             assert_eq!(statements.remove(0), [1, 2, 3]);
@@ -393,7 +475,7 @@ mod tests {
         .await;
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn when_a_statement_is_cut_short_its_other_callers_queue_again() {
         with_one_connection(Duration::from_secs(10), async |reads| {
             let stall_for_1 = |keys: &[u32]| if keys.contains(&1) { Step::Stall } else { Step::Answer };
@@ -415,7 +497,7 @@ mod tests {
         .await;
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_caller_that_gets_no_connection_in_time_leaves_the_queue() {
         with_one_connection(Duration::from_millis(200), async |reads| {
             let (shared, statements) = (any_reads(8), Statements::default());
