@@ -17,14 +17,15 @@ pub struct Username(String);
 impl Username {
     pub fn parse(raw: &str) -> Result<Self, FieldViolation> {
         let invalid = |why: &str| FieldViolation::new("username", why);
+        let length = || invalid(&format!("must be {USERNAME_MIN} to {USERNAME_MAX} characters"));
         // Cheap bound first, so huge inputs are not lower-cased.
         if raw.len() > USERNAME_MAX * 4 {
-            return Err(invalid("must be 3 to 64 characters"));
+            return Err(length());
         }
         let normalised = raw.to_lowercase();
         let len = normalised.chars().count();
         if !(USERNAME_MIN..=USERNAME_MAX).contains(&len) {
-            return Err(invalid("must be 3 to 64 characters"));
+            return Err(length());
         }
         if !normalised.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "._-".contains(c)) {
             return Err(invalid("may contain only letters a-z, digits, '.', '_' and '-'"));
@@ -44,7 +45,10 @@ impl Username {
 /// variants; a score below 2 means under 10^6 guesses.
 pub fn check_new_password(password: &str, username: &str) -> Result<(), FieldViolation> {
     if !password_length_ok(password) {
-        return Err(FieldViolation::new("password", "must be 8 to 128 characters"));
+        return Err(FieldViolation::new(
+            "password",
+            format!("must be {PASSWORD_MIN} to {PASSWORD_MAX} characters"),
+        ));
     }
     // zxcvbn's matching grows fast with length; a prefix this long already
     // tells a common password, and bounds the cost of crafted input.

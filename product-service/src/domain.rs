@@ -10,6 +10,8 @@ pub const DESCRIPTION_MAX_CHARS: usize = 5000;
 pub const PRICE_MAX_INTEGER_DIGITS: usize = 10;
 /// Far beyond any real stock, far below where BIGINT arithmetic overflows.
 pub const MAX_STOCK: i64 = 1_000_000_000_000_000;
+// Said as "10^15" in check_stock's message.
+const _: () = assert!(MAX_STOCK == 10i64.pow(15));
 pub const QUERY_MAX_CHARS: usize = 200;
 
 /// An exact, non-negative amount of money in hundredths ("cents"). Never a
@@ -73,7 +75,7 @@ pub fn check_name(name: &str, field: &str) -> Option<FieldViolation> {
     if len == 0 || name.trim().is_empty() {
         Some(FieldViolation::new(field, "must not be empty"))
     } else if len > NAME_MAX_CHARS {
-        Some(FieldViolation::new(field, "must be at most 200 characters"))
+        Some(FieldViolation::new(field, format!("must be at most {NAME_MAX_CHARS} characters")))
     } else {
         None
     }
@@ -81,7 +83,7 @@ pub fn check_name(name: &str, field: &str) -> Option<FieldViolation> {
 
 pub fn check_description(description: &str, field: &str) -> Option<FieldViolation> {
     (description.chars().count() > DESCRIPTION_MAX_CHARS)
-        .then(|| FieldViolation::new(field, "must be at most 5000 characters"))
+        .then(|| FieldViolation::new(field, format!("must be at most {DESCRIPTION_MAX_CHARS} characters")))
 }
 
 pub fn check_stock(stock: i64, field: &str) -> Option<FieldViolation> {
@@ -179,7 +181,7 @@ impl OrderBy {
 
 pub fn check_query(query: &str) -> Option<FieldViolation> {
     if query.chars().count() > QUERY_MAX_CHARS {
-        return Some(FieldViolation::new("query", "must be at most 200 characters"));
+        return Some(FieldViolation::new("query", format!("must be at most {QUERY_MAX_CHARS} characters")));
     }
     // SQLite's LIKE ends a pattern at a NUL: "%\0…" became "%" and matched
     // every row. Refused on both backends, so that they answer alike.
