@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+use secrecy::{ExposeSecret as _, SecretString};
+
 use crate::db::DEFAULT_DATABASE_URL;
 use crate::telemetry::LogFormat;
 use crate::token::{DEFAULT_AUDIENCE, DEFAULT_ISSUER};
@@ -25,7 +27,8 @@ pub fn refuse_passwords_in_arguments(matches: &clap::ArgMatches) -> anyhow::Resu
     while let Some(matches) = level {
         let given_as_flag = matches.ids().any(|id| id.as_str() == "database_url")
             && matches.value_source("database_url") == Some(clap::parser::ValueSource::CommandLine);
-        if given_as_flag && matches.get_one::<String>("database_url").is_some_and(|url| has_password(url)) {
+        let url = || matches.try_get_one::<SecretString>("database_url").ok().flatten();
+        if given_as_flag && url().is_some_and(|url| has_password(url.expose_secret())) {
             anyhow::bail!(
                 "--database-url holds a password, which every user of this machine can read in the \
                  process list: set DATABASE_URL in the environment instead"
@@ -52,8 +55,9 @@ fn has_password(url: &str) -> bool {
 #[derive(clap::Args, Clone)]
 pub struct CommonConfig {
     /// `sqlite://path/to/file.db` (created on first start) or `mysql://user:pass@host/db`.
+    /// A secret: it may hold a password, so it is never printed or logged.
     #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL, hide_env_values = true)]
-    pub database_url: String,
+    pub database_url: SecretString,
 
     /// Origins allowed to call over gRPC-Web from a browser, comma separated; `*` for any.
     #[arg(long, env = "CORS_ALLOWED_ORIGINS", value_delimiter = ',')]
@@ -194,10 +198,16 @@ impl Default for Limits {
 }
 
 impl CommonConfig {
+    /// The database URL itself: to connect with, never to print or log (it
+    /// may hold a password).
+    pub fn expose_database_url(&self) -> &str {
+        self.database_url.expose_secret()
+    }
+
     /// Connects to the database and makes sure its schema is this build's:
     /// migrating it, or waiting for it when `migrate_on_start` is off.
     pub async fn open_database(&self) -> anyhow::Result<crate::Db> {
-        let db = crate::Db::connect(&self.database_url).await?;
+        let db = crate::Db::connect(self.expose_database_url()).await?;
         let prepared = if self.migrate_on_start {
             crate::migrate::run(&db, self.migration_lock_timeout())
                 .await
@@ -214,7 +224,7 @@ impl CommonConfig {
 
     /// Migrates the database now (the `migrate` command of either service).
     pub async fn migrate_database(&self) -> anyhow::Result<()> {
-        let db = crate::Db::connect(&self.database_url).await?;
+        let db = crate::Db::connect(self.expose_database_url()).await?;
         let migrated = crate::migrate::run(&db, self.migration_lock_timeout()).await;
         db.close().await;
         migrated.map_err(|e| e.context("database migration failed"))
@@ -244,7 +254,7 @@ impl CommonConfig {
     /// shutdown grace (for tests and embedding).
     pub fn with_database_url(database_url: impl Into<String>) -> Self {
         CommonConfig {
-            database_url: database_url.into(),
+            database_url: SecretString::from(database_url.into()),
             cors_allowed_origins: Vec::new(),
             log_format: LogFormat::Text,
             jwt_issuer: DEFAULT_ISSUER.to_owned(),

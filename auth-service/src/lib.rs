@@ -171,7 +171,7 @@ pub async fn prune_audit(
 
 /// The configured master key, or the SQLite development one.
 fn load_master_key(config: &AuthConfig) -> anyhow::Result<MasterKey> {
-    let url = &config.common.database_url;
+    let url = config.common.expose_database_url();
     let dev_key_dir = if db::is_sqlite_url(url) { db::sqlite_data_dir(url) } else { None };
     if let Some(file) = &config.master_key_file {
         anyhow::ensure!(

@@ -30,7 +30,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     let auth_addr = auth_listener.local_addr()?;
     let product_addr = product_listener.local_addr()?;
 
-    let mut product = ProductConfig::with_database_url(args.auth.common.database_url.clone());
+    let mut product = ProductConfig::with_database_url(args.auth.common.expose_database_url());
     product.common = args.auth.common.clone();
     product.auth_service_url = format!("http://{auth_addr}");
     product.metrics_listen_addr = args.product_metrics_listen_addr.clone();
