@@ -74,10 +74,12 @@ pub async fn run(
         metrics.register(
             "product_searches",
             "Searches answered, by path: index (the full-text engine, the page and the count apart), \
-             few (relevance over every match's id in one statement) or broad (common words, \
-             matched over a bounded read of the catalogue)",
+             few (relevance over every match's id in one statement), broad (common words, \
+             matched over a bounded read of the catalogue) or anchored (a rare word looked up \
+             alone, the others matched)",
             store.search_counts(),
         );
+        store.register_read_metrics(&metrics);
         background.push(tokio::spawn(sweep_request_ids(store.clone())));
         let pool_size = storegate::on_db!(&db, pool => pool.options().get_max_connections()) as usize;
         let search_limit = search_limit::SearchLimit::new(

@@ -107,6 +107,54 @@ enum Reads {
     MySql(Arc<MySqlShared>),
 }
 
+/// One figure of the hot reads' own connections, read when scraped.
+#[derive(Debug, Clone, Copy)]
+enum ReadFigure {
+    IdleConnections,
+    SharedStatements,
+    SharedAnswers,
+    InlineDone,
+    InlineGaveWay,
+}
+
+#[derive(Debug)]
+struct ReadMetric {
+    reads: Reads,
+    figure: ReadFigure,
+}
+
+impl prometheus_client::encoding::EncodeMetric for ReadMetric {
+    fn encode(&self, mut encoder: prometheus_client::encoding::MetricEncoder) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::NoLabelSet;
+        let counter = |encoder: &mut prometheus_client::encoding::MetricEncoder, value: u64| {
+            encoder.encode_counter::<NoLabelSet, _, u64>(&value, None)
+        };
+        match (&self.reads, self.figure) {
+            (Reads::MySql(reads), ReadFigure::IdleConnections) => {
+                encoder.encode_gauge(&(reads.connections.idle_connections() as i64))
+            }
+            (Reads::MySql(reads), ReadFigure::SharedStatements) => {
+                counter(&mut encoder, reads.gets.counts().statements)
+            }
+            (Reads::MySql(reads), ReadFigure::SharedAnswers) => {
+                counter(&mut encoder, reads.gets.counts().answers)
+            }
+            (Reads::Sqlite(reads), ReadFigure::InlineDone) => counter(&mut encoder, reads.counts().done),
+            (Reads::Sqlite(reads), ReadFigure::InlineGaveWay) => {
+                counter(&mut encoder, reads.counts().gave_way)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn metric_type(&self) -> prometheus_client::metrics::MetricType {
+        match self.figure {
+            ReadFigure::IdleConnections => prometheus_client::metrics::MetricType::Gauge,
+            _ => prometheus_client::metrics::MetricType::Counter,
+        }
+    }
+}
+
 /// The MySQL read connections and the reads queued for them.
 #[derive(Debug)]
 struct MySqlShared {
@@ -447,9 +495,7 @@ use anchored::Anchored;
 use broad::Searches;
 pub use broad::{SearchCounts, SearchLabels, SearchPath};
 use mysql_reads::MySqlReads;
-pub use shared_reads::SharedCounts;
 use shared_reads::{SharedReads, Sharing};
-pub use sqlite_reads::ReadCounts;
 use sqlite_reads::SqliteReads;
 
 impl ProductStore {
@@ -491,28 +537,45 @@ impl ProductStore {
         ProductStore { db, reads: None, searches: Arc::default() }
     }
 
-    /// On SQLite, how many reads were done in-line and how many gave way.
-    pub fn inline_read_counts(&self) -> Option<ReadCounts> {
-        match &self.reads {
-            Some(Reads::Sqlite(reads)) => Some(reads.counts()),
-            _ => None,
-        }
-    }
-
-    /// On MySQL, how many statements the gets that shared them ran, and how
-    /// many gets they answered.
-    pub fn shared_get_counts(&self) -> Option<SharedCounts> {
-        match &self.reads {
-            Some(Reads::MySql(reads)) => Some(reads.gets.counts()),
-            _ => None,
-        }
-    }
-
-    /// On MySQL, how many read connections are idle, ready to be lent.
-    pub fn idle_read_connections(&self) -> Option<usize> {
-        match &self.reads {
-            Some(Reads::MySql(reads)) => Some(reads.connections.idle_connections()),
-            _ => None,
+    /// Registers the hot reads' own connections beside the pool's metrics,
+    /// read at each scrape: on MySQL the read connections idle and the
+    /// statements gets shared; on SQLite the reads done in-line and those
+    /// that gave way to the pool.
+    pub fn register_read_metrics(&self, metrics: &storegate::metrics::Metrics) {
+        let Some(reads) = &self.reads else { return };
+        let figures: &[(&str, &str, ReadFigure)] = match reads {
+            Reads::MySql(_) => &[
+                (
+                    "db_read_connections_idle",
+                    "MySQL connections of GetProduct and unfiltered pages, idle",
+                    ReadFigure::IdleConnections,
+                ),
+                (
+                    "db_shared_get_statements",
+                    "Statements run for GetProduct calls that waited for a read connection",
+                    ReadFigure::SharedStatements,
+                ),
+                (
+                    "db_shared_get_answers",
+                    "GetProduct calls those statements answered",
+                    ReadFigure::SharedAnswers,
+                ),
+            ],
+            Reads::Sqlite(_) => &[
+                (
+                    "db_inline_reads",
+                    "SQLite reads done in-line on the calling thread",
+                    ReadFigure::InlineDone,
+                ),
+                (
+                    "db_inline_reads_gave_way",
+                    "SQLite reads that gave way to the pool (a lock, a stored form to decode)",
+                    ReadFigure::InlineGaveWay,
+                ),
+            ],
+        };
+        for &(name, help, figure) in figures {
+            metrics.register(name, help, ReadMetric { reads: reads.clone(), figure });
         }
     }
 

@@ -602,24 +602,35 @@ async fn hot_read_paths_return_what_the_pool_returns(backend: Backend) {
             }
         }
     }
-    let counts = store.inline_read_counts();
+    // What the read paths did, as the metrics endpoint says it.
+    let metrics = storegate::metrics::Metrics::new("product-service");
+    store.register_read_metrics(&metrics);
+    let scrape = || metrics.render(&db);
+    let figure = |text: &str, name: &str| -> Option<u64> {
+        text.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+    };
+    let text = scrape();
     if is_sqlite {
-        let counts = counts.expect("in-line reads on SQLite");
         let at_once = (asked.len() + 32) as u64;
         assert_eq!(
-            counts.done,
-            24 + inline_listings as u64 + at_once,
-            "every read that could was done in-line"
+            figure(&text, "storegate_db_inline_reads_total"),
+            Some(24 + inline_listings as u64 + at_once),
+            "every read that could was done in-line:\n{text}"
         );
-        assert_eq!(counts.gave_way, 0);
+        assert_eq!(figure(&text, "storegate_db_inline_reads_gave_way_total"), Some(0));
+        assert_eq!(figure(&text, "storegate_db_read_connections_idle"), None, "no MySQL read connections");
     } else {
-        assert_eq!(counts, None, "no in-line reads on MySQL");
+        assert_eq!(figure(&text, "storegate_db_inline_reads_total"), None, "no in-line reads on MySQL");
         // There, gets and keyset pages go through connections of their own.
-        assert_eq!(store.idle_read_connections(), Some(1));
-        let shared = store.shared_get_counts().unwrap();
-        assert!(shared.answers > shared.statements, "gets shared statements: {shared:?}");
-        assert_eq!(pool.idle_read_connections(), None);
+        assert_eq!(figure(&text, "storegate_db_read_connections_idle"), Some(1), "{text}");
+        let statements = figure(&text, "storegate_db_shared_get_statements_total").unwrap();
+        let answers = figure(&text, "storegate_db_shared_get_answers_total").unwrap();
+        assert!(answers > statements, "gets shared statements: {answers} answers, {statements} statements");
     }
+    // A store that reads only through the pool has no read path of its own.
+    let pool_metrics = storegate::metrics::Metrics::new("product-service");
+    pool.register_read_metrics(&pool_metrics);
+    assert!(!pool_metrics.render(&db).contains("storegate_db_read_connections_idle"));
 
     // A row whose times were written by hand in SQL's own format.
     on_db!(&db, pool => {
@@ -637,7 +648,12 @@ async fn hot_read_paths_return_what_the_pool_returns(backend: Backend) {
     assert_eq!(row.create_time.to_rfc3339(), "2026-01-02T03:04:05+00:00");
     assert_eq!(Some(row), pool.get(ids[0]).await.unwrap());
     if is_sqlite {
-        assert_eq!(store.inline_read_counts().unwrap().gave_way, 1, "read through the pool instead");
+        let text = scrape();
+        assert_eq!(
+            figure(&text, "storegate_db_inline_reads_gave_way_total"),
+            Some(1),
+            "read through the pool instead"
+        );
     }
     db.close().await;
 }
