@@ -284,9 +284,9 @@ impl<DB: sqlx::Database> std::ops::DerefMut for WriteTx<DB> {
 /// and shares its commit with the writes queued behind it (see
 /// [`crate::sqlite_writes`]). SQLite lets one writer in at a time and makes
 /// the others wait in its busy handler, which sleeps in growing steps (up
-/// to 100 ms) and so lets writers in in no order: with 64 writes in flight
-/// one waited 168 ms at p99 while the median waited 41 ms. Waiting here in
-/// order instead, a writer only meets SQLite's lock when another process
+/// to 100 ms) and so lets writers in in no order, the p99 of 64 writes in
+/// flight several times their median (BENCHMARKS.md, "A catalogue of a
+/// million products"). Waiting here in order instead, a writer only meets SQLite's lock when another process
 /// (the other service on the same file) holds it.
 impl BeginWrite for Pool<Sqlite> {
     type Write = crate::sqlite_writes::SqliteWrite;

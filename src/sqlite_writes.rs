@@ -4,7 +4,7 @@
 //! SQLite lets one writer in at a time, and in WAL mode with
 //! `synchronous=FULL` every commit waits for an fsync. Written one after
 //! the other, 64 creates in flight each waited for the commits of all
-//! before it (p99 64 ms at 10k products, 76 ms at 1M: BENCHMARKS.md).
+//! before it (BENCHMARKS.md, "SQLite writes: group commit").
 //! Neither SQLite nor sqlx batch commits, so this does: a writer takes the
 //! file's turn (first come, first served), runs its statements inside a
 //! SAVEPOINT of the group's open transaction, releases it, and passes the

@@ -135,8 +135,8 @@ impl PasswordHasher {
     /// spare area when there is one, else fresh. Afterwards the area is kept
     /// for the next hash while others are admitted; the last admitted hash
     /// to finish releases all of them ([`Admission`]). So a login storm does
-    /// not pay for fresh pages on every hash (measured: 39 → 23 ms per hash),
-    /// and an idle service holds none. Areas are only handed out to running
+    /// not pay for fresh pages on every hash (BENCHMARKS.md, below "Criterion
+    /// micro-benchmarks"), and an idle service holds none. Areas are only handed out to running
     /// hashes, so there are at most as many as cores.
     fn with_memory<T>(&self, blocks: usize, work: impl FnOnce(&mut [Block]) -> T) -> T {
         let spare = {

@@ -58,13 +58,11 @@ pub struct ReadCosts {
 }
 
 impl ReadCosts {
-    /// Measured at a million products, one caller (BENCHMARKS.md, "Routing
-    /// searches by what they read"). InnoDB: a list entry about 1 µs (`oak
-    /// sto`, 100,715 entries, 100–113 ms; `with tojidan`, 840,000, 1.1 s), a
-    /// product the engine found 15–20 µs (anchored searches: 46 products in
-    /// 0.8 ms), a product in an index's order 2–4 µs (a broad search's
-    /// 20,000 in 46–85 ms). FTS5: an entry 0.04–0.08 µs (8 ms and 31 ms),
-    /// a product the engine found 5–10 µs, one in order 1–2 µs (22–45 ms).
+    /// The ratios measured at a million products, one caller (BENCHMARKS.md,
+    /// "Routing searches by what they read"): InnoDB reads a product the
+    /// engine found in the time of about 15 list entries and one in an
+    /// index's order in about 3; FTS5 reads a list ten to twenty times as
+    /// fast, so a product costs it about 100 and 20 entries.
     pub fn of(backend: Backend) -> ReadCosts {
         match backend {
             Backend::MySql => ReadCosts { product_by_id: 15, product_in_order: 3 },

@@ -5,8 +5,8 @@
 //! Both engines read the whole list of every word of a query to intersect
 //! them (InnoDB its document lists, FTS5 every posting of the last word's
 //! prefix first), so a query's cost is the sum of its words' lists, not its
-//! matches: `with` beside a model name read the 840,000 products of `with`
-//! in a million. Asked for the rarest word alone, the engine reads only its
+//! matches: `with` beside a model name read every product of `with`, most
+//! of the catalogue (BENCHMARKS.md, "Routing searches by what they read"). Asked for the rarest word alone, the engine reads only its
 //! list; each of those products is read from the table and its words are
 //! matched here ([`Terms::hits`], the engines' semantics). The answer is
 //! exact: every match, `total_size` the count of them all.

@@ -27,8 +27,8 @@
 //! A search is broad too when every word is common but their matches
 //! together are few (`oak sto` on MariaDB: words in 9% and 1.3% of
 //! products, 0.1% together): the engine would read both words' whole lists
-//! (100–113 ms at a million products, growing with the catalogue), more
-//! than this read's bound costs, and no word's list is short enough to
+//! (a cost that grows with the catalogue; BENCHMARKS.md, "Routing searches
+//! by what they read"), more than this read's bound costs, and no word's list is short enough to
 //! anchor on (`store::anchored`; [`Sample::route`] weighs them). Its pages
 //! are as above, short ones more often: the bound on rows read holds
 //! whatever the matches' density.

@@ -124,10 +124,9 @@ impl SqliteReads {
         connection.busy_timeout(std::time::Duration::ZERO)?;
         connection.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         // Read the file through a memory map instead of a read() per page
-        // into each connection's own small cache: on a million products
-        // (a 400 MB file) pages of mixed listings went from 17,500/s to
-        // 45,700/s on this path and 9,700/s to 15,800/s through gRPC
-        // (BENCHMARKS.md). The map is read-only (SQLite writes through
+        // into each connection's own small cache: pages of mixed listings
+        // of a million products, 2.6 times as many a second on this path
+        // (BENCHMARKS.md, "2026-12-02"). The map is read-only (SQLite writes through
         // write() unless built otherwise), and its pages are the kernel's
         // page cache: they show in the process's RSS as file pages, shared
         // and reclaimable, not as memory of its own.
