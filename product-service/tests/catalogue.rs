@@ -1,6 +1,8 @@
-//! The catalogue under concurrent use: etags, idempotent writes, atomic
-//! stock, listing order, filters and pagination, audit fields, and errors
-//! that never leak. Real servers, SQLite and MySQL.
+//! The catalogue through the API under concurrent use: etags, idempotent
+//! writes, atomic stock, listing order, filters and pagination, audit
+//! fields, and errors that never leak. Real servers, SQLite and MySQL.
+//! (The store's own read paths: `store_reads.rs`; a catalogue from before a
+//! migration: `catalogue_migration.rs`.)
 
 use std::{collections::HashSet, sync::Arc};
 
@@ -16,7 +18,7 @@ use tonic::Code;
 
 mod common;
 
-use common::Shop;
+use common::{Shop, product};
 
 backend_tests!(
     of_two_writers_from_one_etag_exactly_one_wins,
@@ -30,26 +32,7 @@ backend_tests!(
     audit_fields_say_who_and_when,
     database_errors_never_leak,
     total_size_follows_concurrent_creates_and_deletes,
-    a_catalogue_from_before_the_count_is_counted_by_its_migration,
-    hot_read_paths_return_what_the_pool_returns,
-    connections_the_server_dropped_are_replaced_before_use,
 );
-
-impl Shop {
-    async fn create(&self, name: &str, price: &str, stock: i64) -> Product {
-        self.create_with_id(product(name, price, stock), "").await.expect("create")
-    }
-}
-
-fn product(name: &str, price: &str, stock: i64) -> Product {
-    Product {
-        name: name.into(),
-        description: format!("About {name}"),
-        price: price.into(),
-        stock,
-        ..Default::default()
-    }
-}
 
 fn names(products: &[Product]) -> Vec<&str> {
     products.iter().map(|p| p.name.as_str()).collect()
@@ -57,7 +40,7 @@ fn names(products: &[Product]) -> Vec<&str> {
 
 async fn of_two_writers_from_one_etag_exactly_one_wins(backend: Backend) {
     let shop = Arc::new(Shop::open(backend).await);
-    let lamp = shop.create("Lamp", "30.00", 5).await;
+    let lamp = shop.add("Lamp", "30.00", 5).await;
     let writers: Vec<_> = (0..10)
         .map(|i| {
             let (shop, etag) = (shop.clone(), lamp.etag.clone());
@@ -122,7 +105,7 @@ async fn total_size_follows_concurrent_creates_and_deletes(backend: Backend) {
     let creates: Vec<_> = (0..40)
         .map(|i| {
             let shop = shop.clone();
-            tokio::spawn(async move { shop.create(&format!("Item {i}"), "1.00", 1).await })
+            tokio::spawn(async move { shop.add(&format!("Item {i}"), "1.00", 1).await })
         })
         .collect();
     let mut ids = Vec::new();
@@ -177,72 +160,13 @@ async fn total_size_follows_concurrent_creates_and_deletes(backend: Backend) {
     assert_eq!(shop.list(ListProductsRequest::default()).await.unwrap().2, in_table + 1);
 }
 
-/// A database at migration 0002 with products in it: migration 0003 must
-/// count what is there, so total_size is right from the first listing.
-async fn a_catalogue_from_before_the_count_is_counted_by_its_migration(backend: Backend) {
-    let test_db = storegate_testkit::TestDb::new(&backend).await;
-    let dialect = match backend {
-        Backend::Sqlite => "sqlite",
-        Backend::MySql(_) => "mysql",
-    };
-    let all = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../migrations").join(dialect);
-    let before = tempfile_dir(&format!("migrations-before-0003-{dialect}"));
-    for entry in std::fs::read_dir(&all).unwrap() {
-        let path = entry.unwrap().path();
-        let name = path.file_name().unwrap().to_string_lossy().into_owned();
-        if name.starts_with("0001") || name.starts_with("0002") {
-            std::fs::copy(&path, before.join(name)).unwrap();
-        }
-    }
-    let db = Db::connect(&test_db.url).await.unwrap();
-    let migrator = sqlx::migrate::Migrator::new(before.clone()).await.unwrap();
-    on_db!(&db, pool => migrator.run(pool).await).unwrap();
-    for i in 0..37 {
-        on_db!(&db, pool => {
-            sqlx::query(
-                "INSERT INTO products (name, description, price, stock, version, create_time, update_time) \
-                 VALUES (?, '', ?, 1, 1, ?, ?)",
-            )
-            .bind(format!("Old {i}"))
-            // As each backend stores prices (fixed-width text on SQLite).
-            .bind(if dialect == "sqlite" { "0000000001.00" } else { "1.00" })
-            .bind(chrono::Utc::now())
-            .bind(chrono::Utc::now())
-            .execute(pool)
-            .await
-            .map(drop)
-        })
-        .unwrap();
-    }
-    db.migrate().await.unwrap();
-    let store = product_service::store::ProductStore::new(db.clone()).await;
-    assert_eq!(store.count(None).await.unwrap(), 37);
-    // Migration 0006 indexed the rows that were there for search.
-    assert_eq!(store.count(Some("old")).await.unwrap(), 37);
-    let order = product_service::domain::OrderBy::parse("name desc").unwrap();
-    let page = store
-        .list(&product_service::store::ListQuery { order, query: Some("OLD"), after: None, limit: 2 })
-        .await
-        .unwrap();
-    assert_eq!(page.rows.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(), ["Old 9", "Old 8"]);
-    assert_eq!(page.total_size, 37);
-    db.close().await;
-    let _ = std::fs::remove_dir_all(before);
-}
-
-fn tempfile_dir(name: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("storegate-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
 async fn count(db: &Db, sql: &str) -> i64 {
     on_db!(db, pool => sqlx::query_scalar(sql).fetch_one(pool).await).unwrap()
 }
 
 async fn two_hundred_concurrent_decrements_stop_at_zero(backend: Backend) {
     let shop = Arc::new(Shop::open(backend).await);
-    let stock = shop.create("Mug", "8.00", 100).await;
+    let stock = shop.add("Mug", "8.00", 100).await;
     let calls: Vec<_> = (0..200)
         .map(|_| {
             let shop = shop.clone();
@@ -267,7 +191,7 @@ async fn two_hundred_concurrent_decrements_stop_at_zero(backend: Backend) {
 
 async fn adjust_stock_retries_return_the_first_result(backend: Backend) {
     let shop = Arc::new(Shop::open(backend).await);
-    let bowl = shop.create("Bowl", "12.00", 10).await;
+    let bowl = shop.add("Bowl", "12.00", 10).await;
     let id = "7d4e0f8a-1b2c-4d3e-8f90-a1b2c3d4e5f6";
     let retries: Vec<_> = (0..10)
         .map(|_| {
@@ -305,7 +229,7 @@ async fn listings_follow_order_by_and_query(backend: Backend) {
         ("Kettle", "9.99"),
         ("O'Brien's mug", "7.25"),
     ] {
-        shop.create(name, price, 1).await;
+        shop.add(name, price, 1).await;
     }
     let all = shop.list_all("", "", 2).await;
     assert_eq!(
@@ -370,7 +294,7 @@ async fn listings_follow_order_by_and_query(backend: Backend) {
 async fn page_tokens_only_continue_their_own_listing(backend: Backend) {
     let shop = Shop::open(backend).await;
     for i in 0..5 {
-        shop.create(&format!("Tea {i}"), "1.00", 1).await;
+        shop.add(&format!("Tea {i}"), "1.00", 1).await;
     }
     let first = ListProductsRequest {
         page_size: 2,
@@ -441,12 +365,12 @@ async fn unicode_names_round_trip_exactly(backend: Backend) {
     let shop = Shop::open(backend).await;
     for name in ["Théière 🫖 茶壶", "e\u{301}clair (combining accent)", "Ω≈ç√∫˜µ≤≥÷", "🧑‍🍳👩🏽‍🔧"]
     {
-        let created = shop.create(name, "1.00", 1).await;
+        let created = shop.add(name, "1.00", 1).await;
         assert_eq!(created.name, name);
         assert_eq!(shop.get(created.id).await.name, name);
     }
     // 200 characters of 4 bytes each fit; 201 do not.
-    assert_eq!(shop.create(&"🫖".repeat(200), "1", 1).await.name.chars().count(), 200);
+    assert_eq!(shop.add(&"🫖".repeat(200), "1", 1).await.name.chars().count(), 200);
     let err = shop.create_with_id(product(&"🫖".repeat(201), "1", 1), "").await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
 }
@@ -460,7 +384,7 @@ fn user_id_of(token: &str) -> i64 {
 async fn audit_fields_say_who_and_when(backend: Backend) {
     let shop = Shop::open(backend).await;
     let before = chrono::Utc::now();
-    let created = shop.create("Clock", "45.00", 2).await;
+    let created = shop.add("Clock", "45.00", 2).await;
     let creator = user_id_of(&shop.token);
     assert_eq!((created.created_by, created.updated_by), (creator, creator));
     let created_at = created.create_time.unwrap();
@@ -493,7 +417,7 @@ async fn audit_fields_say_who_and_when(backend: Backend) {
 
 async fn database_errors_never_leak(backend: Backend) {
     let shop = Shop::open(backend).await;
-    let cup = shop.create("Cup", "3.00", 1).await;
+    let cup = shop.add("Cup", "3.00", 1).await;
     let db = shop.stack.db.open().await;
     on_db!(&db, pool => sqlx::query("DROP TABLE products").execute(pool).await.map(drop)).unwrap();
     let err = shop
@@ -511,207 +435,4 @@ async fn database_errors_never_leak(backend: Backend) {
             err.message()
         );
     }
-}
-
-/// Gets and unfiltered listings have their own read path (on SQLite in-line
-/// on the calling thread, store::sqlite_reads; on MySQL connections
-/// without a ping per query, store::mysql_reads); they must return
-/// exactly what the pool's reads return, for every listing shape, and on
-/// SQLite give way to the pool for a row they cannot read (here: a time
-/// written by hand in another format).
-async fn hot_read_paths_return_what_the_pool_returns(backend: Backend) {
-    use product_service::{
-        domain::{OrderBy, SortField},
-        page_token::Cursor,
-        store::{ListQuery, ProductStore},
-    };
-    let is_sqlite = matches!(backend, Backend::Sqlite);
-    let shop = Shop::open(backend).await;
-    let (mut ids, mut names) = (Vec::new(), Vec::new());
-    for i in 0..23 {
-        // Repeated names and prices, so that ties are broken by id.
-        let name = format!("{} item {}", ["Teapot", "Mug", "Tray"][i % 3], i % 5);
-        ids.push(shop.create(&name, &format!("{}.50", i % 4), i as i64).await.id);
-        names.push(name.to_lowercase());
-    }
-    let db = shop.stack.db.open().await;
-    // One read connection on MySQL, so that concurrent reads surely queue
-    // and share statements (below).
-    let store = ProductStore::with_read_connections(db.clone(), 1).await;
-    let pool = ProductStore::pool_only(db.clone());
-
-    for &id in ids.iter().chain([&999_999]) {
-        assert_eq!(store.get(id).await.unwrap(), pool.get(id).await.unwrap(), "product {id}");
-    }
-    // At once, as under load: on MySQL, gets and pages waiting for a read
-    // connection share statements (store::shared_reads), yet each
-    // caller gets its own answer, a missing or repeated id included.
-    let asked: Vec<i64> =
-        (0..96).map(|i| if i % 7 == 0 { 999_999 } else { ids[i * 5 % ids.len()] }).collect();
-    let gets: Vec<_> = asked
-        .iter()
-        .map(|&id| {
-            tokio::spawn({
-                let store = store.clone();
-                async move { store.get(id).await.unwrap() }
-            })
-        })
-        .collect();
-    let first_page = |order| ListQuery { order, query: None, after: None, limit: 4 };
-    let orders = [SortField::Id, SortField::Name].map(|field| OrderBy { field, descending: false });
-    let pages: Vec<_> = (0..32)
-        .map(|i| {
-            tokio::spawn({
-                let store = store.clone();
-                async move { store.list(&first_page(orders[i % 2])).await.unwrap() }
-            })
-        })
-        .collect();
-    for (get, id) in gets.into_iter().zip(&asked) {
-        assert_eq!(get.await.unwrap(), pool.get(*id).await.unwrap(), "product {id}");
-    }
-    for (i, page) in pages.into_iter().enumerate() {
-        let (page, expected) = (page.await.unwrap(), pool.list(&first_page(orders[i % 2])).await.unwrap());
-        assert_eq!((page.rows, page.total_size), (expected.rows, expected.total_size));
-    }
-    let mut inline_listings = 0;
-    for field in [SortField::Id, SortField::Name, SortField::Price, SortField::CreateTime] {
-        for descending in [false, true] {
-            for (query, word) in [(None, ""), (Some("mug"), "mug"), (Some("TEAPOT ite"), "teapot")] {
-                let order = OrderBy { field, descending };
-                let mut after: Option<Cursor> = None;
-                let mut seen = 0;
-                loop {
-                    let q = ListQuery { order, query, after: after.as_ref(), limit: 4 };
-                    let (inline, pooled) = (store.list(&q).await.unwrap(), pool.list(&q).await.unwrap());
-                    assert_eq!(inline.rows, pooled.rows, "{order:?} {query:?} after {after:?}");
-                    assert_eq!(inline.total_size, pooled.total_size);
-                    // Only unfiltered pages are read in-line; a search reads
-                    // the full-text index through the pool.
-                    inline_listings += usize::from(query.is_none());
-                    seen += inline.rows.len();
-                    let Some(last) = inline.rows.last() else { break };
-                    after = Some(Cursor::after(&last.clone().into_product().unwrap(), order).unwrap());
-                }
-                // Descriptions are "About <name>": a match is a name's match.
-                let expected = match query {
-                    None => 23,
-                    Some(_) => names.iter().filter(|n| n.contains(word)).count(),
-                };
-                assert_eq!(seen, expected, "{order:?} {query:?}");
-            }
-        }
-    }
-    // What the read paths did, as the metrics endpoint says it.
-    let metrics = storegate::metrics::Metrics::new("product-service");
-    store.register_read_metrics(&metrics);
-    let scrape = || metrics.render(&db);
-    let figure = |text: &str, name: &str| -> Option<u64> {
-        text.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-    };
-    let text = scrape();
-    if is_sqlite {
-        let at_once = (asked.len() + 32) as u64;
-        assert_eq!(
-            figure(&text, "storegate_db_inline_reads_total"),
-            Some(24 + inline_listings as u64 + at_once),
-            "every read that could was done in-line:\n{text}"
-        );
-        assert_eq!(figure(&text, "storegate_db_inline_reads_gave_way_total"), Some(0));
-        assert_eq!(figure(&text, "storegate_db_read_connections_idle"), None, "no MySQL read connections");
-    } else {
-        assert_eq!(figure(&text, "storegate_db_inline_reads_total"), None, "no in-line reads on MySQL");
-        // There, gets and keyset pages go through connections of their own.
-        assert_eq!(figure(&text, "storegate_db_read_connections_idle"), Some(1), "{text}");
-        let statements = figure(&text, "storegate_db_shared_get_statements_total").unwrap();
-        let answers = figure(&text, "storegate_db_shared_get_answers_total").unwrap();
-        assert!(answers > statements, "gets shared statements: {answers} answers, {statements} statements");
-    }
-    // A store that reads only through the pool has no read path of its own.
-    let pool_metrics = storegate::metrics::Metrics::new("product-service");
-    pool.register_read_metrics(&pool_metrics);
-    assert!(!pool_metrics.render(&db).contains("storegate_db_read_connections_idle"));
-
-    // A row whose times were written by hand in SQL's own format.
-    on_db!(&db, pool => {
-        sqlx::query(
-            "UPDATE products SET create_time = '2026-01-02 03:04:05', update_time = '2026-01-02 03:04:05' \
-             WHERE id = ?",
-        )
-        .bind(ids[0])
-        .execute(pool)
-        .await
-        .map(drop)
-    })
-    .unwrap();
-    let row = store.get(ids[0]).await.unwrap().expect("the product");
-    assert_eq!(row.create_time.to_rfc3339(), "2026-01-02T03:04:05+00:00");
-    assert_eq!(Some(row), pool.get(ids[0]).await.unwrap());
-    if is_sqlite {
-        let text = scrape();
-        assert_eq!(
-            figure(&text, "storegate_db_inline_reads_gave_way_total"),
-            Some(1),
-            "read through the pool instead"
-        );
-    }
-    db.close().await;
-}
-
-/// Both MySQL paths skip the ping before each use for a connection that was
-/// just returned, but check one that sat idle: after the server drops every
-/// connection, no call fails, neither reads (product-service's read
-/// connections) nor writes (the pool). SQLite has no server to drop
-/// connections.
-async fn connections_the_server_dropped_are_replaced_before_use(backend: Backend) {
-    if matches!(backend, Backend::Sqlite) {
-        return;
-    }
-    let shop = Arc::new(Shop::open(backend).await);
-    let kettle = shop.create("Kettle", "30.00", 3).await;
-    let gets = |shop: Arc<Shop>| async move {
-        let calls: Vec<_> = (0..32)
-            .map(|_| {
-                tokio::spawn({
-                    let shop = shop.clone();
-                    async move { shop.get(kettle.id).await }
-                })
-            })
-            .collect();
-        for call in calls {
-            assert_eq!(call.await.expect("get after the drop").name, "Kettle");
-        }
-    };
-    // Many pooled connections, then all of them dropped by the server.
-    gets(shop.clone()).await;
-    let db = shop.stack.db.open().await;
-    let Db::MySql(pool) = &db else { unreachable!() };
-    let mut own = pool.acquire().await.unwrap();
-    let others: Vec<i64> = sqlx::query_scalar(
-        "SELECT ID FROM information_schema.PROCESSLIST WHERE DB = DATABASE() AND ID <> CONNECTION_ID()",
-    )
-    .fetch_all(&mut *own)
-    .await
-    .unwrap();
-    assert!(others.len() > 1, "the services hold pooled connections");
-    for id in others {
-        // A connection may end by itself meanwhile.
-        let _ = sqlx::query(&format!("KILL {id}")).execute(&mut *own).await;
-    }
-    drop(own);
-    tokio::time::sleep(std::time::Duration::from_millis(1_200)).await;
-    gets(shop.clone()).await;
-    // Writes go through the pool, whose connections were dropped too.
-    let writes: Vec<_> = (0..16)
-        .map(|i| {
-            let shop = shop.clone();
-            tokio::spawn(
-                async move { shop.create_with_id(product(&format!("Cup {i}"), "4.00", 1), "").await },
-            )
-        })
-        .collect();
-    for write in writes {
-        write.await.unwrap().expect("a write after the drop");
-    }
-    db.close().await;
 }

@@ -12,11 +12,26 @@ pub struct Shop {
     pub token: String,
 }
 
+/// A product to create: its description is "About <name>".
+pub fn product(name: &str, price: &str, stock: i64) -> Product {
+    Product {
+        name: name.into(),
+        description: format!("About {name}"),
+        price: price.into(),
+        stock,
+        ..Default::default()
+    }
+}
+
 impl Shop {
     pub async fn open(backend: Backend) -> Shop {
         let stack = TestStack::start(backend).await;
         let token = stack.admin_token("shopkeeper").await;
         Shop { stack, token }
+    }
+
+    pub async fn add(&self, name: &str, price: &str, stock: i64) -> Product {
+        self.create_with_id(product(name, price, stock), "").await.expect("create")
     }
 
     pub async fn create_with_id(&self, p: Product, request_id: &str) -> Result<Product, tonic::Status> {
