@@ -53,13 +53,14 @@ impl VerifiedTokens {
     }
 
     fn get(&self, keys: &Arc<KeySet>, token_hash: &[u8; 32], now: i64) -> Option<Claims> {
+        // Held across the read: a call with another key set must not switch
+        // the cache (and fill it with that set's verifications) in between.
         let mut known = self.known_keys();
         if !known.as_ref().is_some_and(|k| Arc::ptr_eq(k, keys)) {
             *known = Some(keys.clone());
             self.claims.clear();
             return None;
         }
-        drop(known);
         self.claims.get(token_hash).filter(|c| c.exp > now)
     }
 

@@ -44,8 +44,8 @@ pub enum Ranked {
     /// scored it.
     Engine { score: f64, id: i64 },
     /// After this match of an anchored search's BM25 ranking
-    /// (`store::anchored`).
-    Anchored { score: f64, id: i64 },
+    /// (`store::anchored`), anchored on word `term` of the query.
+    Anchored { term: usize, score: f64, id: i64 },
     /// In this window of a broad search (`store::broad`), after this match
     /// of its ranking, or at its start.
     Broad { window: Window, after: Option<(f64, i64)> },
@@ -108,7 +108,9 @@ impl Cursor {
                 (format!("{}.{:09}", time.timestamp(), time.timestamp_subsec_nanos()), *id)
             }
             Cursor::Ranked(Ranked::Engine { score, id }) => (score.to_string(), *id),
-            Cursor::Ranked(Ranked::Anchored { score, id }) => (format!("{ANCHORED}{score}"), *id),
+            Cursor::Ranked(Ranked::Anchored { term, score, id }) => {
+                (format!("{ANCHORED}{term} {score}"), *id)
+            }
             // `broad w{below}-{down_to} {score}` after a match,
             // `broad w{below}` at a window not read yet.
             Cursor::Ranked(Ranked::Broad { window, after }) => {
@@ -140,8 +142,9 @@ impl Cursor {
 impl Ranked {
     fn parse(value: &str, id: i64) -> Option<Ranked> {
         let score = |text: &str| text.parse::<f64>().ok().filter(|score| score.is_finite());
-        if let Some(score_text) = value.strip_prefix(ANCHORED) {
-            return Some(Ranked::Anchored { score: score(score_text)?, id });
+        if let Some(rest) = value.strip_prefix(ANCHORED) {
+            let (term, score_text) = rest.split_once(' ')?;
+            return Some(Ranked::Anchored { term: term.parse().ok()?, score: score(score_text)?, id });
         }
         let Some(rest) = value.strip_prefix(BROAD) else {
             return Some(Ranked::Engine { score: score(value)?, id });
@@ -243,7 +246,7 @@ mod tests {
             ("price", Cursor::Price { price: Price::parse("0.5").unwrap(), id: 9 }),
             ("create_time desc", Cursor::CreateTime { time, id: 10 }),
             ("relevance", Cursor::Ranked(Ranked::Engine { score: 0.1 + 0.2, id: 11 })),
-            ("relevance", Cursor::Ranked(Ranked::Anchored { score: 3.25, id: 12 })),
+            ("relevance", Cursor::Ranked(Ranked::Anchored { term: 2, score: 3.25, id: 12 })),
             ("relevance", Cursor::Ranked(Ranked::Broad { window, after: Some((1.5, 999_003)) })),
             (
                 "relevance",
@@ -268,6 +271,8 @@ mod tests {
             ("create_time", "99999999999999.0"),
             ("relevance", "NaN"),
             ("relevance", "anchored x"),
+            ("relevance", "anchored 1.5"),
+            ("relevance", "anchored -1 1.5"),
             ("relevance", "broad w"),
             ("relevance", "broad wx"),
             ("relevance", "broad w5-"),

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use product_service::{
     domain::{OrderBy, Price},
-    page_token::Cursor,
+    page_token::{Cursor, Ranked},
     search_sample::{ReadCosts, SearchBounds},
     store::{ListQuery, ProductFields, ProductStore, SearchLabels},
 };
@@ -350,6 +350,15 @@ async fn a_rare_word_among_common_ones_anchors_the_search(backend: Backend) {
             "{shorter}: {:?}",
             names(&found)
         );
+    }
+    // A token cannot anchor on a common word (the engine would read its
+    // whole list): refused as expired, as is one naming no word.
+    let relevance = OrderBy::parse("relevance").unwrap();
+    for term in [0, 7] {
+        let forged = Cursor::Ranked(Ranked::Anchored { term, score: 1.0, id: 1 });
+        let q = ListQuery { order: relevance, query: Some("with m299"), after: Some(&forged), limit: 5 };
+        let refused = store.list(&q).await.err().map(|e| tonic::Status::from(e).code());
+        assert_eq!(refused, Some(tonic::Code::InvalidArgument), "anchored on word {term}");
     }
     // A word the engine finds alone in few products, the others in none
     // of those: nothing, and no page token.

@@ -57,7 +57,7 @@ impl ProductStore {
                 return Ok(Anchored::NotRare);
             };
             let matches = matching(rows);
-            return Ok(Anchored::Page(Self::anchored_ranked(q, &terms, matches, sample, indexed)?));
+            return Ok(Anchored::Page(Self::anchored_ranked(q, &terms, term, matches, sample, indexed)?));
         }
         let Some(rows) = self.anchor_rows(&anchor, q.order, q.after).await? else {
             return Ok(Anchored::NotRare);
@@ -99,13 +99,14 @@ impl ProductStore {
     fn anchored_ranked(
         q: &ListQuery<'_>,
         terms: &Terms,
+        term: usize,
         matches: Vec<ProductRow>,
         sample: &Sample,
         indexed: Indexed,
     ) -> Result<Page, ApiError> {
         let after = match q.after {
             None => None,
-            Some(&Cursor::Ranked(Ranked::Anchored { score, id })) => Some((score, id)),
+            Some(&Cursor::Ranked(Ranked::Anchored { score, id, .. })) => Some((score, id)),
             Some(_) => return Err(ApiError::invalid("page_token", "is not valid")),
         };
         let total_size = matches.len() as i64;
@@ -116,7 +117,7 @@ impl ProductStore {
             .filter(|(score, row)| comes_after(*score, row.id, after))
             .take(q.limit.max(0) as usize)
         {
-            cursors.push(Cursor::Ranked(Ranked::Anchored { score, id: row.id }));
+            cursors.push(Cursor::Ranked(Ranked::Anchored { term, score, id: row.id }));
             rows.push(row);
             scores.push(score);
         }

@@ -274,7 +274,9 @@ impl ProductStore {
             SortField::Relevance => self.broad_ranked(q, &terms, sample, share).await?,
             _ => self.broad_ordered(q, &terms, share).await?,
         };
-        page.total_size = estimate;
+        // An estimate, but never fewer than this page shows (a sample can
+        // miss a rare combination of common words entirely).
+        page.total_size = estimate.max(page.rows.len() as i64);
         page.path = Some(SearchPath::Broad);
         Ok(page)
     }
@@ -381,15 +383,20 @@ impl ProductStore {
     /// again between its bounds.
     async fn read_window(&self, window: Window, terms: &Terms, share: f64) -> Result<WindowRead, ApiError> {
         let bounds = self.searches.bounds;
-        let most_read = (bounds.rows_read / 4).max(1);
+        // A window read again may have gained products since: on MySQL an
+        // id is taken at the insert and committed at any time after, so a
+        // product with an id inside the window can appear once it was read.
+        // Twice its first bound reads those too, and still bounds a page
+        // token made up with ids far apart.
+        let first_read = (bounds.rows_read / 4).max(1);
+        let most_read = if window.down_to.is_some() { 2 * first_read } else { first_read };
         let indexed = Indexed::by(self.db.backend());
         let by_id_desc = OrderBy { field: SortField::Id, descending: true };
         let mut from = window.below.map(Cursor::Id);
         let (mut matches, mut read, mut newest, mut oldest) = (Vec::new(), 0, None, None);
         let ended = loop {
             let chunk = match (window.down_to, window.below) {
-                // Its products, no more: a window never holds more than
-                // `most_read` products, nor more than its ids (ids are
+                // Its products, no more: never more than its ids (ids are
                 // never reused; deletes only thin it).
                 (Some(down_to), Some(below)) => {
                     let ids = usize::try_from(below - down_to).unwrap_or(0);

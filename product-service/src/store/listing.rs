@@ -12,6 +12,14 @@ const MYSQL_MATCH: &str = "MATCH (products.name, products.description) AGAINST (
 /// one statement ([`ProductStore::search_few`]).
 const FEW_MATCHES: i64 = 1000;
 
+/// A relevance page token whose listing cannot go on as it was ranked.
+fn expired_token() -> ApiError {
+    ApiError::invalid(
+        "page_token",
+        "has expired: the catalogue changed too much since the listing began; start again without it",
+    )
+}
+
 impl ProductStore {
     /// One page of products in `q.order`, ties broken by id, continuing
     /// after `q.after` (keyset pagination: stable under concurrent inserts).
@@ -176,9 +184,18 @@ impl ProductStore {
                 let matches = sample.estimate(&terms);
                 match ranked {
                     Ranked::Engine { .. } => Route::Engine { matches },
-                    // Any word anchors the same matches; the rarest reads
-                    // fewest.
-                    Ranked::Anchored { .. } => Route::Anchored { term: sample.rarest(&terms), matches },
+                    // On the word it began with, while the sample still
+                    // says that word is rare: a token cannot make the
+                    // engine read a common word's list.
+                    Ranked::Anchored { term, .. } => {
+                        let rare = terms.iter().nth(*term).is_some_and(|word| {
+                            sample.estimate_term(word) <= self.searches.bounds.anchor_up_to
+                        });
+                        if !rare {
+                            return Err(expired_token());
+                        }
+                        Route::Anchored { term: *term, matches }
+                    }
                     Ranked::Broad { .. } => Route::Broad { matches },
                 }
             }
@@ -192,10 +209,7 @@ impl ProductStore {
                 }
                 // Its page token must not change how it is ranked.
                 Anchored::NotRare if q.after.is_some() && q.order.field == SortField::Relevance => {
-                    return Err(ApiError::invalid(
-                        "page_token",
-                        "has expired: the catalogue changed too much since the listing began; start again without it",
-                    ));
+                    return Err(expired_token());
                 }
                 // The sample's estimate of the word was low: read broad.
                 Anchored::NotRare => {}
