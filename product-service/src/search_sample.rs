@@ -242,8 +242,10 @@ impl Sample {
         let costs = bounds.costs.unwrap_or(ReadCosts::of(backend));
         let lists: Vec<i64> = terms.iter().map(|term| self.estimate_term(term)).collect();
         let engine = lists.iter().sum::<i64>();
-        let term = self.rarest(terms);
-        if let Some(&rarest) = lists.get(term)
+        // The first of the rarest words.
+        let rarest =
+            lists.iter().enumerate().min_by_key(|(_, list)| **list).map(|(term, &list)| (term, list));
+        if let Some((term, rarest)) = rarest
             && rarest <= bounds.anchor_up_to
             && rarest.saturating_mul(costs.product_by_id.saturating_add(1)) < engine
         {
@@ -256,13 +258,6 @@ impl Sample {
         // short enough to read, and the matches too sparse for a page of
         // them to be found in a few reads (`store::broad`).
         Route::Broad { matches }
-    }
-
-    /// The position of the term fewest sampled products have (the first of
-    /// those as rare).
-    pub fn rarest(&self, terms: &Terms) -> usize {
-        let lists = terms.iter().map(|term| self.having(term).len());
-        lists.enumerate().min_by_key(|(_, list)| *list).map_or(0, |(term, _)| term)
     }
 
     /// Each term's BM25 weight, from how many sampled products have it.

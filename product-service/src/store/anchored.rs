@@ -6,8 +6,8 @@
 //! them (InnoDB its document lists, FTS5 every posting of the last word's
 //! prefix first), so a query's cost is the sum of its words' lists, not its
 //! matches: `with` beside a model name read every product of `with`, most
-//! of the catalogue (BENCHMARKS.md, "Routing searches by what they read"). Asked for the rarest word alone, the engine reads only its
-//! list; each of those products is read from the table and its words are
+//! of the catalogue (BENCHMARKS.md, "Routing searches by what they read").
+//! Asked for the rarest word alone, the engine reads only its list; each of those products is read from the table and its words are
 //! matched here ([`Terms::hits`], the engines' semantics). The answer is
 //! exact: every match, `total_size` the count of them all.
 //!
@@ -40,11 +40,11 @@ impl ProductStore {
         &self,
         q: &ListQuery<'_>,
         words: &Words,
+        terms: &Terms,
         term: usize,
         sample: &Sample,
     ) -> Result<Anchored, ApiError> {
         let anchor = words.only(term);
-        let terms = Terms::of(words);
         let indexed = Indexed::by(self.db.backend());
         let matching = |rows: Vec<ProductRow>| -> Vec<ProductRow> {
             rows.into_iter()
@@ -57,7 +57,7 @@ impl ProductStore {
                 return Ok(Anchored::NotRare);
             };
             let matches = matching(rows);
-            return Ok(Anchored::Page(Self::anchored_ranked(q, &terms, term, matches, sample, indexed)?));
+            return Ok(Anchored::Page(Self::anchored_ranked(q, terms, term, matches, sample, indexed)?));
         }
         let Some(rows) = self.anchor_rows(&anchor, q.order, q.after).await? else {
             return Ok(Anchored::NotRare);

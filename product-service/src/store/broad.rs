@@ -264,15 +264,14 @@ impl ProductStore {
     pub(super) async fn broad_search(
         &self,
         q: &ListQuery<'_>,
-        words: &Words,
+        terms: &Terms,
         sample: &Sample,
         estimate: i64,
     ) -> Result<Page, ApiError> {
         let share = (estimate as f64 / sample.catalogue.max(1) as f64).clamp(0.001, 1.0);
-        let terms = Terms::of(words);
         let mut page = match q.order.field {
-            SortField::Relevance => self.broad_ranked(q, &terms, sample, share).await?,
-            _ => self.broad_ordered(q, &terms, share).await?,
+            SortField::Relevance => self.broad_ranked(q, terms, sample, share).await?,
+            _ => self.broad_ordered(q, terms, share).await?,
         };
         // An estimate, but never fewer than this page shows (a sample can
         // miss a rare combination of common words entirely).

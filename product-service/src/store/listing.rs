@@ -202,7 +202,7 @@ impl ProductStore {
             _ => sample.route(&terms, &self.searches.bounds, self.db.backend()),
         };
         if let Route::Anchored { term, .. } = route {
-            match self.anchored_search(q, words, term, &sample).await? {
+            match self.anchored_search(q, words, &terms, term, &sample).await? {
                 Anchored::Page(page) => {
                     self.searches.count(SearchPath::Anchored);
                     return Ok(page);
@@ -218,7 +218,7 @@ impl ProductStore {
         let estimate = route.matches();
         if !matches!(route, Route::Engine { .. }) {
             self.searches.count(SearchPath::Broad);
-            return self.broad_search(q, words, &sample, estimate).await;
+            return self.broad_search(q, &terms, &sample, estimate).await;
         }
         // Few matches, by relevance: one full-text statement gives every
         // match's id and score, so its count too, and only the page's rows
