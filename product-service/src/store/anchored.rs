@@ -107,7 +107,7 @@ impl ProductStore {
         let after = match q.after {
             None => None,
             Some(&Cursor::Ranked(Ranked::Anchored { score, id, .. })) => Some((score, id)),
-            Some(_) => return Err(ApiError::invalid("page_token", "is not valid")),
+            Some(_) => return Err(listing::invalid_token()),
         };
         let total_size = matches.len() as i64;
         let idfs = sample.idfs(terms);

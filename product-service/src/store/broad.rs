@@ -344,7 +344,7 @@ impl ProductStore {
         let (mut window, mut after) = match q.after {
             None => (Window { below: None, down_to: None }, None),
             Some(&Cursor::Ranked(Ranked::Broad { window, after })) => (window, after),
-            Some(_) => return Err(ApiError::invalid("page_token", "is not valid")),
+            Some(_) => return Err(listing::invalid_token()),
         };
         let (mut page, mut read) = (Page::default(), 0);
         loop {

@@ -12,6 +12,12 @@ const MYSQL_MATCH: &str = "MATCH (products.name, products.description) AGAINST (
 /// one statement ([`ProductStore::search_few`]).
 const FEW_MATCHES: i64 = 1000;
 
+/// A page token whose cursor is none of its listing's ways of answering
+/// (tokens are decoded per order; a search's way is checked here).
+pub(super) fn invalid_token() -> ApiError {
+    ApiError::invalid("page_token", "is not valid")
+}
+
 /// A relevance page token whose listing cannot go on as it was ranked.
 fn expired_token() -> ApiError {
     ApiError::invalid(
@@ -118,7 +124,7 @@ impl ProductStore {
             (Some(&Cursor::CreateTime { time, id }), SortField::CreateTime) => {
                 Some((id, Some(ListParam::Time(time))))
             }
-            (Some(_), _) => return Err(ApiError::invalid("page_token", "is not valid")),
+            (Some(_), _) => return Err(invalid_token()),
         };
         match after {
             Some((after_id, None)) => {
@@ -339,7 +345,7 @@ impl ProductStore {
         match q.after {
             None => Ok(None),
             Some(&Cursor::Ranked(Ranked::Engine { score, id })) => Ok(Some((score, id))),
-            Some(_) => Err(ApiError::invalid("page_token", "is not valid")),
+            Some(_) => Err(invalid_token()),
         }
     }
 
