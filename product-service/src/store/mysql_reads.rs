@@ -7,10 +7,15 @@
 //! than the statement. [`MySqlReads`] lends connections for one read at a time
 //! and takes them back without a ping when the read finished; a connection
 //! whose read did not finish (an error, or a caller that gave up mid-way) is
-//! dropped instead, as its state is unknown. Like the main pool, a connection
-//! that sat idle for a while is pinged before it is lent, so one the server or
-//! a proxy dropped meanwhile is replaced without a failed call, and one idle
-//! for minutes or open for half an hour is closed instead of lent.
+//! taken out of the pool and dropped instead, as its state is unknown. Like
+//! the main pool, a connection that sat idle for a while is pinged before it
+//! is lent, so one the server or a proxy dropped meanwhile is replaced without
+//! a failed call, and one idle for minutes or open for half an hour is closed
+//! instead of lent.
+//!
+//! The pool is deadpool's; this module is its manager (how a connection is
+//! opened, and when one is pinged or closed before it is lent) and the lease
+//! that gives back only a connection whose read finished.
 //!
 //! Upstream: sqlx's `PoolConnection` pings on its way back to the pool
 //! (`return_to_pool` in sqlx-core's pool), whatever `test_before_acquire`
@@ -21,13 +26,13 @@
 //! then use a second sqlx pool with both pings off.
 
 use std::{
-    sync::{Arc, Mutex, PoisonError},
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
+use deadpool::managed::{self, Metrics, Object, PoolError, QueueMode, RecycleError, RecycleResult};
 use sqlx::{Connection as _, MySqlConnection, mysql::MySqlConnectOptions};
 use storegate::db::MYSQL_CHECK_IF_IDLE_FOR as CHECK_IF_IDLE_FOR;
-use tokio::sync::{Semaphore, SemaphorePermit};
 
 /// An idle connection this old is closed rather than lent (servers and
 /// proxies drop idle connections after their own timeouts).
@@ -39,43 +44,100 @@ const MAX_LIFETIME: Duration = Duration::from_secs(30 * 60);
 /// Up to `size` connections to one MySQL database, lent for one read each.
 #[derive(Debug)]
 pub struct MySqlReads {
-    options: MySqlConnectOptions,
-    idle: Mutex<Vec<Kept>>,
-    permits: Semaphore,
+    pool: managed::Pool<Connector>,
     acquire_timeout: Duration,
+    /// When a lease next looks through the idle connections for ones to
+    /// close. Connections are lent newest first (their pages are warm), so
+    /// one left at the bottom after a burst is never lent, hence never
+    /// closed, without it.
+    next_sweep: Mutex<Instant>,
 }
 
 /// A connection lent for one read; call [`Lease::finish`] when the read has
-/// finished to give it back.
-pub struct Lease<'a> {
-    reads: &'a MySqlReads,
-    kept: Option<Kept>,
-    _permit: SemaphorePermit<'a>,
+/// finished to give it back. Dropped without it, the lease takes its
+/// connection out of the pool and closes the socket: a read cut short may
+/// have left a reply unread on it.
+pub struct Lease {
+    object: Option<Object<Connector>>,
 }
 
-/// A connection and its age.
+/// A connection and when its last read finished (deadpool's own metrics
+/// know when it was lent, not when it came back).
 #[derive(Debug)]
 struct Kept {
     connection: MySqlConnection,
-    opened: Instant,
     idle_since: Instant,
+}
+
+/// Opens the read connections and checks them before they are lent again.
+#[derive(Debug)]
+struct Connector {
+    options: MySqlConnectOptions,
+    close_if_idle_for: Duration,
+}
+
+impl Connector {
+    /// Whether a connection is to be closed rather than lent.
+    fn is_spent(&self, kept: &Kept, metrics: &Metrics) -> bool {
+        kept.idle_since.elapsed() >= self.close_if_idle_for || metrics.age() >= MAX_LIFETIME
+    }
+
+    /// Idle connections are looked through ten times as often as they may
+    /// stay idle: none stays open more than a tenth longer.
+    fn sweep_every(&self) -> Duration {
+        self.close_if_idle_for / 10
+    }
+}
+
+impl managed::Manager for Connector {
+    type Type = Kept;
+    type Error = sqlx::Error;
+
+    async fn create(&self) -> Result<Kept, sqlx::Error> {
+        let connection = storegate::db::connect_mysql(&self.options).await?;
+        Ok(Kept { connection, idle_since: Instant::now() })
+    }
+
+    async fn recycle(&self, kept: &mut Kept, metrics: &Metrics) -> RecycleResult<sqlx::Error> {
+        if self.is_spent(kept, metrics) {
+            return Err(RecycleError::message("idle or open too long"));
+        }
+        let check = kept.idle_since.elapsed() >= CHECK_IF_IDLE_FOR
+            || storegate::db_health::opened_before_last_outage(metrics.age());
+        if check && let Err(error) = kept.connection.ping().await {
+            tracing::info!("a pooled MySQL connection was gone; replacing it");
+            return Err(RecycleError::Backend(error));
+        }
+        Ok(())
+    }
 }
 
 impl MySqlReads {
     pub fn new(options: MySqlConnectOptions, size: usize, acquire_timeout: Duration) -> Arc<MySqlReads> {
-        Arc::new(MySqlReads {
-            options,
-            idle: Mutex::new(Vec::new()),
-            permits: Semaphore::new(size),
-            acquire_timeout,
-        })
+        Self::closing_if_idle_for(options, size, acquire_timeout, CLOSE_IF_IDLE_FOR)
+    }
+
+    fn closing_if_idle_for(
+        options: MySqlConnectOptions,
+        size: usize,
+        acquire_timeout: Duration,
+        close_if_idle_for: Duration,
+    ) -> Arc<MySqlReads> {
+        let connector = Connector { options, close_if_idle_for };
+        let next_sweep = Mutex::new(Instant::now() + connector.sweep_every());
+        let pool = managed::Pool::builder(connector)
+            .max_size(size)
+            .queue_mode(QueueMode::Lifo)
+            .build()
+            .expect("a pool without timeouts needs no runtime");
+        Arc::new(MySqlReads { pool, acquire_timeout, next_sweep })
     }
 
     /// A connection for one read: an idle one (pinged first if it sat idle
     /// for a while), or a new one. Fails like sqlx's pool: `PoolTimedOut`
     /// when all are lent for longer than the acquire timeout, or the error
     /// of connecting.
-    pub async fn lease(&self) -> Result<Lease<'_>, sqlx::Error> {
+    pub async fn lease(&self) -> Result<Lease, sqlx::Error> {
         // One limit for all of it, as sqlx's pool has: a ping or a connect
         // to a peer that vanished must not hold the caller for minutes.
         tokio::time::timeout(self.acquire_timeout, self.lease_untimed())
@@ -83,93 +145,80 @@ impl MySqlReads {
             .map_err(|_| sqlx::Error::PoolTimedOut)?
     }
 
-    async fn lease_untimed(&self) -> Result<Lease<'_>, sqlx::Error> {
-        let permit = self.permits.acquire().await.map_err(|_| sqlx::Error::PoolClosed)?;
-        loop {
-            let (idle, stale) = {
-                let mut idle = self.idle();
-                // Lent newest first (its pages are warm); the oldest is
-                // looked at too, so that a connection left at the bottom
-                // after a burst does not stay open for ever.
-                let stale = match idle.first() {
-                    Some(oldest) if idle.len() > 1 && oldest.idle_since.elapsed() >= CLOSE_IF_IDLE_FOR => {
-                        Some(idle.remove(0))
-                    }
-                    _ => None,
-                };
-                (idle.pop(), stale)
-            };
-            if let Some(stale) = stale {
-                let _ = stale.connection.close().await;
-            }
-            let Some(mut kept) = idle else {
-                let connection = storegate::db::connect_mysql(&self.options).await?;
-                let kept = Kept { connection, opened: Instant::now(), idle_since: Instant::now() };
-                return Ok(Lease { reads: self, kept: Some(kept), _permit: permit });
-            };
-            let idle_for = kept.idle_since.elapsed();
-            if idle_for >= CLOSE_IF_IDLE_FOR || kept.opened.elapsed() >= MAX_LIFETIME {
-                let _ = kept.connection.close().await;
-                continue;
-            }
-            let check = idle_for >= CHECK_IF_IDLE_FOR
-                || storegate::db_health::opened_before_last_outage(kept.opened.elapsed());
-            if check && kept.connection.ping().await.is_err() {
-                tracing::info!("a pooled MySQL connection was gone; replacing it");
-                continue;
-            }
-            return Ok(Lease { reads: self, kept: Some(kept), _permit: permit });
+    async fn lease_untimed(&self) -> Result<Lease, sqlx::Error> {
+        for spent in self.spent_if_sweep_due() {
+            let _ = spent.connection.close().await;
+        }
+        match self.pool.get().await {
+            Ok(object) => Ok(Lease { object: Some(object) }),
+            Err(PoolError::Backend(error)) => Err(error),
+            Err(PoolError::Closed) => Err(sqlx::Error::PoolClosed),
+            // No timeouts, runtime or hooks are configured on the pool.
+            Err(other) => Err(sqlx::Error::Protocol(format!("read connections: {other}"))),
         }
     }
 
-    fn idle(&self) -> std::sync::MutexGuard<'_, Vec<Kept>> {
-        // A poisoned lock only means a panic elsewhere; the list is whole.
-        self.idle.lock().unwrap_or_else(PoisonError::into_inner)
+    /// The idle connections to close, taken out of the pool, once every
+    /// sweep interval (by whichever lease comes first).
+    fn spent_if_sweep_due(&self) -> Vec<Kept> {
+        let Ok(mut next_sweep) = self.next_sweep.try_lock() else { return Vec::new() };
+        let now = Instant::now();
+        if now < *next_sweep {
+            return Vec::new();
+        }
+        let connector = self.pool.manager();
+        *next_sweep = now + connector.sweep_every();
+        drop(next_sweep);
+        self.pool.retain(|kept, metrics| !connector.is_spent(kept, &metrics)).removed
     }
 
     /// Connections kept idle now.
     pub fn idle_connections(&self) -> usize {
-        self.idle().len()
+        self.pool.status().available
     }
 }
 
-impl Lease<'_> {
+impl Lease {
     pub fn connection(&mut self) -> &mut MySqlConnection {
-        &mut self.kept.as_mut().expect("a lease holds its connection until it ends").connection
+        &mut self.object.as_mut().expect("a lease holds its connection until it ends").connection
     }
 
     /// The read finished: the connection goes back as it is.
     pub fn finish(mut self) {
-        if let Some(mut kept) = self.kept.take() {
-            kept.idle_since = Instant::now();
-            self.reads.idle().push(kept);
+        if let Some(mut object) = self.object.take() {
+            object.idle_since = Instant::now();
         }
     }
 }
 
-// A lease dropped without `finish` drops its connection (closing the socket):
-// a read cut short may have left a reply unread on it.
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if let Some(object) = self.object.take() {
+            drop(Object::take(object));
+        }
+    }
+}
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use std::str::FromStr as _;
+
+    use storegate_testkit::Backend;
 
     use super::*;
 
     /// Reads on the test server (no database needed), or `None` to skip
     /// outside CI, as every MySQL test does.
-    pub(crate) fn reads(size: usize, acquire_timeout: Duration) -> Option<Arc<MySqlReads>> {
-        match std::env::var("STOREGATE_TEST_MYSQL_URL") {
-            Ok(url) if !url.is_empty() => {
-                let options = MySqlConnectOptions::from_str(&url).expect("a MySQL URL");
-                Some(MySqlReads::new(options, size, acquire_timeout))
-            }
-            _ if std::env::var_os("CI").is_some() => panic!("STOREGATE_TEST_MYSQL_URL must be set in CI"),
-            _ => None,
-        }
+    fn reads(size: usize, acquire_timeout: Duration) -> Option<Arc<MySqlReads>> {
+        Some(MySqlReads::new(test_server()?, size, acquire_timeout))
     }
 
-    async fn connection_id(lease: &mut Lease<'_>) -> u64 {
+    fn test_server() -> Option<MySqlConnectOptions> {
+        let Some(Backend::MySql(url)) = Backend::mysql_from_env() else { return None };
+        Some(MySqlConnectOptions::from_str(&url).expect("a MySQL URL"))
+    }
+
+    async fn connection_id(lease: &mut Lease) -> u64 {
         sqlx::query_scalar("SELECT CONNECTION_ID()").fetch_one(lease.connection()).await.unwrap()
     }
 
@@ -210,7 +259,7 @@ pub(crate) mod tests {
     async fn a_connection_the_server_dropped_while_idle_is_replaced() {
         let Some(reads) = reads(4, Duration::from_secs(5)) else { return };
         let first = lent_connection_id(&reads).await;
-        let mut killer = sqlx::ConnectOptions::connect(&reads.options).await.unwrap();
+        let mut killer = sqlx::ConnectOptions::connect(&reads.pool.manager().options).await.unwrap();
         sqlx::query(&format!("KILL {first}")).execute(&mut killer).await.unwrap();
         tokio::time::sleep(CHECK_IF_IDLE_FOR + Duration::from_millis(200)).await;
         assert_ne!(lent_connection_id(&reads).await, first);
@@ -223,5 +272,36 @@ pub(crate) mod tests {
         assert!(matches!(reads.lease().await, Err(sqlx::Error::PoolTimedOut)));
         held.finish();
         reads.lease().await.unwrap().finish();
+    }
+
+    #[tokio::test]
+    async fn a_connection_left_idle_at_the_bottom_is_closed() {
+        let Some(options) = test_server() else { return };
+        let close_if_idle_for = Duration::from_secs(1);
+        let reads = MySqlReads::closing_if_idle_for(options, 4, Duration::from_secs(5), close_if_idle_for);
+        // A burst of two leaves two idle; the newest is lent again and
+        // again, the other stays at the bottom.
+        let (mut first, mut second) = (reads.lease().await.unwrap(), reads.lease().await.unwrap());
+        let bottom = connection_id(&mut first).await;
+        let top = connection_id(&mut second).await;
+        first.finish();
+        second.finish();
+        tokio::time::sleep(close_if_idle_for * 6 / 10).await;
+        assert_eq!(lent_connection_id(&reads).await, top);
+        assert_eq!(reads.idle_connections(), 2, "neither idle too long yet");
+        tokio::time::sleep(close_if_idle_for * 6 / 10).await;
+        assert_eq!(lent_connection_id(&reads).await, top, "the newest, idle for a short while, lent again");
+        assert_eq!(reads.idle_connections(), 1, "the one idle too long at the bottom was closed");
+        let mut observer = sqlx::ConnectOptions::connect(&reads.pool.manager().options).await.unwrap();
+        let open_on_server =
+            format!("SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE ID = {bottom}");
+        for _ in 0..50 {
+            let open: i64 = sqlx::query_scalar(&open_on_server).fetch_one(&mut observer).await.unwrap();
+            if open == 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("the connection idle too long is still open on the server");
     }
 }

@@ -46,13 +46,13 @@ pub trait Leased {
 
 impl Lender for MySqlReads {
     type Connection = MySqlConnection;
-    type Lease<'a> = mysql_reads::Lease<'a>;
+    type Lease<'a> = mysql_reads::Lease;
     fn lease(&self) -> impl Future<Output = Result<Self::Lease<'_>, sqlx::Error>> {
         MySqlReads::lease(self)
     }
 }
 
-impl Leased for mysql_reads::Lease<'_> {
+impl Leased for mysql_reads::Lease {
     type Connection = MySqlConnection;
     fn connection(&mut self) -> &mut MySqlConnection {
         mysql_reads::Lease::connection(self)
