@@ -251,13 +251,35 @@ impl Sample {
         {
             return Route::Anchored { term, matches };
         }
-        if engine <= (bounds.rows_read as i64).saturating_mul(costs.product_in_order) {
+        if engine <= Self::engine_allowance(bounds, costs) {
             return Route::Engine { matches };
         }
         // Every word is common, their matches together are not: no list is
         // short enough to read, and the matches too sparse for a page of
         // them to be found in a few reads (`store::broad`).
         Route::Broad { matches }
+    }
+
+    /// Whether the engine may be given a search for `terms`, whichever way
+    /// [`Self::route`] would send it: its lists cost no more than a broad
+    /// search may read, and it ranks no more matches than an exact search
+    /// may. A relevance listing that began on the engine goes on there only
+    /// while this holds, so that a page token cannot send a search to the
+    /// engine that would read more.
+    pub fn engine_may_answer(&self, terms: &Terms, bounds: &SearchBounds, backend: Backend) -> bool {
+        if self.catalogue <= bounds.exact_up_to {
+            return true;
+        }
+        let costs = bounds.costs.unwrap_or(ReadCosts::of(backend));
+        self.estimate(terms) <= bounds.exact_up_to
+            && terms.iter().map(|term| self.estimate_term(term)).sum::<i64>()
+                <= Self::engine_allowance(bounds, costs)
+    }
+
+    /// How many list entries the engine may read for one search: what
+    /// reading a broad search's products in order costs.
+    fn engine_allowance(bounds: &SearchBounds, costs: ReadCosts) -> i64 {
+        (bounds.rows_read as i64).saturating_mul(costs.product_in_order)
     }
 
     /// Each term's BM25 weight, from how many sampled products have it.

@@ -306,6 +306,17 @@ async fn common_words_with_few_matches_together_read_a_bounded_catalogue(backend
     // By relevance: every match once, window after window.
     let answers = store_pages(&bounded, query, "relevance", 4).await;
     assert_eq!(sorted(all_of(&answers)), every_match);
+
+    // A token cannot send a search to the engine that may not read its
+    // words' lists: refused as expired. One whose lists it may read (729
+    // entries) goes on.
+    let engine_token = Cursor::Ranked(Ranked::Engine { score: 1.0, id: 1 });
+    let relevance = OrderBy::parse("relevance").unwrap();
+    let q = ListQuery { order: relevance, query: Some(query), after: Some(&engine_token), limit: 5 };
+    let refused = bounded.list(&q).await.err().map(|e| tonic::Status::from(e).code());
+    assert_eq!(refused, Some(tonic::Code::InvalidArgument));
+    let q = ListQuery { query: Some("teapot crem"), ..q };
+    assert!(bounded.list(&q).await.is_ok(), "the engine may answer it");
 }
 
 async fn a_rare_word_among_common_ones_anchors_the_search(backend: Backend) {

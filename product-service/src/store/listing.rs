@@ -189,10 +189,16 @@ impl ProductStore {
             Some(Cursor::Ranked(ranked)) => {
                 let matches = sample.estimate(&terms);
                 match ranked {
-                    Ranked::Engine { .. } => Route::Engine { matches },
-                    // On the word it began with, while the sample still
-                    // says that word is rare: a token cannot make the
-                    // engine read a common word's list.
+                    // On the engine while it may still read the words'
+                    // lists, and on the word it began with while the
+                    // sample still says that word is rare: a token cannot
+                    // make the engine read more than a search may.
+                    Ranked::Engine { .. } => {
+                        if !sample.engine_may_answer(&terms, &self.searches.bounds, self.db.backend()) {
+                            return Err(expired_token());
+                        }
+                        Route::Engine { matches }
+                    }
                     Ranked::Anchored { term, .. } => {
                         let rare = terms.iter().nth(*term).is_some_and(|word| {
                             sample.estimate_term(word) <= self.searches.bounds.anchor_up_to
