@@ -46,6 +46,19 @@ impl Refusal {
     pub fn is_wrong_credential(self) -> bool {
         matches!(self, Refusal::BadCredentials | Refusal::BadCode)
     }
+
+    /// Its `outcome` label on `storegate_login_attempts_total`: a
+    /// refusal of what the caller sent is "rejected", whatever it was.
+    pub fn outcome_label(self) -> &'static str {
+        match self {
+            Refusal::BadCredentials | Refusal::BadTicket | Refusal::BadCode | Refusal::EnrollmentTaken => {
+                "rejected"
+            }
+            Refusal::Locked => "locked",
+            Refusal::Disabled => "disabled",
+            Refusal::Throttled { .. } => "throttled",
+        }
+    }
 }
 
 impl From<Refusal> for ApiError {
@@ -70,6 +83,17 @@ impl From<Refusal> for ApiError {
 pub enum LoginError {
     Refused(Refusal),
     Failed(ApiError),
+}
+
+impl LoginError {
+    /// Its `outcome` label on `storegate_login_attempts_total`.
+    pub fn outcome_label(&self) -> &'static str {
+        match self {
+            LoginError::Refused(refusal) => refusal.outcome_label(),
+            LoginError::Failed(ApiError::ResourceExhausted { .. }) => "busy",
+            LoginError::Failed(_) => "error",
+        }
+    }
 }
 
 impl From<Refusal> for LoginError {

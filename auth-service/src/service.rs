@@ -87,20 +87,7 @@ pub fn login_attempts_from_zero() -> Family<LoginLabels, Counter> {
 impl AuthState {
     /// Counts a login step by its outcome, and turns it into the answer.
     fn count_login<T>(&self, step: &'static str, outcome: Result<T, LoginError>) -> Result<T, ApiError> {
-        let counted = match &outcome {
-            Ok(_) => "ok",
-            Err(LoginError::Refused(refusal)) => match refusal {
-                Refusal::BadCredentials
-                | Refusal::BadTicket
-                | Refusal::BadCode
-                | Refusal::EnrollmentTaken => "rejected",
-                Refusal::Locked => "locked",
-                Refusal::Disabled => "disabled",
-                Refusal::Throttled { .. } => "throttled",
-            },
-            Err(LoginError::Failed(ApiError::ResourceExhausted { .. })) => "busy",
-            Err(LoginError::Failed(_)) => "error",
-        };
+        let counted = outcome.as_ref().map_or_else(LoginError::outcome_label, |_| "ok");
         self.login_attempts.get_or_create(&LoginLabels { step, outcome: counted }).inc();
         outcome.map_err(ApiError::from)
     }
