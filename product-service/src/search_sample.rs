@@ -382,6 +382,34 @@ mod tests {
             Route::Engine { matches: 0 },
             "not sampled"
         );
+
+        // A relevance token of the engine goes on where the engine may read
+        // the lists: wherever the route is the engine (else the token is
+        // refused the moment it is made), and nowhere the engine would read
+        // more than a broad search.
+        for (bounds, backend) in [(&innodb, Backend::MySql), (&fts5, Backend::Sqlite)] {
+            for query in
+                ["m42", "teapot", "oak with", "with m42", "m42 m4", "teapot m42", "oak teapot", "teapot m1"]
+            {
+                let terms = Terms::of(&Words::of(query));
+                let may = sample.engine_may_answer(&terms, bounds, backend);
+                if let Route::Engine { .. } = sample.route(&terms, bounds, backend) {
+                    assert!(may, "{query} on {backend:?}");
+                }
+                if matches!(query, "teapot" | "oak with" | "oak teapot") {
+                    assert!(!may, "{query} on {backend:?}: a broad search's lists");
+                }
+            }
+        }
+        let may = |query: &str, bounds, backend| {
+            sample.engine_may_answer(&Terms::of(&Words::of(query)), bounds, backend)
+        };
+        assert!(!may("with m42", &fts5, Backend::Sqlite), "1,010,000 entries");
+        assert!(!may("with oak m42", &innodb, Backend::MySql), "anchored: 1,910,000 entries for the engine");
+        assert!(
+            small.engine_may_answer(&Terms::of(&Words::of("with")), &innodb, Backend::MySql),
+            "not sampled"
+        );
     }
 
     #[test]

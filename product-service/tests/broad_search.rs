@@ -313,8 +313,9 @@ async fn common_words_with_few_matches_together_read_a_bounded_catalogue(backend
     let engine_token = Cursor::Ranked(Ranked::Engine { score: 1.0, id: 1 });
     let relevance = OrderBy::parse("relevance").unwrap();
     let q = ListQuery { order: relevance, query: Some(query), after: Some(&engine_token), limit: 5 };
-    let refused = bounded.list(&q).await.err().map(|e| tonic::Status::from(e).code());
-    assert_eq!(refused, Some(tonic::Code::InvalidArgument));
+    let refused = bounded.list(&q).await.err().map(tonic::Status::from).expect("refused");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    assert!(refused.message().contains("expired"), "{}", refused.message());
     let q = ListQuery { query: Some("teapot crem"), ..q };
     assert!(bounded.list(&q).await.is_ok(), "the engine may answer it");
 }

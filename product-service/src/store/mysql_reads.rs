@@ -62,11 +62,32 @@ pub struct Lease {
 }
 
 /// A connection and when its last read finished (deadpool's own metrics
-/// know when it was lent, not when it came back).
+/// know when it was lent, not when it came back). The connection is taken
+/// out only to be closed, as deadpool drops what it does not recycle.
 #[derive(Debug)]
 struct Kept {
-    connection: MySqlConnection,
+    connection: Option<MySqlConnection>,
     idle_since: Instant,
+}
+
+impl Kept {
+    fn connection(&mut self) -> &mut MySqlConnection {
+        self.connection.as_mut().expect("a kept connection is taken out only to be closed")
+    }
+}
+
+/// Closes connections that are done with, beside the caller: a close is a
+/// round trip (COM_QUIT, so that the server does not count an aborted
+/// client), not the business of the read that found them.
+fn close_in_background(connections: impl IntoIterator<Item = MySqlConnection>) {
+    let connections: Vec<MySqlConnection> = connections.into_iter().collect();
+    if !connections.is_empty() {
+        tokio::spawn(async move {
+            for connection in connections {
+                let _ = connection.close().await;
+            }
+        });
+    }
 }
 
 /// Opens the read connections and checks them before they are lent again.
@@ -83,7 +104,8 @@ impl Connector {
     }
 
     /// Idle connections are looked through ten times as often as they may
-    /// stay idle: none stays open more than a tenth longer.
+    /// stay idle (when leases come: a service with no reads sweeps nothing,
+    /// and the server's own idle timeout then closes them).
     fn sweep_every(&self) -> Duration {
         self.close_if_idle_for / 10
     }
@@ -95,16 +117,17 @@ impl managed::Manager for Connector {
 
     async fn create(&self) -> Result<Kept, sqlx::Error> {
         let connection = storegate::db::connect_mysql(&self.options).await?;
-        Ok(Kept { connection, idle_since: Instant::now() })
+        Ok(Kept { connection: Some(connection), idle_since: Instant::now() })
     }
 
     async fn recycle(&self, kept: &mut Kept, metrics: &Metrics) -> RecycleResult<sqlx::Error> {
         if self.is_spent(kept, metrics) {
+            close_in_background(kept.connection.take());
             return Err(RecycleError::message("idle or open too long"));
         }
         let check = kept.idle_since.elapsed() >= CHECK_IF_IDLE_FOR
             || storegate::db_health::opened_before_last_outage(metrics.age());
-        if check && let Err(error) = kept.connection.ping().await {
+        if check && let Err(error) = kept.connection().ping().await {
             tracing::info!("a pooled MySQL connection was gone; replacing it");
             return Err(RecycleError::Backend(error));
         }
@@ -146,9 +169,7 @@ impl MySqlReads {
     }
 
     async fn lease_untimed(&self) -> Result<Lease, sqlx::Error> {
-        for spent in self.spent_if_sweep_due() {
-            let _ = spent.connection.close().await;
-        }
+        close_in_background(self.spent_if_sweep_due().into_iter().filter_map(|kept| kept.connection));
         match self.pool.get().await {
             Ok(object) => Ok(Lease { object: Some(object) }),
             Err(PoolError::Backend(error)) => Err(error),
@@ -172,7 +193,8 @@ impl MySqlReads {
         self.pool.retain(|kept, metrics| !connector.is_spent(kept, &metrics)).removed
     }
 
-    /// Connections kept idle now.
+    /// Connections kept idle now, as deadpool counts them: those neither
+    /// lent nor being handed out (so none while callers wait).
     pub fn idle_connections(&self) -> usize {
         self.pool.status().available
     }
@@ -180,7 +202,7 @@ impl MySqlReads {
 
 impl Lease {
     pub fn connection(&mut self) -> &mut MySqlConnection {
-        &mut self.object.as_mut().expect("a lease holds its connection until it ends").connection
+        self.object.as_mut().expect("a lease holds its connection until it ends").connection()
     }
 
     /// The read finished: the connection goes back as it is.
