@@ -102,6 +102,16 @@ impl Default for SearchBounds {
     }
 }
 
+/// What the sample says a search's terms find.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Estimate {
+    /// About how many products of the catalogue have every term.
+    pub matches: i64,
+    /// About how many have each term: the length of its list in a
+    /// full-text index (for a prefix, of all its words' lists merged).
+    pub lists: Vec<i64>,
+}
+
 /// How one search is answered, and the matches the sample estimates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Route {
@@ -187,30 +197,24 @@ impl Sample {
         self.products
     }
 
-    /// About how many products of the catalogue have every term.
-    pub fn estimate(&self, terms: &Terms) -> i64 {
+    /// About how many products of the catalogue have every term, and each
+    /// term alone: each term's products are looked up in the sample once.
+    pub fn estimate(&self, terms: &Terms) -> Estimate {
         let mut matching: Option<Vec<u32>> = None;
+        let mut lists = Vec::new();
         for term in terms.iter() {
             let having = self.having(term);
+            lists.push(self.scale(having.len()));
             matching = Some(match matching {
                 None => having,
+                Some(so_far) if so_far.is_empty() => so_far,
                 Some(so_far) => {
                     let having: HashSet<u32> = having.into_iter().collect();
                     so_far.into_iter().filter(|p| having.contains(p)).collect()
                 }
             });
-            if matching.as_ref().is_some_and(Vec::is_empty) {
-                break;
-            }
         }
-        self.scale(matching.map_or(0, |m| m.len()))
-    }
-
-    /// About how many products of the catalogue have `term`: the length of
-    /// its list in a full-text index (for a prefix, of all its words' lists
-    /// merged).
-    pub fn estimate_term(&self, term: &Term) -> i64 {
-        self.scale(self.having(term).len())
+        Estimate { matches: self.scale(matching.map_or(0, |m| m.len())), lists }
     }
 
     fn scale(&self, sampled: usize) -> i64 {
@@ -231,7 +235,7 @@ impl Sample {
     /// the engine is given no more than that would cost, so that no way's
     /// cost grows with the catalogue.
     pub fn route(&self, terms: &Terms, bounds: &SearchBounds, backend: Backend) -> Route {
-        let matches = self.estimate(terms);
+        let Estimate { matches, lists } = self.estimate(terms);
         // A catalogue that small is not sampled: every search on the index.
         if self.catalogue <= bounds.exact_up_to {
             return Route::Engine { matches };
@@ -240,7 +244,6 @@ impl Sample {
             return Route::Broad { matches };
         }
         let costs = bounds.costs.unwrap_or(ReadCosts::of(backend));
-        let lists: Vec<i64> = terms.iter().map(|term| self.estimate_term(term)).collect();
         let engine = lists.iter().sum::<i64>();
         // The first of the rarest words.
         let rarest =
@@ -260,20 +263,17 @@ impl Sample {
         Route::Broad { matches }
     }
 
-    /// Whether the engine may be given a search for `terms`, whichever way
+    /// Whether the engine may be given a search so estimated, whichever way
     /// [`Self::route`] would send it: its lists cost no more than a broad
     /// search may read, and it ranks no more matches than an exact search
     /// may. A relevance listing that began on the engine goes on there only
     /// while this holds, so that a page token cannot send a search to the
     /// engine that would read more.
-    pub fn engine_may_answer(&self, terms: &Terms, bounds: &SearchBounds, backend: Backend) -> bool {
-        if self.catalogue <= bounds.exact_up_to {
-            return true;
-        }
+    pub fn engine_may_answer(&self, estimate: &Estimate, bounds: &SearchBounds, backend: Backend) -> bool {
         let costs = bounds.costs.unwrap_or(ReadCosts::of(backend));
-        self.estimate(terms) <= bounds.exact_up_to
-            && terms.iter().map(|term| self.estimate_term(term)).sum::<i64>()
-                <= Self::engine_allowance(bounds, costs)
+        self.catalogue <= bounds.exact_up_to
+            || (estimate.matches <= bounds.exact_up_to
+                && estimate.lists.iter().sum::<i64>() <= Self::engine_allowance(bounds, costs))
     }
 
     /// How many list entries the engine may read for one search: what
@@ -314,7 +314,7 @@ mod tests {
     #[test]
     fn estimates_scale_the_sampled_share_to_the_catalogue() {
         let sample = sample(1_000_000);
-        let estimate = |query: &str| sample.estimate(&Terms::of(&Words::of(query)));
+        let estimate = |query: &str| sample.estimate(&Terms::of(&Words::of(query))).matches;
         assert_eq!(estimate("with"), 1_000_000);
         assert_eq!(estimate("teapot"), 100_000);
         assert_eq!(estimate("iron tea"), 100_000, "the last word as a prefix");
@@ -392,7 +392,7 @@ mod tests {
                 ["m42", "teapot", "oak with", "with m42", "m42 m4", "teapot m42", "oak teapot", "teapot m1"]
             {
                 let terms = Terms::of(&Words::of(query));
-                let may = sample.engine_may_answer(&terms, bounds, backend);
+                let may = sample.engine_may_answer(&sample.estimate(&terms), bounds, backend);
                 if let Route::Engine { .. } = sample.route(&terms, bounds, backend) {
                     assert!(may, "{query} on {backend:?}");
                 }
@@ -402,12 +402,12 @@ mod tests {
             }
         }
         let may = |query: &str, bounds, backend| {
-            sample.engine_may_answer(&Terms::of(&Words::of(query)), bounds, backend)
+            sample.engine_may_answer(&sample.estimate(&Terms::of(&Words::of(query))), bounds, backend)
         };
         assert!(!may("with m42", &fts5, Backend::Sqlite), "1,010,000 entries");
         assert!(!may("with oak m42", &innodb, Backend::MySql), "anchored: 1,910,000 entries for the engine");
         assert!(
-            small.engine_may_answer(&Terms::of(&Words::of("with")), &innodb, Backend::MySql),
+            small.engine_may_answer(&small.estimate(&Terms::of(&Words::of("with"))), &innodb, Backend::MySql),
             "not sampled"
         );
     }
@@ -422,6 +422,6 @@ mod tests {
     #[test]
     fn an_empty_catalogue_matches_nothing() {
         let sample = Sample::of(0, [], Indexed::by(Backend::MySql));
-        assert_eq!(sample.estimate(&Terms::of(&Words::of("tea"))), 0);
+        assert_eq!(sample.estimate(&Terms::of(&Words::of("tea"))).matches, 0);
     }
 }

@@ -187,22 +187,24 @@ impl ProductStore {
         let route = match q.after {
             // A relevance listing goes on as it began: each way ranks its own.
             Some(Cursor::Ranked(ranked)) => {
-                let matches = sample.estimate(&terms);
+                let estimate = sample.estimate(&terms);
+                let matches = estimate.matches;
                 match ranked {
                     // On the engine while it may still read the words'
                     // lists, and on the word it began with while the
                     // sample still says that word is rare: a token cannot
                     // make the engine read more than a search may.
                     Ranked::Engine { .. } => {
-                        if !sample.engine_may_answer(&terms, &self.searches.bounds, self.db.backend()) {
+                        if !sample.engine_may_answer(&estimate, &self.searches.bounds, self.db.backend()) {
                             return Err(expired_token());
                         }
                         Route::Engine { matches }
                     }
                     Ranked::Anchored { term, .. } => {
-                        let rare = terms.iter().nth(*term).is_some_and(|word| {
-                            sample.estimate_term(word) <= self.searches.bounds.anchor_up_to
-                        });
+                        let rare = estimate
+                            .lists
+                            .get(*term)
+                            .is_some_and(|list| *list <= self.searches.bounds.anchor_up_to);
                         if !rare {
                             return Err(expired_token());
                         }
