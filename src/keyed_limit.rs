@@ -5,6 +5,13 @@
 //! place ([`KeyedLimit::start_within`]): the waiting calls are bounded by
 //! the keys' shares, each holding its key's place while it waits.
 //!
+//! A limit made with [`KeyedLimit::fair`] also keeps a key from taking more
+//! than half of the places still free: a key that already holds some may
+//! take one more only while it holds fewer than half the free places. A
+//! key holding none is admitted while any place is free. So `k` busy keys
+//! hold at most `k / (k + 2)` of the cap together, and a newcomer finds a
+//! place however many places each of them tries to take.
+//!
 //! Written here rather than taken from a crate: the maintained keyed
 //! limiters limit rates (`governor`), not work in flight; this is a count
 //! per key beside a tokio semaphore.
@@ -21,6 +28,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 #[derive(Debug)]
 pub struct KeyedLimit<K> {
     per_key: usize,
+    /// Whether a key may hold at most half of the free places.
+    fair: bool,
     /// In flight per key; a key with none has no entry, so the map holds at
     /// most as many entries as there is work in flight.
     running: Mutex<HashMap<K, usize>>,
@@ -55,16 +64,34 @@ impl<K: Eq + Hash + Clone> KeyedLimit<K> {
     pub fn new(per_key: usize, total: usize) -> Arc<Self> {
         Arc::new(KeyedLimit {
             per_key: per_key.max(1),
+            fair: false,
             running: Mutex::default(),
             total: Arc::new(Semaphore::new(total.max(1))),
         })
+    }
+
+    /// As [`KeyedLimit::new`], and a key that holds places may take another
+    /// only while it holds fewer than half of the places still free (see
+    /// the module's doc).
+    pub fn fair(per_key: usize, total: usize) -> Arc<Self> {
+        let mut limit = Self::new(per_key, total);
+        Arc::get_mut(&mut limit).expect("just made").fair = true;
+        limit
+    }
+
+    /// Whether a key holding `mine` places is at its share now.
+    fn at_share(&self, mine: usize) -> bool {
+        if mine >= self.per_key {
+            return true;
+        }
+        self.fair && mine > 0 && mine >= (self.total.available_permits() / 2).max(1)
     }
 
     /// A place for `key` now, or why not.
     pub fn try_start(self: &Arc<Self>, key: &K) -> Result<Permit<K>, Refused> {
         let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
         let mine = running.get(key).copied().unwrap_or(0);
-        if mine >= self.per_key {
+        if self.at_share(mine) {
             return Err(Refused::Key);
         }
         // Taken under the map's lock, so that a key's count and the total
@@ -85,7 +112,7 @@ impl<K: Eq + Hash + Clone> KeyedLimit<K> {
         let place = {
             let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
             let mine = running.get(key).copied().unwrap_or(0);
-            if mine >= self.per_key {
+            if self.at_share(mine) {
                 return Err(Refused::Key);
             }
             running.insert(key.clone(), mine + 1);
@@ -134,6 +161,38 @@ mod tests {
         assert_eq!(limit.in_flight(&"b"), 0);
         assert!(!limit.running.lock().unwrap().contains_key("b"), "no entry for a key without work");
         let _c = limit.try_start(&"c").unwrap();
+    }
+
+    #[test]
+    fn a_fair_limit_keeps_room_for_newcomers_however_many_keys_flood_it() {
+        let limit = KeyedLimit::fair(1000, 1024);
+        // 16 keys each take every place they are given.
+        let mut held = Vec::new();
+        for round in 0..1024 {
+            let before = held.len();
+            for key in 0..16 {
+                if let Ok(permit) = limit.try_start(&key) {
+                    held.push(permit);
+                }
+            }
+            if held.len() == before {
+                assert!(round > 0);
+                break;
+            }
+        }
+        // Each holds about 1024 / 18 places; the rest, about a ninth, stay free.
+        for key in 0..16 {
+            assert!(limit.in_flight(&key) <= 1024 / 18 + 1, "key {key} holds {}", limit.in_flight(&key));
+        }
+        assert!(limit.total.available_permits() >= 100, "{} free", limit.total.available_permits());
+        // A newcomer gets a place, and so does the next one.
+        let _new = limit.try_start(&100).expect("a newcomer finds a place");
+        let _next = limit.try_start(&101).expect("and the next one");
+        // Alone, a key takes at most a third of the cap.
+        let alone = KeyedLimit::fair(1000, 30);
+        let permits: Vec<_> = (0..30).map_while(|_| alone.try_start(&"a").ok()).collect();
+        assert_eq!(permits.len(), 10);
+        assert_eq!(alone.try_start(&"a").unwrap_err(), Refused::Key);
     }
 
     #[tokio::test(start_paused = true)]

@@ -136,6 +136,8 @@ pub enum VerifyError {
     Invalid,
     #[error("token claims a longer lifetime (exp - iat) than access tokens have")]
     LifetimeTooLong,
+    #[error("token claims to be issued in the future (iat beyond the clock leeway)")]
+    IssuedInFuture,
 }
 
 /// Checks access tokens: EdDSA only, `typ: at+jwt`, a known `kid`, the
@@ -191,6 +193,13 @@ impl TokenVerifier {
             jsonwebtoken::decode::<Claims>(token, key, &self.validation).map_err(|_| VerifyError::Invalid)?;
         if data.claims.exp.saturating_sub(data.claims.iat) > self.max_lifetime_secs {
             return Err(VerifyError::LifetimeTooLong);
+        }
+        // jsonwebtoken checks nbf, not iat: a token dated ahead (a stolen
+        // key used to mint tokens that are good later) would otherwise pass
+        // the lifetime check with an exp far away.
+        let latest_iat = jsonwebtoken::get_current_timestamp().saturating_add(CLOCK_LEEWAY_SECS);
+        if u64::try_from(data.claims.iat).is_ok_and(|iat| iat > latest_iat) {
+            return Err(VerifyError::IssuedInFuture);
         }
         Ok(data.claims)
     }
@@ -305,6 +314,26 @@ mod tests {
             strict.verify(&keys(), &sign(&claims(n), "k1", ACCESS_TOKEN_TYPE)),
             Err(VerifyError::LifetimeTooLong)
         );
+    }
+
+    #[test]
+    fn tokens_issued_or_valid_only_in_the_future_are_refused() {
+        let verifier = TokenVerifier::new(DEFAULT_ISSUER, DEFAULT_AUDIENCE);
+        let n = now();
+        // A day ahead, with an exp - iat within the lifetime.
+        let mut c = claims(n + 24 * 3600);
+        c.nbf = None;
+        assert_eq!(
+            verifier.verify(&keys(), &sign(&c, "k1", ACCESS_TOKEN_TYPE)),
+            Err(VerifyError::IssuedInFuture)
+        );
+        // nbf ahead of the leeway: refused by the claims check.
+        let mut c = claims(n);
+        c.nbf = Some(n + 2 * CLOCK_LEEWAY_SECS as i64);
+        assert_eq!(verifier.verify(&keys(), &sign(&c, "k1", ACCESS_TOKEN_TYPE)), Err(VerifyError::Invalid));
+        // Within the leeway, both pass (clocks differ a little).
+        let ahead = n + CLOCK_LEEWAY_SECS as i64 / 2;
+        assert!(verifier.verify(&keys(), &sign(&claims(ahead), "k1", ACCESS_TOKEN_TYPE)).is_ok());
     }
 
     #[test]
