@@ -127,8 +127,12 @@ pub struct Limits {
     #[arg(long, env = "MAX_CONCURRENT_STREAMS", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_concurrent_streams: u32,
 
-    /// Calls (and open streams) in flight on the whole server; beyond it a
-    /// call is answered RESOURCE_EXHAUSTED at once.
+    /// Calls in flight on the whole server (a call counts until its
+    /// response has been sent); beyond it a call is answered
+    /// RESOURCE_EXHAUSTED at once. One client address may take another only
+    /// while it holds fewer than half of the places still free, so a few
+    /// addresses cannot fill it. Long-lived streams count apart
+    /// (MAX_STREAMING_CALLS).
     #[arg(long, env = "MAX_CONCURRENT_CALLS", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_concurrent_calls: u32,
 
@@ -138,6 +142,25 @@ pub struct Limits {
     /// MAX_CONCURRENT_CALLS there and limit clients at the gateway.
     #[arg(long, env = "MAX_CONCURRENT_CALLS_PER_CLIENT", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_concurrent_calls_per_client: u32,
+
+    /// Long-lived streams open on the whole server: Health/Watch and server
+    /// reflection, which a client may hold open as long as it likes. They
+    /// are counted apart from the calls above, so held streams never take
+    /// a unary call's place. The same fair share per address applies.
+    #[arg(long, env = "MAX_STREAMING_CALLS", default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_streaming_calls: u32,
+
+    /// Long-lived streams open from one client address. Behind a gateway,
+    /// raise it as MAX_CONCURRENT_CALLS_PER_CLIENT.
+    #[arg(long, env = "MAX_STREAMING_CALLS_PER_CLIENT", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_streaming_calls_per_client: u32,
+
+    /// A response the client leaves unread this long (the HTTP/2 flow
+    /// control window closed, or the socket not read) closes its
+    /// connection, and with it every call the client held there. A unary
+    /// call's response must also be sent within REQUEST_TIMEOUT_SECS.
+    #[arg(long, env = "WRITE_TIMEOUT_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    pub write_timeout_secs: u64,
 
     /// Request headers, in bytes: HTTP/2 max header list size, HTTP/1 read
     /// buffer (at least 8192).
@@ -153,9 +176,11 @@ pub struct Limits {
     #[arg(long, env = "MAX_RESPONSE_BYTES", default_value_t = 32 * 1024 * 1024)]
     pub max_response_bytes: usize,
 
-    /// A call (reading its request included) must be answered within this;
-    /// after it the caller gets DEADLINE_EXCEEDED. Bounds request bodies that
-    /// never complete. Streams that have answered are not cut.
+    /// A unary call must be answered within this, from the first byte of
+    /// its request to the last of its response: a call still waiting for
+    /// its request or its handler gets DEADLINE_EXCEEDED, and a response
+    /// still unsent then closes the connection. Long-lived streams are not
+    /// cut by it.
     #[arg(long, env = "REQUEST_TIMEOUT_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
     pub request_timeout_secs: u64,
 
@@ -186,6 +211,9 @@ impl Default for Limits {
             max_concurrent_streams: 256,
             max_concurrent_calls: 1024,
             max_concurrent_calls_per_client: 256,
+            max_streaming_calls: 512,
+            max_streaming_calls_per_client: 64,
+            write_timeout_secs: 10,
             max_header_bytes: 16 * 1024,
             max_request_bytes: None,
             max_response_bytes: 32 * 1024 * 1024,

@@ -1,9 +1,11 @@
 //! The servers' own accept loop: TLS handshakes, and the limits that keep a
 //! stranger from exhausting a server (a cap on connections, streams per
-//! connection, calls in flight, header sizes, and time for handshakes,
-//! headers, calls and idleness). tonic's `Server` exposes neither a
-//! connection cap nor the HTTP/1 timeouts, so connections are served here
-//! with hyper's auto (HTTP/1.1 + HTTP/2) builder.
+//! connection, calls and long-lived streams in flight, each shared fairly
+//! between client addresses, header sizes, and time for handshakes,
+//! headers, calls, unread responses and idleness). tonic's `Server` exposes
+//! neither a connection cap, nor the HTTP/1 timeouts, nor a way to cut a
+//! client that stops reading, so connections are served here with hyper's
+//! auto (HTTP/1.1 + HTTP/2) builder.
 
 use std::{
     collections::HashMap,
@@ -94,14 +96,32 @@ impl<S> Stack for S where
 {
 }
 
-/// The bound on calls in flight across the server, and the deadline of
-/// each. Sits inside the gRPC-Web translation, so that its answers reach
-/// browsers in their protocol.
+/// The methods whose calls may stay open as long as the client likes:
+/// server streams and bidirectional streams. They are counted apart from
+/// unary calls and are not cut by the request timeout. (A streaming method
+/// added to a service belongs here.)
+const LONG_LIVED_METHODS: &[&str] = &[
+    "/grpc.health.v1.Health/Watch",
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+];
+
+/// Whether a call to `path` may stay open as long as the client likes.
+fn is_long_lived(path: &str) -> bool {
+    LONG_LIVED_METHODS.contains(&path)
+}
+
+/// The bounds on calls in flight across the server (unary calls, and
+/// long-lived streams apart), and the deadline of each unary call. Sits
+/// inside the gRPC-Web translation, so that its answers reach browsers in
+/// their protocol.
 #[derive(Clone)]
 pub struct CallLimits<S> {
     inner: S,
-    /// Per client address, and for the whole server.
+    /// Unary calls, per client address and for the whole server.
     in_flight: Arc<KeyedLimit<Option<IpAddr>>>,
+    /// Long-lived streams, the same way.
+    streams: Arc<KeyedLimit<Option<IpAddr>>>,
     timeout: Duration,
 }
 
@@ -109,9 +129,13 @@ impl<S> CallLimits<S> {
     pub fn new(inner: S, limits: &Limits) -> Self {
         CallLimits {
             inner,
-            in_flight: KeyedLimit::new(
+            in_flight: KeyedLimit::fair(
                 limits.max_concurrent_calls_per_client as usize,
                 limits.max_concurrent_calls as usize,
+            ),
+            streams: KeyedLimit::fair(
+                limits.max_streaming_calls_per_client as usize,
+                limits.max_streaming_calls as usize,
             ),
             timeout: Duration::from_secs(limits.request_timeout_secs),
         }
@@ -146,12 +170,16 @@ where
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
         // Shedding at once costs nothing to hold; queueing would let a
         // flood of stalled calls pile up memory.
-        let permit = match self.in_flight.try_start(&peer_ip(&request)) {
+        let long_lived = is_long_lived(request.uri().path());
+        let budget = if long_lived { &self.streams } else { &self.in_flight };
+        let permit = match budget.try_start(&peer_ip(&request)) {
             Ok(permit) => permit,
             Err(refused) => {
-                let message = match refused {
-                    Refused::Key => "too many calls in flight from your address; try again",
-                    Refused::Total => "the server has too many calls in flight; try again",
+                let message = match (refused, long_lived) {
+                    (Refused::Key, false) => "too many calls in flight from your address; try again",
+                    (Refused::Total, false) => "the server has too many calls in flight; try again",
+                    (Refused::Key, true) => "too many streams open from your address; close one first",
+                    (Refused::Total, true) => "the server has too many streams open; try again later",
                 };
                 return Box::pin(async move { Ok(tonic::Status::resource_exhausted(message).into_http()) });
             }
@@ -215,23 +243,78 @@ fn client_deadline(headers: &http::HeaderMap) -> Option<Duration> {
     })
 }
 
-/// One open connection, as the cap and the idle limit see it.
+/// One open connection, as the cap, the idle limit and the write timeout
+/// see it.
 struct Conn {
+    /// The client's address (None when the socket could not tell).
+    ip: Option<IpAddr>,
     calls: AtomicUsize,
     /// Milliseconds since `Registry::epoch` when the last call ended (or the
     /// connection opened).
     idle_since_ms: AtomicU64,
     evict: Notify,
+    /// Responses waiting for the client to read them (by a number of their
+    /// own), each with the instant after which the connection is cut.
+    unread: Mutex<HashMap<u64, Instant>>,
+    next_response: AtomicU64,
+    /// Wakes the connection task when a response starts waiting while none
+    /// did (the task may be asleep until an idle deadline minutes away).
+    unread_started: Notify,
 }
 
-/// The open connections, for the cap: at it, the longest-idle one makes
+impl Conn {
+    fn unread(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Instant>> {
+        self.unread.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// When the first response left unread too long makes the connection
+    /// be cut.
+    fn cut_at(&self) -> Option<Instant> {
+        self.unread().values().min().copied()
+    }
+}
+
+/// The open connections, for the cap. At it, the longest-idle one makes
 /// room for a new one (an attacker's silent connections cannot lock out
 /// callers), and when every one has a call in flight the new one is closed.
+/// One address may open another only while it holds fewer than half of the
+/// places still free (else its own longest-idle connection makes room), so
+/// that a few addresses cannot take them all.
 struct Registry {
     epoch: Instant,
     max: usize,
     next_id: AtomicU64,
-    open: Mutex<HashMap<u64, Arc<Conn>>>,
+    open: Mutex<Open>,
+}
+
+#[derive(Default)]
+struct Open {
+    by_id: HashMap<u64, Arc<Conn>>,
+    /// Open connections per address; an address with none has no entry.
+    per_ip: HashMap<Option<IpAddr>, usize>,
+}
+
+impl Open {
+    fn remove(&mut self, id: u64) -> Option<Arc<Conn>> {
+        let conn = self.by_id.remove(&id)?;
+        match self.per_ip.get_mut(&conn.ip) {
+            Some(count) if *count > 1 => *count -= 1,
+            _ => {
+                self.per_ip.remove(&conn.ip);
+            }
+        }
+        Some(conn)
+    }
+
+    /// The longest-idle connection with no call in flight, among those
+    /// `which` picks.
+    fn idlest(&self, which: impl Fn(&Conn) -> bool) -> Option<u64> {
+        self.by_id
+            .iter()
+            .filter(|(_, c)| which(c) && c.calls.load(Ordering::Acquire) == 0)
+            .min_by_key(|(id, c)| (c.idle_since_ms.load(Ordering::Relaxed), **id))
+            .map(|(id, _)| *id)
+    }
 }
 
 impl Registry {
@@ -239,30 +322,37 @@ impl Registry {
         self.epoch.elapsed().as_millis() as u64
     }
 
-    fn admit(&self) -> Option<(u64, Arc<Conn>)> {
+    fn admit(&self, ip: Option<IpAddr>) -> Option<(u64, Arc<Conn>)> {
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
-        if open.len() >= self.max {
-            let idlest = open
-                .iter()
-                .filter(|(_, c)| c.calls.load(Ordering::Acquire) == 0)
-                .min_by_key(|(id, c)| (c.idle_since_ms.load(Ordering::Relaxed), **id))
-                .map(|(id, _)| *id)?;
-            if let Some(evicted) = open.remove(&idlest) {
-                evicted.evict.notify_one();
-            }
+        let free = self.max.saturating_sub(open.by_id.len());
+        let mine = open.per_ip.get(&ip).copied().unwrap_or(0);
+        let make_room = if mine > 0 && mine >= (free / 2).max(1) {
+            Some(open.idlest(|c| c.ip == ip)?)
+        } else if free == 0 {
+            Some(open.idlest(|_| true)?)
+        } else {
+            None
+        };
+        if let Some(evicted) = make_room.and_then(|id| open.remove(id)) {
+            evicted.evict.notify_one();
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let conn = Arc::new(Conn {
+            ip,
             calls: AtomicUsize::new(0),
             idle_since_ms: AtomicU64::new(self.now_ms()),
             evict: Notify::new(),
+            unread: Mutex::default(),
+            next_response: AtomicU64::new(0),
+            unread_started: Notify::new(),
         });
-        open.insert(id, conn.clone());
+        open.by_id.insert(id, conn.clone());
+        *open.per_ip.entry(ip).or_default() += 1;
         Some((id, conn))
     }
 
     fn remove(&self, id: u64) {
-        self.open.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+        self.open.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
     }
 }
 
@@ -286,13 +376,90 @@ impl Drop for CallOnConn {
     }
 }
 
+/// A response body that notes on its connection whenever it waits for the
+/// client to read: from when it is handed to hyper until hyper first asks
+/// for a frame, and from each frame it gives until hyper asks for the next.
+/// (hyper asks for the next frame only once the client's flow-control
+/// window or the socket has room.) Waiting on the service for data to send
+/// is not waiting for the client. The connection task cuts a connection
+/// whose response waited past its limit ([`serve_http`]).
+struct Unread {
+    inner: Body,
+    call: CallOnConn,
+    id: u64,
+    /// How long the client may leave a frame unread.
+    patience: Duration,
+    /// The unary call's deadline: no frame is sent after it, and no wait
+    /// goes past it.
+    deadline: Option<Instant>,
+}
+
+impl Unread {
+    fn new(inner: Body, call: CallOnConn, patience: Duration, deadline: Option<Instant>) -> Self {
+        let id = call.conn.next_response.fetch_add(1, Ordering::Relaxed);
+        let body = Unread { inner, call, id, patience, deadline };
+        body.waiting();
+        body
+    }
+
+    fn waiting(&self) {
+        let limit = Instant::now() + self.patience;
+        let limit = self.deadline.map_or(limit, |deadline| deadline.min(limit));
+        let mut unread = self.call.conn.unread();
+        if unread.is_empty() {
+            self.call.conn.unread_started.notify_one();
+        }
+        unread.insert(self.id, limit);
+    }
+}
+
+impl http_body::Body for Unread {
+    type Data = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, tonic::Status>>> {
+        self.call.conn.unread().remove(&self.id);
+        if self.deadline.is_some_and(|deadline| deadline <= Instant::now()) {
+            // hyper resets the stream (HTTP/2) or closes the connection.
+            return Poll::Ready(Some(Err(tonic::Status::deadline_exceeded(
+                "the response was not read within the server's time for a call",
+            ))));
+        }
+        let frame = Pin::new(&mut self.inner).poll_frame(cx);
+        if matches!(frame, Poll::Ready(Some(Ok(_)))) && !self.inner.is_end_stream() {
+            self.waiting();
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Unread {
+    fn drop(&mut self) {
+        self.call.conn.unread().remove(&self.id);
+    }
+}
+
 /// The per-connection face of the server's service: adds what tonic's
-/// `Request::remote_addr` (and `peer_certs`) read, and counts calls.
+/// `Request::remote_addr` (and `peer_certs`) read, counts calls, and notes
+/// responses left unread.
 struct ConnService<S, I> {
     inner: S,
     connect_info: I,
     conn: Arc<Conn>,
     registry: Arc<Registry>,
+    write_timeout: Duration,
+    request_timeout: Duration,
 }
 
 impl<S, I> hyper::service::Service<http::Request<Incoming>> for ConnService<S, I>
@@ -307,11 +474,13 @@ where
     fn call(&self, mut request: http::Request<Incoming>) -> Self::Future {
         request.extensions_mut().insert(self.connect_info.clone());
         let on_conn = CallOnConn::new(&self.conn, &self.registry);
+        let deadline = (!is_long_lived(request.uri().path())).then(|| Instant::now() + self.request_timeout);
+        let patience = self.write_timeout;
         let mut inner = self.inner.clone();
         Box::pin(async move {
             std::future::poll_fn(|cx| inner.poll_ready(cx)).await?;
             let response = inner.call(request.map(Body::new)).await?;
-            Ok(guarded(response, on_conn))
+            Ok(response.map(|body| Body::new(Unread::new(body, on_conn, patience, deadline))))
         })
     }
 }
@@ -324,6 +493,8 @@ struct Shared<S> {
     registry: Arc<Registry>,
     handshake_timeout: Duration,
     idle_timeout: Duration,
+    write_timeout: Duration,
+    request_timeout: Duration,
 }
 
 fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
@@ -372,11 +543,13 @@ pub async fn serve<S>(
         registry: registry.clone(),
         handshake_timeout: Duration::from_secs(limits.header_read_timeout_secs),
         idle_timeout: Duration::from_secs(limits.idle_timeout_secs),
+        write_timeout: Duration::from_secs(limits.write_timeout_secs),
+        request_timeout: Duration::from_secs(limits.request_timeout_secs),
     });
     let (draining, _) = watch::channel(false);
     let mut stop = std::pin::pin!(stop);
     loop {
-        let (stream, _) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             () = &mut stop => break,
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
@@ -389,9 +562,9 @@ pub async fn serve<S>(
                 }
             },
         };
-        let Some((id, conn)) = registry.admit() else {
+        let Some((id, conn)) = registry.admit(Some(peer.ip())) else {
             tracing::debug!(
-                "connection refused: every connection up to MAX_CONNECTIONS has a call in flight"
+                "connection refused: at MAX_CONNECTIONS, or at the address's share, with a call in flight on each"
             );
             drop(stream);
             continue;
@@ -436,6 +609,10 @@ async fn serve_one<S>(
     shared.registry.remove(id);
 }
 
+/// How often a busy connection looks for responses left unread past their
+/// limit (a response may start waiting without waking the connection task).
+const UNREAD_CHECK: Duration = Duration::from_secs(1);
+
 async fn serve_http<S, IO, I>(
     shared: &Shared<S>,
     io: IO,
@@ -452,6 +629,8 @@ async fn serve_http<S, IO, I>(
         connect_info,
         conn: conn.clone(),
         registry: shared.registry.clone(),
+        write_timeout: shared.write_timeout,
+        request_timeout: shared.request_timeout,
     };
     let mut connection = std::pin::pin!(shared.http.serve_connection(TokioIo::new(io), service));
     // After a graceful shutdown is asked for, how long the peer has to
@@ -459,13 +638,32 @@ async fn serve_http<S, IO, I>(
     // covers a stopping server).
     let mut closing: Option<Instant> = None;
     loop {
-        let idle_deadline = if conn.calls.load(Ordering::Acquire) > 0 {
-            // Busy: look again after a full idle period at the latest.
-            Instant::now() + shared.idle_timeout
-        } else {
+        // A response left unread past its limit cuts the connection, also
+        // while it drains: its client has stopped reading.
+        let cut_at = conn.cut_at();
+        if cut_at.is_some_and(|cut_at| cut_at <= Instant::now()) {
+            tracing::debug!("closing a connection whose client stopped reading its responses");
+            return;
+        }
+        let busy = conn.calls.load(Ordering::Acquire) > 0;
+        let idle_deadline = (!busy).then(|| {
             let idle_since = Duration::from_millis(conn.idle_since_ms.load(Ordering::Relaxed));
             shared.registry.epoch + idle_since + shared.idle_timeout
+        });
+        if closing.is_none() && idle_deadline.is_some_and(|deadline| deadline <= Instant::now()) {
+            tracing::debug!("closing an idle connection");
+            connection.as_mut().graceful_shutdown();
+            closing = Some(Instant::now() + Duration::from_secs(5));
+        }
+        // When to look again: a busy connection each second too, for a
+        // response that starts waiting while others already do (that wakes
+        // no one).
+        let look_again = match (cut_at, idle_deadline) {
+            (Some(cut_at), _) => cut_at.min(Instant::now() + UNREAD_CHECK),
+            (None, Some(idle)) => idle,
+            (None, None) => Instant::now() + UNREAD_CHECK,
         };
+        let look_again = closing.map_or(look_again, |closing| closing.min(look_again));
         tokio::select! {
             served = connection.as_mut() => {
                 if let Err(e) = served {
@@ -482,16 +680,12 @@ async fn serve_http<S, IO, I>(
                 connection.as_mut().graceful_shutdown();
                 closing = Some(Instant::now() + Duration::from_secs(1));
             }
-            () = tokio::time::sleep_until(idle_deadline), if closing.is_none() => {
-                if conn.calls.load(Ordering::Acquire) == 0 && idle_deadline <= Instant::now() {
-                    tracing::debug!("closing an idle connection");
-                    connection.as_mut().graceful_shutdown();
-                    closing = Some(Instant::now() + Duration::from_secs(5));
+            () = conn.unread_started.notified() => {}
+            () = tokio::time::sleep_until(look_again) => {
+                if closing.is_some_and(|closing| closing <= Instant::now()) {
+                    tracing::debug!("connection did not close in time; dropping it");
+                    return;
                 }
-            }
-            () = tokio::time::sleep_until(closing.unwrap_or_else(Instant::now)), if closing.is_some() => {
-                tracing::debug!("connection did not close in time; dropping it");
-                return;
             }
         }
     }

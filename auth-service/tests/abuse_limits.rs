@@ -72,22 +72,36 @@ async fn calls_in_flight_are_bounded_and_stalled_ones_time_out() {
     let limits = Limits { max_concurrent_calls: 10, request_timeout_secs: 2, ..Limits::default() };
     let auth = auth_with(&db, limits).await;
 
-    let mut flood = H2Flood::connect(auth.addr, HEALTH_CHECK, &[]).await.unwrap();
-    flood.settings(Duration::from_secs(5)).await.expect("settings");
+    // Three addresses flood; each may hold fewer than half of the places
+    // still free, so together they hold 3 + 2 + 2 = 7 of the 10.
+    let mut floods = Vec::new();
+    for from in ["127.0.0.11", "127.0.0.12", "127.0.0.13"] {
+        let from = Some(from.parse().unwrap());
+        let mut flood = H2Flood::connect_from(from, auth.addr, HEALTH_CHECK, &[], None).await.unwrap();
+        flood.settings(Duration::from_secs(5)).await.expect("settings");
+        flood.open_stalled(10);
+        // One after the other, so that each sees the others' places taken.
+        let answered = &flood.counts.answered;
+        let _ =
+            eventually(Duration::from_secs(1), || answered.load(std::sync::atomic::Ordering::Acquire) >= 7)
+                .await;
+        floods.push(flood);
+    }
     let started = Instant::now();
-    flood.open_stalled(30);
-    // 20 beyond the bound are answered (RESOURCE_EXHAUSTED) at once.
-    let answered = &flood.counts.answered;
-    let load = || answered.load(std::sync::atomic::Ordering::Acquire);
-    assert!(eventually(Duration::from_secs(1), || load() >= 20).await, "{} answered", load());
-    assert!(load() < 30, "the 10 stalled calls are still in flight");
-    let shed = get_jwks(&auth).await.expect_err("no room for another call");
+    let load =
+        || floods.iter().map(|f| f.counts.answered.load(std::sync::atomic::Ordering::Acquire)).sum::<usize>();
+    // 23 beyond their shares are answered (RESOURCE_EXHAUSTED) at once.
+    assert!(eventually(Duration::from_secs(1), || load() >= 23).await, "{} answered", load());
+    assert_eq!(load(), 23, "the 7 stalled calls are still in flight");
+    let shed = get_jwks_from(auth.addr, "127.0.0.11").await.expect_err("no room for another call of 11's");
     assert_eq!(shed.code(), tonic::Code::ResourceExhausted, "{shed:?}");
+    // Another address still finds a place.
+    get_jwks_from(auth.addr, "127.0.0.14").await.expect("room for a fourth address");
 
     // The stalled ones end at the request timeout; then calls go through.
     assert!(eventually(Duration::from_secs(5), || load() >= 30).await, "{} answered", load());
-    assert!(started.elapsed() >= Duration::from_millis(1900), "not before the timeout");
-    get_jwks(&auth).await.expect("room again once the stalled calls have timed out");
+    assert!(started.elapsed() >= Duration::from_millis(900), "not before the timeout");
+    get_jwks_from(auth.addr, "127.0.0.11").await.expect("room again once the stalled calls have timed out");
 }
 
 /// A normal call from another address of this host (all of 127/8 is
@@ -141,11 +155,18 @@ async fn connections_beyond_the_cap_make_room_or_are_closed() {
     // Let the start-up health checks' connections go.
     tokio::time::sleep(Duration::from_millis(200)).await;
 
-    // Silent connections fill the cap; a caller still gets through (the
+    // Silent connections, from four addresses (one address may hold only
+    // part of the cap), fill it; a caller still gets through (the
     // longest-idle connection makes room) and the silent ones are closed.
+    let from = |last: u8| std::net::SocketAddr::from(([127, 0, 0, last], 0));
+    let connect_from = |last: u8| async move {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(from(last)).unwrap();
+        socket.connect(auth.addr).await.unwrap()
+    };
     let mut silent = Vec::new();
-    for _ in 0..4 {
-        silent.push(TcpStream::connect(auth.addr).await.unwrap());
+    for last in 21..25 {
+        silent.push(connect_from(last).await);
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
     get_jwks(&auth).await.expect("a caller gets through past silent connections");
@@ -159,8 +180,9 @@ async fn connections_beyond_the_cap_make_room_or_are_closed() {
 
     // Every slot holds a call in flight: a new connection is closed at once.
     let mut floods = Vec::new();
-    for _ in 0..4 {
-        let mut flood = H2Flood::connect(auth.addr, HEALTH_CHECK, &[]).await.unwrap();
+    for last in 31..35 {
+        let ip = Some(from(last).ip());
+        let mut flood = H2Flood::connect_from(ip, auth.addr, HEALTH_CHECK, &[], None).await.unwrap();
         flood.settings(Duration::from_secs(5)).await.expect("admitted");
         flood.open_stalled(1);
         floods.push(flood);

@@ -1,10 +1,11 @@
 //! Hostile clients, for the tests and the measurement of the abuse limits:
 //! a raw HTTP/2 client that opens streams and never sends their bodies
-//! (ignoring the server's stream limit, as an attacker would), and raw
-//! HTTP/1.1 helpers.
+//! (ignoring the server's stream limit, as an attacker would), or sends
+//! them and then never reads the answers, from any loopback address; and
+//! raw HTTP/1.1 helpers.
 
 use std::{
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering},
@@ -14,7 +15,7 @@ use std::{
 
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::TcpStream,
+    net::{TcpSocket, TcpStream},
     sync::mpsc,
 };
 
@@ -25,9 +26,11 @@ const RST_STREAM: u8 = 0x3;
 const SETTINGS: u8 = 0x4;
 const PING: u8 = 0x6;
 const GOAWAY: u8 = 0x7;
+const END_STREAM: u8 = 0x1;
 const END_HEADERS: u8 = 0x4;
 const ACK: u8 = 0x1;
 const SETTINGS_MAX_CONCURRENT_STREAMS: u16 = 0x3;
+const SETTINGS_INITIAL_WINDOW_SIZE: u16 = 0x4;
 /// RST_STREAM error code for a stream refused before any processing.
 pub const REFUSED_STREAM: u32 = 0x7;
 
@@ -99,7 +102,28 @@ impl H2Flood {
     /// Connects and sends the preface; streams go to `path` with `headers`
     /// besides the pseudo-headers and gRPC's own.
     pub async fn connect(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> std::io::Result<H2Flood> {
-        let stream = TcpStream::connect(addr).await?;
+        Self::connect_from(None, addr, path, headers, None).await
+    }
+
+    /// As [`H2Flood::connect`], from the local address `from` (any of
+    /// 127.0.0.0/8 on loopback: each counts as its own client), announcing
+    /// `window` as every stream's flow-control window (0: a client that
+    /// reads no response data at all).
+    pub async fn connect_from(
+        from: Option<IpAddr>,
+        addr: SocketAddr,
+        path: &str,
+        headers: &[(&str, &str)],
+        window: Option<u32>,
+    ) -> std::io::Result<H2Flood> {
+        let stream = match from {
+            None => TcpStream::connect(addr).await?,
+            Some(from) => {
+                let socket = if from.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+                socket.bind(SocketAddr::new(from, 0))?;
+                socket.connect(addr).await?
+            }
+        };
         stream.set_nodelay(true)?;
         let (mut read, mut write) = stream.into_split();
         let (writer, mut outgoing) = mpsc::unbounded_channel::<Vec<u8>>();
@@ -167,7 +191,12 @@ impl H2Flood {
             })
         };
         let mut bytes = PREFACE.to_vec();
-        bytes.extend(frame(SETTINGS, 0, 0, &[]));
+        let mut settings = Vec::new();
+        if let Some(window) = window {
+            settings.extend_from_slice(&SETTINGS_INITIAL_WINDOW_SIZE.to_be_bytes());
+            settings.extend_from_slice(&window.to_be_bytes());
+        }
+        bytes.extend(frame(SETTINGS, 0, 0, &settings));
         writer.send(bytes).map_err(|_| std::io::ErrorKind::BrokenPipe)?;
         let mut all = vec![
             (":method", "POST"),
@@ -204,6 +233,21 @@ impl H2Flood {
         let mut bytes = Vec::with_capacity(n as usize * (9 + self.block.len()));
         for _ in 0..n {
             bytes.extend(frame(HEADERS, END_HEADERS, self.next_stream, &self.block));
+            self.next_stream += 2;
+        }
+        let _ = self.writer.send(bytes);
+    }
+
+    /// Opens `n` more streams, each with a whole request (one empty gRPC
+    /// message), whose answers this client then reads or not as its window
+    /// says.
+    pub fn open_complete(&mut self, n: u32) {
+        // The gRPC frame of an empty message: not compressed, length 0.
+        let message = [0u8; 5];
+        let mut bytes = Vec::with_capacity(n as usize * (27 + self.block.len()));
+        for _ in 0..n {
+            bytes.extend(frame(HEADERS, END_HEADERS, self.next_stream, &self.block));
+            bytes.extend(frame(DATA, END_STREAM, self.next_stream, &message));
             self.next_stream += 2;
         }
         let _ = self.writer.send(bytes);
