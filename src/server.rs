@@ -209,9 +209,31 @@ where
                     Ok(if head { response.map(|_| tonic::body::Body::empty()) } else { response })
                 })
             }
-            _ => Box::pin(self.inner.call(request)),
+            _ => Box::pin(self.inner.call(answer_text_as_text(request))),
         }
     }
+}
+
+/// A gRPC-Web call in text (base64) mode without an `accept` header that
+/// names gRPC-Web: tonic-web picks the answer's encoding from `accept`
+/// alone, and would answer such a call in binary, which a client that
+/// speaks text cannot read. The request's own content type is what it
+/// speaks.
+fn answer_text_as_text<B>(mut request: http::Request<B>) -> http::Request<B> {
+    let headers = request.headers();
+    let text = headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc-web-text"));
+    let accepts_grpc_web = headers
+        .get_all(http::header::ACCEPT)
+        .iter()
+        .any(|v| v.to_str().is_ok_and(|v| v.contains("application/grpc-web")));
+    if text && !accepts_grpc_web {
+        let content_type = headers[http::header::CONTENT_TYPE].clone();
+        request.headers_mut().insert(http::header::ACCEPT, content_type);
+    }
+    request
 }
 
 /// What a server's start-up hands over once the API is open.

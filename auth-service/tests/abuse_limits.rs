@@ -421,3 +421,30 @@ async fn memory_stays_bounded_under_a_flood_of_stalled_grpc_web_bodies() {
     );
     get_jwks_from(auth.addr, "127.0.0.1").await.expect("the flooding address is served again");
 }
+
+/// A gRPC-Web call in text mode (base64) is answered in text mode, also
+/// without an `accept` header: a client that speaks text cannot read a
+/// binary answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_grpc_web_text_call_is_answered_in_text() {
+    let db = TestDb::new(&Backend::Sqlite).await;
+    let auth = auth_with(&db, Limits::default()).await;
+    for accept in ["", "accept: application/grpc-web-text\r\n", "accept: */*\r\n"] {
+        let mut stream = TcpStream::connect(auth.addr).await.unwrap();
+        // An empty GetJwksRequest in one frame, base64.
+        let body = "AAAAAAA=";
+        let head = format!(
+            "POST /storegate.auth.v1.AuthService/GetJwks HTTP/1.1\r\nhost: storegate\r\n\
+             content-type: application/grpc-web-text\r\nx-grpc-web: 1\r\n{accept}\
+             content-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        stream.write_all(head.as_bytes()).await.unwrap();
+        let (response, _) = read_until_closed(&mut stream, Duration::from_secs(5)).await;
+        let response = String::from_utf8_lossy(&response).to_ascii_lowercase();
+        assert!(response.starts_with("http/1.1 200"), "{accept:?}: {response}");
+        assert!(response.contains("content-type: application/grpc-web-text"), "{accept:?}: {response}");
+        // The JWK Set's JSON is inside the base64, never in plain sight.
+        assert!(!response.contains("\"keys\""), "{accept:?}: a binary answer: {response}");
+    }
+}
