@@ -293,3 +293,211 @@ mod tests {
         );
     }
 }
+
+/// What a client can do with a `page_token`: send anything at all, or edit
+/// a token it was given. Tokens are not signed (a client may only continue
+/// a listing it could read anyway): what holds is that nothing panics, the
+/// service's own tokens come back as they went out, and whatever an edited
+/// token decodes to is a cursor the service could have issued.
+#[cfg(test)]
+mod proptests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    const ORDERS: [&str; 10] = [
+        "id",
+        "id desc",
+        "name",
+        "name desc",
+        "price",
+        "price desc",
+        "create_time",
+        "create_time desc",
+        "relevance",
+        "",
+    ];
+
+    fn any_order() -> impl Strategy<Value = OrderBy> {
+        proptest::sample::select(ORDERS.to_vec()).prop_map(|text| OrderBy::parse(text).unwrap())
+    }
+
+    /// Product ids as the tables hand them out.
+    fn any_id() -> impl Strategy<Value = i64> {
+        prop_oneof![1..1_000i64, 0..=i64::MAX]
+    }
+
+    /// A relevance as the engines and the Rust ranking produce it: finite.
+    fn any_score() -> impl Strategy<Value = f64> {
+        prop_oneof![-1e3..1e3f64, {
+            use proptest::num::f64::*;
+            POSITIVE | NEGATIVE | NORMAL | SUBNORMAL | ZERO
+        },]
+    }
+
+    /// The cursors the service issues for a listing in `order`.
+    fn issued_cursor(order: OrderBy) -> BoxedStrategy<Cursor> {
+        match order.field {
+            SortField::Id => any_id().prop_map(Cursor::Id).boxed(),
+            SortField::Name => {
+                (".{0,200}", any_id()).prop_map(|(name, id)| Cursor::Name { name, id }).boxed()
+            }
+            SortField::Price => (0..1_000_000_000_000i64, any_id())
+                .prop_map(|(cents, id)| {
+                    let price = Price::parse(&format!("{}.{:02}", cents / 100, cents % 100)).unwrap();
+                    Cursor::Price { price, id }
+                })
+                .boxed(),
+            SortField::CreateTime => (0..=253_402_300_799i64, 0..1_000_000_000u32, any_id())
+                .prop_map(|(seconds, nanos, id)| Cursor::CreateTime {
+                    time: DateTime::from_timestamp(seconds, nanos).unwrap(),
+                    id,
+                })
+                .boxed(),
+            SortField::Relevance => {
+                let window_id = 0..=i64::MAX;
+                prop_oneof![
+                    (any_score(), any_id()).prop_map(|(score, id)| Ranked::Engine { score, id }),
+                    (any::<usize>(), any_score(), any_id()).prop_map(|(term, score, id)| Ranked::Anchored {
+                        term,
+                        score,
+                        id
+                    }),
+                    // A match inside a window that has been read…
+                    (window_id.clone(), window_id.clone(), any_score(), any_id()).prop_map(
+                        |(below, down_to, score, id)| Ranked::Broad {
+                            window: Window { below: Some(below), down_to: Some(down_to) },
+                            after: Some((score, id)),
+                        }
+                    ),
+                    // …or the start of one not read yet.
+                    window_id.prop_map(|below| Ranked::Broad {
+                        window: Window { below: Some(below), down_to: None },
+                        after: None,
+                    }),
+                ]
+                .prop_map(Cursor::Ranked)
+                .boxed()
+            }
+        }
+    }
+
+    /// A listing and a cursor the service could issue in it.
+    fn issued() -> impl Strategy<Value = (OrderBy, String, Cursor)> {
+        (any_order(), ".{0,40}").prop_flat_map(|(order, query)| {
+            issued_cursor(order).prop_map(move |cursor| (order, query.clone(), cursor))
+        })
+    }
+
+    /// Whether `cursor` is one the service could have issued in `order`:
+    /// it goes out as a token and comes back the same; or it is a relevance
+    /// position of the build before windows, which the service still takes.
+    fn could_have_issued(cursor: &Cursor, order: OrderBy) -> bool {
+        let legacy = matches!(
+            cursor,
+            Cursor::Ranked(Ranked::Broad { window: Window { below: None, down_to: None }, after: Some(_) })
+        );
+        let fixed_point = decode(&encode(cursor, order, "q"), order, "q").ok().as_ref() == Some(cursor);
+        (legacy || fixed_point)
+            && match cursor {
+                Cursor::Id(id)
+                | Cursor::Name { id, .. }
+                | Cursor::Price { id, .. }
+                | Cursor::CreateTime { id, .. }
+                | Cursor::Ranked(Ranked::Engine { id, .. } | Ranked::Anchored { id, .. }) => *id >= 0,
+                Cursor::Ranked(Ranked::Broad { after, .. }) => {
+                    after.is_none_or(|(score, id)| score.is_finite() && id >= 0)
+                }
+            }
+    }
+
+    /// What a token looks like inside: a JSON document with any sort value
+    /// and id, under the right fingerprint or another.
+    fn crafted(order: OrderBy, query: String) -> impl Strategy<Value = String> {
+        let value = prop_oneof![
+            ".{0,30}",
+            "-?[0-9]{0,22}(\\.[0-9]{0,12})?",
+            "(anchored |broad |broad w)?-?[0-9]{0,20}(-[0-9]{0,20})?( -?[0-9.eE+-]{0,20})?",
+            "(anchored|broad) (inf|NaN|-inf|1e999|\\+1|1_0)",
+        ];
+        let fingerprint = prop_oneof![Just(fingerprint(order, &query)), "[A-Za-z0-9_-]{0,20}"];
+        (fingerprint, value, any::<i64>())
+            .prop_map(|(f, v, i)| URL_SAFE_NO_PAD.encode(serde_json::to_vec(&Token { f, v, i }).unwrap()))
+    }
+
+    const BASE64URL: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+
+    proptest! {
+        #![proptest_config(ProptestConfig {
+            cases: 512,
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        })]
+
+        #[test]
+        fn any_text_decodes_or_is_refused_cleanly(
+            order in any_order(),
+            query in ".{0,20}",
+            token in prop_oneof![
+                any::<String>(),
+                "[A-Za-z0-9_-]{0,400}",
+                "[A-Za-z0-9+/=_-]{0,64}",
+                proptest::collection::vec(any::<u8>(), 0..300).prop_map(|b| URL_SAFE_NO_PAD.encode(b)),
+                "\\PC{2000,8000}",
+            ],
+        ) {
+            if let Ok(cursor) = decode(&token, order, &query) {
+                prop_assert!(could_have_issued(&cursor, order), "{token:?} gave {cursor:?}");
+            }
+        }
+
+        #[test]
+        fn crafted_documents_decode_only_to_cursors_the_service_issues(
+            (order, query, token) in (any_order(), ".{0,20}")
+                .prop_flat_map(|(order, query)| (Just(order), Just(query.clone()), crafted(order, query))),
+        ) {
+            if let Ok(cursor) = decode(&token, order, &query) {
+                prop_assert!(could_have_issued(&cursor, order), "{token:?} gave {cursor:?}");
+            }
+        }
+
+        #[test]
+        fn every_token_the_service_issues_comes_back_as_it_went_out((order, query, cursor) in issued()) {
+            let token = encode(&cursor, order, &query);
+            prop_assert!(!token.is_empty());
+            prop_assert!(token.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
+            prop_assert_eq!(decode(&token, order, &query).unwrap(), cursor);
+        }
+
+        #[test]
+        fn a_token_continues_only_its_own_listing(
+            (order, query, cursor) in issued(),
+            other_order in any_order(),
+            other_query in ".{0,40}",
+        ) {
+            let token = encode(&cursor, order, &query);
+            if other_order != order || other_query != query {
+                prop_assert!(decode(&token, other_order, &other_query).is_err());
+            }
+        }
+
+        #[test]
+        fn an_edited_token_is_refused_or_one_the_service_could_issue(
+            (order, query, cursor) in issued(),
+            edit in (any::<prop::sample::Index>(), any::<u8>(), 0..4u8),
+        ) {
+            let mut token = encode(&cursor, order, &query).into_bytes();
+            let (at, byte, kind) = (edit.0.index(token.len()), edit.1, edit.2);
+            match kind {
+                0 => token[at] = byte,
+                1 => token[at] = BASE64URL[usize::from(byte) % 64],
+                2 => { token.remove(at); }
+                _ => token.truncate(at),
+            }
+            let token = String::from_utf8_lossy(&token);
+            if let Ok(decoded) = decode(&token, order, &query) {
+                prop_assert!(could_have_issued(&decoded, order), "{token:?} gave {decoded:?}");
+            }
+        }
+    }
+}

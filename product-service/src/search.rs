@@ -57,7 +57,8 @@ impl Words {
     pub fn only(&self, index: usize) -> Words {
         Words {
             words: self.words.get(index).cloned().into_iter().collect(),
-            last_is_prefix: index + 1 == self.words.len(),
+            // `index` comes from a client's page token: any usize.
+            last_is_prefix: self.words.len().checked_sub(1) == Some(index),
         }
     }
 
@@ -331,5 +332,149 @@ mod tests {
         assert!(bm25(&[1], &idfs, 5, 10.0) > bm25(&[1], &idfs, 20, 10.0));
         assert!(idf(10.0, 1000.0) > idf(900.0, 1000.0));
         assert!(idf(1000.0, 1000.0) > 0.0);
+    }
+}
+
+/// A client's `query` as words, for any text: what reaches an engine is
+/// only words of letters, digits and `_`, within InnoDB's word lengths, and
+/// the Rust matching of common words finds what folding finds.
+#[cfg(test)]
+mod proptests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::domain::{QUERY_MAX_CHARS, check_query};
+
+    fn word_char(c: char) -> bool {
+        c.is_alphanumeric() || c == '_'
+    }
+
+    /// Text as a client may type it: engine operators and quotes among
+    /// words, any Unicode, NULs, long runs.
+    fn any_query() -> impl Strategy<Value = String> {
+        let piece = prop_oneof![
+            "[a-zA-Z0-9_]{1,6}",
+            "\\PC{1,4}",
+            proptest::sample::select(vec![
+                "\"", "'", "*", "-", "+", "^", ":", "(", ")", "~", "<", ">", "@", "NEAR", "NEAR/2", "AND",
+                "OR", "NOT", "{", "}", "%", "\0", " ", "\t", "\u{301}", "\u{200b}", "é", "ß", "İ", "K", "²",
+            ])
+            .prop_map(str::to_owned),
+            "z{80,90}",
+        ];
+        prop_oneof![
+            proptest::collection::vec(piece, 0..40).prop_map(|pieces| pieces.concat()),
+            any::<String>(),
+        ]
+    }
+
+    /// The runs of word characters of `query`, in order: what both engines
+    /// take as its words.
+    fn runs(query: &str) -> Vec<&str> {
+        query.split(|c: char| !word_char(c)).filter(|w| !w.is_empty()).collect()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig {
+            cases: 1024,
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        })]
+
+        #[test]
+        fn only_words_reach_an_engine(query in any_query()) {
+            let words = Words::of(&query);
+            let runs = runs(&query);
+            for word in &words.words {
+                prop_assert!(!word.is_empty() && word.chars().all(word_char), "{word:?} of {query:?}");
+            }
+            // The query's words, but those InnoDB does not index (the last
+            // one, the prefix, may be shorter): a word too long is dropped,
+            // even the last (then the word before it is the prefix).
+            let expected: Vec<&str> = match runs.split_last() {
+                None => Vec::new(),
+                Some((last, rest)) => rest
+                    .iter()
+                    .filter(|w| (MIN_WORD_CHARS..=MAX_WORD_CHARS).contains(&w.chars().count()))
+                    .chain(Some(last).filter(|w| w.chars().count() <= MAX_WORD_CHARS))
+                    .copied()
+                    .collect(),
+            };
+            prop_assert_eq!(&words.words, &expected);
+            prop_assert!(words.last_is_prefix);
+
+            // MySQL boolean mode: `+word` each, `*` only at the prefix's
+            // end, then at most the prefix again as an optional word.
+            let mysql = words.mysql();
+            let terms: Vec<&str> = mysql.split(' ').filter(|t| !t.is_empty()).collect();
+            let n = words.words.len();
+            prop_assert!(terms.len() == n || terms.len() == n + 1, "{mysql:?} of {query:?}");
+            for (i, term) in terms.iter().enumerate() {
+                let bare = match term.strip_prefix('+') {
+                    Some(required) if i + 1 == n => required.strip_suffix('*'),
+                    Some(required) if i < n => Some(required),
+                    _ if i == n => Some(*term),
+                    _ => None,
+                };
+                prop_assert!(
+                    bare.is_some_and(|w| !w.is_empty() && w.chars().all(word_char)),
+                    "{term:?} in {mysql:?} of {query:?}"
+                );
+            }
+
+            // FTS5: every word a quoted phrase, the last with `*`; nothing
+            // outside the quotes but the spaces between them.
+            let fts5 = words.fts5();
+            let mut phrases = fts5.split(' ').filter(|t| !t.is_empty()).peekable();
+            let mut count = 0;
+            while let Some(phrase) = phrases.next() {
+                let last = phrases.peek().is_none();
+                let phrase = if last { phrase.strip_suffix('*').unwrap_or(phrase) } else { phrase };
+                let inner = phrase.strip_prefix('"').and_then(|p| p.strip_suffix('"'));
+                prop_assert!(
+                    inner.is_some_and(|w| !w.is_empty() && w.chars().all(word_char)),
+                    "{phrase:?} in {fts5:?} of {query:?}"
+                );
+                count += 1;
+            }
+            prop_assert_eq!(count, words.words.len());
+            prop_assert_eq!(words.is_empty(), mysql.is_empty() && fts5.is_empty());
+        }
+
+        #[test]
+        fn a_query_is_refused_for_a_nul_or_its_length_only(query in any_query()) {
+            let refused = check_query(&query).is_some();
+            prop_assert_eq!(refused, query.contains('\0') || query.chars().count() > QUERY_MAX_CHARS);
+        }
+
+        #[test]
+        fn one_word_alone_is_one_of_its_words(
+            query in any_query(),
+            index in prop_oneof![0..8usize, Just(usize::MAX), any::<usize>()],
+        ) {
+            let words = Words::of(&query);
+            let only = words.only(index);
+            prop_assert_eq!(only.words.first(), words.words.get(index));
+            prop_assert!(only.words.len() <= 1);
+            prop_assert_eq!(Terms::of(&only).len(), only.words.len());
+        }
+
+        #[test]
+        fn rust_matching_finds_what_folding_finds(
+            query in any_query(),
+            name in any_query(),
+            description in any_query(),
+            mysql in any::<bool>(),
+        ) {
+            let indexed = Indexed::by(if mysql { Backend::MySql } else { Backend::Sqlite });
+            let terms = Terms::of(&Words::of(&query));
+            let words = indexed.words(&name, &description);
+            let hits: Vec<u32> = terms
+                .iter()
+                .map(|term| words.iter().filter(|word| term.matches(word)).count() as u32)
+                .collect();
+            let expected = (!terms.is_empty() && hits.iter().all(|&n| n > 0)).then_some((hits, words.len()));
+            prop_assert_eq!(terms.hits(indexed, &name, &description), expected);
+        }
     }
 }
