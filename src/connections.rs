@@ -194,7 +194,7 @@ where
                 inner.call(request).await
             };
             match tokio::time::timeout(timeout, call).await {
-                Ok(Ok(response)) => Ok(guarded(oversized_as_exhausted(response), permit)),
+                Ok(Ok(response)) => Ok(guarded(client_faults_as_contract_says(response), permit)),
                 Ok(Err(never)) => match never {},
                 // A call whose request never completes ends here; on HTTP/1.1
                 // hyper then closes the connection (its body is unread).
@@ -209,18 +209,46 @@ where
 /// `max_decoding_message_size` (tonic 0.14, `codec/decode.rs`).
 const TONIC_OVERSIZED: &str = "Error, decoded message length too large";
 
-/// A request message over the size limit as RESOURCE_EXHAUSTED, as gRPC's
-/// own servers answer it and the contract names it ("too large"); tonic
-/// answers OUT_OF_RANGE, before any handler runs, as a trailers-only
-/// response. Any other answer passes as it is.
-fn oversized_as_exhausted(response: http::Response<Body>) -> http::Response<Body> {
-    let oversized = tonic::Status::from_header_map(response.headers()).is_some_and(|status| {
-        status.code() == tonic::Code::OutOfRange && status.message().starts_with(TONIC_OVERSIZED)
-    });
-    if !oversized {
+/// How tonic (0.14: `codec/decode.rs`, `server/grpc.rs`, tonic-prost's
+/// codec, tonic-web's `call.rs`) words its INTERNAL answers to a request
+/// that is not a well-formed gRPC message: a frame flag other than 0 or 1,
+/// the compressed flag without `grpc-encoding`, data that does not
+/// decompress, a body cut inside a frame, no message at all, bytes that
+/// are not protobuf, gRPC-Web text that is not base64. gRPC's own
+/// documents ask for INTERNAL in some of these; this service's contract
+/// answers a client's mistake INVALID_ARGUMENT, never INTERNAL.
+const TONIC_MALFORMED: [&str; 6] = [
+    "protocol error: received message with",
+    "Error decompressing:",
+    "Unexpected EOF decoding stream.",
+    "Missing request message.",
+    "failed to decode Protobuf message",
+    "tonic-web: ",
+];
+
+/// tonic's own answers to a request it could not read, said as this
+/// contract says them, before any handler ran (a trailers-only response):
+/// a message over the size limit as RESOURCE_EXHAUSTED, as gRPC's own
+/// servers answer it and the contract names it ("too large"; tonic says
+/// OUT_OF_RANGE), and a malformed request as INVALID_ARGUMENT (tonic says
+/// INTERNAL). Any other answer passes as it is.
+fn client_faults_as_contract_says(response: http::Response<Body>) -> http::Response<Body> {
+    let Some(status) = tonic::Status::from_header_map(response.headers()) else {
         return response;
+    };
+    let message = status.message();
+    match status.code() {
+        tonic::Code::OutOfRange if message.starts_with(TONIC_OVERSIZED) => {
+            tonic::Status::resource_exhausted("the request message is larger than this server accepts").into_http()
+        }
+        tonic::Code::Internal if TONIC_MALFORMED.iter().any(|known| message.starts_with(known)) => {
+            tonic::Status::invalid_argument(
+                "the request is not a well-formed gRPC message (one uncompressed protobuf message in a frame)",
+            )
+            .into_http()
+        }
+        _ => response,
     }
-    tonic::Status::resource_exhausted("the request message is larger than this server accepts").into_http()
 }
 
 /// The `grpc-timeout` header: at most 8 digits and a unit (H, M, S, m, u,

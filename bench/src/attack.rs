@@ -1,10 +1,14 @@
 //! The red-team's resource attacks against the release binaries, once, to
 //! state the memory bound the abuse limits give (BENCHMARKS.md,
-//! docs/security.md): 20,000 HTTP/2 streams that never send a body, and
-//! 2,000 gRPC-Web (HTTP/1.1) connections stalled mid-body, against each
+//! docs/security.md): 20,000 HTTP/2 streams that never send a body, 2,000
+//! gRPC-Web (HTTP/1.1) connections stalled mid-body, and 16 addresses
+//! using every trick at once (held streams, unread answers, stalled
+//! bodies, idle connections) while another client calls, against each
 //! service with its default limits on SQLite.
 //!
 //!     cargo build --release --bins && target/release/storegate-attack
+//!
+//! `storegate-attack every-trick` runs the last attack alone.
 
 use std::{
     sync::atomic::Ordering,
@@ -16,7 +20,7 @@ use storegate::pb::auth::v1::{
 };
 use storegate_testkit::{
     TEST_MASTER_KEY, TestStack,
-    attack::{H2Flood, http1_stalled_body},
+    attack::{self, H2Flood, http1_stalled_body},
     process::{ServiceProcess, free_addr},
     totp_code,
 };
@@ -56,15 +60,39 @@ async fn main() -> anyhow::Result<()> {
     )?;
     product.wait_serving(Duration::from_secs(60)).await?;
     let token = self_registered_token(auth_addr).await?;
+    let only_every_trick = std::env::args().nth(1).as_deref() == Some("every-trick");
 
+    if !only_every_trick {
+        floods_of_one_address(&auth, &product, &token).await?;
+        println!();
+    }
+    println!(
+        "| service | attack | idle RSS MiB | peak RSS MiB | another client's calls | p50 | p99 | max | attacking connections cut |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for service in [&auth, &product] {
+        every_trick(service).await;
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+    drop((auth, product));
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// The two floods from one address, against each service in turn.
+async fn floods_of_one_address(
+    auth: &ServiceProcess,
+    product: &ServiceProcess,
+    token: &str,
+) -> anyhow::Result<()> {
     println!(
         "| service | attack | idle RSS MiB | peak RSS MiB | refused or shed at once | fresh Health/Check during it | still open after 35 s |"
     );
     println!("|---|---|---|---|---|---|---|");
     for (service, path, headers) in [
-        (&auth, "/storegate.auth.v1.AuthService/GetJwks", vec![]),
+        (auth, "/storegate.auth.v1.AuthService/GetJwks", vec![]),
         (
-            &product,
+            product,
             "/storegate.product.v1.ProductService/ListProducts",
             vec![("authorization".to_owned(), format!("Bearer {token}"))],
         ),
@@ -75,8 +103,6 @@ async fn main() -> anyhow::Result<()> {
         http1(service, path).await?;
         tokio::time::sleep(Duration::from_secs(5)).await;
     }
-    drop((auth, product));
-    let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
 
@@ -84,7 +110,10 @@ async fn self_registered_token(auth: std::net::SocketAddr) -> anyhow::Result<Str
     let mut client = AuthServiceClient::new(TestStack::channel(auth).await);
     let (username, password) = ("attacker".to_owned(), "a self registered account".to_owned());
     client.register(RegisterRequest { username: username.clone(), password: password.clone() }).await?;
-    let begun = client.begin_login(BeginLoginRequest { username, password }).await?.into_inner();
+    let begun = client
+        .begin_login(BeginLoginRequest { username, password, ..Default::default() })
+        .await?
+        .into_inner();
     let secret = begun.enrollment.map(|e| e.secret).unwrap_or_default();
     let tokens = client
         .complete_login(CompleteLoginRequest {
@@ -183,4 +212,45 @@ async fn http1(service: &ServiceProcess, path: &str) -> anyhow::Result<()> {
         service.name
     );
     Ok(())
+}
+
+/// 16 addresses using every trick at once for 30 s (testkit's
+/// `attack::every_trick`), while a client at another address calls
+/// Health/Check every 20 ms.
+async fn every_trick(service: &ServiceProcess) {
+    const ATTACKERS: u8 = 16;
+    const RUN: Duration = Duration::from_secs(30);
+    let idle = service.memory_mib().0;
+    let until = Instant::now() + RUN;
+    let attackers: Vec<_> = (0..ATTACKERS)
+        .map(|n| tokio::spawn(attack::every_trick([127, 0, 0, 100 + n].into(), service.addr, until)))
+        .collect();
+    let sampling = {
+        let pid_status = format!("/proc/{}/status", service.pid());
+        tokio::spawn(async move {
+            let mut peak: f64 = 0.0;
+            while Instant::now() < until {
+                peak = peak.max(storegate_testkit::process::memory_of(&pid_status).0);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            peak
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let observed = attack::observe_health(service.addr, [127, 0, 0, 250].into(), until).await;
+    let mut cut = 0;
+    for attacker in attackers {
+        cut += attacker.await.unwrap_or(0);
+    }
+    let peak = sampling.await.unwrap_or(0.0);
+    println!(
+        "| {} | 16 addresses, every trick, {} s | {idle:.1} | {peak:.1} | {} answered, {} failed | {:.1} ms | {:.1} ms | {:.1} ms | {cut} |",
+        service.name,
+        RUN.as_secs(),
+        observed.latencies.len(),
+        observed.failures.len(),
+        observed.quantile(0.5).as_secs_f64() * 1e3,
+        observed.quantile(0.99).as_secs_f64() * 1e3,
+        observed.quantile(1.0).as_secs_f64() * 1e3,
+    );
 }

@@ -3,17 +3,15 @@
 //! from the client, compressed without an encoding, base64 with bad
 //! padding for `application/grpc-web-text`), POSTed to auth-service on
 //! port 0. Every request gets an HTTP answer with a `grpc-status`, never a
-//! panic or a closed connection, never INTERNAL but for the known issue
-//! below, and the server keeps serving.
+//! panic or a closed connection, never INTERNAL, UNKNOWN or DATA_LOSS, and
+//! the server keeps serving.
 //!
-//! Known issue: tonic's request decoder answers INTERNAL (13) for several
-//! malformed requests: a frame flag other than 0 (compressed without
-//! `grpc-encoding`, which gRPC's compression spec asks for, a trailers
-//! frame, any other byte), a body that ends inside a frame or right after
-//! a frame's prefix, no message at all, a message that is not protobuf,
-//! and (tonic-web) base64 that does not decode. They are client errors; `known_internal` names them by
-//! tonic's messages, and `malformed_requests_are_client_errors` (ignored)
-//! holds the minimal reproductions until the server maps them.
+//! tonic's request decoder answers INTERNAL for several malformed requests
+//! (a frame flag other than 0, compressed without `grpc-encoding`, a body
+//! that ends inside a frame, no message at all, a message that is not
+//! protobuf, gRPC-Web text that is not base64); the server says those
+//! INVALID_ARGUMENT (`src/connections.rs`), and
+//! `malformed_requests_are_client_errors` holds the smallest of each.
 
 use std::{
     collections::BTreeMap,
@@ -35,29 +33,13 @@ const HEALTH_CHECK: &str = "/grpc.health.v1.Health/Check";
 const PATHS: [&str; 4] =
     [GET_JWKS, HEALTH_CHECK, "/storegate.auth.v1.AuthService/NoSuchMethod", "/no.such.Service/Call"];
 
-const INTERNAL: i32 = 13;
 /// Codes that say the server failed, not the client: never for what a
-/// client sent (INTERNAL but for the known issue).
+/// client sent.
 const SERVER_FAILURES: [tonic::Code; 3] =
     [tonic::Code::Unknown, tonic::Code::Internal, tonic::Code::DataLoss];
 
 /// How long a server may take to answer one request.
 const ANSWER_WITHIN: Duration = Duration::from_secs(10);
-
-/// The answers INTERNAL that tonic gives today for a malformed request, by
-/// the start of their `grpc-message` (see the module's doc).
-const KNOWN_INTERNAL: [&str; 6] = [
-    "protocol error: received message with compressed-flag but no grpc-encoding was specified",
-    "protocol error: received message with invalid compression flag",
-    "Unexpected EOF decoding stream.",
-    "Missing request message.",
-    "failed to decode Protobuf message",
-    "tonic-web: ",
-];
-
-fn known_internal(message: &str) -> bool {
-    KNOWN_INTERNAL.iter().any(|known| message.starts_with(known))
-}
 
 /// One length-prefixed frame as a client writes it.
 #[derive(Debug, Clone)]
@@ -415,9 +397,7 @@ fn any_grpc_web_body_gets_a_grpc_answer_that_is_no_server_error() {
     let stack = runtime.block_on(TestStack::start_auth(Backend::Sqlite));
     let addr = stack.auth_addr;
     let started = Instant::now();
-    // What the known issue answered, by kind: how often, and the shortest
-    // request that got it; and every answer's code, to see what was met.
-    let known: Mutex<BTreeMap<String, (usize, String)>> = Mutex::default();
+    // Every answer's code, to see what was met.
     let codes: Mutex<BTreeMap<String, usize>> = Mutex::default();
     let mut runner = TestRunner::new(Config { cases: 256, failure_persistence: None, ..Config::default() });
     let outcome = runner.run(&any_case(), |case| {
@@ -434,27 +414,10 @@ fn any_grpc_web_body_gets_a_grpc_answer_that_is_no_server_error() {
             answer.grpc_status.ok_or_else(|| TestCaseError::fail(format!("no grpc-status: {answer:?}")))?;
         *codes.lock().unwrap().entry(format!("{:?}", tonic::Code::from(status))).or_default() += 1;
         let code = tonic::Code::from(status);
-        prop_assert!(
-            !SERVER_FAILURES.contains(&code) || (status == INTERNAL && known_internal(&answer.grpc_message)),
-            "{:?}",
-            answer
-        );
-        if status == INTERNAL {
-            let shown = String::from_utf8_lossy(&request).into_owned();
-            let mut known = known.lock().unwrap();
-            let kind = KNOWN_INTERNAL.iter().find(|k| answer.grpc_message.starts_with(*k)).unwrap_or(&"");
-            let entry = known.entry(kind.to_string()).or_insert((0, shown.clone()));
-            entry.0 += 1;
-            if shown.len() < entry.1.len() {
-                entry.1 = shown;
-            }
-        }
+        prop_assert!(!SERVER_FAILURES.contains(&code), "{:?}", answer);
         Ok(())
     });
     let serving = runtime.block_on(still_serving(addr));
-    for (message, (count, example)) in known.into_inner().unwrap() {
-        eprintln!("known issue, INTERNAL {count}×: {message:?}, e.g. {example:?}");
-    }
     eprintln!(
         "{} cases in {:?}: {:?}",
         runner.config().cases,
@@ -468,10 +431,9 @@ fn any_grpc_web_body_gets_a_grpc_answer_that_is_no_server_error() {
     assert!(serving, "the server stopped serving after the malformed requests");
 }
 
-/// The smallest requests tonic answers INTERNAL today (see the module's
-/// doc): each one is the client's mistake, and should say so.
+/// The smallest requests tonic answers INTERNAL (see the module's doc):
+/// each one is the client's mistake, and says so.
 #[test]
-#[ignore = "known issue: tonic answers INTERNAL for malformed request frames"]
 fn malformed_requests_are_client_errors() {
     let runtime = runtime();
     let stack = runtime.block_on(TestStack::start_auth(Backend::Sqlite));
@@ -501,7 +463,7 @@ fn malformed_requests_are_client_errors() {
     for (what, case) in cases {
         let request = case.request();
         let answer = runtime.block_on(exchange(stack.auth_addr, &request)).unwrap();
-        if answer.grpc_status == Some(INTERNAL) || answer.grpc_status.is_none() {
+        if answer.grpc_status != Some(tonic::Code::InvalidArgument as i32) {
             failures.push(format!("{what}: {:?} → {answer:?}", String::from_utf8_lossy(&request)));
         }
     }

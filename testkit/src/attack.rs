@@ -306,3 +306,105 @@ pub async fn read_until_closed(stream: &mut TcpStream, timeout: Duration) -> (Ve
         }
     }
 }
+
+const HEALTH_CHECK: &str = "/grpc.health.v1.Health/Check";
+const HEALTH_WATCH: &str = "/grpc.health.v1.Health/Watch";
+
+/// One client address using every trick against the server's budgets at
+/// once, until `until`: as many Health/Watch streams as it may hold, 256
+/// Health/Check calls whose answers it never reads (a window of 0), 256
+/// calls whose request bodies never come, and 64 idle connections. When
+/// the server cuts any of it, it starts again. Returns how many of its
+/// connections the server cut.
+pub async fn every_trick(from: IpAddr, addr: SocketAddr, until: std::time::Instant) -> usize {
+    let mut idle = Vec::new();
+    let mut cut = 0;
+    while std::time::Instant::now() < until {
+        let mut round = Vec::new();
+        for (path, window, complete) in
+            [(HEALTH_WATCH, None, true), (HEALTH_CHECK, Some(0), true), (HEALTH_CHECK, None, false)]
+        {
+            if let Ok(mut flood) = H2Flood::connect_from(Some(from), addr, path, &[], window).await {
+                if complete {
+                    flood.open_complete(256);
+                } else {
+                    flood.open_stalled(256);
+                }
+                round.push(flood);
+            }
+        }
+        idle.retain(|stream: &TcpStream| stream.peer_addr().is_ok());
+        while idle.len() < 64 {
+            let Ok(socket) = TcpSocket::new_v4() else { break };
+            if socket.bind(SocketAddr::new(from, 0)).is_err() {
+                break;
+            }
+            match socket.connect(addr).await {
+                Ok(stream) => idle.push(stream),
+                Err(_) => break,
+            }
+        }
+        // Hold until something is cut or the attack ends, then start again.
+        while std::time::Instant::now() < until && round.iter().all(|f| !f.is_closed()) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        cut += round.iter().filter(|f| f.is_closed()).count();
+    }
+    cut
+}
+
+/// What a well-behaved client saw: the time of each answered call, and the
+/// calls that failed.
+#[derive(Debug, Default)]
+pub struct Observed {
+    pub latencies: Vec<Duration>,
+    pub failures: Vec<tonic::Status>,
+}
+
+impl Observed {
+    /// The `q`-quantile (0.0 to 1.0) of the answered calls' times.
+    pub fn quantile(&self, q: f64) -> Duration {
+        let mut sorted = self.latencies.clone();
+        sorted.sort();
+        sorted.get(((sorted.len() as f64 - 1.0) * q).round() as usize).copied().unwrap_or_default()
+    }
+}
+
+/// A well-behaved client at `from`: unary Health/Check calls every 20 ms
+/// until `until`, each tenth on a new connection (a client arriving), each
+/// given 5 s.
+pub async fn observe_health(addr: SocketAddr, from: IpAddr, until: std::time::Instant) -> Observed {
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let connect = || async {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .expect("a valid URL")
+            .local_address(Some(from))
+            .connect()
+            .await
+            .map_err(|e| tonic::Status::unavailable(format!("cannot connect: {e}")))?;
+        Ok::<_, tonic::Status>(HealthClient::new(channel))
+    };
+    let mut observed = Observed::default();
+    let mut client = None;
+    let mut calls = 0u32;
+    while std::time::Instant::now() < until {
+        let started = std::time::Instant::now();
+        if client.is_none() || calls % 10 == 0 {
+            match connect().await {
+                Ok(fresh) => client = Some(fresh),
+                Err(status) => observed.failures.push(status),
+            }
+        }
+        calls += 1;
+        if let Some(client) = client.as_mut() {
+            let check = client.check(HealthCheckRequest { service: String::new() });
+            match tokio::time::timeout(Duration::from_secs(5), check).await {
+                Ok(Ok(_)) => observed.latencies.push(started.elapsed()),
+                Ok(Err(status)) => observed.failures.push(status),
+                Err(_) => observed.failures.push(tonic::Status::deadline_exceeded("no answer in 5 s")),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    observed
+}
