@@ -408,3 +408,48 @@ pub async fn observe_health(addr: SocketAddr, from: IpAddr, until: std::time::In
     }
     observed
 }
+
+/// `callers` BeginLogin calls at a time from `from`, each with a new
+/// made-up username and a wrong password, until `until`: a client trying
+/// to fill the password-hashing queue. Returns how many were answered
+/// RESOURCE_EXHAUSTED (throttled or shed) and how many otherwise.
+pub async fn login_flood(
+    from: IpAddr,
+    addr: SocketAddr,
+    callers: usize,
+    until: std::time::Instant,
+) -> (usize, usize) {
+    use storegate::pb::auth::v1::{BeginLoginRequest, auth_service_client::AuthServiceClient};
+    let Ok(endpoint) = tonic::transport::Endpoint::from_shared(format!("http://{addr}")) else {
+        return (0, 0);
+    };
+    let Ok(channel) = endpoint.local_address(Some(from)).connect().await else {
+        return (0, 0);
+    };
+    let mut loops = tokio::task::JoinSet::new();
+    for caller in 0..callers {
+        let mut client = AuthServiceClient::new(channel.clone());
+        loops.spawn(async move {
+            let (mut exhausted, mut other) = (0, 0);
+            let mut n = 0u64;
+            while std::time::Instant::now() < until {
+                n += 1;
+                let request = BeginLoginRequest {
+                    username: format!("nobody-{from}-{caller}-{n}"),
+                    password: "not the password at all".to_owned(),
+                    ..Default::default()
+                };
+                match client.begin_login(request).await {
+                    Err(status) if status.code() == tonic::Code::ResourceExhausted => exhausted += 1,
+                    _ => other += 1,
+                }
+            }
+            (exhausted, other)
+        });
+    }
+    let (mut exhausted, mut other) = (0, 0);
+    while let Some(Ok((e, o))) = loops.join_next().await {
+        (exhausted, other) = (exhausted + e, other + o);
+    }
+    (exhausted, other)
+}
