@@ -41,7 +41,8 @@ async fn main() -> anyhow::Result<()> {
     let mut auth = AuthServiceClient::new(connect(&auth_url, "AUTH_SERVICE_URL", &tls).await?);
 
     let password = prompt("password: ")?;
-    let begun = auth.begin_login(BeginLoginRequest { username, password }).await?.into_inner();
+    let begun =
+        auth.begin_login(BeginLoginRequest { username, password, ..Default::default() }).await?.into_inner();
     if let Some(enrollment) = begun.enrollment {
         println!("first login: add this to your authenticator app: {}", enrollment.otpauth_uri);
     }

@@ -26,6 +26,7 @@ impl fmt::Debug for BeginLoginRequest {
         f.debug_struct("BeginLoginRequest")
             .field("username", &self.username)
             .field("password", &HIDDEN)
+            .field("device_token", &HIDDEN)
             .finish()
     }
 }
@@ -64,6 +65,7 @@ impl fmt::Debug for CompleteLoginResponse {
             .field("token_type", &self.token_type)
             .field("expires_in", &self.expires_in)
             .field("recovery_codes", &format_args!("<{} redacted>", self.recovery_codes.len()))
+            .field("device_token", &HIDDEN)
             .finish()
     }
 }
@@ -117,6 +119,7 @@ impl fmt::Debug for ChangePasswordResponse {
             .field("refresh_token", &HIDDEN)
             .field("token_type", &self.token_type)
             .field("expires_in", &self.expires_in)
+            .field("device_token", &HIDDEN)
             .finish()
     }
 }
@@ -146,6 +149,7 @@ mod tests {
                 token_type: "Bearer".into(),
                 expires_in: 900,
                 recovery_codes: vec!["ABCD-EFGH-JKLM".into()],
+                device_token: "device-def".into(),
             },
             TotpEnrollment {
                 otpauth_uri: "otpauth://totp/x?secret=JBSWY3DP".into(),
@@ -166,6 +170,7 @@ mod tests {
             "123456",
             "eyJ.access",
             "refresh-abc",
+            "device-def",
             "JBSWY3DP",
             "new-secret-pw",
             "ABCD-EFGH-JKLM",

@@ -7,8 +7,10 @@ use storegate::ApiError;
 
 use crate::{
     audit::{self, Actor, Entry, Event},
+    client::Client,
     domain::Username,
     store::{Account, AuthStore},
+    throttle,
 };
 
 /// The account an operation is about: its id and its name.
@@ -35,11 +37,20 @@ pub fn parse_role(role: &str) -> Result<&str, &'static str> {
 pub struct Accounts {
     pub store: AuthStore,
     pub actor: Actor,
+    /// The caller's address (AdminService); None for the binary's commands,
+    /// audited as `operator`.
+    pub client: Option<Client>,
 }
 
 impl Accounts {
     pub fn new(store: AuthStore, actor: Actor) -> Accounts {
-        Accounts { store, actor }
+        Accounts { store, actor, client: None }
+    }
+
+    /// The same, for a call from `client`.
+    pub fn called_from(mut self, client: Client) -> Accounts {
+        self.client = Some(client);
+        self
     }
 
     /// The account named `username`: None when the name is not valid or
@@ -51,7 +62,8 @@ impl Accounts {
     }
 
     async fn record(&self, event: Event, target: &Target, detail: Option<String>) {
-        let entry = Entry::new(event, self.actor).account(target.user_id, &target.username);
+        let mut entry = Entry::new(event, self.actor).account(target.user_id, &target.username);
+        entry.client = self.client;
         audit::record(&self.store, if let Some(detail) = detail { entry.detail(detail) } else { entry })
             .await;
     }
@@ -92,9 +104,11 @@ impl Accounts {
         Ok(sessions)
     }
 
-    /// Lifts a lock; false when there was none.
-    pub async fn unlock(&self, target: &Target) -> Result<bool, ApiError> {
-        let unlocked = self.store.unlock_user(target.user_id).await?;
+    /// Lifts the account-wide lock and forgets the failures counted for
+    /// it; false when no lock was in force.
+    pub async fn unlock(&self, target: &Target, now: DateTime<Utc>) -> Result<bool, ApiError> {
+        let subject = throttle::account_subject(&target.username);
+        let unlocked = self.store.clear_account_lock(&subject, now.timestamp()).await?;
         if unlocked {
             self.record(Event::AccountUnlocked, target, None).await;
         }

@@ -22,6 +22,7 @@ use tonic::{Request, Response, Status};
 use crate::{
     admin::{Accounts, NO_SUCH_USER, Target, parse_role},
     audit::{Actor, Record},
+    client::{Client, TrustedProxies},
     keys::SigningKeys,
     store::{Account, AuthStore},
 };
@@ -38,6 +39,8 @@ pub struct AdminApi {
     store: AuthStore,
     keys: SigningKeys,
     verifier: TokenVerifier,
+    /// Whose `x-forwarded-for` names the caller's address in the audit trail.
+    trusted_proxies: TrustedProxies,
 }
 
 /// The caller, once proven an admin.
@@ -47,8 +50,14 @@ struct Caller {
 }
 
 impl AdminApi {
-    pub fn new(store: AuthStore, keys: SigningKeys, issuer: &str, audience: &str) -> AdminApi {
-        AdminApi { store, keys, verifier: TokenVerifier::new(issuer, audience) }
+    pub fn new(
+        store: AuthStore,
+        keys: SigningKeys,
+        issuer: &str,
+        audience: &str,
+        trusted_proxies: TrustedProxies,
+    ) -> AdminApi {
+        AdminApi { store, keys, verifier: TokenVerifier::new(issuer, audience), trusted_proxies }
     }
 
     async fn caller<T>(&self, request: &Request<T>) -> Result<Caller, ApiError> {
@@ -71,7 +80,9 @@ impl AdminApi {
             Some(a) if a.disabled_at.is_none() && a.roles.iter().any(|r| r == ADMIN_ROLE) => {}
             _ => return Err(ApiError::PermissionDenied(NEEDS_ADMIN)),
         }
-        Ok(Caller { user_id, accounts: Accounts::new(self.store.clone(), Actor::Admin(user_id)) })
+        let client = Client::of(request, &self.trusted_proxies);
+        let accounts = Accounts::new(self.store.clone(), Actor::Admin(user_id)).called_from(client);
+        Ok(Caller { user_id, accounts })
     }
 }
 
@@ -108,9 +119,11 @@ fn user(account: Account) -> User {
         enrolled: account.totp_confirmed_at.is_some(),
         create_time: Some(timestamp(account.created_at)),
         last_login_time: account.last_login_at.map(timestamp),
-        lock_time: account.locked_at.map(timestamp),
+        lock_time: account.lock.map(|lock| timestamp(lock.since)),
         disable_time: account.disabled_at.map(timestamp),
         active_sessions: account.sessions,
+        lock_expire_time: account.lock.map(|lock| prost_types::Timestamp { seconds: lock.until, nanos: 0 }),
+        unlocked: false,
     }
 }
 
@@ -248,8 +261,8 @@ impl AdminService for AdminApi {
     async fn unlock_user(&self, request: Request<UnlockUserRequest>) -> Answer<User> {
         let caller = self.caller(&request).await?;
         let target = caller.target(&request.get_ref().username).await?;
-        caller.accounts.unlock(&target).await?;
-        Ok(Response::new(caller.user(&target).await?))
+        let unlocked = caller.accounts.unlock(&target, storegate::db::now()).await?;
+        Ok(Response::new(User { unlocked, ..caller.user(&target).await? }))
     }
 
     #[tracing::instrument(name = "GrantRole", skip_all)]
@@ -294,9 +307,14 @@ impl AdminService for AdminApi {
         let caller = self.caller(&request).await?;
         let req = request.into_inner();
         let limit = page_size(req.page_size)?;
-        let user_id = match req.username.as_str() {
-            "" => None,
-            name => Some(caller.target(name).await?.user_id),
+        let user_id = match (req.username.as_str(), req.user_id) {
+            ("", 0) => None,
+            ("", id) if id > 0 => Some(id),
+            ("", _) => return Err(ApiError::invalid("user_id", "must not be negative").into()),
+            (name, 0) => Some(caller.target(name).await?.user_id),
+            (_, _) => {
+                return Err(ApiError::invalid("user_id", "give either username or user_id, not both").into());
+            }
         };
         // The filter is part of the listing's name: a token is valid only
         // for the query that produced it.

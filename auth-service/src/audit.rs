@@ -9,7 +9,12 @@
 //! fails the call it records. Nothing attacker-chosen and unchecked goes
 //! in: an unknown username is not stored (it may be a password typed in
 //! the wrong field), and throttled attempts, which cost the caller nothing,
-//! are counted in metrics instead, so that they cannot flood the table.
+//! are counted in metrics instead, so that they cannot flood the table
+//! (failed logins from one address are limited per hour:
+//! `LOGIN_FAILURES_PER_CLIENT_PER_HOUR`). Every entry of a call carries the
+//! caller's address; those of the binary's admin commands say `operator`.
+//! Entries keep the account's id after the account is deleted (no foreign
+//! key): its history is read by that id.
 
 use chrono::{DateTime, Utc};
 
@@ -21,7 +26,6 @@ pub enum Event {
     Registered,
     PasswordAccepted,
     PasswordRejected,
-    LoginRefusedLocked,
     LoginRefusedDisabled,
     CodeRejected,
     LoginCompleted,
@@ -47,7 +51,6 @@ impl Event {
             Event::Registered => "user.registered",
             Event::PasswordAccepted => "login.password_accepted",
             Event::PasswordRejected => "login.password_rejected",
-            Event::LoginRefusedLocked => "login.refused_locked",
             Event::LoginRefusedDisabled => "login.refused_disabled",
             Event::CodeRejected => "login.code_rejected",
             Event::LoginCompleted => "login.completed",
@@ -80,7 +83,7 @@ pub enum Actor {
     Operator,
     /// A user with the `admin` role, through AdminService.
     Admin(i64),
-    /// auth-service itself (a lock at the failure cap).
+    /// auth-service itself (the account-wide lock, a first signing key).
     System,
 }
 
@@ -104,6 +107,8 @@ pub struct Entry {
     pub actor: Actor,
     pub user_id: Option<i64>,
     pub username: Option<String>,
+    /// The caller's address; None for what no call caused (the binary's
+    /// admin commands, stored as `operator`; start-up).
     pub client: Option<Client>,
     pub detail: Option<String>,
 }
@@ -129,6 +134,18 @@ impl Entry {
     pub fn client(mut self, client: Client) -> Entry {
         self.client = Some(client);
         self
+    }
+
+    /// What `audit_events.client_addr` says: the caller's address
+    /// (`unknown` without one), or `operator` for the binary's commands.
+    pub fn client_label(&self) -> Option<String> {
+        match (self.client, self.actor) {
+            (Some(client), _) => {
+                Some(client.address().map_or_else(|| "unknown".to_owned(), |a| a.to_string()))
+            }
+            (None, Actor::Operator) => Some("operator".to_owned()),
+            (None, _) => None,
+        }
     }
 
     /// A role's name, a key id, a count: never a secret.

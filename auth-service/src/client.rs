@@ -42,7 +42,7 @@ impl FromStr for TrustedProxies {
 }
 
 /// The client a call is counted against.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Client {
     Address(IpAddr),
     /// No peer address (an in-process transport): all such calls share one
@@ -68,6 +68,18 @@ impl Client {
         match self {
             Client::Address(addr) => Some(addr),
             Client::Unknown => None,
+        }
+    }
+
+    /// The client as limits in memory key it: an IPv6 address by its /64,
+    /// as the throttles do (see the `Display` impl).
+    pub fn grouped(self) -> Client {
+        match self {
+            Client::Address(IpAddr::V6(v6)) => {
+                let s = v6.segments();
+                Client::Address(IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0)))
+            }
+            other => other,
         }
     }
 }
@@ -158,6 +170,8 @@ mod tests {
         let b = Client::Address(canonical(ip("2001:db8:1:2:bbbb::2")));
         assert_eq!(a.to_string(), b.to_string());
         assert_eq!(a.to_string(), "2001:db8:1:2::/64");
+        assert_eq!(a.grouped(), b.grouped());
+        assert_ne!(a.grouped(), Client::Address(canonical(ip("2001:db8:1:3::1"))).grouped());
         assert_eq!(Client::Address(canonical(ip("::ffff:192.0.2.1"))).to_string(), "192.0.2.1");
     }
 

@@ -66,10 +66,30 @@ pub struct LoginPolicy {
     #[arg(long, env = "TRUSTED_PROXIES", default_value = "")]
     pub trusted_proxies: TrustedProxies,
 
-    /// Consecutive failed logins, from all clients together, that lock an
-    /// account until `auth-service unlock-user` (NIST SP 800-63B: at most 100).
+    /// Consecutive failed logins from unrecognised clients, all together,
+    /// before the account-wide lock (NIST SP 800-63B: at most 100); then
+    /// each further failure locks the account for `ACCOUNT_LOCK_SECS` to
+    /// every client that is not one of its known devices.
     #[arg(long, env = "MAX_FAILED_LOGINS", default_value_t = 100, value_parser = clap::value_parser!(i32).range(1..=100))]
     pub max_failed_logins: i32,
+
+    /// How long each failure beyond `MAX_FAILED_LOGINS` locks the account
+    /// to unrecognised clients (seconds). Unrecognised clients together
+    /// then get at most MAX_FAILED_LOGINS + 86400 / ACCOUNT_LOCK_SECS
+    /// evaluated guesses a day.
+    #[arg(long, env = "ACCOUNT_LOCK_SECS", default_value_t = 900, value_parser = clap::value_parser!(u32).range(1..=86_400))]
+    pub account_lock_secs: u32,
+
+    /// Failed logins (wrong passwords and codes, any names) one client
+    /// address may make an hour; 0 for no limit.
+    #[arg(long, env = "LOGIN_FAILURES_PER_CLIENT_PER_HOUR", default_value_t = 100)]
+    pub login_failures_per_client_per_hour: u32,
+
+    /// Seconds after a refresh token's rotation in which redeeming it again
+    /// answers the same successor instead of ending the session (two tabs
+    /// refreshing at once); 0 turns the grace off.
+    #[arg(long, env = "REFRESH_REUSE_GRACE_SECS", default_value_t = 10, value_parser = clap::value_parser!(u32).range(0..=300))]
+    pub refresh_reuse_grace_secs: u32,
 
     /// Registrations one client address may attempt an hour (taken names
     /// count too); 0 for no limit.
@@ -91,6 +111,9 @@ impl Default for LoginPolicy {
         LoginPolicy {
             trusted_proxies: TrustedProxies::default(),
             max_failed_logins: 100,
+            account_lock_secs: 900,
+            login_failures_per_client_per_hour: 100,
+            refresh_reuse_grace_secs: 10,
             registrations_per_client_per_hour: 300,
             refresh_token_ttl_secs: 30 * 24 * 60 * 60,
             session_max_lifetime_secs: 30 * 24 * 60 * 60,

@@ -89,7 +89,8 @@ pub async fn run(
         metrics.register("login_attempts", "Login steps by outcome", state.login_attempts.clone());
         metrics.register(
             "accounts_locked",
-            "Accounts locked at the cap of consecutive failed logins",
+            "Account-wide locks: accounts whose consecutive failed logins from unrecognised clients \
+             reached MAX_FAILED_LOGINS",
             state.accounts_locked.clone(),
         );
         // What can fail first, so that a failed start leaves no task behind.
@@ -98,7 +99,12 @@ pub async fn run(
                 .await?
                 .into_iter()
                 .collect();
-        background.push(tokio::spawn(sweep_expired(state.store.clone(), config.audit_retention_days)));
+        let reuse_grace = chrono::Duration::seconds(i64::from(config.login.refresh_reuse_grace_secs));
+        background.push(tokio::spawn(sweep_expired(
+            state.store.clone(),
+            config.audit_retention_days,
+            reuse_grace,
+        )));
         let limits = &config.common.limits;
         well_known.open(
             state.keys.clone(),
@@ -106,8 +112,13 @@ pub async fn run(
             config.public_url.clone(),
             config.common.tls_cert_file.is_some(),
         );
-        let admin =
-            admin_api::AdminApi::new(state.store.clone(), state.keys.clone(), &state.issuer, &state.audience);
+        let admin = admin_api::AdminApi::new(
+            state.store.clone(),
+            state.keys.clone(),
+            &state.issuer,
+            &state.audience,
+            state.policy.trusted_proxies.clone(),
+        );
         admin_api.open(
             AdminServiceServer::new(admin)
                 .max_decoding_message_size(limits.max_request_bytes.unwrap_or(MAX_REQUEST_BYTES))
@@ -129,15 +140,16 @@ pub async fn run(
         .await
 }
 
-/// Deletes expired tickets and refresh tokens now and then, and audit
-/// entries past their retention; correctness never depends on it (every
-/// query checks expiry), only table size.
-async fn sweep_expired(store: AuthStore, audit_retention_days: u32) {
+/// Deletes expired tickets, refresh and device tokens now and then (and
+/// the sealed successors of refresh tokens past their reuse grace), and
+/// audit entries past their retention; correctness never depends on it
+/// (every query checks expiry and the grace), only table size.
+async fn sweep_expired(store: AuthStore, audit_retention_days: u32, reuse_grace: chrono::Duration) {
     let mut interval = tokio::time::interval(SWEEP_INTERVAL);
     loop {
         interval.tick().await;
         let now = storegate::db::now();
-        if let Err(e) = store.sweep_expired(now).await {
+        if let Err(e) = store.sweep_expired(now, reuse_grace).await {
             tracing::warn!(error = %e, "sweeping expired tickets failed");
         }
         if audit_retention_days > 0
@@ -251,16 +263,17 @@ pub async fn revoke_sessions(config: &AuthConfig, username: &str) -> anyhow::Res
     Ok(sessions)
 }
 
-/// `auth-service unlock-user <username>`: lifts the lock that the cap of
-/// consecutive failed logins set.
+/// `auth-service unlock-user <username>`: lifts the account-wide lock
+/// (set after MAX_FAILED_LOGINS consecutive failures from unrecognised
+/// clients) and forgets those failures; whether a lock was in force.
 pub async fn unlock_user(config: &AuthConfig, username: &str) -> anyhow::Result<bool> {
     let (accounts, target) = operator_target(config, username).await?;
-    let unlocked = accounts.unlock(&target).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let unlocked = accounts.unlock(&target, db::now()).await.map_err(|e| anyhow::anyhow!("{e}"))?;
     if unlocked {
         tracing::info!(user_id = target.user_id, "an administrator unlocked an account");
         println!("unlocked {}; their failed logins are forgotten", target.username);
     } else {
-        println!("{} is not locked", target.username);
+        println!("{} is not locked; their failed logins are forgotten", target.username);
     }
     accounts.store.db().close().await;
     Ok(unlocked)
@@ -276,7 +289,7 @@ fn describe(account: &store::Account, long: bool) -> String {
     if account.disabled_at.is_some() {
         state.push("disabled");
     }
-    if account.locked_at.is_some() {
+    if account.lock.is_some() {
         state.push("locked");
     }
     if account.totp_confirmed_at.is_none() {
@@ -307,7 +320,11 @@ fn describe(account: &store::Account, long: bool) -> String {
         when(&Some(account.created_at)),
         when(&account.last_login_at),
         account.sessions,
-        account.locked_at.map_or("no".to_owned(), |_| format!("since {}", when(&account.locked_at))),
+        account.lock.map_or("no".to_owned(), |lock| format!(
+            "to unknown clients, since {} until {}",
+            when(&Some(lock.since)),
+            when(&chrono::DateTime::from_timestamp(lock.until, 0))
+        )),
         account.disabled_at.map_or("no".to_owned(), |_| format!("since {}", when(&account.disabled_at))),
     )
 }
@@ -398,19 +415,30 @@ pub async fn reset_totp(config: &AuthConfig, username: &str) -> anyhow::Result<(
     Ok(())
 }
 
-/// `auth-service audit-log [--user <username>] [--limit N]`: the newest
-/// security events first.
+/// Whose events `auth-service audit-log` lists.
+#[derive(Clone, Copy, Debug)]
+pub enum AuditFilter<'a> {
+    All,
+    /// The account that has this name now.
+    Username(&'a str),
+    /// The account with this id, deleted or not.
+    UserId(i64),
+}
+
+/// `auth-service audit-log [--user <username> | --user-id <id>] [--limit
+/// N]`: the newest security events first.
 pub async fn audit_log(
     config: &AuthConfig,
-    username: Option<&str>,
+    filter: AuditFilter<'_>,
     limit: u32,
 ) -> anyhow::Result<Vec<audit::Record>> {
-    let (store, user_id) = match username {
-        Some(username) => {
+    let (store, user_id) = match filter {
+        AuditFilter::Username(username) => {
             let (accounts, target) = operator_target(config, username).await?;
             (accounts.store, Some(target.user_id))
         }
-        None => (admin_store(config).await?, None),
+        AuditFilter::UserId(user_id) => (admin_store(config).await?, Some(user_id)),
+        AuditFilter::All => (admin_store(config).await?, None),
     };
     let records = store
         .audit_events(user_id, None, i64::from(limit.max(1)))

@@ -27,7 +27,8 @@ enum Command {
     RevokeRole { username: String, role: String },
     /// End every session of a user (their refresh tokens stop working).
     RevokeSessions { username: String },
-    /// Lift the lock set after too many consecutive failed logins.
+    /// Lift the account-wide lock set after MAX_FAILED_LOGINS consecutive
+    /// failed logins from unrecognised clients, and forget those failures.
     UnlockUser { username: String },
     /// Every account: state (active, enrolling, locked, disabled), roles,
     /// live sessions, last login.
@@ -46,9 +47,13 @@ enum Command {
     ResetTotp { username: String },
     /// The audit trail of security events, newest first.
     AuditLog {
-        /// Only this account's events.
-        #[arg(long)]
+        /// Only the events of the account that has this name now.
+        #[arg(long, conflicts_with = "user_id")]
         user: Option<String>,
+        /// Only the events of the account with this id, deleted or not
+        /// (after a deletion the name may be another account's).
+        #[arg(long)]
+        user_id: Option<i64>,
         #[arg(long, default_value_t = 50)]
         limit: u32,
     },
@@ -97,8 +102,13 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::DeleteUser { username } => auth_service::delete_user(&cli.config, &username).await,
         Command::ResetTotp { username } => auth_service::reset_totp(&cli.config, &username).await,
-        Command::AuditLog { user, limit } => {
-            auth_service::audit_log(&cli.config, user.as_deref(), limit).await.map(drop)
+        Command::AuditLog { user, user_id, limit } => {
+            let filter = match (&user, user_id) {
+                (Some(name), _) => auth_service::AuditFilter::Username(name),
+                (None, Some(id)) => auth_service::AuditFilter::UserId(id),
+                (None, None) => auth_service::AuditFilter::All,
+            };
+            auth_service::audit_log(&cli.config, filter, limit).await.map(drop)
         }
         Command::RevokeKey { kid } => auth_service::revoke_key(&cli.config, &kid).await,
         Command::RotateKeys { activate_after_secs } => {

@@ -3,7 +3,10 @@
 //! Each hash costs ~19 MiB and ~20 ms of one core. Hashes run on the blocking
 //! pool, at most one per core at a time; a bounded queue in front of them
 //! makes a login storm fail fast with RESOURCE_EXHAUSTED instead of piling up
-//! memory and starving the other calls.
+//! memory and starving the other calls. The queue is shared fairly between
+//! client addresses ([`KeyedLimit::fair`]): a client that holds places may
+//! take another only while it holds fewer than half of the free ones, so
+//! one address flooding it leaves room for everyone else.
 
 use std::sync::{Arc, Mutex};
 
@@ -11,8 +14,13 @@ use argon2::{
     Algorithm, Argon2, Block, Params, PasswordHash, Version,
     password_hash::{Output, ParamsString, SaltString},
 };
-use storegate::ApiError;
+use storegate::{
+    ApiError,
+    keyed_limit::{KeyedLimit, Permit},
+};
 use tokio::sync::Semaphore;
+
+use crate::client::Client;
 
 /// OWASP's argon2id minimum: 19 MiB, 2 passes, 1 lane.
 const MEMORY_KIB: u32 = 19_456;
@@ -20,8 +28,10 @@ const ITERATIONS: u32 = 2;
 const PARALLELISM: u32 = 1;
 const OUTPUT_LEN: usize = 32;
 
-/// How many hash requests may wait per core before new ones are refused.
+/// How many hash requests may wait per core before new ones are refused
+/// (and a client's fair share of them, see the module's doc).
 const QUEUE_PER_CORE: usize = 32;
+const BUSY: &str = "the server is busy checking passwords; try again shortly";
 /// Largest stored parameters verified: a hash asking for more (tampered,
 /// or from a foreign system) is refused rather than allowed to exhaust
 /// memory or time.
@@ -66,12 +76,20 @@ impl Drop for Admission {
     }
 }
 
+/// A place in the hashing queue for one piece of work, taken by
+/// [`PasswordHasher::place`] before the work is due (a login takes it before
+/// its throttles are counted, so that a call refused as busy has cost
+/// nothing), and given back when the work is done or the place dropped.
+pub struct Place {
+    permit: Permit<Client>,
+}
+
 #[derive(Clone)]
 pub struct PasswordHasher {
     /// Bounds running hashes to the number of cores.
     running: Arc<Semaphore>,
-    /// Bounds running + waiting hashes.
-    admitted: Arc<Semaphore>,
+    /// Bounds running + waiting hashes, shared fairly by client.
+    admitted: Arc<KeyedLimit<Client>>,
     /// argon2's working memory, kept between hashes while more are admitted.
     spare_memory: Arc<Mutex<SpareMemory>>,
     /// A hash of a random password: unknown usernames are verified against it
@@ -90,31 +108,58 @@ impl PasswordHasher {
         let dummy_password = crate::crypto::random_token();
         let mut memory = vec![Block::default(); params().block_count()];
         let dummy_hash = hash_with(&dummy_password, &mut memory)?;
+        let queue = cores * QUEUE_PER_CORE;
         Ok(PasswordHasher {
             running: Arc::new(Semaphore::new(cores)),
-            admitted: Arc::new(Semaphore::new(cores * QUEUE_PER_CORE)),
+            admitted: KeyedLimit::fair(queue, queue),
             spare_memory: Arc::default(),
             dummy_hash: dummy_hash.into(),
         })
     }
 
+    /// A place in the queue for `client`'s next piece of work, or
+    /// RESOURCE_EXHAUSTED (with a RetryInfo of 1 s) at once when the queue
+    /// is full or the client holds its share of it.
+    pub fn place(&self, client: Client) -> Result<Place, ApiError> {
+        let permit = self.admitted.try_start(&client.grouped()).map_err(|_| ApiError::ResourceExhausted {
+            message: BUSY,
+            retry_after: Some(std::time::Duration::from_secs(1)),
+        })?;
+        Ok(Place { permit })
+    }
+
     /// The PHC string of a fresh salted argon2id hash.
-    pub async fn hash(&self, password: String) -> Result<String, ApiError> {
+    pub async fn hash(&self, client: Client, password: String) -> Result<String, ApiError> {
         let this = self.clone();
         let blocks = params().block_count();
-        self.run(move || this.with_memory(blocks, |memory| hash_with(&password, memory)))
+        self.run(client, move || this.with_memory(blocks, |memory| hash_with(&password, memory)))
             .await?
             .map_err(ApiError::Internal)
     }
 
     /// Checks `password` against `stored` (a PHC string), or against the
     /// dummy hash when there is no such user, so both take the same time.
-    pub async fn verify(&self, password: String, stored: Option<String>) -> Result<bool, ApiError> {
+    pub async fn verify(
+        &self,
+        client: Client,
+        password: String,
+        stored: Option<String>,
+    ) -> Result<bool, ApiError> {
+        self.verify_in(self.place(client)?, password, stored).await
+    }
+
+    /// [`PasswordHasher::verify`] in a place already taken.
+    pub async fn verify_in(
+        &self,
+        place: Place,
+        password: String,
+        stored: Option<String>,
+    ) -> Result<bool, ApiError> {
         let known = stored.is_some();
         let stored = stored.unwrap_or_else(|| self.dummy_hash.to_string());
         let this = self.clone();
         let matches = self
-            .run(move || {
+            .run_in(place, move || {
                 let Ok(parsed) = PasswordHash::new(&stored) else {
                     tracing::warn!("a stored password hash is not a PHC string; refusing the password");
                     return false;
@@ -158,17 +203,29 @@ impl PasswordHasher {
         lock(&self.spare_memory).areas.len()
     }
 
-    /// Runs CPU-heavy work (a hash, a password check) on the blocking pool,
-    /// at most one per core, failing fast when too many are waiting.
+    #[cfg(test)]
+    fn admitted_total(&self) -> usize {
+        std::thread::available_parallelism().map_or(1, |n| n.get()) * QUEUE_PER_CORE
+    }
+
+    /// Runs CPU-heavy work (a hash, a password check) for `client` on the
+    /// blocking pool, at most one per core, failing fast when too many are
+    /// waiting or the client holds its share of the queue.
     pub async fn run<T: Send + 'static>(
         &self,
+        client: Client,
         work: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, ApiError> {
-        let admitted =
-            self.admitted.clone().try_acquire_owned().map_err(|_| ApiError::ResourceExhausted {
-                message: "the server is busy checking passwords; try again shortly",
-                retry_after: Some(std::time::Duration::from_secs(1)),
-            })?;
+        self.run_in(self.place(client)?, work).await
+    }
+
+    /// [`PasswordHasher::run`] in a place already taken.
+    pub async fn run_in<T: Send + 'static>(
+        &self,
+        place: Place,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, ApiError> {
+        let admitted = place.permit;
         let admission = Admission::new(&self.spare_memory);
         let running =
             self.running.clone().acquire_owned().await.map_err(|_| ApiError::Unavailable("shutting down"))?;
@@ -253,22 +310,46 @@ fn verify_with(
 mod tests {
     use super::*;
 
+    const HERE: Client = Client::Unknown;
+
     #[tokio::test]
     async fn hashes_are_argon2id_with_owasp_parameters_and_verify() {
         let hasher = PasswordHasher::new().unwrap();
-        let hash = hasher.hash("correct horse battery".into()).await.unwrap();
+        let hash = hasher.hash(HERE, "correct horse battery".into()).await.unwrap();
         assert!(hash.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{hash}");
-        assert!(hasher.verify("correct horse battery".into(), Some(hash.clone())).await.unwrap());
-        assert!(!hasher.verify("correct horse batter".into(), Some(hash.clone())).await.unwrap());
+        assert!(hasher.verify(HERE, "correct horse battery".into(), Some(hash.clone())).await.unwrap());
+        assert!(!hasher.verify(HERE, "correct horse batter".into(), Some(hash.clone())).await.unwrap());
         // Same password, new salt: a different hash.
-        assert_ne!(hash, hasher.hash("correct horse battery".into()).await.unwrap());
+        assert_ne!(hash, hasher.hash(HERE, "correct horse battery".into()).await.unwrap());
+    }
+
+    #[test]
+    fn one_client_holds_at_most_its_share_of_the_queue_and_others_still_get_in() {
+        let hasher = PasswordHasher::new().unwrap();
+        let flooder = Client::Address("192.0.2.1".parse().unwrap());
+        let places: Vec<Place> = std::iter::from_fn(|| hasher.place(flooder).ok()).take(10_000).collect();
+        let queue = hasher.admitted_total();
+        assert!(places.len() <= queue / 3 + 1, "{} of {queue}", places.len());
+        let refused = hasher.place(flooder).err().expect("beyond its share");
+        assert!(matches!(refused, ApiError::ResourceExhausted { retry_after: Some(_), .. }));
+        // Another address, and one more, still find places.
+        for other in ["192.0.2.2", "198.51.100.7"] {
+            let _place = hasher.place(Client::Address(other.parse().unwrap())).expect(other);
+        }
+        // An IPv6 client is one client per /64.
+        let v6 = |s: &str| Client::Address(s.parse().unwrap());
+        let mine: Vec<Place> =
+            std::iter::from_fn(|| hasher.place(v6("2001:db8::1")).ok()).take(10_000).collect();
+        assert!(hasher.place(v6("2001:db8::2")).is_err(), "the same /64");
+        assert!(hasher.place(v6("2001:db8:0:1::1")).is_ok(), "another /64");
+        drop((places, mine));
     }
 
     #[tokio::test]
     async fn hashes_interoperate_with_the_stock_argon2_verifier_and_hasher() {
         use argon2::{PasswordHasher as _, PasswordVerifier as _};
         let hasher = PasswordHasher::new().unwrap();
-        let ours = hasher.hash("correct horse battery".into()).await.unwrap();
+        let ours = hasher.hash(HERE, "correct horse battery".into()).await.unwrap();
         let stock = Argon2::new(Algorithm::Argon2id, Version::V0x13, params());
         assert!(stock.verify_password(b"correct horse battery", &PasswordHash::new(&ours).unwrap()).is_ok());
         assert!(stock.verify_password(b"correct horse batter", &PasswordHash::new(&ours).unwrap()).is_err());
@@ -281,11 +362,10 @@ mod tests {
             .hash_password(b"correct horse battery", &salt)
             .unwrap()
             .to_string();
-        assert!(hasher.verify("correct horse battery".into(), Some(theirs.clone())).await.unwrap());
-        assert!(!hasher.verify("correct horse batter".into(), Some(theirs)).await.unwrap());
-        assert!(
-            !hasher.verify("correct horse battery".into(), Some("$argon2id$garbage".into())).await.unwrap()
-        );
+        assert!(hasher.verify(HERE, "correct horse battery".into(), Some(theirs.clone())).await.unwrap());
+        assert!(!hasher.verify(HERE, "correct horse batter".into(), Some(theirs)).await.unwrap());
+        let garbage = Some("$argon2id$garbage".into());
+        assert!(!hasher.verify(HERE, "correct horse battery".into(), garbage).await.unwrap());
     }
 
     #[test]
@@ -320,13 +400,13 @@ mod tests {
                     AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA";
         let parsed = PasswordHash::new(huge).unwrap();
         assert!(!within_limits(&Params::try_from(&parsed).unwrap()), "a well-formed hash, over the limits");
-        assert!(!hasher.verify("anything".into(), Some(huge.into())).await.unwrap());
+        assert!(!hasher.verify(HERE, "anything".into(), Some(huge.into())).await.unwrap());
         assert_eq!(hasher.spare_areas(), 0);
     }
 
     #[tokio::test]
     async fn an_unknown_user_never_verifies_even_with_the_dummy_password() {
         let hasher = PasswordHasher::new().unwrap();
-        assert!(!hasher.verify("anything".into(), None).await.unwrap());
+        assert!(!hasher.verify(HERE, "anything".into(), None).await.unwrap());
     }
 }

@@ -12,8 +12,6 @@ const BAD_CREDENTIALS: &str = "invalid username or password";
 const BAD_TICKET: &str = "login ticket is invalid or expired; start the login again";
 const BAD_CODE: &str = "invalid code";
 const ENROLLMENT_TAKEN: &str = "another login confirmed a second factor first; start the login again";
-const ACCOUNT_LOCKED: &str =
-    "this account is locked after too many failed logins; an administrator must unlock it";
 const ACCOUNT_DISABLED: &str = "this account is disabled; an administrator can enable it";
 const THROTTLED: &str = "too many failed attempts; try again later";
 
@@ -29,12 +27,10 @@ pub enum Refusal {
     /// Another login confirmed an enrollment first: this ticket's secret is
     /// not the account's.
     EnrollmentTaken,
-    /// Locked at the cap of consecutive failures until an administrator
-    /// unlocks it.
-    Locked,
     Disabled,
-    /// Too many failed attempts of this name from this client: try again
-    /// after this long.
+    /// Too many failed attempts (of this name from this client, of this
+    /// account from unrecognised clients, or from this address): try again
+    /// after this long. One answer for all, whatever the password.
     Throttled {
         retry_after: Duration,
     },
@@ -54,7 +50,6 @@ impl Refusal {
             Refusal::BadCredentials | Refusal::BadTicket | Refusal::BadCode | Refusal::EnrollmentTaken => {
                 "rejected"
             }
-            Refusal::Locked => "locked",
             Refusal::Disabled => "disabled",
             Refusal::Throttled { .. } => "throttled",
         }
@@ -68,7 +63,6 @@ impl From<Refusal> for ApiError {
             Refusal::BadTicket => ApiError::Unauthenticated(BAD_TICKET),
             Refusal::BadCode => ApiError::Unauthenticated(BAD_CODE),
             Refusal::EnrollmentTaken => ApiError::Unauthenticated(ENROLLMENT_TAKEN),
-            Refusal::Locked => ApiError::PermissionDenied(ACCOUNT_LOCKED),
             Refusal::Disabled => ApiError::PermissionDenied(ACCOUNT_DISABLED),
             Refusal::Throttled { retry_after } => {
                 ApiError::ResourceExhausted { message: THROTTLED, retry_after: Some(retry_after) }
@@ -137,7 +131,6 @@ mod tests {
         {
             assert_eq!(status(refusal).code(), Code::Unauthenticated, "{refusal:?}");
         }
-        assert_eq!(status(Refusal::Locked).code(), Code::PermissionDenied);
         assert_eq!(status(Refusal::Disabled).code(), Code::PermissionDenied);
         let throttled = status(Refusal::Throttled { retry_after: Duration::from_secs(30) });
         assert_eq!(throttled.code(), Code::ResourceExhausted);
@@ -151,7 +144,6 @@ mod tests {
             Refusal::BadTicket,
             Refusal::BadCode,
             Refusal::EnrollmentTaken,
-            Refusal::Locked,
             Refusal::Disabled,
             Refusal::Throttled { retry_after: Duration::from_secs(1) },
         ]

@@ -25,14 +25,15 @@ use crate::{
     crypto::{MasterKey, random_bytes, random_token, token_hash},
     domain::{Username, check_new_password, password_length_ok},
     keys::SigningKeys,
-    password::PasswordHasher,
+    password::{PasswordHasher, Place},
     recovery,
     refusal::{LoginError, Refusal},
     store::{
-        Admission, AuthStore, CompletingLogin, Completion, LoginAction, NewRefreshToken, Rotation,
-        SecondFactor, Ticket,
+        Admission, AuthStore, CompletingLogin, Completion, DEVICE_TOKEN_TTL_DAYS, LoginAction, NewDevice,
+        NewRefreshToken, NewTicket, Rotation, SecondFactor, Ticket,
     },
-    throttle, totp,
+    throttle::{self, Attempt, Caller},
+    totp,
 };
 
 /// How long a login ticket may wait for its code.
@@ -58,7 +59,8 @@ pub struct AuthState {
     pub policy: LoginPolicy,
     /// Login steps by outcome, for the metrics endpoint.
     pub login_attempts: Family<LoginLabels, Counter>,
-    /// Accounts locked at the failure cap.
+    /// Account-wide locks: an account's count of failures from
+    /// unrecognised clients reached `MAX_FAILED_LOGINS`.
     pub accounts_locked: Counter,
 }
 
@@ -70,7 +72,7 @@ pub struct LoginLabels {
 
 /// The steps counted in `storegate_login_attempts_total`, and their outcomes.
 const LOGIN_STEPS: [&str; 4] = ["begin", "complete", "change_password", "reset_totp"];
-const LOGIN_OUTCOMES: [&str; 7] = ["ok", "rejected", "locked", "disabled", "throttled", "busy", "error"];
+const LOGIN_OUTCOMES: [&str; 6] = ["ok", "rejected", "disabled", "throttled", "busy", "error"];
 
 /// The login counters with every step's and outcome's series at 0, so that
 /// Prometheus's rate() and increase() see the first event of each.
@@ -107,6 +109,14 @@ fn totp_seal_context(user_id: i64) -> String {
     format!("totp_secret:user:{user_id}")
 }
 
+/// The associated data of a rotated refresh token's sealed successor: the
+/// old token's hash, so that a sealed successor moved to another row does
+/// not open.
+fn successor_seal_context(old_hash: &[u8]) -> String {
+    let hex: String = old_hash.iter().map(|b| format!("{b:02x}")).collect();
+    format!("refresh_successor:{hex}")
+}
+
 /// What a ticket and a code are traded for.
 enum Intent {
     SignIn,
@@ -120,6 +130,8 @@ struct Completed {
     username: String,
     /// None when the step started no session (ResetTotp).
     refresh_token: Option<String>,
+    /// The client's new device token; None with no session (ResetTotp).
+    device_token: Option<String>,
     /// Only on the call that confirmed the enrollment.
     recovery_codes: Vec<String>,
     /// This call confirmed the enrollment.
@@ -143,7 +155,7 @@ impl AuthState {
         // The guessability check is CPU work too: off the runtime, bounded
         // like hashing.
         let (password, raw_username) = (req.password.clone(), req.username.clone());
-        let password = self.hasher.run(move || check_new_password(&password, &raw_username)).await?;
+        let password = self.hasher.run(client, move || check_new_password(&password, &raw_username)).await?;
         ApiError::check([username.clone().err(), password.err()].into_iter().flatten().collect())?;
         let username = username.map_err(|v| ApiError::InvalidArgument(vec![v]))?;
 
@@ -161,7 +173,7 @@ impl AuthState {
             }
         }
         let created = async {
-            let password_hash = self.hasher.hash(req.password).await?;
+            let password_hash = self.hasher.hash(client, req.password).await?;
             self.store.create_user(username.as_str(), &password_hash, storegate::db::now()).await
         }
         .await;
@@ -189,58 +201,85 @@ impl AuthState {
         }
         let now = storegate::db::now();
         let outcome = async {
+            // A place in the hashing queue first (this client's fair share):
+            // a call refused as busy has counted and written nothing.
+            let place = self.hasher.place(client)?;
+            let device = self.recognised_device(&req.username, &req.device_token, now).await?;
+            let caller = Caller { client, device: device.as_deref() };
             let attempt =
-                throttle::admit(&self.store, throttle::subject(&req.username, client), now.timestamp())
-                    .await?;
-            let outcome = self.check_password_and_issue_ticket(req, attempt.subject(), client, now).await;
+                throttle::admit(&self.store, &self.policy, &req.username, caller, now.timestamp()).await?;
+            let mut account = None;
+            let outcome =
+                self.check_password_and_issue_ticket(req, place, &attempt, caller, now, &mut account).await;
             // A ticket is the outcome's last step, stored in the transaction
             // that gives the attempt back: an Ok has settled it.
-            attempt.settle(&self.store, &outcome).await;
+            if attempt.settle(&self.store, &outcome).await
+                && let Some((user_id, username)) = account
+            {
+                self.account_locked(user_id, &username, client).await;
+            }
             outcome
         }
         .await;
         self.count_login("begin", outcome)
     }
 
+    /// The hash of `device_token` when it is a live device token of the
+    /// account named `username`.
+    async fn recognised_device(
+        &self,
+        username: &str,
+        device_token: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Option<Vec<u8>>, ApiError> {
+        if device_token.is_empty() || device_token.len() > MAX_OPAQUE_LEN {
+            return Ok(None);
+        }
+        let Ok(username) = Username::parse(username) else { return Ok(None) };
+        let hash = token_hash(device_token);
+        Ok(self.store.recognised_device(&hash, username.as_str(), now).await?.then_some(hash))
+    }
+
+    /// The password step in its hashing `place`, once `attempt` is
+    /// admitted; `account` says whose account the name is, once known.
     async fn check_password_and_issue_ticket(
         &self,
         req: BeginLoginRequest,
-        throttle_subject: &[u8],
-        client: Client,
+        place: Place,
+        attempt: &Attempt,
+        caller: Caller<'_>,
         now: DateTime<Utc>,
+        account: &mut Option<(i64, String)>,
     ) -> Result<BeginLoginResponse, LoginError> {
+        let client = caller.client;
         let user = match Username::parse(&req.username) {
             Ok(name) => self.store.find_login_user(name.as_str()).await?,
             Err(_) => None,
         };
         // Unknown users are checked against a dummy hash: same answer, same time.
         let (stored_hash, user) = match user {
-            Some(u) => (Some(u.password_hash), Some((u.id, u.locked_at, u.disabled_at, u.totp))),
+            Some(u) => (Some(u.password_hash), Some((u.id, u.disabled_at, u.totp))),
             None => (None, None),
         };
-        let password_ok = self.hasher.verify(req.password, stored_hash).await?;
-        let Some((user_id, locked_at, disabled_at, totp_state)) = user else {
+        let password_ok = self.hasher.verify_in(place, req.password, stored_hash).await?;
+        let Some((user_id, disabled_at, totp_state)) = user else {
             // The name is not stored: it may be a password typed in the
             // wrong field.
             let entry = Entry::new(Event::PasswordRejected, Actor::Anonymous).detail("unknown user");
             audit::record(&self.store, entry.client(client)).await;
             return Err(Refusal::BadCredentials.into());
         };
+        *account = Some((user_id, totp_state.username.clone()));
         let entry =
             |event, actor| Entry::new(event, actor).account(user_id, &totp_state.username).client(client);
         if !password_ok {
             audit::record(&self.store, entry(Event::PasswordRejected, Actor::Anonymous)).await;
-            self.count_account_failure(user_id, now).await;
             return Err(Refusal::BadCredentials.into());
         }
         // Said only to whoever knows the password.
         if disabled_at.is_some() {
             audit::record(&self.store, entry(Event::LoginRefusedDisabled, Actor::Owner)).await;
             return Err(Refusal::Disabled.into());
-        }
-        if locked_at.is_some() {
-            audit::record(&self.store, entry(Event::LoginRefusedLocked, Actor::Owner)).await;
-            return Err(Refusal::Locked.into());
         }
 
         // Until a code confirms one, every ticket offers a secret of its
@@ -266,17 +305,21 @@ impl AuthState {
         // attempt given back.
         let ticket = random_token();
         let expires_at = now + Duration::seconds(TICKET_TTL_SECS);
-        self.store
-            .create_ticket(
-                &token_hash(&ticket),
-                user_id,
-                sealed_secret.as_deref(),
-                expires_at,
-                now,
-                throttle_subject,
-            )
-            .await?;
-        tracing::info!(user_id, enrolling = enrollment.is_some(), "password accepted; ticket issued");
+        let new_ticket = NewTicket {
+            ticket_hash: &token_hash(&ticket),
+            user_id,
+            enrollment_secret: sealed_secret.as_deref(),
+            device_hash: caller.device,
+            expires_at,
+        };
+        let subjects: Vec<&[u8]> = attempt.subjects().collect();
+        self.store.create_ticket(&new_ticket, &subjects, attempt.quota(), now).await?;
+        tracing::info!(
+            user_id,
+            enrolling = enrollment.is_some(),
+            known_device = caller.device.is_some(),
+            "password accepted; ticket issued"
+        );
         audit::record(&self.store, entry(Event::PasswordAccepted, Actor::Owner)).await;
         Ok(BeginLoginResponse {
             login_ticket: ticket,
@@ -285,26 +328,25 @@ impl AuthState {
         })
     }
 
-    /// Counts a wrong password or code against the account itself (every
-    /// client together), and locks it at the cap. Never fails the call: the
-    /// answer is "wrong" either way.
-    async fn count_account_failure(&self, user_id: i64, now: DateTime<Utc>) {
-        match self.store.count_account_failure(user_id, self.policy.max_failed_logins, now).await {
-            Ok(true) => {
-                self.accounts_locked.inc();
-                let entry = Entry::new(Event::AccountLocked, Actor::System).user(user_id);
-                let entry =
-                    entry.detail(format!("{} consecutive failed logins", self.policy.max_failed_logins));
-                audit::record(&self.store, entry).await;
-                tracing::warn!(
-                    user_id,
-                    failures = self.policy.max_failed_logins,
-                    "account locked after consecutive failed logins; `auth-service unlock-user` lifts it"
-                );
-            }
-            Ok(false) => {}
-            Err(e) => tracing::warn!(error = %e, "cannot count a failed login against its account"),
-        }
+    /// This failure brought the account's count of failures from
+    /// unrecognised clients to `MAX_FAILED_LOGINS`: from now on each further
+    /// one locks it to them for `ACCOUNT_LOCK_SECS`. Counted, logged and
+    /// audited; the account's known devices still log in.
+    async fn account_locked(&self, user_id: i64, username: &str, client: Client) {
+        let (failures, lock_secs) = (self.policy.max_failed_logins, self.policy.account_lock_secs);
+        self.accounts_locked.inc();
+        tracing::warn!(
+            user_id,
+            failures,
+            lock_secs,
+            "account locked after consecutive failed logins from unrecognised clients; its known devices \
+             still log in; `auth-service unlock-user` lifts it"
+        );
+        let entry = Entry::new(Event::AccountLocked, Actor::System).account(user_id, username).client(client);
+        let detail = format!(
+            "{failures} consecutive failed logins from unrecognised clients; each further one locks it for {lock_secs} s"
+        );
+        audit::record(&self.store, entry.detail(detail)).await;
     }
 
     async fn complete_login(
@@ -321,6 +363,7 @@ impl AuthState {
                 token_type: "Bearer".to_owned(),
                 expires_in: ACCESS_TOKEN_TTL_SECS,
                 recovery_codes: completed.recovery_codes,
+                device_token: completed.device_token.unwrap_or_default(),
             })
         }
         .await;
@@ -336,9 +379,10 @@ impl AuthState {
             let ticket = self.ticket(&req.login_ticket).await?;
             let username = ticket.totp.username.clone();
             let new_password = req.new_password.clone();
-            let checked = self.hasher.run(move || check_new_password(&new_password, &username)).await?;
+            let checked =
+                self.hasher.run(client, move || check_new_password(&new_password, &username)).await?;
             checked.map_err(|v| ApiError::invalid("new_password", v.description))?;
-            let password_hash = self.hasher.hash(req.new_password).await?;
+            let password_hash = self.hasher.hash(client, req.new_password).await?;
             let completed = self
                 .complete(&req.login_ticket, &req.code, client, Intent::ChangePassword { password_hash })
                 .await?;
@@ -349,6 +393,7 @@ impl AuthState {
                 refresh_token: completed.refresh_token.unwrap_or_default(),
                 token_type: "Bearer".to_owned(),
                 expires_in: ACCESS_TOKEN_TTL_SECS,
+                device_token: completed.device_token.unwrap_or_default(),
             })
         }
         .await;
@@ -382,8 +427,9 @@ impl AuthState {
     }
 
     /// The last step shared by CompleteLogin, ChangePassword and ResetTotp:
-    /// the ticket and the code, throttled and counted like a password, then
-    /// what `intent` asks, all in one transaction.
+    /// the ticket and the code, counted on the ticket, throttled and
+    /// counted like a password, then what `intent` asks, all in one
+    /// transaction.
     async fn complete(
         &self,
         login_ticket: &str,
@@ -394,16 +440,11 @@ impl AuthState {
         let now = storegate::db::now();
         let ticket = self.ticket(login_ticket).await?;
         let ticket_hash = token_hash(login_ticket);
-        let entry = |event, actor| {
-            Entry::new(event, actor).account(ticket.user_id, &ticket.totp.username).client(client)
-        };
+        let username = &ticket.totp.username;
+        let entry = |event, actor| Entry::new(event, actor).account(ticket.user_id, username).client(client);
         if ticket.disabled_at.is_some() {
             audit::record(&self.store, entry(Event::LoginRefusedDisabled, Actor::Owner)).await;
             return Err(Refusal::Disabled.into());
-        }
-        if ticket.locked_at.is_some() {
-            audit::record(&self.store, entry(Event::LoginRefusedLocked, Actor::Owner)).await;
-            return Err(Refusal::Locked.into());
         }
         let enrolling = ticket.enrollment_secret.is_some();
         if enrolling && !matches!(intent, Intent::SignIn) {
@@ -415,15 +456,37 @@ impl AuthState {
             return Err(Refusal::BadTicket.into());
         }
 
+        // Counted on the ticket before anything else, in one conditional
+        // UPDATE: of any number of parallel attempts, at most
+        // MAX_WRONG_CODES_PER_TICKET are evaluated.
+        if !self.store.count_code_attempt(&ticket_hash, now).await? {
+            return Err(Refusal::BadTicket.into());
+        }
         // Wrong codes count against the account's name as wrong passwords do,
-        // so a known password cannot buy unlimited code guesses.
+        // so a known password cannot buy unlimited code guesses; the client
+        // is the device the ticket's BeginLogin was recognised by, if any.
+        let caller = Caller { client, device: ticket.device_hash.as_deref() };
         let attempt =
-            throttle::admit(&self.store, throttle::subject(&ticket.totp.username, client), now.timestamp())
-                .await?;
+            match throttle::admit(&self.store, &self.policy, username, caller, now.timestamp()).await {
+                Ok(attempt) => attempt,
+                Err(refused) => {
+                    self.refund_code_attempt(&ticket_hash).await;
+                    return Err(refused);
+                }
+            };
+        // A completed login clears the account's count too, from any
+        // client: it proves the owner.
+        let account_subject = throttle::account_subject(username);
+        let mut cleared: Vec<&[u8]> = attempt.subjects().collect();
+        if caller.device.is_some() {
+            cleared.push(&account_subject);
+        }
         let login = CompletingLogin {
             ticket_hash: &ticket_hash,
             user_id: ticket.user_id,
-            throttle_subject: attempt.subject(),
+            throttle_subjects: &cleared,
+            quota: attempt.quota(),
+            device_hash: caller.device,
         };
         let succeeded = match &intent {
             Intent::SignIn => Event::LoginCompleted,
@@ -434,7 +497,13 @@ impl AuthState {
         // Settled by what the transaction did: once it committed (and
         // cleared the count), a failure to sign the token is no attempt's
         // outcome and must not refund a count added since.
-        attempt.settle(&self.store, &completed).await;
+        let locked_account = attempt.settle(&self.store, &completed).await;
+        let wrong = matches!(&completed, Err(LoginError::Refused(refusal)) if refusal.is_wrong_credential());
+        if completed.is_err() && !wrong {
+            // Never evaluated (or its ticket died meanwhile): the ticket's
+            // count goes back too.
+            self.refund_code_attempt(&ticket_hash).await;
+        }
         match &completed {
             Ok(done) => {
                 let how = match (done.enrolled, done.used_recovery_code) {
@@ -450,14 +519,17 @@ impl AuthState {
             }
             Err(_) => {}
         }
-        if matches!(completed, Err(LoginError::Refused(Refusal::BadCode))) {
-            if let Err(e) = self.store.record_wrong_code(&ticket_hash).await {
-                // The answer stays "invalid code"; the ticket still dies at expiry.
-                tracing::warn!(error = %e, "cannot count a wrong code against its ticket");
-            }
-            self.count_account_failure(ticket.user_id, now).await;
+        if locked_account {
+            self.account_locked(ticket.user_id, username, client).await;
         }
         completed
+    }
+
+    async fn refund_code_attempt(&self, ticket_hash: &[u8]) {
+        if let Err(e) = self.store.refund_code_attempt(ticket_hash).await {
+            // The ticket still dies at expiry; one attempt fewer is left.
+            tracing::warn!(error = %e, "cannot give back a code attempt to its ticket");
+        }
     }
 
     /// Checks the code and completes in one transaction (see
@@ -519,7 +591,13 @@ impl AuthState {
             expires_at: (now + self.refresh_ttl()).min(session_expires_at),
             session_expires_at,
         };
-        match self.store.complete_login(login, &factor, &action, &refresh, now).await? {
+        // A login that starts a session makes this client a known device.
+        let device_token = (!matches!(action, LoginAction::ResetTotp)).then(random_token);
+        let device = device_token.as_deref().map(|token| NewDevice {
+            token_hash: token_hash(token),
+            expires_at: now + Duration::days(DEVICE_TOKEN_TTL_DAYS),
+        });
+        match self.store.complete_login(login, &factor, &action, &refresh, device.as_ref(), now).await? {
             Completion::Completed => {}
             Completion::TicketInvalid => return Err(Refusal::BadTicket.into()),
             Completion::FactorSpent => return Err(Refusal::BadCode.into()),
@@ -533,6 +611,7 @@ impl AuthState {
             user_id,
             username: totp_state.username.clone(),
             refresh_token: (!matches!(action, LoginAction::ResetTotp)).then_some(refresh_token),
+            device_token,
             recovery_codes,
             enrolled: confirmed_enrollment,
             used_recovery_code,
@@ -555,29 +634,53 @@ impl AuthState {
         Ok(self.keys.sign(&claims).await?)
     }
 
-    async fn refresh_token(&self, req: RefreshTokenRequest) -> Result<RefreshTokenResponse, ApiError> {
+    async fn refresh_token(
+        &self,
+        req: RefreshTokenRequest,
+        client: Client,
+    ) -> Result<RefreshTokenResponse, ApiError> {
         if req.refresh_token.is_empty() || req.refresh_token.len() > MAX_OPAQUE_LEN {
             return Err(ApiError::Unauthenticated(BAD_REFRESH_TOKEN));
         }
         let now = storegate::db::now();
+        let old_hash = token_hash(&req.refresh_token);
+        let grace = Duration::seconds(i64::from(self.policy.refresh_reuse_grace_secs));
         let refresh_token = random_token();
+        // Kept on the old token for the grace only, sealed to it.
+        let sealed = match grace > Duration::zero() {
+            true => {
+                Some(self.master_key.encrypt(refresh_token.as_bytes(), &successor_seal_context(&old_hash))?)
+            }
+            false => None,
+        };
         let rotation = self
             .store
             .rotate_refresh_token(
-                &token_hash(&req.refresh_token),
+                &old_hash,
                 &token_hash(&refresh_token),
+                sealed.as_deref(),
                 self.refresh_ttl(),
+                grace,
                 now,
             )
             .await?;
-        let user_id = match rotation {
-            Rotation::Rotated { user_id } => user_id,
-            Rotation::Reused { user_id } => {
-                tracing::warn!(user_id, "a rotated refresh token was presented again; its login is revoked");
-                let entry = Entry::new(Event::RefreshTokenReused, Actor::Anonymous).user(user_id);
-                audit::record(&self.store, entry.detail("the session it belongs to ended")).await;
-                return Err(ApiError::Unauthenticated(BAD_REFRESH_TOKEN));
+        let (user_id, refresh_token) = match rotation {
+            Rotation::Rotated { user_id } => (user_id, refresh_token),
+            Rotation::Again { user_id, successor_sealed } => {
+                match self.unused_successor(&old_hash, &successor_sealed, now).await? {
+                    Some(successor) => {
+                        tracing::info!(user_id, "a refresh token redeemed again within its reuse grace");
+                        (user_id, successor)
+                    }
+                    // Its successor was rotated in turn: whoever holds the
+                    // old token now holds a copy.
+                    None => {
+                        self.store.revoke_refresh_family(&old_hash, now).await?;
+                        return Err(self.refresh_token_reused(user_id, client).await);
+                    }
+                }
             }
+            Rotation::Reused { user_id } => return Err(self.refresh_token_reused(user_id, client).await),
             Rotation::Invalid => return Err(ApiError::Unauthenticated(BAD_REFRESH_TOKEN)),
         };
         let username =
@@ -591,7 +694,32 @@ impl AuthState {
         })
     }
 
-    async fn logout(&self, req: LogoutRequest) -> Result<LogoutResponse, ApiError> {
+    /// The successor sealed on a rotated token, if it still may be
+    /// redeemed (live, not rotated in turn).
+    async fn unused_successor(
+        &self,
+        old_hash: &[u8],
+        sealed: &[u8],
+        now: DateTime<Utc>,
+    ) -> Result<Option<String>, ApiError> {
+        let opened = self.master_key.decrypt(sealed, &successor_seal_context(old_hash)).map_err(|e| {
+            ApiError::Internal(anyhow::Error::new(e).context("the sealed successor of a refresh token"))
+        })?;
+        let successor = String::from_utf8(opened)
+            .map_err(|e| ApiError::Internal(anyhow::Error::new(e).context("a sealed refresh token")))?;
+        Ok(self.store.session(&token_hash(&successor), now).await?.map(|_| successor))
+    }
+
+    /// A rotated refresh token came back after its grace: its session is
+    /// revoked (by the store); logged, audited, and answered.
+    async fn refresh_token_reused(&self, user_id: i64, client: Client) -> ApiError {
+        tracing::warn!(user_id, "a rotated refresh token was presented again; its login is revoked");
+        let entry = Entry::new(Event::RefreshTokenReused, Actor::Anonymous).user(user_id).client(client);
+        audit::record(&self.store, entry.detail("the session it belongs to ended")).await;
+        ApiError::Unauthenticated(BAD_REFRESH_TOKEN)
+    }
+
+    async fn logout(&self, req: LogoutRequest, client: Client) -> Result<LogoutResponse, ApiError> {
         // Like RFC 7009: an unknown token is not an error, there is nothing
         // to revoke and nothing to tell.
         if !req.refresh_token.is_empty() && req.refresh_token.len() <= MAX_OPAQUE_LEN {
@@ -601,14 +729,21 @@ impl AuthState {
                 .await?;
             tracing::info!(revoked = ended.is_some(), "logout");
             if let Some(user_id) = ended {
-                let entry = Entry::new(Event::SessionsRevoked, Actor::Owner).user(user_id).detail("logout");
+                let entry = Entry::new(Event::SessionsRevoked, Actor::Owner)
+                    .user(user_id)
+                    .detail("logout")
+                    .client(client);
                 audit::record(&self.store, entry).await;
             }
         }
         Ok(LogoutResponse {})
     }
 
-    async fn revoke_sessions(&self, req: RevokeSessionsRequest) -> Result<RevokeSessionsResponse, ApiError> {
+    async fn revoke_sessions(
+        &self,
+        req: RevokeSessionsRequest,
+        client: Client,
+    ) -> Result<RevokeSessionsResponse, ApiError> {
         if req.refresh_token.is_empty() || req.refresh_token.len() > MAX_OPAQUE_LEN {
             return Err(ApiError::Unauthenticated(BAD_REFRESH_TOKEN));
         }
@@ -630,7 +765,10 @@ impl AuthState {
             "{revoked_sessions} session(s){}",
             if req.keep_current { ", the current one kept" } else { "" }
         );
-        let entry = Entry::new(Event::SessionsRevoked, Actor::Owner).user(session.user_id).detail(detail);
+        let entry = Entry::new(Event::SessionsRevoked, Actor::Owner)
+            .user(session.user_id)
+            .detail(detail)
+            .client(client);
         audit::record(&self.store, entry).await;
         Ok(RevokeSessionsResponse { revoked_sessions })
     }
@@ -680,12 +818,14 @@ impl AuthService for AuthApi {
         &self,
         request: Request<RefreshTokenRequest>,
     ) -> Result<Response<RefreshTokenResponse>, Status> {
-        Ok(Response::new(self.state.refresh_token(request.into_inner()).await?))
+        let client = self.client(&request);
+        Ok(Response::new(self.state.refresh_token(request.into_inner(), client).await?))
     }
 
     #[tracing::instrument(name = "Logout", skip_all)]
     async fn logout(&self, request: Request<LogoutRequest>) -> Result<Response<LogoutResponse>, Status> {
-        Ok(Response::new(self.state.logout(request.into_inner()).await?))
+        let client = self.client(&request);
+        Ok(Response::new(self.state.logout(request.into_inner(), client).await?))
     }
 
     #[tracing::instrument(name = "GetJwks", skip_all)]
@@ -698,7 +838,8 @@ impl AuthService for AuthApi {
         &self,
         request: Request<RevokeSessionsRequest>,
     ) -> Result<Response<RevokeSessionsResponse>, Status> {
-        Ok(Response::new(self.state.revoke_sessions(request.into_inner()).await?))
+        let client = self.client(&request);
+        Ok(Response::new(self.state.revoke_sessions(request.into_inner(), client).await?))
     }
 
     #[tracing::instrument(name = "ChangePassword", skip_all)]

@@ -22,23 +22,36 @@ const INSERT_REFRESH_TOKEN: &str = "INSERT INTO refresh_tokens \
 const REVOKE_USER_SESSIONS: &str =
     "UPDATE refresh_tokens SET revoked_at = ? WHERE user_id = ? AND revoked_at IS NULL";
 
+/// Revokes every live token of a family (`?` now, family).
+const REVOKE_FAMILY_SQL: &str =
+    "UPDATE refresh_tokens SET revoked_at = ? WHERE family = ? AND revoked_at IS NULL";
+
 /// Gives back one counted attempt, and any lock with it (see
 /// [`AuthStore::refund_login_attempt`]).
 const REFUND_ATTEMPT_SQL: &str = "UPDATE login_throttle SET failures = failures - 1, locked_until = NULL WHERE subject = ? AND failures > 0";
 
-/// How long a name is locked after each failure from the first that locks
-/// it: the throttle's policy (`throttle::LADDER`), applied by the database
-/// in the UPDATE that counts an attempt.
+/// Gives back one use of a quota (see [`AuthStore::refund_quota`]).
+const REFUND_QUOTA_SQL: &str = "UPDATE client_quotas SET used = used - 1 WHERE subject = ? AND used > 0";
+
+/// Forgets a subject's failures and lock (a completed login).
+const CLEAR_THROTTLE_SQL: &str =
+    "UPDATE login_throttle SET failures = 0, locked_until = NULL, updated_at = ? WHERE subject = ?";
+
+/// How long a device token lives: each login from the device replaces it.
+pub const DEVICE_TOKEN_TTL_DAYS: i64 = 90;
+/// How long a subject is locked after each failure from the first that
+/// locks it: a throttle's policy (`throttle::LADDER`, the account-wide
+/// ladder), applied by the database in the UPDATE that counts an attempt.
 #[derive(Debug, Clone, Copy)]
-pub struct LockLadder {
+pub struct LockLadder<'a> {
     /// Failures allowed before the first lock.
     pub free_failures: i64,
     /// The lock after failure `free_failures`, the next, …, in seconds; the
     /// last one for every failure after.
-    pub delays_secs: &'static [i64],
+    pub delays_secs: &'a [i64],
 }
 
-impl LockLadder {
+impl LockLadder<'_> {
     /// Counts one attempt unless the name is locked, and sets the lock when
     /// the count reaches `free_failures`. `locked_until` is assigned before
     /// `failures` on purpose: MySQL evaluates SET assignments left to right
@@ -95,9 +108,6 @@ pub struct AuthStore {
 pub struct LoginUser {
     pub id: i64,
     pub password_hash: String,
-    /// Set when consecutive failures reached the cap: only an administrator
-    /// lifts it.
-    pub locked_at: Option<DateTime<Utc>>,
     /// Set by `auth-service disable-user`: no login until `enable-user`.
     pub disabled_at: Option<DateTime<Utc>>,
     #[sqlx(flatten)]
@@ -112,13 +122,25 @@ pub struct Account {
     pub created_at: DateTime<Utc>,
     /// When the second factor was confirmed; None while enrolling.
     pub totp_confirmed_at: Option<DateTime<Utc>>,
-    pub locked_at: Option<DateTime<Utc>>,
     pub disabled_at: Option<DateTime<Utc>>,
     pub last_login_at: Option<DateTime<Utc>>,
     /// Logins (refresh token families) live now.
     pub sessions: i64,
     #[sqlx(skip)]
     pub roles: Vec<String>,
+    /// The account-wide lock in force now (see `throttle.rs`), read by
+    /// [`AuthStore::account_lock`].
+    #[sqlx(skip)]
+    pub lock: Option<AccountLock>,
+}
+
+/// The account-wide lock of a name while it refuses unrecognised clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AccountLock {
+    /// When the failure that set the current lock was counted.
+    pub since: DateTime<Utc>,
+    /// Unix seconds when it ends.
+    pub until: i64,
 }
 
 /// What an account query selects by.
@@ -143,7 +165,8 @@ pub struct Ticket {
     pub user_id: i64,
     /// The sealed secret this ticket offers for enrollment, if it does.
     pub enrollment_secret: Option<Vec<u8>>,
-    pub locked_at: Option<DateTime<Utc>>,
+    /// The device token (hash) its BeginLogin was recognised by.
+    pub device_hash: Option<Vec<u8>>,
     pub disabled_at: Option<DateTime<Utc>>,
     #[sqlx(flatten)]
     pub totp: TotpState,
@@ -167,6 +190,12 @@ pub struct StoredSigningKey {
 pub enum Rotation {
     Rotated {
         user_id: i64,
+    },
+    /// Redeemed again within the reuse grace of its rotation, while its
+    /// successor is unused: the successor, still sealed.
+    Again {
+        user_id: i64,
+        successor_sealed: Vec<u8>,
     },
     /// An already rotated token came back: its family is now revoked.
     Reused {
@@ -196,6 +225,9 @@ impl StoredRefreshToken {
         self.revoked_at.is_none() && self.expires_at > now
     }
 }
+
+/// A rotated refresh token's rotation time, sealed successor and revocation.
+type RotatedToken = (Option<DateTime<Utc>>, Option<Vec<u8>>, Option<DateTime<Utc>>);
 
 /// A refresh token as stored: only its hash.
 pub struct NewRefreshToken {
@@ -239,8 +271,31 @@ pub enum SecondFactor {
 pub struct CompletingLogin<'a> {
     pub ticket_hash: &'a [u8],
     pub user_id: i64,
-    /// Whose failed attempts a completed login clears (`throttle::subject`).
-    pub throttle_subject: &'a [u8],
+    /// Whose failed attempts a completed login clears (the name's subjects
+    /// in `throttle.rs`: with this client, and the account's).
+    pub throttle_subjects: &'a [&'a [u8]],
+    /// The client address's failure budget this attempt used: given back.
+    pub quota: Option<&'a [u8]>,
+    /// The known device the ticket's BeginLogin came from: its token is
+    /// replaced.
+    pub device_hash: Option<&'a [u8]>,
+}
+
+/// A login ticket to store.
+pub struct NewTicket<'a> {
+    pub ticket_hash: &'a [u8],
+    pub user_id: i64,
+    /// The sealed TOTP secret this ticket offers for enrollment.
+    pub enrollment_secret: Option<&'a [u8]>,
+    /// The known device BeginLogin was recognised by.
+    pub device_hash: Option<&'a [u8]>,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// A device token to store with a completed login.
+pub struct NewDevice {
+    pub token_hash: Vec<u8>,
+    pub expires_at: DateTime<Utc>,
 }
 
 /// What the last step of a login did.
@@ -298,7 +353,7 @@ impl AuthStore {
     pub async fn find_login_user(&self, username: &str) -> Result<Option<LoginUser>, ApiError> {
         Ok(on_db!(&self.db, pool => {
             sqlx::query_as(concat!(
-                "SELECT users.id, users.password_hash, users.locked_at, users.disabled_at, ",
+                "SELECT users.id, users.password_hash, users.disabled_at, ",
                 totp_columns!(),
                 " FROM users WHERE username = ?"
             ))
@@ -362,39 +417,66 @@ impl AuthStore {
         .await
     }
 
-    /// Stores a login ticket and gives back the attempt counted against
-    /// `throttle_subject` (a right password is no failure), in one
-    /// transaction: one commit instead of two on every login.
-    #[allow(clippy::too_many_arguments)]
+    /// Stores a login ticket and gives back the attempt's counts (a right
+    /// password is no failure: `throttle_subjects`, and the address's
+    /// failure budget `quota`), in one transaction: one commit instead of
+    /// several on every login.
     pub async fn create_ticket(
         &self,
-        ticket_hash: &[u8],
-        user_id: i64,
-        enrollment_secret: Option<&[u8]>,
-        expires_at: DateTime<Utc>,
+        ticket: &NewTicket<'_>,
+        throttle_subjects: &[&[u8]],
+        quota: Option<&[u8]>,
         now: DateTime<Utc>,
-        throttle_subject: &[u8],
     ) -> Result<(), ApiError> {
         retry_conflicts(move || async move {
             on_db!(&self.db, pool => async {
             let mut tx = pool.begin_write().await?;
             sqlx::query(
-                "INSERT INTO login_tickets (ticket_hash, user_id, enrollment_secret, failed_codes, expires_at, created_at) \
-                 VALUES (?, ?, ?, 0, ?, ?)",
+                "INSERT INTO login_tickets \
+                 (ticket_hash, user_id, enrollment_secret, device_hash, failed_codes, expires_at, created_at) \
+                 VALUES (?, ?, ?, ?, 0, ?, ?)",
             )
-            .bind(ticket_hash)
-            .bind(user_id)
-            .bind(enrollment_secret)
-            .bind(expires_at)
+            .bind(ticket.ticket_hash)
+            .bind(ticket.user_id)
+            .bind(ticket.enrollment_secret)
+            .bind(ticket.device_hash)
+            .bind(ticket.expires_at)
             .bind(now)
             .execute(&mut *tx)
             .await?;
-            sqlx::query(REFUND_ATTEMPT_SQL).bind(throttle_subject).execute(&mut *tx).await?;
+            for subject in throttle_subjects {
+                sqlx::query(REFUND_ATTEMPT_SQL).bind(subject).execute(&mut *tx).await?;
+            }
+            if let Some(quota) = quota {
+                sqlx::query(REFUND_QUOTA_SQL).bind(quota).execute(&mut *tx).await?;
+            }
             Ok(tx.commit().await?)
         }
         .await)
         })
         .await
+    }
+
+    /// Whether `device_hash` is a live device token of the account named
+    /// `username`.
+    pub async fn recognised_device(
+        &self,
+        device_hash: &[u8],
+        username: &str,
+        now: DateTime<Utc>,
+    ) -> Result<bool, ApiError> {
+        let found: Option<i64> = on_db!(&self.db, pool => {
+            sqlx::query_scalar(
+                "SELECT login_devices.user_id FROM login_devices JOIN users ON users.id = login_devices.user_id \
+                 WHERE login_devices.token_hash = ? AND users.username = ? AND login_devices.expires_at > ?",
+            )
+            .bind(device_hash)
+            .bind(username)
+            .bind(now)
+            .fetch_optional(pool)
+            .await
+        })?;
+        Ok(found.is_some())
     }
 
     /// A ticket that may still be used (known, not expired, attempts left),
@@ -406,7 +488,8 @@ impl AuthStore {
     ) -> Result<Option<Ticket>, ApiError> {
         Ok(on_db!(&self.db, pool => {
             sqlx::query_as(concat!(
-                "SELECT login_tickets.user_id, login_tickets.enrollment_secret, users.locked_at, users.disabled_at, ",
+                "SELECT login_tickets.user_id, login_tickets.enrollment_secret, login_tickets.device_hash, \
+                 users.disabled_at, ",
                 totp_columns!(),
                 " FROM login_tickets JOIN users ON users.id = login_tickets.user_id \
                  WHERE login_tickets.ticket_hash = ? AND login_tickets.expires_at > ? \
@@ -420,26 +503,42 @@ impl AuthStore {
         })?)
     }
 
-    /// Counts a wrong code against the ticket, in the database so that
-    /// parallel attempts on several replicas add up; a ticket out of attempts
-    /// is deleted.
-    pub async fn record_wrong_code(&self, ticket_hash: &[u8]) -> Result<(), ApiError> {
-        // One transaction, so that a conflict reruns both statements or none.
+    /// Counts a code attempt on the ticket *before* the code is evaluated,
+    /// unless the ticket is out of attempts or expired (false): one
+    /// conditional UPDATE, so that of any number of parallel attempts on
+    /// any replicas at most [`MAX_WRONG_CODES_PER_TICKET`] are evaluated. A
+    /// wrong code stays counted; a right one burns the ticket.
+    pub async fn count_code_attempt(&self, ticket_hash: &[u8], now: DateTime<Utc>) -> Result<bool, ApiError> {
         retry_conflicts(move || async move {
-            on_db!(&self.db, pool => async {
-            let mut tx = pool.begin_write().await?;
-            sqlx::query("UPDATE login_tickets SET failed_codes = failed_codes + 1 WHERE ticket_hash = ?")
-                .bind(ticket_hash)
-                .execute(&mut *tx)
-                .await?;
-            sqlx::query("DELETE FROM login_tickets WHERE ticket_hash = ? AND failed_codes >= ?")
+            Ok(on_db!(&self.db, pool => {
+                sqlx::query(
+                    "UPDATE login_tickets SET failed_codes = failed_codes + 1 \
+                     WHERE ticket_hash = ? AND failed_codes < ? AND expires_at > ?",
+                )
                 .bind(ticket_hash)
                 .bind(MAX_WRONG_CODES_PER_TICKET)
-                .execute(&mut *tx)
-                .await?;
-            Ok(tx.commit().await?)
-        }
-        .await)
+                .bind(now)
+                .execute(pool)
+                .await
+                .map(|r| r.rows_affected() == 1)
+            })?)
+        })
+        .await
+    }
+
+    /// Gives back a code attempt that was never evaluated (throttled, or
+    /// failed before its answer).
+    pub async fn refund_code_attempt(&self, ticket_hash: &[u8]) -> Result<(), ApiError> {
+        retry_conflicts(move || async move {
+            Ok(on_db!(&self.db, pool => {
+                sqlx::query(
+                    "UPDATE login_tickets SET failed_codes = failed_codes - 1 WHERE ticket_hash = ? AND failed_codes > 0",
+                )
+                .bind(ticket_hash)
+                .execute(pool)
+                .await
+                .map(drop)
+            })?)
         })
         .await
     }
@@ -448,15 +547,17 @@ impl AuthStore {
     /// caller can delete it), spends the second factor (a TOTP step only if
     /// later than the last one used; a recovery code only if unused; an
     /// enrollment only if no other was confirmed first), does what `action`
-    /// asks, stores the refresh token (when the action signs in) and clears
-    /// the failed attempts counted against `login.throttle_subject` and the
-    /// account.
+    /// asks, stores the refresh token (when the action signs in) and the
+    /// device token (replacing the one the login came from), clears the
+    /// failed attempts counted against `login.throttle_subjects` and gives
+    /// back the address's budget.
     pub async fn complete_login(
         &self,
         login: &CompletingLogin<'_>,
         factor: &SecondFactor,
         action: &LoginAction<'_>,
         refresh: &NewRefreshToken,
+        device: Option<&NewDevice>,
         now: DateTime<Utc>,
     ) -> Result<Completion, ApiError> {
         // Parallel completions for one user lock the same rows; InnoDB may
@@ -464,7 +565,7 @@ impl AuthStore {
         // rolling all of it back, so rerunning it is safe (and it then meets
         // the winner's committed state).
         retry_conflicts(move || async move {
-            Ok(self.complete_login_once(login, factor, action, refresh, now).await?)
+            Ok(self.complete_login_once(login, factor, action, refresh, device, now).await?)
         })
         .await
     }
@@ -475,18 +576,21 @@ impl AuthStore {
         factor: &SecondFactor,
         action: &LoginAction<'_>,
         refresh: &NewRefreshToken,
+        device: Option<&NewDevice>,
         now: DateTime<Utc>,
     ) -> Result<Completion, sqlx::Error> {
-        let &CompletingLogin { ticket_hash, user_id, throttle_subject } = login;
+        let &CompletingLogin { ticket_hash, user_id, throttle_subjects, quota, device_hash } = login;
         on_db!(&self.db, pool => {
             let mut tx = pool.begin_write().await?;
+            // The attempt was counted on the ticket before its code was
+            // evaluated (`count_code_attempt`): whatever it counted, the
+            // ticket is this attempt's to burn.
             let burned = sqlx::query(
-                "DELETE FROM login_tickets WHERE ticket_hash = ? AND user_id = ? AND expires_at > ? AND failed_codes < ?",
+                "DELETE FROM login_tickets WHERE ticket_hash = ? AND user_id = ? AND expires_at > ?",
             )
             .bind(ticket_hash)
             .bind(user_id)
             .bind(now)
-            .bind(MAX_WRONG_CODES_PER_TICKET)
             .execute(&mut *tx)
             .await?;
             if burned.rows_affected() != 1 {
@@ -567,11 +671,38 @@ impl AuthStore {
                         .await?;
                 }
             }
+            // The device this login came from keeps its first login's date.
+            let device_since: Option<DateTime<Utc>> = match device_hash {
+                Some(hash) => {
+                    sqlx::query_scalar("SELECT created_at FROM login_devices WHERE token_hash = ? AND user_id = ?")
+                        .bind(hash)
+                        .bind(user_id)
+                        .fetch_optional(&mut *tx)
+                        .await?
+                }
+                None => None,
+            };
             if matches!(action, LoginAction::ChangePassword { .. } | LoginAction::ResetTotp) {
                 // Whatever the old password or factor let in ends here: other
-                // sessions, and tickets waiting for a code.
+                // sessions, known devices, and tickets waiting for a code.
                 sqlx::query(REVOKE_USER_SESSIONS).bind(now).bind(user_id).execute(&mut *tx).await?;
                 sqlx::query("DELETE FROM login_tickets WHERE user_id = ?").bind(user_id).execute(&mut *tx).await?;
+                sqlx::query("DELETE FROM login_devices WHERE user_id = ?").bind(user_id).execute(&mut *tx).await?;
+            } else if let Some(hash) = device_hash {
+                sqlx::query("DELETE FROM login_devices WHERE token_hash = ?").bind(hash).execute(&mut *tx).await?;
+            }
+            if let Some(device) = device {
+                sqlx::query(
+                    "INSERT INTO login_devices (token_hash, user_id, created_at, last_used_at, expires_at) \
+                     VALUES (?, ?, ?, ?, ?)",
+                )
+                .bind(&device.token_hash)
+                .bind(user_id)
+                .bind(device_since.unwrap_or(now))
+                .bind(now)
+                .bind(device.expires_at)
+                .execute(&mut *tx)
+                .await?;
             }
             if !matches!(action, LoginAction::ResetTotp) {
                 sqlx::query(INSERT_REFRESH_TOKEN)
@@ -587,15 +718,14 @@ impl AuthStore {
             // Zeroed, not deleted: the next login's count is then one UPDATE
             // (a missing row costs a read and an insert first); the sweeper
             // deletes the row after a day without attempts.
-            sqlx::query(
-                "UPDATE login_throttle SET failures = 0, locked_until = NULL, updated_at = ? WHERE subject = ?",
-            )
-            .bind(now)
-            .bind(throttle_subject)
-            .execute(&mut *tx)
-            .await?;
+            for subject in throttle_subjects {
+                sqlx::query(CLEAR_THROTTLE_SQL).bind(now).bind(subject).execute(&mut *tx).await?;
+            }
+            if let Some(quota) = quota {
+                sqlx::query(REFUND_QUOTA_SQL).bind(quota).execute(&mut *tx).await?;
+            }
             // The row is this transaction's already (its factor was spent).
-            sqlx::query("UPDATE users SET failed_logins = 0, last_login_at = ? WHERE id = ?")
+            sqlx::query("UPDATE users SET last_login_at = ? WHERE id = ?")
                 .bind(now)
                 .bind(user_id)
                 .execute(&mut *tx)
@@ -605,56 +735,46 @@ impl AuthStore {
         })
     }
 
-    /// Counts a failed login against the account itself, from whichever
-    /// client; the failure that reaches `cap` locks the account. True when
-    /// this call locked it.
-    pub async fn count_account_failure(
+    /// The account-wide lock of `account_subject` in force at `now_unix`.
+    pub async fn account_lock(
         &self,
-        user_id: i64,
-        cap: i32,
-        now: DateTime<Utc>,
-    ) -> Result<bool, ApiError> {
+        account_subject: &[u8],
+        now_unix: i64,
+    ) -> Result<Option<AccountLock>, ApiError> {
+        let row: Option<(Option<i64>, DateTime<Utc>)> = on_db!(&self.db, pool => {
+            sqlx::query_as("SELECT locked_until, updated_at FROM login_throttle WHERE subject = ?")
+                .bind(account_subject)
+                .fetch_optional(pool)
+                .await
+        })?;
+        // A locked subject is not updated until its lock ends: updated_at
+        // is when the failure that set the lock was counted.
+        Ok(row.and_then(|(until, since)| {
+            until.filter(|until| *until > now_unix).map(|until| AccountLock { since, until })
+        }))
+    }
+
+    /// Forgets the account-wide count of `account_subject` and lifts its
+    /// lock; whether a lock was in force at `now_unix`.
+    pub async fn clear_account_lock(&self, account_subject: &[u8], now_unix: i64) -> Result<bool, ApiError> {
         retry_conflicts(move || async move {
             on_db!(&self.db, pool => async {
                 let mut tx = pool.begin_write().await?;
-                // locked_at before failed_logins: both backends then read the
-                // old count (see `LockLadder::admit_attempt_sql`).
-                sqlx::query(
-                    "UPDATE users SET \
-                     locked_at = CASE WHEN locked_at IS NULL AND failed_logins + 1 >= ? THEN ? ELSE locked_at END, \
-                     failed_logins = failed_logins + 1 \
-                     WHERE id = ?",
+                let locked: Option<i64> = sqlx::query_scalar(
+                    "SELECT locked_until FROM login_throttle WHERE subject = ? AND locked_until > ?",
                 )
-                .bind(cap)
-                .bind(now)
-                .bind(user_id)
-                .execute(&mut *tx)
+                .bind(account_subject)
+                .bind(now_unix)
+                .fetch_optional(&mut *tx)
                 .await?;
-                // The row is ours until commit: exactly one failure reads the cap.
-                let failures: Option<i64> =
-                    sqlx::query_scalar("SELECT CAST(failed_logins AS SIGNED) FROM users WHERE id = ?")
-                        .bind(user_id)
-                        .fetch_optional(&mut *tx)
-                        .await?;
+                sqlx::query("DELETE FROM login_throttle WHERE subject = ?")
+                    .bind(account_subject)
+                    .execute(&mut *tx)
+                    .await?;
                 tx.commit().await?;
-                Ok::<bool, ApiError>(failures == Some(i64::from(cap)))
+                Ok::<bool, ApiError>(locked.is_some())
             }
             .await)
-        })
-        .await
-    }
-
-    /// Lifts an account's lock and forgets its failures; false if it was
-    /// not locked.
-    pub async fn unlock_user(&self, user_id: i64) -> Result<bool, ApiError> {
-        retry_conflicts(move || async move {
-            Ok(on_db!(&self.db, pool => {
-                sqlx::query("UPDATE users SET failed_logins = 0, locked_at = NULL WHERE id = ? AND locked_at IS NOT NULL")
-                    .bind(user_id)
-                    .execute(pool)
-                    .await
-                    .map(|r| r.rows_affected() == 1)
-            })?)
         })
         .await
     }
@@ -664,28 +784,89 @@ impl AuthStore {
     pub async fn admit_login_attempt(
         &self,
         subject: &[u8],
-        ladder: &LockLadder,
+        ladder: &LockLadder<'_>,
         now_unix: i64,
     ) -> Result<Admission, ApiError> {
         let admit_sql = &ladder.admit_attempt_sql();
-        self.admit_counted(
-            now_unix,
-            // Each statement here stands alone: a conflict reruns just it.
-            || async move {
+        self.admit_attempt_with(subject, now_unix, || async move {
+            // One statement standing alone: a conflict reruns just it.
+            retry_conflicts(move || async move {
+                Ok(on_db!(&self.db, pool => {
+                    sqlx::query(admit_sql)
+                        .bind(now_unix)
+                        .bind(storegate::db::now())
+                        .bind(subject)
+                        .bind(now_unix)
+                        .execute(pool)
+                        .await
+                        .map(|r| r.rows_affected())
+                })?)
+            })
+            .await
+        })
+        .await
+    }
+
+    /// As [`AuthStore::admit_login_attempt`], and whether this attempt's
+    /// count is the one that reached `ladder.free_failures`, the first lock
+    /// (read in the transaction that counted it, so exactly one attempt
+    /// reaches it however many run in parallel).
+    pub async fn admit_counting(
+        &self,
+        subject: &[u8],
+        ladder: &LockLadder<'_>,
+        now_unix: i64,
+    ) -> Result<(Admission, bool), ApiError> {
+        let admit_sql = &ladder.admit_attempt_sql();
+        let reached = std::sync::atomic::AtomicBool::new(false);
+        let reached = &reached;
+        let admission = self
+            .admit_attempt_with(subject, now_unix, || async move {
                 retry_conflicts(move || async move {
-                    Ok(on_db!(&self.db, pool => {
-                        sqlx::query(admit_sql)
+                    on_db!(&self.db, pool => async {
+                        let mut tx = pool.begin_write().await?;
+                        let counted = sqlx::query(admit_sql)
                             .bind(now_unix)
                             .bind(storegate::db::now())
                             .bind(subject)
                             .bind(now_unix)
-                            .execute(pool)
-                            .await
-                            .map(|r| r.rows_affected())
-                    })?)
+                            .execute(&mut *tx)
+                            .await?
+                            .rows_affected();
+                        let failures: Option<i64> = if counted == 1 {
+                            sqlx::query_scalar("SELECT CAST(failures AS SIGNED) FROM login_throttle WHERE subject = ?")
+                                .bind(subject)
+                                .fetch_optional(&mut *tx)
+                                .await?
+                        } else {
+                            None
+                        };
+                        tx.commit().await?;
+                        reached.store(failures == Some(ladder.free_failures), std::sync::atomic::Ordering::Relaxed);
+                        Ok::<u64, ApiError>(counted)
+                    }
+                    .await)
                 })
                 .await
-            },
+            })
+            .await?;
+        Ok((admission, reached.load(std::sync::atomic::Ordering::Relaxed)))
+    }
+
+    /// The loop of a login throttle's admission around `count`.
+    async fn admit_attempt_with<C, CF>(
+        &self,
+        subject: &[u8],
+        now_unix: i64,
+        count: C,
+    ) -> Result<Admission, ApiError>
+    where
+        C: Fn() -> CF,
+        CF: Future<Output = Result<u64, ApiError>>,
+    {
+        self.admit_counted(
+            now_unix,
+            count,
             || async move {
                 let lock: Option<Option<i64>> = on_db!(&self.db, pool => {
                     sqlx::query_scalar("SELECT locked_until FROM login_throttle WHERE subject = ?")
@@ -828,7 +1009,7 @@ impl AuthStore {
     pub async fn refund_quota(&self, subject: &[u8]) -> Result<(), ApiError> {
         retry_conflicts(move || async move {
             Ok(on_db!(&self.db, pool => {
-                sqlx::query("UPDATE client_quotas SET used = used - 1 WHERE subject = ? AND used > 0")
+                sqlx::query(REFUND_QUOTA_SQL)
                     .bind(subject)
                     .execute(pool)
                     .await
@@ -839,14 +1020,19 @@ impl AuthStore {
     }
 
     /// Rotates a refresh token: the old one is marked rotated (only one
-    /// caller can do that) and a new one of the same family is stored,
-    /// living `ttl` but never past the end of its session. Presenting an
-    /// already rotated token revokes its whole family.
+    /// caller can do that) and keeps its successor sealed
+    /// (`successor_sealed`, None without a reuse grace), and the successor
+    /// is stored in the same family, living `ttl` but never past the end of
+    /// its session. An already rotated token presented again within `grace`
+    /// of its rotation is [`Rotation::Again`] (the caller checks that the
+    /// successor is still unused); otherwise its whole family is revoked.
     pub async fn rotate_refresh_token(
         &self,
         old_hash: &[u8],
         new_hash: &[u8],
+        successor_sealed: Option<&[u8]>,
         ttl: chrono::Duration,
+        grace: chrono::Duration,
         now: DateTime<Utc>,
     ) -> Result<Rotation, ApiError> {
         let Some(old) = &self.refresh_token(old_hash).await? else { return Ok(Rotation::Invalid) };
@@ -858,41 +1044,58 @@ impl AuthStore {
         // An async block, so that `return` leaves only the transaction.
         // On a cluster, the same token redeemed on two nodes at once: one
         // commit fails certification, and its rerun finds the token rotated.
-        let rotated = retry_conflicts(move || async move {
+        retry_conflicts(move || async move {
             on_db!(&self.db, pool => async {
             let mut tx = pool.begin_write().await?;
             let claimed = sqlx::query(
-                "UPDATE refresh_tokens SET rotated_at = ? \
+                "UPDATE refresh_tokens SET rotated_at = ?, successor_sealed = ? \
                  WHERE token_hash = ? AND rotated_at IS NULL AND revoked_at IS NULL AND expires_at > ?",
             )
             .bind(now)
+            .bind(successor_sealed)
             .bind(old_hash)
             .bind(now)
             .execute(&mut *tx)
             .await?;
-            if claimed.rows_affected() != 1 {
-                return Ok::<bool, ApiError>(false);
+            if claimed.rows_affected() == 1 {
+                sqlx::query(INSERT_REFRESH_TOKEN)
+                    .bind(new_hash)
+                    .bind(&old.family)
+                    .bind(old.user_id)
+                    .bind(new_expires_at)
+                    .bind(session_end)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                return Ok::<_, ApiError>(Rotation::Rotated { user_id: old.user_id });
             }
-            sqlx::query(INSERT_REFRESH_TOKEN)
-            .bind(new_hash)
-            .bind(&old.family)
-            .bind(old.user_id)
-            .bind(new_expires_at)
-            .bind(session_end)
-            .bind(now)
-            .execute(&mut *tx)
+            // Rotated already (perhaps a moment ago, by a parallel redeem
+            // whose UPDATE held ours until it committed): read in this
+            // transaction, which sees that redeem's rotation (on SQLite it
+            // may be a member of the same group commit, not yet committed)
+            // and commits only after it.
+            let rotated: Option<RotatedToken> = sqlx::query_as(
+                "SELECT rotated_at, successor_sealed, revoked_at FROM refresh_tokens WHERE token_hash = ?",
+            )
+            .bind(old_hash)
+            .fetch_optional(&mut *tx)
             .await?;
+            let rotation = match rotated {
+                Some((Some(rotated_at), Some(successor_sealed), None)) if now < rotated_at + grace => {
+                    Rotation::Again { user_id: old.user_id, successor_sealed }
+                }
+                _ => {
+                    sqlx::query(REVOKE_FAMILY_SQL).bind(now).bind(&old.family).execute(&mut *tx).await?;
+                    Rotation::Reused { user_id: old.user_id }
+                }
+            };
             tx.commit().await?;
-            Ok(true)
+            Ok(rotation)
         }
         .await)
         })
-        .await?;
-        if rotated {
-            return Ok(Rotation::Rotated { user_id: old.user_id });
-        }
-        self.revoke_family(&old.family, now).await?;
-        Ok(Rotation::Reused { user_id: old.user_id })
+        .await
     }
 
     async fn refresh_token(&self, token_hash: &[u8]) -> Result<Option<StoredRefreshToken>, ApiError> {
@@ -932,7 +1135,7 @@ impl AuthStore {
     async fn revoke_family(&self, family: &[u8], now: DateTime<Utc>) -> Result<(), ApiError> {
         retry_conflicts(move || async move {
             Ok(on_db!(&self.db, pool => {
-                sqlx::query("UPDATE refresh_tokens SET revoked_at = ? WHERE family = ? AND revoked_at IS NULL")
+                sqlx::query(REVOKE_FAMILY_SQL)
                     .bind(now)
                     .bind(family)
                     .execute(pool)
@@ -1016,7 +1219,7 @@ impl AuthStore {
         // Roles and live sessions as subqueries: plain SQL both backends
         // run alike (no GROUP_CONCAT / group_concat difference).
         let sql = format!(
-            "SELECT users.id, users.username, users.created_at, users.totp_confirmed_at, users.locked_at, \
+            "SELECT users.id, users.username, users.created_at, users.totp_confirmed_at, \
              users.disabled_at, users.last_login_at, \
              (SELECT COUNT(DISTINCT family) FROM refresh_tokens WHERE refresh_tokens.user_id = users.id \
               AND refresh_tokens.revoked_at IS NULL AND refresh_tokens.expires_at > ?) AS sessions \
@@ -1038,12 +1241,16 @@ impl AuthStore {
         })?;
         for account in &mut accounts {
             account.roles = self.roles(account.id).await?;
+            account.lock = self
+                .account_lock(&crate::throttle::account_subject(&account.username), now.timestamp())
+                .await?;
         }
         Ok(accounts)
     }
 
     /// Disables an account (or enables it again): a disabled account's
-    /// sessions and pending tickets end with it, in one transaction. False
+    /// sessions, known devices and pending tickets end with it, in one
+    /// transaction. False
     /// when it already was so.
     pub async fn set_disabled(
         &self,
@@ -1069,6 +1276,7 @@ impl AuthStore {
                 if disabled && changed.rows_affected() == 1 {
                     sqlx::query(REVOKE_USER_SESSIONS).bind(now).bind(user_id).execute(&mut *tx).await?;
                     sqlx::query("DELETE FROM login_tickets WHERE user_id = ?").bind(user_id).execute(&mut *tx).await?;
+                    sqlx::query("DELETE FROM login_devices WHERE user_id = ?").bind(user_id).execute(&mut *tx).await?;
                 }
                 tx.commit().await?;
                 Ok::<_, ApiError>(changed.rows_affected() == 1)
@@ -1079,7 +1287,8 @@ impl AuthStore {
     }
 
     /// Forgets an account's second factor (secret, recovery codes) and ends
-    /// its sessions and pending tickets: the next login enrolls afresh.
+    /// its sessions, known devices and pending tickets: the next login
+    /// enrolls afresh.
     pub async fn forget_second_factor(&self, user_id: i64, now: DateTime<Utc>) -> Result<(), ApiError> {
         retry_conflicts(move || async move {
             on_db!(&self.db, pool => async {
@@ -1094,6 +1303,7 @@ impl AuthStore {
                 sqlx::query("DELETE FROM recovery_codes WHERE user_id = ?").bind(user_id).execute(&mut *tx).await?;
                 sqlx::query(REVOKE_USER_SESSIONS).bind(now).bind(user_id).execute(&mut *tx).await?;
                 sqlx::query("DELETE FROM login_tickets WHERE user_id = ?").bind(user_id).execute(&mut *tx).await?;
+                sqlx::query("DELETE FROM login_devices WHERE user_id = ?").bind(user_id).execute(&mut *tx).await?;
                 tx.commit().await?;
                 Ok::<_, ApiError>(())
             }
@@ -1102,9 +1312,10 @@ impl AuthStore {
         .await
     }
 
-    /// Deletes an account; its roles, tickets, refresh tokens and recovery
-    /// codes go with it (foreign keys, ON DELETE CASCADE), so its sessions
-    /// end. Products keep its id as who made or changed them. False when
+    /// Deletes an account; its roles, tickets, refresh tokens, known
+    /// devices and recovery codes go with it (foreign keys, ON DELETE
+    /// CASCADE), so its sessions end; its audit trail stays (no foreign
+    /// key), found by its id. Products keep its id as who made or changed them. False when
     /// there was no such account.
     pub async fn delete_user(&self, user_id: i64) -> Result<bool, ApiError> {
         let deleted: u64 = retry_conflicts(move || async move {
@@ -1132,14 +1343,30 @@ impl AuthStore {
         Ok(removed == 1)
     }
 
-    /// Deletes tickets and refresh tokens that can no longer be used.
-    pub async fn sweep_expired(&self, now: DateTime<Utc>) -> Result<u64, ApiError> {
+    /// Deletes tickets, refresh tokens and device tokens that can no longer
+    /// be used, and forgets the successors of refresh tokens rotated longer
+    /// than `reuse_grace` ago.
+    pub async fn sweep_expired(
+        &self,
+        now: DateTime<Utc>,
+        reuse_grace: chrono::Duration,
+    ) -> Result<u64, ApiError> {
         Ok(on_db!(&self.db, pool => {
             let tickets = sqlx::query("DELETE FROM login_tickets WHERE expires_at <= ?")
                 .bind(now)
                 .execute(pool)
                 .await?;
             let tokens = sqlx::query("DELETE FROM refresh_tokens WHERE expires_at <= ?")
+                .bind(now)
+                .execute(pool)
+                .await?;
+            let successors = sqlx::query(
+                "UPDATE refresh_tokens SET successor_sealed = NULL WHERE successor_sealed IS NOT NULL AND rotated_at <= ?",
+            )
+            .bind(now - reuse_grace)
+            .execute(pool)
+            .await?;
+            let devices = sqlx::query("DELETE FROM login_devices WHERE expires_at <= ?")
                 .bind(now)
                 .execute(pool)
                 .await?;
@@ -1164,6 +1391,8 @@ impl AuthStore {
             Ok::<u64, sqlx::Error>(
                 tickets.rows_affected()
                     + tokens.rows_affected()
+                    + successors.rows_affected()
+                    + devices.rows_affected()
                     + throttles.rows_affected()
                     + quotas.rows_affected()
                     + keys.rows_affected(),

@@ -1,44 +1,79 @@
-//! Login throttling: failed attempts are counted per normalised username,
-//! known or not, and client address, in the database, so that every replica
-//! sees one count and a stranger's guesses hold up only the stranger.
+//! Login throttling: every failed attempt is counted, in the database (so
+//! that every replica sees one count), against
 //!
-//! Every attempt is counted as a failure *before* it is evaluated (one
-//! atomic UPDATE that also refuses attempts while the name is locked), so
-//! parallel attempts cannot slip past the limit. An attempt that turns out
-//! right, or is never evaluated, gives its count back; a completed login
-//! clears the count, in the transaction that completes it. The policy, how
-//! long a name is locked after how many consecutive failures, is
-//! [`LADDER`]; the store applies it in the UPDATE that counts.
+//! 1. the client's address, whatever the names: an hourly budget of
+//!    failures (`LOGIN_FAILURES_PER_CLIENT_PER_HOUR`, in `client_quotas`),
+//!    which bounds the work, audit rows and throttle rows one address can
+//!    cause with made-up names;
+//! 2. the normalised username, known or not, and the client: the client's
+//!    address, or the device token of one of the account's earlier logins
+//!    when BeginLogin sent one ([`LADDER`]: a stranger's guesses hold up
+//!    only the stranger);
+//! 3. the account, from every unrecognised client together (keyed by the
+//!    name, so unknown names behave as known ones): `MAX_FAILED_LOGINS` free,
+//!    then each further failure locks it for `ACCOUNT_LOCK_SECS`. Its known
+//!    devices are neither counted nor refused, so strangers cannot lock the
+//!    owner out, and guessing stays bounded in total.
+//!
+//! They are admitted in that order, each before the attempt is evaluated;
+//! a refusal gives back what was admitted before it, and nothing is hashed.
+//! Every count is taken *before* the attempt is evaluated (one atomic
+//! UPDATE that also refuses attempts while the subject is locked), so
+//! parallel attempts cannot slip past a limit. An attempt that turns out
+//! right, or is never evaluated, gives its counts back; a completed login
+//! clears the name's counts (both 2 and 3), in the transaction that
+//! completes it. The store applies a [`LockLadder`] in the UPDATE that
+//! counts.
 
 use sha2::{Digest as _, Sha256};
 
 use crate::{
     client::Client,
+    config::LoginPolicy,
     refusal::{LoginError, Refusal},
     store::{Admission, AuthStore, LockLadder},
 };
 
-/// Five failures free, then 30 s after the 5th consecutive failure,
-/// doubling with each failure, capped at 15 minutes.
-pub const LADDER: LockLadder = LockLadder { free_failures: 5, delays_secs: &[30, 60, 120, 240, 480, 900] };
+/// Per name and client: five failures free, then 30 s after the 5th
+/// consecutive failure, doubling with each failure, capped at 15 minutes.
+pub const LADDER: LockLadder<'static> =
+    LockLadder { free_failures: 5, delays_secs: &[30, 60, 120, 240, 480, 900] };
 
 pub const REGISTRATIONS_THROTTLED: &str = "too many registrations from this address; try again later";
 
-/// The throttle key of a username as typed, from one client: the name's
-/// normalised spelling and the client, hashed (unknown names are counted
-/// too, without storing what strangers type).
+/// A username as the throttles key it: lower-cased (unless absurdly long:
+/// then as given, it is no account's name either way).
+fn normalised(raw_username: &str) -> String {
+    if raw_username.len() <= 1024 { raw_username.to_lowercase() } else { raw_username.to_owned() }
+}
+
+/// A name and a client, hashed (unknown names are counted too, without
+/// storing what strangers type). The name's bytes cannot hold a NUL:
+/// nothing a name can say reaches into the client part.
+fn name_and(raw_username: &str, client_part: &[u8]) -> Vec<u8> {
+    Sha256::new_with_prefix(b"login:")
+        .chain_update(normalised(raw_username).as_bytes())
+        .chain_update(b"\0")
+        .chain_update(client_part)
+        .finalize()
+        .to_vec()
+}
+
+/// The throttle key of a username as typed, from one client address.
 pub fn subject(raw_username: &str, client: Client) -> Vec<u8> {
-    let mut hash = Sha256::new_with_prefix(b"login:");
-    if raw_username.len() <= 1024 {
-        hash.update(raw_username.to_lowercase().as_bytes());
-    } else {
-        hash.update(raw_username.as_bytes());
-    }
-    // The name's bytes cannot hold a NUL: nothing a name can say reaches
-    // into the client part.
-    hash.update(b"\0");
-    hash.update(client.to_string().as_bytes());
-    hash.finalize().to_vec()
+    name_and(raw_username, client.to_string().as_bytes())
+}
+
+/// The throttle key of a username from one of its known devices (by its
+/// token's hash): the device is the client, wherever it calls from.
+pub fn device_subject(raw_username: &str, device_hash: &[u8]) -> Vec<u8> {
+    // No address is written "device:…".
+    name_and(raw_username, &[b"device:".as_slice(), device_hash].concat())
+}
+
+/// The key of the account-wide count: the normalised name alone.
+pub fn account_subject(raw_username: &str) -> Vec<u8> {
+    Sha256::new_with_prefix(b"account:").chain_update(normalised(raw_username).as_bytes()).finalize().to_vec()
 }
 
 /// The key of a client's registration quota.
@@ -46,47 +81,155 @@ pub fn registration_subject(client: Client) -> Vec<u8> {
     Sha256::new_with_prefix(b"register:").chain_update(client.to_string().as_bytes()).finalize().to_vec()
 }
 
+/// The key of a client address's hourly budget of failed logins.
+pub fn login_failures_subject(client: Client) -> Vec<u8> {
+    Sha256::new_with_prefix(b"login-failures:")
+        .chain_update(client.to_string().as_bytes())
+        .finalize()
+        .to_vec()
+}
+
+/// The account-wide ladder: `max_failed_logins` free, then
+/// `account_lock_secs` after each further failure.
+fn account_ladder<'a>(policy: &LoginPolicy, lock_secs: &'a [i64; 1]) -> LockLadder<'a> {
+    LockLadder { free_failures: i64::from(policy.max_failed_logins), delays_secs: lock_secs }
+}
+
+/// Who makes an attempt, as the throttles see it.
+#[derive(Clone, Copy, Debug)]
+pub struct Caller<'a> {
+    /// The client's address (see `client.rs`).
+    pub client: Client,
+    /// The token hash of the account's device that BeginLogin recognised.
+    pub device: Option<&'a [u8]>,
+}
+
 /// An admitted attempt, counted as a failure until settled otherwise.
 #[must_use = "settle the attempt"]
 pub struct Attempt {
-    subject: Vec<u8>,
+    /// The address's failure budget, when there is one.
+    quota: Option<Vec<u8>>,
+    /// The name-and-client subject, then the account's when counted.
+    subjects: Vec<Vec<u8>>,
+    /// This attempt's count is the one that reached the account-wide lock:
+    /// if it turns out wrong, it locked the account.
+    reaches_account_lock: bool,
 }
 
-/// Counts an attempt for `subject`, or refuses it while the name is locked
-/// ([`Refusal::Throttled`]: RESOURCE_EXHAUSTED with a RetryInfo).
-pub async fn admit(store: &AuthStore, subject: Vec<u8>, now_unix: i64) -> Result<Attempt, LoginError> {
-    match store.admit_login_attempt(&subject, &LADDER, now_unix).await? {
-        Admission::Admitted => Ok(Attempt { subject }),
-        Admission::RefusedUntil(locked_until) => Err(Refusal::Throttled {
-            retry_after: std::time::Duration::from_secs((locked_until - now_unix).max(1) as u64),
+fn throttled(until: i64, now_unix: i64) -> LoginError {
+    Refusal::Throttled { retry_after: std::time::Duration::from_secs((until - now_unix).max(1) as u64) }
+        .into()
+}
+
+/// Counts an attempt of `raw_username` by `caller` against each throttle
+/// in turn, or refuses it ([`Refusal::Throttled`]: RESOURCE_EXHAUSTED with a
+/// RetryInfo) at the first one that is spent or locked, giving back what
+/// the others counted.
+pub async fn admit(
+    store: &AuthStore,
+    policy: &LoginPolicy,
+    raw_username: &str,
+    caller: Caller<'_>,
+    now_unix: i64,
+) -> Result<Attempt, LoginError> {
+    let mut attempt = Attempt { quota: None, subjects: Vec::new(), reaches_account_lock: false };
+    let budget = i64::from(policy.login_failures_per_client_per_hour);
+    if budget > 0 {
+        let subject = login_failures_subject(caller.client);
+        match store.admit_quota(&subject, budget, now_unix).await? {
+            Admission::Admitted => attempt.quota = Some(subject),
+            Admission::RefusedUntil(until) => return Err(throttled(until, now_unix)),
         }
-        .into()),
     }
+    let pair = match caller.device {
+        Some(device) => device_subject(raw_username, device),
+        None => subject(raw_username, caller.client),
+    };
+    let admitted = store.admit_login_attempt(&pair, &LADDER, now_unix).await;
+    if let Some(refused) = attempt.admitted(store, admitted, now_unix).await {
+        return Err(refused);
+    }
+    attempt.subjects.push(pair);
+    if caller.device.is_none() {
+        let account = account_subject(raw_username);
+        let lock_secs = [i64::from(policy.account_lock_secs)];
+        let admitted = store.admit_counting(&account, &account_ladder(policy, &lock_secs), now_unix).await;
+        let reaches_lock = matches!(admitted, Ok((_, true)));
+        if let Some(refused) = attempt.admitted(store, admitted.map(|(a, _)| a), now_unix).await {
+            return Err(refused);
+        }
+        attempt.subjects.push(account);
+        attempt.reaches_account_lock = reaches_lock;
+    }
+    Ok(attempt)
 }
 
 impl Attempt {
-    /// The subject the attempt is counted against.
-    pub fn subject(&self) -> &[u8] {
-        &self.subject
+    /// None when admitted; else the refusal or error to answer, with what
+    /// was counted so far given back.
+    async fn admitted(
+        &mut self,
+        store: &AuthStore,
+        admission: Result<Admission, storegate::ApiError>,
+        now_unix: i64,
+    ) -> Option<LoginError> {
+        let refused = match admission {
+            Ok(Admission::Admitted) => return None,
+            Ok(Admission::RefusedUntil(until)) => throttled(until, now_unix),
+            Err(e) => e.into(),
+        };
+        std::mem::replace(self, Attempt { quota: None, subjects: Vec::new(), reaches_account_lock: false })
+            .give_back(store)
+            .await;
+        Some(refused)
+    }
+
+    /// The throttle subjects counted (name and client, then the account's
+    /// when counted): what a right password gives back.
+    pub fn subjects(&self) -> impl Iterator<Item = &[u8]> {
+        self.subjects.iter().map(Vec::as_slice)
+    }
+
+    /// The address's failure budget used, if any: given back by a right
+    /// password or a completed login.
+    pub fn quota(&self) -> Option<&[u8]> {
+        self.quota.as_deref()
+    }
+
+    /// Gives back every count of an attempt that was never evaluated.
+    async fn give_back(self, store: &AuthStore) {
+        for subject in &self.subjects {
+            if let Err(e) = store.refund_login_attempt(subject).await {
+                tracing::warn!(error = %e, "cannot give back a login attempt");
+            }
+        }
+        if let Some(quota) = &self.quota
+            && let Err(e) = store.refund_quota(quota).await
+        {
+            tracing::warn!(error = %e, "cannot give back a login attempt's budget");
+        }
     }
 
     /// Settles the attempt by its outcome: a wrong password or code stays
     /// counted; any other refusal or error (before evaluation, a ticket
     /// that died meanwhile, or one that rolled the outcome's transaction
-    /// back) is given back. An Ok outcome has nothing
-    /// left to settle: its own transaction gave the count back (BeginLogin's
-    /// ticket) or cleared it (a completed login). A commit whose answer was
-    /// lost on the way (an error, yet committed) is refunded once more here:
-    /// one wrong attempt of that name is forgotten, the rare cost of never
+    /// back) is given back. An Ok outcome has nothing left to settle: its
+    /// own transaction gave the counts back (BeginLogin's ticket) or
+    /// cleared them (a completed login). A commit whose answer was lost on
+    /// the way (an error, yet committed) is refunded once more here: one
+    /// wrong attempt of that name is forgotten, the rare cost of never
     /// counting a right password.
-    pub async fn settle<T>(self, store: &AuthStore, outcome: &Result<T, LoginError>) {
-        let settled = match outcome {
-            Ok(_) => Ok(()),
-            Err(LoginError::Refused(refusal)) if refusal.is_wrong_credential() => Ok(()),
-            Err(_) => store.refund_login_attempt(&self.subject).await,
-        };
-        if let Err(e) = settled {
-            tracing::warn!(error = %e, "cannot settle a login attempt");
+    ///
+    /// True when this wrong attempt locked the account (its count reached
+    /// the account-wide lock).
+    pub async fn settle<T>(self, store: &AuthStore, outcome: &Result<T, LoginError>) -> bool {
+        match outcome {
+            Ok(_) => false,
+            Err(LoginError::Refused(refusal)) if refusal.is_wrong_credential() => self.reaches_account_lock,
+            Err(_) => {
+                self.give_back(store).await;
+                false
+            }
         }
     }
 }
@@ -103,6 +246,28 @@ mod tests {
         assert_ne!(subject("alice", here), subject("bob", here));
         assert_ne!(subject("alice", here), subject("alice", there));
         assert_eq!(subject(&"x".repeat(5000), here).len(), 32);
+    }
+
+    #[test]
+    fn a_device_an_account_and_an_address_budget_are_subjects_of_their_own() {
+        let here = Client::Address("192.0.2.1".parse().unwrap());
+        let device = [7u8; 32];
+        assert_eq!(device_subject("Alice", &device), device_subject("alice", &device));
+        assert_ne!(device_subject("alice", &device), device_subject("alice", &[8u8; 32]));
+        assert_ne!(device_subject("alice", &device), subject("alice", here));
+        assert_eq!(account_subject("Alice"), account_subject("alice"));
+        assert_ne!(account_subject("alice"), account_subject("bob"));
+        let all = [
+            subject("alice", here),
+            device_subject("alice", &device),
+            account_subject("alice"),
+            login_failures_subject(here),
+            registration_subject(here),
+        ];
+        for (i, a) in all.iter().enumerate() {
+            assert_eq!(a.len(), 32);
+            assert!(all[i + 1..].iter().all(|b| a != b), "subject {i} is shared");
+        }
     }
 
     #[test]

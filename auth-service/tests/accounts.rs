@@ -41,7 +41,8 @@ async fn refresh(stack: &TestStack, token: &str) -> Result<String, tonic::Status
 }
 
 async fn begin(stack: &TestStack, username: &str, password: &str) -> Result<String, tonic::Status> {
-    let request = BeginLoginRequest { username: username.into(), password: password.into() };
+    let request =
+        BeginLoginRequest { username: username.into(), password: password.into(), ..Default::default() };
     Ok(stack.auth().await.begin_login(request).await?.into_inner().login_ticket)
 }
 

@@ -29,8 +29,7 @@ async fn admin_client(stack: &TestStack) -> AdminServiceClient<Channel> {
 }
 
 async fn events(stack: &TestStack, token: &str, username: &str) -> Vec<AuditEvent> {
-    let request =
-        ListAuditEventsRequest { username: username.into(), page_size: 1000, page_token: String::new() };
+    let request = ListAuditEventsRequest { username: username.into(), page_size: 1000, ..Default::default() };
     let mut events = admin_client(stack)
         .await
         .list_audit_events(bearer(request, token))
@@ -43,7 +42,8 @@ async fn events(stack: &TestStack, token: &str, username: &str) -> Vec<AuditEven
 }
 
 async fn begin(stack: &TestStack, username: &str, password: &str) -> Result<String, tonic::Status> {
-    let request = BeginLoginRequest { username: username.into(), password: password.into() };
+    let request =
+        BeginLoginRequest { username: username.into(), password: password.into(), ..Default::default() };
     Ok(stack.auth().await.begin_login(request).await?.into_inner().login_ticket)
 }
 
@@ -249,10 +249,7 @@ async fn users_and_audit_events_come_in_pages_bound_to_their_listing(backend: Ba
 
     // An audit page token of the whole trail is no token of one account's.
     let first = client
-        .list_audit_events(bearer(
-            ListAuditEventsRequest { username: String::new(), page_size: 2, page_token: String::new() },
-            &admin,
-        ))
+        .list_audit_events(bearer(ListAuditEventsRequest { page_size: 2, ..Default::default() }, &admin))
         .await
         .unwrap()
         .into_inner();
@@ -261,9 +258,9 @@ async fn users_and_audit_events_come_in_pages_bound_to_their_listing(backend: Ba
     let next = client
         .list_audit_events(bearer(
             ListAuditEventsRequest {
-                username: String::new(),
                 page_size: 2,
                 page_token: first.next_page_token.clone(),
+                ..Default::default()
             },
             &admin,
         ))
@@ -277,6 +274,7 @@ async fn users_and_audit_events_come_in_pages_bound_to_their_listing(backend: Ba
                 username: "erin".into(),
                 page_size: 2,
                 page_token: first.next_page_token,
+                ..Default::default()
             },
             &admin,
         ))

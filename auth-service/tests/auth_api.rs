@@ -139,11 +139,19 @@ async fn wrong_password_and_unknown_user_look_the_same(backend: Backend) {
     stack.register("carol", PASSWORD).await;
     let mut auth = stack.auth().await;
     let wrong_password = auth
-        .begin_login(BeginLoginRequest { username: "carol".into(), password: "not the password".into() })
+        .begin_login(BeginLoginRequest {
+            username: "carol".into(),
+            password: "not the password".into(),
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     let unknown_user = auth
-        .begin_login(BeginLoginRequest { username: "nobody".into(), password: "not the password".into() })
+        .begin_login(BeginLoginRequest {
+            username: "nobody".into(),
+            password: "not the password".into(),
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(wrong_password.code(), Code::Unauthenticated);

@@ -18,7 +18,11 @@ async fn begin(stack: &TestStack, username: &str) -> Duration {
     let mut auth = stack.auth().await;
     let started = Instant::now();
     let err = auth
-        .begin_login(BeginLoginRequest { username: username.into(), password: "wrong password!".into() })
+        .begin_login(BeginLoginRequest {
+            username: username.into(),
+            password: "wrong password!".into(),
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unauthenticated);

@@ -22,7 +22,7 @@ const NEW_PASSWORD: &str = "plum tiger orbit lantern";
 backend_tests!(
     a_strangers_failures_do_not_lock_the_owner_out,
     forwarded_addresses_count_only_from_trusted_gateways,
-    a_hundred_failures_from_many_clients_lock_the_account_until_an_admin_unlocks_it,
+    a_hundred_failures_from_unknown_clients_lock_the_account_to_them_but_not_to_its_devices,
     registrations_are_limited_per_client_taken_names_included,
     each_enrollment_ticket_has_its_own_secret_and_only_the_confirmed_one_works,
     refresh_never_extends_a_session_past_its_maximum_lifetime,
@@ -30,6 +30,8 @@ backend_tests!(
     changing_the_password_needs_a_code_and_ends_other_sessions,
     a_recovery_code_resets_the_second_factor_and_ends_every_session,
     revoking_a_role_ends_the_users_sessions,
+    six_parallel_refreshes_of_one_token_get_the_same_successor,
+    a_redeem_after_the_grace_or_of_a_rotated_successor_is_reuse,
 );
 
 /// A request that a trusted gateway forwarded from `client`.
@@ -54,9 +56,23 @@ async fn begin(
     username: &str,
     password: &str,
 ) -> Result<BeginLoginResponse, tonic::Status> {
-    auth.begin_login(from(client, BeginLoginRequest { username: username.into(), password: password.into() }))
-        .await
-        .map(|r| r.into_inner())
+    begin_on_device(auth, client, username, password, "").await
+}
+
+/// BeginLogin from a client that keeps `device_token` for the account.
+async fn begin_on_device(
+    auth: &mut AuthServiceClient<Channel>,
+    client: &str,
+    username: &str,
+    password: &str,
+    device_token: &str,
+) -> Result<BeginLoginResponse, tonic::Status> {
+    let request = BeginLoginRequest {
+        username: username.into(),
+        password: password.into(),
+        device_token: device_token.into(),
+    };
+    auth.begin_login(from(client, request)).await.map(|r| r.into_inner())
 }
 
 async fn complete(
@@ -143,7 +159,9 @@ async fn forwarded_addresses_count_only_from_trusted_gateways(backend: Backend) 
     assert_eq!(err.code(), Code::ResourceExhausted, "a made-up x-forwarded-for buys no fresh count");
 }
 
-async fn a_hundred_failures_from_many_clients_lock_the_account_until_an_admin_unlocks_it(backend: Backend) {
+async fn a_hundred_failures_from_unknown_clients_lock_the_account_to_them_but_not_to_its_devices(
+    backend: Backend,
+) {
     let logs = storegate_testkit::observe::captured_logs();
     let metrics_addr = storegate_testkit::process::free_addr();
     let stack = TestStack::start_auth_with(backend, |config| {
@@ -151,15 +169,16 @@ async fn a_hundred_failures_from_many_clients_lock_the_account_until_an_admin_un
         config.metrics_listen_addr = metrics_addr.to_string();
     })
     .await;
-    let (_, secret) = enrolled(&stack, "target").await;
+    let (first, secret) = enrolled(&stack, "target").await;
+    assert!(!first.device_token.is_empty(), "a completed login makes its client a known device");
     let mut auth = stack.auth().await;
     let db = stack.db.open().await;
     let user_id = user_id(&db, "target").await;
-    let locked_total = || async {
+    let metric = |name: &'static str| async move {
         let page = storegate_testkit::observe::scrape_metrics(metrics_addr).await;
-        storegate_testkit::observe::metric_value(&page, "storegate_accounts_locked_total")
+        storegate_testkit::observe::metric_value(&page, name)
     };
-    assert_eq!(locked_total().await, Some(0.0));
+    assert_eq!(metric("storegate_accounts_locked_total").await, Some(0.0));
 
     // A botnet of twenty addresses, five guesses each, stays under every
     // per-client lock and reaches the account's cap of 100: wrong passwords
@@ -176,38 +195,93 @@ async fn a_hundred_failures_from_many_clients_lock_the_account_until_an_admin_un
         let err = complete(&mut auth, "203.0.113.19", &ticket, &wrong_totp_code(&secret)).await.unwrap_err();
         assert_eq!(err.code(), Code::Unauthenticated);
     }
-    let failures =
-        scalar_i64(&db, "SELECT CAST(failed_logins AS SIGNED) FROM users WHERE id = ?", user_id).await;
+    let account = auth_service::throttle::account_subject("target");
+    let (failures, locked_until) = account_throttle(&db, &account).await;
     assert_eq!(failures, 100);
-    let locked =
-        scalar_i64(&db, "SELECT COUNT(*) FROM users WHERE id = ? AND locked_at IS NOT NULL", user_id).await;
-    assert_eq!(locked, 1, "the 100th failure locks the account");
-    assert_eq!(locked_total().await, Some(1.0), "the lock is counted");
+    let now = chrono::Utc::now().timestamp();
+    assert!(locked_until > now && locked_until <= now + 900, "locked for ACCOUNT_LOCK_SECS");
+    assert_eq!(metric("storegate_accounts_locked_total").await, Some(1.0), "the lock is counted");
     let logged = storegate_testkit::observe::logs_text(&logs);
     assert!(
         logged.lines().any(|line| line.contains("WARN")
-            && line.contains("account locked after consecutive failed logins")
+            && line.contains("account locked after consecutive failed logins from unrecognised clients")
             && line.contains(&format!("user_id={user_id}"))),
         "the lock is logged as a warning"
     );
+    let locked_from: String = on_db!(&db, pool => {
+        sqlx::query_scalar("SELECT client_addr FROM audit_events WHERE event = 'account.locked' AND user_id = ?")
+            .bind(user_id)
+            .fetch_one(pool)
+            .await
+    })
+    .unwrap();
+    assert_eq!(locked_from, "203.0.113.19", "audited with the address whose failure locked it");
 
-    // Locked: the right password and code no longer get in, from anywhere,
-    // and only whoever knows the password learns why.
-    let refused = begin(&mut auth, "192.0.2.1", "target", PASSWORD).await.unwrap_err();
-    assert_eq!(refused.code(), Code::PermissionDenied);
-    assert!(refused.message().contains("locked"), "{}", refused.message());
-    let wrong = begin(&mut auth, "192.0.2.1", "target", "wrong password!").await.unwrap_err();
-    assert_eq!(wrong.code(), Code::Unauthenticated, "a wrong password says nothing of the lock");
-    assert_eq!(locked_total().await, Some(1.0), "a locked account is counted once");
+    // Locked to every unrecognised client: the right password and a wrong
+    // one get the same answer, the answer of any throttle; nothing is
+    // evaluated (the counts do not move).
+    let evaluated = || metric_sum(metrics_addr, "begin", &["ok", "rejected"]);
+    let before = evaluated().await;
+    let right = begin(&mut auth, "192.0.2.77", "target", PASSWORD).await.unwrap_err();
+    let wrong = begin(&mut auth, "192.0.2.78", "target", "wrong password!").await.unwrap_err();
+    for refused in [&right, &wrong] {
+        assert_eq!(refused.code(), Code::ResourceExhausted);
+        assert_eq!(refused.message(), "too many failed attempts; try again later");
+        let delay = refused.get_details_retry_info().expect("RetryInfo").retry_delay.unwrap();
+        assert!(delay > Duration::ZERO && delay <= Duration::from_secs(900), "{delay:?}");
+    }
+    assert_eq!(evaluated().await, before, "a locked account evaluates no password");
+    assert_eq!(account_throttle(&db, &account).await.0, 100);
+    assert_eq!(metric("storegate_accounts_locked_total").await, Some(1.0), "a lock is counted once");
 
-    // The operator's command lifts it.
-    assert_eq!(unlock_user_command(&stack, "target"), "unlocked target; their failed logins are forgotten");
-    let ticket = begin(&mut auth, "192.0.2.1", "target", PASSWORD).await.unwrap().login_ticket;
-    complete(&mut auth, "192.0.2.1", &ticket, &totp_code(&secret, 1)).await.expect("unlocked");
-    let failures =
-        scalar_i64(&db, "SELECT CAST(failed_logins AS SIGNED) FROM users WHERE id = ?", user_id).await;
-    assert_eq!(failures, 0);
-    assert_eq!(unlock_user_command(&stack, "target"), "target is not locked");
+    // The owner's known device is not held up, from wherever it calls.
+    let ticket = begin_on_device(&mut auth, "198.51.100.4", "target", PASSWORD, &first.device_token)
+        .await
+        .expect("a known device is exempt from the account-wide lock")
+        .login_ticket;
+    let again = complete(&mut auth, "198.51.100.4", &ticket, &totp_code(&secret, 1)).await.unwrap();
+    assert!(!again.device_token.is_empty());
+    assert_ne!(again.device_token, first.device_token, "each login replaces the device's token");
+    // The completed login proved the owner: the account's count is cleared.
+    assert_eq!(account_throttle(&db, &account).await, (0, 0));
+    begin(&mut auth, "192.0.2.77", "target", PASSWORD).await.expect("unlocked by the owner's login");
+    // The replaced token is no longer a known device's: its failure counts
+    // against the account.
+    let replaced =
+        begin_on_device(&mut auth, "198.51.100.5", "target", "wrong password!", &first.device_token)
+            .await
+            .unwrap_err();
+    assert_eq!(replaced.code(), Code::Unauthenticated);
+    assert_eq!(account_throttle(&db, &account).await.0, 1);
+
+    // The operator's command says whether there was a lock to lift.
+    assert_eq!(
+        unlock_user_command(&stack, "target"),
+        "target is not locked; their failed logins are forgotten"
+    );
+}
+
+/// The account-wide count of `subject` and when its lock ends.
+async fn account_throttle(db: &Db, subject: &[u8]) -> (i64, i64) {
+    on_db!(db, pool => {
+        sqlx::query_as("SELECT CAST(failures AS SIGNED), COALESCE(locked_until, 0) FROM login_throttle WHERE subject = ?")
+            .bind(subject)
+            .fetch_one(pool)
+            .await
+    })
+    .unwrap()
+}
+
+/// `storegate_login_attempts_total` of `step`, summed over `outcomes`.
+async fn metric_sum(metrics_addr: std::net::SocketAddr, step: &str, outcomes: &[&str]) -> f64 {
+    let page = storegate_testkit::observe::scrape_metrics(metrics_addr).await;
+    outcomes
+        .iter()
+        .map(|outcome| {
+            let series = format!("storegate_login_attempts_total{{step=\"{step}\",outcome=\"{outcome}\"}}");
+            storegate_testkit::observe::metric_value(&page, &series).unwrap_or(0.0)
+        })
+        .sum()
 }
 
 /// Runs `auth-service unlock-user <username>` against the stack's database;
@@ -260,9 +334,13 @@ async fn registrations_are_limited_per_client_taken_names_included(backend: Back
     assert_eq!(users, 2, "the refused registration wrote nothing");
     // Another client is not affected.
     register("192.0.2.1", "third", PASSWORD).await.unwrap();
-    auth.begin_login(BeginLoginRequest { username: "third".into(), password: PASSWORD.into() })
-        .await
-        .unwrap();
+    auth.begin_login(BeginLoginRequest {
+        username: "third".into(),
+        password: PASSWORD.into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
 }
 
 async fn each_enrollment_ticket_has_its_own_secret_and_only_the_confirmed_one_works(backend: Backend) {
@@ -463,4 +541,100 @@ async fn revoking_a_role_ends_the_users_sessions(backend: Backend) {
     auth_service::revoke_role(&config, "judy", "admin").await.unwrap();
     let err = refresh(&mut auth, &rotated).await.unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated, "no session mints tokens with a revoked role");
+}
+
+/// Two tabs (six here) refreshing one token at once: within the reuse grace
+/// every redeem gets the one successor, and the session lives on.
+async fn six_parallel_refreshes_of_one_token_get_the_same_successor(backend: Backend) {
+    let stack = TestStack::start_auth(backend).await;
+    let (tokens, _) = stack.register_and_login("tabs", PASSWORD).await;
+    let auth = stack.auth().await;
+    let calls: Vec<_> = (0..6)
+        .map(|_| {
+            let (mut auth, token) = (auth.clone(), tokens.refresh_token.clone());
+            tokio::spawn(async move {
+                auth.refresh_token(RefreshTokenRequest { refresh_token: token }).await.map(|r| r.into_inner())
+            })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for call in calls {
+        answers.push(call.await.unwrap().expect("every tab is refreshed"));
+    }
+    let successor = &answers[0].refresh_token;
+    assert!(answers.iter().all(|a| &a.refresh_token == successor), "one successor for all");
+    let access: std::collections::HashSet<_> = answers.iter().map(|a| a.access_token.clone()).collect();
+    assert_eq!(access.len(), 6, "each gets a fresh access token");
+
+    let db = stack.db.open().await;
+    let rows: Vec<(Option<Vec<u8>>, bool)> = on_db!(&db, pool => {
+        sqlx::query_as("SELECT successor_sealed, revoked_at IS NOT NULL FROM refresh_tokens ORDER BY id")
+            .fetch_all(pool)
+            .await
+    })
+    .unwrap();
+    assert_eq!(rows.len(), 2, "one rotation: {rows:?}");
+    let sealed = rows[0].0.as_ref().expect("the successor is kept, sealed, for the grace");
+    assert!(!sealed.windows(successor.len()).any(|w| w == successor.as_bytes()), "sealed, not plain");
+    assert!(rows.iter().all(|(_, revoked)| !revoked), "nothing revoked");
+
+    // The session goes on with the successor; the sweeper forgets the
+    // sealed copy once the grace is over.
+    let mut auth = stack.auth().await;
+    let next = refresh(&mut auth, successor).await.expect("the successor works");
+    let store = auth_service::store::AuthStore::new(db.clone());
+    store
+        .sweep_expired(chrono::Utc::now() + chrono::Duration::seconds(11), chrono::Duration::seconds(10))
+        .await
+        .unwrap();
+    let kept: i64 = on_db!(&db, pool => {
+        sqlx::query_scalar("SELECT COUNT(*) FROM refresh_tokens WHERE successor_sealed IS NOT NULL").fetch_one(pool).await
+    })
+    .unwrap();
+    assert_eq!(kept, 0, "no sealed successor outlives its grace");
+    refresh(&mut auth, &next).await.expect("still one live session");
+}
+
+/// Outside the grace, or once the successor was itself rotated, a second
+/// redeem means a copy: the whole session is revoked, as before.
+async fn a_redeem_after_the_grace_or_of_a_rotated_successor_is_reuse(backend: Backend) {
+    let stack =
+        TestStack::start_auth_with(backend.clone(), |config| config.login.refresh_reuse_grace_secs = 1).await;
+    let mut auth = stack.auth().await;
+
+    // After the grace.
+    let (tokens, _) = stack.register_and_login("late", PASSWORD).await;
+    let successor = refresh(&mut auth, &tokens.refresh_token).await.unwrap();
+    assert_eq!(refresh(&mut auth, &tokens.refresh_token).await.unwrap(), successor, "within the grace");
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    let err = refresh(&mut auth, &tokens.refresh_token).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    let err = refresh(&mut auth, &successor).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "the session is revoked");
+
+    // Within the grace, but the successor has moved on: whoever redeems the
+    // old token holds a copy.
+    let (tokens, _) = stack.register_and_login("copied", PASSWORD).await;
+    let successor = refresh(&mut auth, &tokens.refresh_token).await.unwrap();
+    let third = refresh(&mut auth, &successor).await.unwrap();
+    let err = refresh(&mut auth, &tokens.refresh_token).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    assert_eq!(refresh(&mut auth, &third).await.unwrap_err().code(), Code::Unauthenticated, "revoked");
+
+    // Reuse is audited with the address it came from.
+    let db = stack.db.open().await;
+    let from: Vec<Option<String>> = on_db!(&db, pool => {
+        sqlx::query_scalar("SELECT client_addr FROM audit_events WHERE event = 'session.refresh_token_reused'")
+            .fetch_all(pool)
+            .await
+    })
+    .unwrap();
+    assert_eq!(from, [Some("127.0.0.1".to_owned()), Some("127.0.0.1".to_owned())]);
+
+    // Without a grace, the second redeem is reuse at once.
+    let stack = TestStack::start_auth_with(backend, |config| config.login.refresh_reuse_grace_secs = 0).await;
+    let mut auth = stack.auth().await;
+    let (tokens, _) = stack.register_and_login("strict", PASSWORD).await;
+    refresh(&mut auth, &tokens.refresh_token).await.unwrap();
+    assert_eq!(refresh(&mut auth, &tokens.refresh_token).await.unwrap_err().code(), Code::Unauthenticated);
 }

@@ -7,6 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use auth_service::{client::Client, throttle};
 use storegate::{
     Db, on_db,
     pb::auth::v1::{
@@ -24,6 +25,7 @@ backend_tests!(
     unknown_names_are_throttled_like_known_ones,
     parallel_wrong_passwords_cannot_slip_past_the_limit,
     wrong_codes_count_towards_the_same_limit,
+    twenty_parallel_wrong_codes_on_one_ticket_evaluate_exactly_five,
     ten_parallel_logins_with_one_code_let_exactly_one_in,
     recovery_codes_are_shown_once_and_each_works_once,
     a_ticket_of_one_user_fails_with_the_code_of_another,
@@ -37,9 +39,13 @@ backend_tests!(
 
 async fn begin(stack: &TestStack, username: &str, password: &str) -> Result<String, tonic::Status> {
     let mut auth = stack.auth().await;
-    auth.begin_login(BeginLoginRequest { username: username.into(), password: password.into() })
-        .await
-        .map(|r| r.into_inner().login_ticket)
+    auth.begin_login(BeginLoginRequest {
+        username: username.into(),
+        password: password.into(),
+        ..Default::default()
+    })
+    .await
+    .map(|r| r.into_inner().login_ticket)
 }
 
 async fn complete(stack: &TestStack, ticket: &str, code: &str) -> Result<Vec<String>, tonic::Status> {
@@ -67,11 +73,34 @@ async fn end_lock(db: &Db) {
     .unwrap();
 }
 
-async fn throttle_failures(db: &Db) -> Vec<i64> {
+/// The failures counted against `name` from this test's client (127.0.0.1),
+/// and against the account `name` from all unrecognised clients.
+async fn throttle_failures(db: &Db, name: &str) -> (Option<i64>, Option<i64>) {
+    let here = Client::Address([127, 0, 0, 1].into());
+    (
+        failures_of(db, &throttle::subject(name, here)).await,
+        failures_of(db, &throttle::account_subject(name)).await,
+    )
+}
+
+async fn failures_of(db: &Db, subject: &[u8]) -> Option<i64> {
     on_db!(db, pool => {
+        sqlx::query_scalar("SELECT CAST(failures AS SIGNED) FROM login_throttle WHERE subject = ?")
+            .bind(subject)
+            .fetch_optional(pool)
+            .await
+    })
+    .unwrap()
+}
+
+/// Every count in the throttle table, sorted.
+async fn all_throttle_failures(db: &Db) -> Vec<i64> {
+    let mut all: Vec<i64> = on_db!(db, pool => {
         sqlx::query_scalar("SELECT CAST(failures AS SIGNED) FROM login_throttle").fetch_all(pool).await
     })
-    .unwrap_or_default()
+    .unwrap_or_default();
+    all.sort();
+    all
 }
 
 async fn five_failures_lock_even_the_right_password_with_growing_delays(backend: Backend) {
@@ -105,12 +134,16 @@ async fn five_failures_lock_even_the_right_password_with_growing_delays(backend:
     let begun = stack.begin_login("mallory", PASSWORD).await;
     let secret = begun.enrollment.unwrap().secret;
     complete(&stack, &begun.login_ticket, &totp_code(&secret, 0)).await.unwrap();
-    assert_eq!(throttle_failures(&db).await, [0], "a completed login resets the count");
+    assert_eq!(
+        throttle_failures(&db, "mallory").await,
+        (Some(0), Some(0)),
+        "a completed login resets the name's count and the account's"
+    );
     let locks: Vec<Option<i64>> = on_db!(&db, pool => {
         sqlx::query_scalar("SELECT locked_until FROM login_throttle").fetch_all(pool).await
     })
     .unwrap();
-    assert_eq!(locks, [None], "and lifts the lock");
+    assert_eq!(locks, [None, None], "and lifts the lock");
     // The count starts afresh: four wrong passwords leave the right one in.
     for _ in 0..4 {
         assert_eq!(
@@ -120,7 +153,11 @@ async fn five_failures_lock_even_the_right_password_with_growing_delays(backend:
     }
     begin(&stack, "mallory", PASSWORD).await.expect("the right password after four failures");
     // Its count was given back and its ticket stored.
-    assert_eq!(throttle_failures(&db).await, [4], "a right password is no failure, even before its code");
+    assert_eq!(
+        throttle_failures(&db, "mallory").await,
+        (Some(4), Some(4)),
+        "a right password is no failure, even before its code"
+    );
     let tickets: i64 = on_db!(&db, pool => {
         sqlx::query_scalar("SELECT COUNT(*) FROM login_tickets").fetch_one(pool).await
     })
@@ -160,7 +197,11 @@ async fn parallel_wrong_passwords_cannot_slip_past_the_limit(backend: Backend) {
     let evaluated = codes.iter().filter(|c| **c == Code::Unauthenticated).count();
     let refused = codes.iter().filter(|c| **c == Code::ResourceExhausted).count();
     assert_eq!((evaluated, refused), (5, 15), "{codes:?}");
-    assert_eq!(throttle_failures(&stack.db.open().await).await, [5]);
+    assert_eq!(
+        throttle_failures(&stack.db.open().await, "target").await,
+        (Some(5), Some(5)),
+        "the refused ones counted against nothing"
+    );
     assert_eq!(begin(&stack, "target", PASSWORD).await.unwrap_err().code(), Code::ResourceExhausted);
 }
 
@@ -181,6 +222,49 @@ async fn wrong_codes_count_towards_the_same_limit(backend: Backend) {
     assert_eq!(err.code(), Code::ResourceExhausted, "a known password does not buy more code guesses");
     let err = complete(&stack, &ticket, &totp_code(&secret, 0)).await.unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted);
+}
+
+/// The wrong-code limit of a ticket holds under parallel calls: each is
+/// counted on the ticket before its code is evaluated.
+async fn twenty_parallel_wrong_codes_on_one_ticket_evaluate_exactly_five(backend: Backend) {
+    let stack = Arc::new(TestStack::start_auth(backend).await);
+    let (_, secret) = stack.register_and_login("guessed", PASSWORD).await;
+    let ticket = begin(&stack, "guessed", PASSWORD).await.unwrap();
+    let wrong = wrong_totp_code(&secret);
+    let calls: Vec<_> = (0..20)
+        .map(|_| {
+            let (stack, ticket, wrong) = (stack.clone(), ticket.clone(), wrong.clone());
+            tokio::spawn(async move { complete(&stack, &ticket, &wrong).await.unwrap_err() })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for call in calls {
+        let status = call.await.unwrap();
+        answers.push((status.code(), status.message().to_owned()));
+    }
+    let evaluated =
+        answers.iter().filter(|a| *a == &(Code::Unauthenticated, "invalid code".to_owned())).count();
+    let dead = answers
+        .iter()
+        .filter(|(code, message)| {
+            *code == Code::Unauthenticated && message.starts_with("login ticket is invalid")
+        })
+        .count();
+    assert_eq!((evaluated, dead), (5, 15), "{answers:?}");
+    let db = stack.db.open().await;
+    let failed_codes: i64 = on_db!(&db, pool => {
+        sqlx::query_scalar("SELECT CAST(failed_codes AS SIGNED) FROM login_tickets").fetch_one(pool).await
+    })
+    .unwrap();
+    assert_eq!(failed_codes, 5);
+    let rejected: i64 = on_db!(&db, pool => {
+        sqlx::query_scalar("SELECT COUNT(*) FROM audit_events WHERE event = 'login.code_rejected'").fetch_one(pool).await
+    })
+    .unwrap();
+    assert_eq!(rejected, 5, "only evaluated codes are audited");
+    // The ticket is spent: even the right code is refused now.
+    let err = complete(&stack, &ticket, &totp_code(&secret, 1)).await.unwrap_err();
+    assert!(err.message().starts_with("login ticket is invalid"), "{err:?}");
 }
 
 async fn ten_parallel_logins_with_one_code_let_exactly_one_in(backend: Backend) {
@@ -324,8 +408,10 @@ async fn common_and_oversized_passwords_are_refused_before_hashing(backend: Back
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
-    let err =
-        auth.begin_login(BeginLoginRequest { username: "someone".into(), password: huge }).await.unwrap_err();
+    let err = auth
+        .begin_login(BeginLoginRequest { username: "someone".into(), password: huge, ..Default::default() })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
     assert!(started.elapsed() < Duration::from_secs(10));
     let users: i64 =
@@ -391,12 +477,14 @@ async fn logs_never_contain_passwords_codes_tickets_or_tokens(backend: Backend) 
         ("ticket", begun.login_ticket.as_str()),
         ("access token", access_signature),
         ("refresh token", tokens.refresh_token.as_str()),
+        ("device token", tokens.device_token.as_str()),
         ("recovery code", tokens.recovery_codes[0].as_str()),
         ("recovery code used for a password change", tokens.recovery_codes[1].as_str()),
         ("recovery code used for a reset", tokens.recovery_codes[2].as_str()),
         ("new password", new_password),
         ("new access token", changed.access_token.rsplit('.').next().unwrap()),
         ("new refresh token", changed.refresh_token.as_str()),
+        ("new device token", changed.device_token.as_str()),
     ] {
         assert!(!text.contains(secret_value), "the {what} is in the logs");
     }
@@ -417,25 +505,32 @@ async fn the_sweeper_forgets_idle_counts_but_keeps_locks(backend: Backend) {
     }
     begin(&stack, "erin", "no such user").await.unwrap_err();
     let db = stack.db.open().await;
-    let mut failures = throttle_failures(&db).await;
-    failures.sort();
-    assert_eq!(failures, [0, 1, 5], "carol cleared, erin counted, dave locked");
+    // With their account-wide counts beside them.
+    assert_eq!(
+        all_throttle_failures(&db).await,
+        [0, 0, 1, 1, 5, 5],
+        "carol cleared, erin counted, dave locked"
+    );
 
     let store = auth_service::store::AuthStore::new(db.clone());
     let now = chrono::Utc::now();
-    store.sweep_expired(now).await.unwrap();
-    assert_eq!(throttle_failures(&db).await.len(), 3, "counts touched today stay");
+    let grace = chrono::Duration::seconds(10);
+    store.sweep_expired(now, grace).await.unwrap();
+    assert_eq!(all_throttle_failures(&db).await.len(), 6, "counts touched today stay");
 
     // A day and a minute later, with dave's lock still in force then.
     let later = now + chrono::Duration::minutes(24 * 60 + 1);
+    let dave = throttle::subject("dave", Client::Address([127, 0, 0, 1].into()));
     on_db!(&db, pool => {
-        sqlx::query("UPDATE login_throttle SET locked_until = ? WHERE failures = 5")
+        sqlx::query("UPDATE login_throttle SET locked_until = ? WHERE subject = ?")
             .bind(later.timestamp() + 60)
+            .bind(&dave)
             .execute(pool)
             .await
             .map(drop)
     })
     .unwrap();
-    store.sweep_expired(later).await.unwrap();
-    assert_eq!(throttle_failures(&db).await, [5], "idle counts are forgotten, a lock in force is kept");
+    store.sweep_expired(later, grace).await.unwrap();
+    assert_eq!(all_throttle_failures(&db).await, [5], "idle counts are forgotten, a lock in force is kept");
+    assert_eq!(failures_of(&db, &dave).await, Some(5));
 }

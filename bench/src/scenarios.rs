@@ -145,7 +145,11 @@ async fn enroll_login_users(auth: &Channel) -> anyhow::Result<Vec<LoginUser>> {
                     .register(RegisterRequest { username: name.clone(), password: PASSWORD.into() })
                     .await?;
                 let begun = client
-                    .begin_login(BeginLoginRequest { username: name.clone(), password: PASSWORD.into() })
+                    .begin_login(BeginLoginRequest {
+                        username: name.clone(),
+                        password: PASSWORD.into(),
+                        ..Default::default()
+                    })
                     .await?
                     .into_inner();
                 let secret = begun.enrollment.map(|e| e.secret).unwrap_or_default();
@@ -300,11 +304,14 @@ impl Bench {
     }
 
     pub async fn argon2(&self, concurrency: usize, duration: Duration) -> Outcome {
+        use auth_service::client::Client;
         let hasher = auth_service::password::PasswordHasher::new().expect("hasher");
-        let hash = hasher.hash(PASSWORD.into()).await.expect("hash");
-        measure("argon2", concurrency, duration, move |_, _| {
+        let hash = hasher.hash(Client::Unknown, PASSWORD.into()).await.expect("hash");
+        measure("argon2", concurrency, duration, move |worker, _| {
             let (hasher, hash) = (hasher.clone(), hash.clone());
-            async move { hasher.verify(PASSWORD.into(), Some(hash)).await.unwrap_or(false) }
+            // A client per worker: the queue is shared fairly between clients.
+            let client = Client::Address(std::net::IpAddr::from([10, 0, (worker >> 8) as u8, worker as u8]));
+            async move { hasher.verify(client, PASSWORD.into(), Some(hash)).await.unwrap_or(false) }
         })
         .await
     }
@@ -408,7 +415,11 @@ impl Bench {
                     return false;
                 };
                 let Ok(begun) = auth
-                    .begin_login(BeginLoginRequest { username: user.name.clone(), password: PASSWORD.into() })
+                    .begin_login(BeginLoginRequest {
+                        username: user.name.clone(),
+                        password: PASSWORD.into(),
+                        ..Default::default()
+                    })
                     .await
                 else {
                     return false;
@@ -445,6 +456,7 @@ pub async fn storm_on(channel: Channel) -> Storm {
                 auth.begin_login(BeginLoginRequest {
                     username: format!("storm-{i}"),
                     password: "not the password".into(),
+                    ..Default::default()
                 })
                 .await
                 .map(drop)

@@ -306,7 +306,11 @@ async fn sign_up(
     let password = "correct horse battery";
     auth.register(RegisterRequest { username: username.into(), password: password.into() }).await?;
     let begun = auth
-        .begin_login(BeginLoginRequest { username: username.into(), password: password.into() })
+        .begin_login(BeginLoginRequest {
+            username: username.into(),
+            password: password.into(),
+            ..Default::default()
+        })
         .await?
         .into_inner();
     let secret = begun.enrollment.map(|e| e.secret).unwrap_or_default();

@@ -128,7 +128,11 @@ async fn enroll_over_tls(auth_url: &str, trust: &ClientTlsFiles) -> String {
     let mut auth = AuthServiceClient::new(channel);
     let (username, password) = ("alice".to_owned(), "correct horse battery".to_owned());
     auth.register(RegisterRequest { username: username.clone(), password: password.clone() }).await.unwrap();
-    let begun = auth.begin_login(BeginLoginRequest { username, password }).await.unwrap().into_inner();
+    let begun = auth
+        .begin_login(BeginLoginRequest { username, password, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
     let secret = begun.enrollment.unwrap().secret;
     auth.complete_login(CompleteLoginRequest {
         login_ticket: begun.login_ticket,

@@ -117,6 +117,7 @@ async fn sigterm_reports_not_serving_then_drains_calls_in_flight() {
                 auth.begin_login(BeginLoginRequest {
                     username: format!("nobody-{i}"),
                     password: "whatever it is".into(),
+                    ..Default::default()
                 })
                 .await
                 .map(drop)
@@ -183,7 +184,11 @@ async fn metrics_count_calls_by_method_and_status_and_login_outcomes() {
     let mut auth = AuthServiceClient::new(connect(&up.auth_url).await);
     for _ in 0..2 {
         let err = auth
-            .begin_login(BeginLoginRequest { username: "nobody".into(), password: "wrong password!".into() })
+            .begin_login(BeginLoginRequest {
+                username: "nobody".into(),
+                password: "wrong password!".into(),
+                ..Default::default()
+            })
             .await
             .unwrap_err();
         assert_eq!(err.code(), Code::Unauthenticated);
@@ -222,7 +227,11 @@ async fn dashboard_and_alerts_query_only_metrics_the_services_export() {
     let (up, auth_metrics, product_metrics) = up_with_metrics("dashboard");
     // One call, so that the per-method families have a series.
     let mut auth = AuthServiceClient::new(connect(&up.auth_url).await);
-    let login = BeginLoginRequest { username: "nobody".into(), password: "wrong password!".into() };
+    let login = BeginLoginRequest {
+        username: "nobody".into(),
+        password: "wrong password!".into(),
+        ..Default::default()
+    };
     assert_eq!(auth.begin_login(login).await.unwrap_err().code(), Code::Unauthenticated);
     let pages = [scrape(auth_metrics), scrape(product_metrics)];
     let samples: Vec<&str> = pages.iter().flat_map(|p| p.lines()).filter(|l| !l.starts_with('#')).collect();

@@ -73,7 +73,11 @@ async fn a_call_through_product_service_is_one_trace_with_its_statements_and_no_
     let mut client = AuthServiceClient::connect(format!("http://{auth_addr}")).await.unwrap();
     client.register(RegisterRequest { username: "alice".into(), password: PASSWORD.into() }).await.unwrap();
     let begun = client
-        .begin_login(BeginLoginRequest { username: "alice".into(), password: PASSWORD.into() })
+        .begin_login(BeginLoginRequest {
+            username: "alice".into(),
+            password: PASSWORD.into(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();

@@ -302,7 +302,11 @@ impl TestStack {
     pub async fn begin_login(&self, username: &str, password: &str) -> BeginLoginResponse {
         self.auth()
             .await
-            .begin_login(BeginLoginRequest { username: username.into(), password: password.into() })
+            .begin_login(BeginLoginRequest {
+                username: username.into(),
+                password: password.into(),
+                ..Default::default()
+            })
             .await
             .expect("begin login")
             .into_inner()
@@ -393,6 +397,7 @@ pub fn bearer<T>(message: T, token: &str) -> tonic::Request<T> {
 pub mod attack;
 pub mod catalogue;
 pub mod certs;
+pub mod from_address;
 pub mod grpc_web;
 pub mod observe;
 pub mod otlp;

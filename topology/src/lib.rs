@@ -199,7 +199,11 @@ impl Replicas {
         let begun = self
             .auth_client(1)
             .await
-            .begin_login(BeginLoginRequest { username: username.into(), password: password.into() })
+            .begin_login(BeginLoginRequest {
+                username: username.into(),
+                password: password.into(),
+                ..Default::default()
+            })
             .await
             .expect("begin login")
             .into_inner();

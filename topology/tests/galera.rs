@@ -245,7 +245,11 @@ async fn a_ticket_and_a_code_are_spent_once_across_nodes(galera: &Galera, logs: 
         replicas
             .auth_client(i)
             .await
-            .begin_login(BeginLoginRequest { username: username.into(), password: password.into() })
+            .begin_login(BeginLoginRequest {
+                username: username.into(),
+                password: password.into(),
+                ..Default::default()
+            })
             .await
             .unwrap()
             .into_inner()

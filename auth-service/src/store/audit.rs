@@ -11,7 +11,7 @@ const AUDIT_COLUMNS: &str = "id, occurred_at, event, user_id, username, actor, c
 impl AuthStore {
     /// Appends one entry.
     pub async fn record_audit(&self, entry: &Entry, now: DateTime<Utc>) -> Result<(), ApiError> {
-        let client_addr = entry.client.and_then(|c| c.address()).map(|a| a.to_string());
+        let client_addr = entry.client_label();
         on_db!(&self.db, pool => {
             sqlx::query(
                 "INSERT INTO audit_events (occurred_at, event, user_id, username, actor, client_addr, detail) \
