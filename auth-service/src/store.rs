@@ -986,13 +986,17 @@ impl AuthStore {
                 .await
             },
             || async move {
-                let window: Option<i64> = on_db!(&self.db, pool => {
-                    sqlx::query_scalar("SELECT window_start FROM client_quotas WHERE subject = ?")
+                let window: Option<(i64, i64)> = on_db!(&self.db, pool => {
+                    sqlx::query_as("SELECT window_start, CAST(used AS SIGNED) FROM client_quotas WHERE subject = ?")
                         .bind(subject)
                         .fetch_optional(pool)
                         .await
                 })?;
-                Ok(window.map(|start| (start > window_ended).then_some(start + QUOTA_WINDOW_SECS)))
+                // Spent only when full: a row a parallel call created after
+                // our UPDATE found none is counted on the next round.
+                Ok(window.map(|(start, used)| {
+                    (start > window_ended && used >= limit).then_some(start + QUOTA_WINDOW_SECS)
+                }))
             },
             || {
                 self.create_counter_row(

@@ -116,7 +116,10 @@ pub struct Attempt {
     reaches_account_lock: bool,
 }
 
-fn throttled(until: i64, now_unix: i64) -> LoginError {
+/// The refusal of a subject locked or spent until `until`: the delay is
+/// counted from now, not from when the call began (it may have waited).
+fn throttled(until: i64, began_unix: i64) -> LoginError {
+    let now_unix = storegate::db::now().timestamp().max(began_unix);
     Refusal::Throttled { retry_after: std::time::Duration::from_secs((until - now_unix).max(1) as u64) }
         .into()
 }
