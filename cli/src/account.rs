@@ -116,8 +116,11 @@ fn terminal_qr(text: &str) -> anyhow::Result<String> {
 pub async fn login(endpoints: &Endpoints, out: &Output, args: LoginArgs) -> anyhow::Result<()> {
     let password = read_password(args.password_stdin, "Password: ")?;
     let mut auth = endpoints.auth().await?;
-    let begun =
-        auth.begin_login(BeginLoginRequest { username: args.username.clone(), password }).await?.into_inner();
+    let device_token = Session::device_token(&args.username)?;
+    let begun = auth
+        .begin_login(BeginLoginRequest { username: args.username.clone(), password, device_token })
+        .await?
+        .into_inner();
 
     if let Some(enrollment) = &begun.enrollment {
         if out.json {
@@ -139,8 +142,13 @@ pub async fn login(endpoints: &Endpoints, out: &Output, args: LoginArgs) -> anyh
         .complete_login(CompleteLoginRequest { login_ticket: begun.login_ticket, code })
         .await?
         .into_inner();
-    let session =
-        start_session(&args.username, tokens.access_token, tokens.refresh_token, tokens.expires_in)?;
+    let session = start_session(
+        &args.username,
+        tokens.access_token,
+        tokens.refresh_token,
+        tokens.expires_in,
+        tokens.device_token,
+    )?;
     let roles = session.claims().map(|c| c.roles).unwrap_or_default();
     out.print(
         serde_json::json!({ "username": session.username, "roles": roles, "recovery_codes": tokens.recovery_codes }),
@@ -185,19 +193,17 @@ pub async fn logout(endpoints: &Endpoints, out: &Output, args: LogoutArgs) -> an
     Ok(())
 }
 
-/// Stores the tokens of a new session (a login, a password change).
+/// Stores the tokens of a new session (a login, a password change), and
+/// this client's new device token of the account.
 fn start_session(
     username: &str,
     access_token: String,
     refresh_token: String,
     expires_in: i64,
+    device_token: String,
 ) -> anyhow::Result<Session> {
-    let session = Session {
-        username: username.to_lowercase(),
-        access_token,
-        refresh_token,
-        expires_at: unix_now() + expires_in,
-    };
+    let session =
+        Session::start(username, access_token, refresh_token, unix_now() + expires_in, device_token)?;
     session.save()?;
     Ok(session)
 }
@@ -219,7 +225,11 @@ pub async fn change_password(
     let current = read_password(args.password_stdin, "Current password: ")?;
     let mut auth = endpoints.auth().await?;
     let ticket = auth
-        .begin_login(BeginLoginRequest { username: args.username.clone(), password: current })
+        .begin_login(BeginLoginRequest {
+            username: args.username.clone(),
+            password: current,
+            device_token: Session::device_token(&args.username)?,
+        })
         .await?
         .into_inner()
         .login_ticket;
@@ -235,8 +245,13 @@ pub async fn change_password(
         .change_password(ChangePasswordRequest { login_ticket: ticket, code, new_password })
         .await?
         .into_inner();
-    let session =
-        start_session(&args.username, tokens.access_token, tokens.refresh_token, tokens.expires_in)?;
+    let session = start_session(
+        &args.username,
+        tokens.access_token,
+        tokens.refresh_token,
+        tokens.expires_in,
+        tokens.device_token,
+    )?;
     out.print(serde_json::json!({ "username": session.username, "password_changed": true }), || {
         format!("password changed for {}; every other session has ended", session.username)
     });
@@ -247,13 +262,17 @@ pub async fn reset_totp(endpoints: &Endpoints, out: &Output, args: ResetTotpArgs
     let password = read_password(args.password_stdin, "Password: ")?;
     let mut auth = endpoints.auth().await?;
     let ticket = auth
-        .begin_login(BeginLoginRequest { username: args.username.clone(), password })
+        .begin_login(BeginLoginRequest {
+            username: args.username.clone(),
+            password,
+            device_token: Session::device_token(&args.username)?,
+        })
         .await?
         .into_inner()
         .login_ticket;
     let recovery_code = read_code(out, "Recovery code: ")?;
     auth.reset_totp(ResetTotpRequest { login_ticket: ticket, recovery_code }).await?;
-    Session::remove()?;
+    Session::remove_with_device(&args.username)?;
     out.print(serde_json::json!({ "username": args.username.to_lowercase(), "totp_reset": true }), || {
         format!(
             "two-factor reset for {}: every session has ended; `storegate login {}` shows a new QR code",

@@ -1,7 +1,12 @@
 //! The signed-in session of the `storegate` CLI: tokens in a file only the
-//! user can read, refreshed before they expire.
+//! user can read, refreshed before they expire. The same file keeps this
+//! client's device token of each account it logged in to: sent with the
+//! account's next BeginLogin, it exempts this client from the account-wide
+//! lock that strangers' failures can set. It outlives a logout (it is no
+//! session: alone it lets nobody in).
 
 use std::{
+    collections::BTreeMap,
     io::Write as _,
     path::{Path, PathBuf},
 };
@@ -12,11 +17,16 @@ use serde::{Deserialize, Serialize};
 
 #[derive(Serialize, Deserialize, Clone)]
 pub struct Session {
+    /// Empty when signed out (the file then keeps only device tokens).
     pub username: String,
     pub access_token: String,
     pub refresh_token: String,
     /// Unix seconds when the access token expires.
     pub expires_at: i64,
+    /// This client's device token of each account (lower-cased name) it
+    /// completed a login of.
+    #[serde(default)]
+    pub devices: BTreeMap<String, String>,
 }
 
 /// `$STOREGATE_CONFIG_DIR`, else `$XDG_CONFIG_HOME/storegate`, else `~/.config/storegate`.
@@ -57,8 +67,33 @@ fn check_private_dir(dir: &Path) -> anyhow::Result<()> {
 }
 
 impl Session {
+    /// The session signed in now, if any.
     pub fn load() -> anyhow::Result<Option<Session>> {
-        Self::load_from(&session_path()?)
+        Ok(Self::load_from(&session_path()?)?.filter(|s| !s.refresh_token.is_empty()))
+    }
+
+    /// This client's device token of `username` (empty: none).
+    pub fn device_token(username: &str) -> anyhow::Result<String> {
+        let file = Self::load_from(&session_path()?)?;
+        Ok(file.and_then(|mut s| s.devices.remove(&username.to_lowercase())).unwrap_or_default())
+    }
+
+    /// A new session of `username`, keeping the device tokens of the
+    /// file (and `device_token`, when the server gave one, as this
+    /// account's).
+    pub fn start(
+        username: &str,
+        access_token: String,
+        refresh_token: String,
+        expires_at: i64,
+        device_token: String,
+    ) -> anyhow::Result<Session> {
+        let mut devices = Self::load_from(&session_path()?)?.map(|s| s.devices).unwrap_or_default();
+        let username = username.to_lowercase();
+        if !device_token.is_empty() {
+            devices.insert(username.clone(), device_token);
+        }
+        Ok(Session { username, access_token, refresh_token, expires_at, devices })
     }
 
     fn load_from(path: &Path) -> anyhow::Result<Option<Session>> {
@@ -107,10 +142,39 @@ impl Session {
         Ok(())
     }
 
+    /// Signs out here: the session's tokens are forgotten, the device
+    /// tokens kept (the file goes when there are none).
     pub fn remove() -> anyhow::Result<()> {
-        match std::fs::remove_file(session_path()?) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
-            _ => Ok(()),
+        Self::remove_and_forget(None)
+    }
+
+    /// Signs out and forgets this client's device token of `username` too
+    /// (the server ended it: a factor reset).
+    pub fn remove_with_device(username: &str) -> anyhow::Result<()> {
+        Self::remove_and_forget(Some(&username.to_lowercase()))
+    }
+
+    fn remove_and_forget(device_of: Option<&str>) -> anyhow::Result<()> {
+        let path = session_path()?;
+        let file = Self::load_from(&path)?.map(|mut file| {
+            if let Some(username) = device_of {
+                file.devices.remove(username);
+            }
+            file
+        });
+        match file {
+            Some(file) if !file.devices.is_empty() => Session {
+                username: String::new(),
+                access_token: String::new(),
+                refresh_token: String::new(),
+                expires_at: 0,
+                devices: file.devices,
+            }
+            .save_to(&path),
+            _ => match std::fs::remove_file(path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
+                _ => Ok(()),
+            },
         }
     }
 
@@ -143,6 +207,7 @@ mod tests {
             access_token: "a.b.c".into(),
             refresh_token: "r".into(),
             expires_at: 0,
+            devices: BTreeMap::from([("alice".into(), "device-token".into())]),
         }
     }
 
@@ -167,7 +232,9 @@ mod tests {
             assert_eq!(mode(dir), 0o700, "{}", dir.display());
         }
         assert_eq!(mode(&path), 0o600);
-        assert_eq!(Session::load_from(&path).unwrap().unwrap().username, "alice");
+        let loaded = Session::load_from(&path).unwrap().unwrap();
+        assert_eq!(loaded.username, "alice");
+        assert_eq!(loaded.devices["alice"], "device-token", "the device token is kept with the session");
         std::fs::remove_dir_all(root).unwrap();
     }
 

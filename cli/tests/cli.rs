@@ -202,10 +202,40 @@ async fn the_cli_registers_logs_in_and_runs_the_catalogue(backend: Backend) {
         cli.run(&["products", "delete", &id, "--json"], "").await.json()["deleted"],
         id.parse::<i64>().unwrap()
     );
+    // The login's device token is kept beside the session, and outlives a
+    // logout: the next login of alice from here is a known device's.
+    let device = session["devices"]["alice"].as_str().expect("a device token").to_owned();
+    assert!(!device.is_empty());
     cli.run(&["logout", "--json"], "").await.json();
     let after = cli.run(&["whoami"], "").await;
     assert_ne!(after.code, 0);
     assert!(after.stderr.contains("not signed in"), "{}", after.stderr);
+    let kept: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(cli.session_file()).unwrap()).unwrap();
+    assert_eq!(kept["devices"]["alice"], device.as_str());
+    assert_eq!(kept["refresh_token"], "", "no session is kept");
+    assert_eq!(mode(&cli.session_file()), 0o600);
+    let secret = login.stdout.lines().find_map(|line| {
+        let value: serde_json::Value = serde_json::from_str(line).ok()?;
+        Some(value["enrollment"]["secret"].as_str()?.to_owned())
+    });
+    let again = cli
+        .run(
+            &["login", "alice", "--password-stdin", "--json"],
+            &format!("correct horse battery\n{}\n", totp_code(&secret.unwrap(), 1)),
+        )
+        .await;
+    again.json();
+    let renewed: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(cli.session_file()).unwrap()).unwrap();
+    assert_ne!(renewed["devices"]["alice"], device.as_str(), "the known device's token was replaced");
+    let db = stack.db.open().await;
+    let known: i64 = storegate::on_db!(&db, pool => {
+        sqlx::query_scalar("SELECT COUNT(*) FROM login_devices").fetch_one(pool).await
+    })
+    .unwrap();
+    assert_eq!(known, 1, "replaced, not added: the CLI sent its device token");
+    cli.run(&["logout", "--json"], "").await.json();
 
     // Servers that are down: a clear line, not a stack trace.
     let mut offline = cli.command(&["register", "bob", "--password-stdin"]);
