@@ -142,7 +142,21 @@ impl<S> CallLimits<S> {
     }
 }
 
-/// The address of the connection a call came on (plain or TLS).
+/// The client a budget counts: an IPv4 address, or an IPv6 address's /64
+/// (one host is commonly given a whole /64, so its single addresses are no
+/// clients of their own). An IPv4 address mapped into IPv6 is the IPv4 one.
+fn client_of(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
+        },
+        v4 => v4,
+    }
+}
+
+/// The client (see [`client_of`]) of the connection a call came on (plain
+/// or TLS).
 fn peer_ip<B>(request: &http::Request<B>) -> Option<IpAddr> {
     let extensions = request.extensions();
     extensions
@@ -151,7 +165,7 @@ fn peer_ip<B>(request: &http::Request<B>) -> Option<IpAddr> {
         .or_else(|| {
             extensions.get::<TlsConnectInfo<TcpConnectInfo>>().and_then(|i| i.get_ref().remote_addr())
         })
-        .map(|addr| addr.ip())
+        .map(|addr| client_of(addr.ip()))
 }
 
 impl<S> Service<http::Request<Body>> for CallLimits<S>
@@ -502,7 +516,10 @@ where
     fn call(&self, mut request: http::Request<Incoming>) -> Self::Future {
         request.extensions_mut().insert(self.connect_info.clone());
         let on_conn = CallOnConn::new(&self.conn, &self.registry);
-        let deadline = (!is_long_lived(request.uri().path())).then(|| Instant::now() + self.request_timeout);
+        // A second past the call's own deadline, so that the server's
+        // DEADLINE_EXCEEDED answer, made at that deadline, still goes out.
+        let deadline = (!is_long_lived(request.uri().path()))
+            .then(|| Instant::now() + self.request_timeout + Duration::from_secs(1));
         let patience = self.write_timeout;
         let mut inner = self.inner.clone();
         Box::pin(async move {
@@ -590,7 +607,7 @@ pub async fn serve<S>(
                 }
             },
         };
-        let Some((id, conn)) = registry.admit(Some(peer.ip())) else {
+        let Some((id, conn)) = registry.admit(Some(client_of(peer.ip()))) else {
             tracing::debug!(
                 "connection refused: at MAX_CONNECTIONS, or at the address's share, with a call in flight on each"
             );
@@ -674,11 +691,11 @@ async fn serve_http<S, IO, I>(
             return;
         }
         let busy = conn.calls.load(Ordering::Acquire) > 0;
-        let idle_deadline = (!busy).then(|| {
+        let idle_deadline = (!busy && closing.is_none()).then(|| {
             let idle_since = Duration::from_millis(conn.idle_since_ms.load(Ordering::Relaxed));
             shared.registry.epoch + idle_since + shared.idle_timeout
         });
-        if closing.is_none() && idle_deadline.is_some_and(|deadline| deadline <= Instant::now()) {
+        if idle_deadline.is_some_and(|deadline| deadline <= Instant::now()) {
             tracing::debug!("closing an idle connection");
             connection.as_mut().graceful_shutdown();
             closing = Some(Instant::now() + Duration::from_secs(5));
@@ -727,6 +744,18 @@ mod tests {
         let mut headers = http::HeaderMap::new();
         headers.insert("grpc-timeout", value.parse().unwrap());
         client_deadline(&headers)
+    }
+
+    #[test]
+    fn ipv6_clients_are_counted_by_their_64() {
+        let a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        let other: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(client_of(a), client_of(b));
+        assert_ne!(client_of(a), client_of(other));
+        let v4: IpAddr = "192.0.2.7".parse().unwrap();
+        assert_eq!(client_of(v4), v4);
+        assert_eq!(client_of("::ffff:192.0.2.7".parse().unwrap()), v4);
     }
 
     #[test]
