@@ -101,6 +101,19 @@ async fn replicas_on(
     logs: &std::path::Path,
     via: Via,
 ) -> (Replicas, String) {
+    replicas_with(galera, name, auth, product, logs, via, &[]).await
+}
+
+/// As [`replicas_on`], with `envs` set in every replica.
+async fn replicas_with(
+    galera: &Galera,
+    name: &str,
+    auth: usize,
+    product: usize,
+    logs: &std::path::Path,
+    via: Via,
+    envs: &[(&str, String)],
+) -> (Replicas, String) {
     let database = galera.create_database(&format!("sg_{name}_{}", std::process::id())).await.unwrap();
     let node = |i: usize| {
         if matches!(via, Via::Writer) {
@@ -117,7 +130,7 @@ async fn replicas_on(
     };
     let logs = logs.join(name);
     std::fs::create_dir_all(&logs).unwrap();
-    let mut replicas = Replicas::spawn(&placement, true, &[], &logs).unwrap();
+    let mut replicas = Replicas::spawn(&placement, true, envs, &logs).unwrap();
     replicas.wait_serving().await.unwrap();
     (replicas, galera.url(1, &database))
 }
@@ -280,7 +293,10 @@ async fn a_ticket_and_a_code_are_spent_once_across_nodes(galera: &Galera, logs: 
 }
 
 async fn a_refresh_token_redeemed_on_two_nodes_revokes_the_login(galera: &Galera, logs: &std::path::Path) {
-    let (replicas, url) = replicas_on(galera, "refresh", 2, 1, logs, Via::Nodes).await;
+    // Without the reuse grace: two redemptions at once are then reuse
+    // (with it, both would get the same successor).
+    let no_grace = [("REFRESH_REUSE_GRACE_SECS", "0".to_owned())];
+    let (replicas, url) = replicas_with(galera, "refresh", 2, 1, logs, Via::Nodes, &no_grace).await;
     for attempt in 0..6 {
         let login = replicas.login(&url, &format!("erin{attempt}"), false).await;
         // A normal rotation first, so that the family has history.
