@@ -32,7 +32,7 @@ use crate::{
         Admission, AuthStore, CompletingLogin, Completion, DEVICE_TOKEN_TTL_DAYS, LoginAction, NewDevice,
         NewRefreshToken, NewTicket, Rotation, SecondFactor, Ticket,
     },
-    throttle::{self, Attempt, Caller},
+    throttle::{self, Attempt, Caller, Step},
     totp,
 };
 
@@ -206,14 +206,21 @@ impl AuthState {
             let place = self.hasher.place(client)?;
             let device = self.recognised_device(&req.username, &req.device_token, now).await?;
             let caller = Caller { client, device: device.as_deref() };
-            let attempt =
-                throttle::admit(&self.store, &self.policy, &req.username, caller, now.timestamp()).await?;
+            let attempt = throttle::admit(
+                &self.store,
+                &self.policy,
+                &req.username,
+                caller,
+                Step::Password,
+                now.timestamp(),
+            )
+            .await?;
             let mut account = None;
             let outcome =
                 self.check_password_and_issue_ticket(req, place, &attempt, caller, now, &mut account).await;
             // A ticket is the outcome's last step, stored in the transaction
             // that gives the attempt back: an Ok has settled it.
-            if attempt.settle(&self.store, &outcome).await
+            if attempt.settle(&outcome).await
                 && let Some((user_id, username)) = account
             {
                 self.account_locked(user_id, &username, client).await;
@@ -312,8 +319,8 @@ impl AuthState {
             device_hash: caller.device,
             expires_at,
         };
-        let subjects: Vec<&[u8]> = attempt.subjects().collect();
-        self.store.create_ticket(&new_ticket, &subjects, attempt.quota(), now).await?;
+        let given_back: Vec<&[u8]> = attempt.pair().into_iter().collect();
+        self.store.create_ticket(&new_ticket, &given_back, attempt.quota(), now).await?;
         tracing::info!(
             user_id,
             enrolling = enrollment.is_some(),
@@ -344,7 +351,7 @@ impl AuthState {
         );
         let entry = Entry::new(Event::AccountLocked, Actor::System).account(user_id, username).client(client);
         let detail = format!(
-            "{failures} consecutive failed logins from unrecognised clients; each further one locks it for {lock_secs} s"
+            "{failures} failed or unfinished logins from unrecognised clients; each further one locks it for {lock_secs} s"
         );
         audit::record(&self.store, entry.detail(detail)).await;
     }
@@ -459,15 +466,18 @@ impl AuthState {
         // Counted on the ticket before anything else, in one conditional
         // UPDATE: of any number of parallel attempts, at most
         // MAX_WRONG_CODES_PER_TICKET are evaluated.
-        if !self.store.count_code_attempt(&ticket_hash, now).await? {
+        let Some(which) = self.store.count_code_attempt(&ticket_hash, now).await? else {
             return Err(Refusal::BadTicket.into());
-        }
+        };
         // Wrong codes count against the account's name as wrong passwords do,
         // so a known password cannot buy unlimited code guesses; the client
         // is the device the ticket's BeginLogin was recognised by, if any.
+        // The ticket's first code uses the account count the ticket
+        // carries (see `throttle.rs`).
         let caller = Caller { client, device: ticket.device_hash.as_deref() };
+        let step = Step::Code(which);
         let attempt =
-            match throttle::admit(&self.store, &self.policy, username, caller, now.timestamp()).await {
+            match throttle::admit(&self.store, &self.policy, username, caller, step, now.timestamp()).await {
                 Ok(attempt) => attempt,
                 Err(refused) => {
                     self.refund_code_attempt(&ticket_hash).await;
@@ -477,10 +487,7 @@ impl AuthState {
         // A completed login clears the account's count too, from any
         // client: it proves the owner.
         let account_subject = throttle::account_subject(username);
-        let mut cleared: Vec<&[u8]> = attempt.subjects().collect();
-        if caller.device.is_some() {
-            cleared.push(&account_subject);
-        }
+        let cleared: Vec<&[u8]> = attempt.pair().into_iter().chain([account_subject.as_slice()]).collect();
         let login = CompletingLogin {
             ticket_hash: &ticket_hash,
             user_id: ticket.user_id,
@@ -497,7 +504,7 @@ impl AuthState {
         // Settled by what the transaction did: once it committed (and
         // cleared the count), a failure to sign the token is no attempt's
         // outcome and must not refund a count added since.
-        let locked_account = attempt.settle(&self.store, &completed).await;
+        let locked_account = attempt.settle(&completed).await;
         let wrong = matches!(&completed, Err(LoginError::Refused(refusal)) if refusal.is_wrong_credential());
         if completed.is_err() && !wrong {
             // Never evaluated (or its ticket died meanwhile): the ticket's

@@ -159,6 +159,16 @@ pub struct TotpState {
     pub totp_confirmed_at: Option<DateTime<Utc>>,
 }
 
+/// Which of its ticket's code attempts an attempt is (see
+/// [`AuthStore::count_code_attempt`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CodeAttempt {
+    /// The first counted: it uses the account count its ticket carries
+    /// (see `throttle.rs`).
+    First,
+    Later,
+}
+
 /// A live login ticket and its account's TOTP state, read in one statement.
 #[derive(sqlx::FromRow)]
 pub struct Ticket {
@@ -504,26 +514,43 @@ impl AuthStore {
     }
 
     /// Counts a code attempt on the ticket *before* the code is evaluated,
-    /// unless the ticket is out of attempts or expired (false): one
-    /// conditional UPDATE, so that of any number of parallel attempts on
-    /// any replicas at most [`MAX_WRONG_CODES_PER_TICKET`] are evaluated. A
-    /// wrong code stays counted; a right one burns the ticket.
-    pub async fn count_code_attempt(&self, ticket_hash: &[u8], now: DateTime<Utc>) -> Result<bool, ApiError> {
-        retry_conflicts(move || async move {
-            Ok(on_db!(&self.db, pool => {
-                sqlx::query(
-                    "UPDATE login_tickets SET failed_codes = failed_codes + 1 \
-                     WHERE ticket_hash = ? AND failed_codes < ? AND expires_at > ?",
-                )
-                .bind(ticket_hash)
-                .bind(MAX_WRONG_CODES_PER_TICKET)
-                .bind(now)
-                .execute(pool)
-                .await
-                .map(|r| r.rows_affected() == 1)
-            })?)
-        })
-        .await
+    /// unless the ticket is out of attempts or expired (None): conditional
+    /// UPDATEs, so that of any number of parallel attempts on any replicas
+    /// at most [`MAX_WRONG_CODES_PER_TICKET`] are evaluated, and exactly one
+    /// of them is the ticket's first. A wrong code stays counted; a right
+    /// one burns the ticket.
+    pub async fn count_code_attempt(
+        &self,
+        ticket_hash: &[u8],
+        now: DateTime<Utc>,
+    ) -> Result<Option<CodeAttempt>, ApiError> {
+        let counted = |sql: &'static str| {
+            retry_conflicts(move || async move {
+                Ok(on_db!(&self.db, pool => {
+                    sqlx::query(sql)
+                        .bind(ticket_hash)
+                        .bind(now)
+                        .bind(MAX_WRONG_CODES_PER_TICKET)
+                        .execute(pool)
+                        .await
+                        .map(|r| r.rows_affected() == 1)
+                })?)
+            })
+        };
+        if counted(
+            "UPDATE login_tickets SET failed_codes = 1 \
+             WHERE ticket_hash = ? AND expires_at > ? AND failed_codes = 0 AND ? > 0",
+        )
+        .await?
+        {
+            return Ok(Some(CodeAttempt::First));
+        }
+        let later = counted(
+            "UPDATE login_tickets SET failed_codes = failed_codes + 1 \
+             WHERE ticket_hash = ? AND expires_at > ? AND failed_codes < ?",
+        )
+        .await?;
+        Ok(later.then_some(CodeAttempt::Later))
     }
 
     /// Gives back a code attempt that was never evaluated (throttled, or

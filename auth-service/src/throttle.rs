@@ -20,10 +20,18 @@
 //! Every count is taken *before* the attempt is evaluated (one atomic
 //! UPDATE that also refuses attempts while the subject is locked), so
 //! parallel attempts cannot slip past a limit. An attempt that turns out
-//! right, or is never evaluated, gives its counts back; a completed login
-//! clears the name's counts (both 2 and 3), in the transaction that
-//! completes it. The store applies a [`LockLadder`] in the UPDATE that
-//! counts.
+//! wrong stays counted; one never evaluated gives its counts back; a
+//! completed login clears the name's counts (both 2 and 3), in the
+//! transaction that completes it. The store applies a [`LockLadder`] in the
+//! UPDATE that counts.
+//!
+//! A right password from an unrecognised client gives back its counts 1
+//! and 2 but not 3: its ticket carries that account count, and the
+//! ticket's first code is evaluated on it, without being admitted (or
+//! refused) again. So a lock that strangers set between the owner's
+//! password and code does not refuse the owner's code, and still every
+//! evaluated guess, password or code, is one account count: a login begun
+//! and never finished counts as one failure.
 
 use sha2::{Digest as _, Sha256};
 
@@ -31,7 +39,7 @@ use crate::{
     client::Client,
     config::LoginPolicy,
     refusal::{LoginError, Refusal},
-    store::{Admission, AuthStore, LockLadder},
+    store::{Admission, AuthStore, CodeAttempt, LockLadder},
 };
 
 /// Per name and client: five failures free, then 30 s after the 5th
@@ -104,15 +112,35 @@ pub struct Caller<'a> {
     pub device: Option<&'a [u8]>,
 }
 
+/// Which step of a login an attempt is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// BeginLogin's password.
+    Password,
+    /// A code (or recovery code) on a ticket: which of the ticket's
+    /// attempts it is.
+    Code(CodeAttempt),
+}
+
 /// An admitted attempt, counted as a failure until settled otherwise.
+/// Dropped unsettled (the client went away before its answer), it gives
+/// its counts back: an outcome that reached nobody told nobody anything.
 #[must_use = "settle the attempt"]
 pub struct Attempt {
+    store: AuthStore,
+    step: Step,
     /// The address's failure budget, when there is one.
     quota: Option<Vec<u8>>,
-    /// The name-and-client subject, then the account's when counted.
-    subjects: Vec<Vec<u8>>,
+    /// The name-and-client subject, once counted.
+    pair: Option<Vec<u8>>,
+    /// The account's subject, when this attempt is counted on it (an
+    /// unrecognised client).
+    account: Option<Vec<u8>>,
+    /// The account count is the one the ticket carries (the first code of
+    /// an unrecognised client's ticket): never given back by this attempt.
+    carried: bool,
     /// This attempt's count is the one that reached the account-wide lock:
-    /// if it turns out wrong, it locked the account.
+    /// if it stays counted, it locked the account.
     reaches_account_lock: bool,
 }
 
@@ -133,9 +161,10 @@ pub async fn admit(
     policy: &LoginPolicy,
     raw_username: &str,
     caller: Caller<'_>,
+    step: Step,
     now_unix: i64,
 ) -> Result<Attempt, LoginError> {
-    let mut attempt = Attempt { quota: None, subjects: Vec::new(), reaches_account_lock: false };
+    let mut attempt = Attempt::nothing(store, step);
     let budget = i64::from(policy.login_failures_per_client_per_hour);
     if budget > 0 {
         let subject = login_failures_subject(caller.client);
@@ -149,30 +178,51 @@ pub async fn admit(
         None => subject(raw_username, caller.client),
     };
     let admitted = store.admit_login_attempt(&pair, &LADDER, now_unix).await;
-    if let Some(refused) = attempt.admitted(store, admitted, now_unix).await {
+    if let Some(refused) = attempt.admitted(admitted, now_unix).await {
         return Err(refused);
     }
-    attempt.subjects.push(pair);
+    attempt.pair = Some(pair);
     if caller.device.is_none() {
         let account = account_subject(raw_username);
+        if step == Step::Code(CodeAttempt::First) {
+            attempt.account = Some(account);
+            attempt.carried = true;
+            return Ok(attempt);
+        }
         let lock_secs = [i64::from(policy.account_lock_secs)];
         let admitted = store.admit_counting(&account, &account_ladder(policy, &lock_secs), now_unix).await;
         let reaches_lock = matches!(admitted, Ok((_, true)));
-        if let Some(refused) = attempt.admitted(store, admitted.map(|(a, _)| a), now_unix).await {
+        if let Some(refused) = attempt.admitted(admitted.map(|(a, _)| a), now_unix).await {
             return Err(refused);
         }
-        attempt.subjects.push(account);
+        attempt.account = Some(account);
         attempt.reaches_account_lock = reaches_lock;
     }
     Ok(attempt)
 }
 
 impl Attempt {
+    fn nothing(store: &AuthStore, step: Step) -> Attempt {
+        Attempt {
+            store: store.clone(),
+            step,
+            quota: None,
+            pair: None,
+            account: None,
+            carried: false,
+            reaches_account_lock: false,
+        }
+    }
+
+    /// Leaves every count as it is: settled.
+    fn keep(&mut self) {
+        (self.quota, self.pair, self.account) = (None, None, None);
+    }
+
     /// None when admitted; else the refusal or error to answer, with what
     /// was counted so far given back.
     async fn admitted(
         &mut self,
-        store: &AuthStore,
         admission: Result<Admission, storegate::ApiError>,
         now_unix: i64,
     ) -> Option<LoginError> {
@@ -181,16 +231,14 @@ impl Attempt {
             Ok(Admission::RefusedUntil(until)) => throttled(until, now_unix),
             Err(e) => e.into(),
         };
-        std::mem::replace(self, Attempt { quota: None, subjects: Vec::new(), reaches_account_lock: false })
-            .give_back(store)
-            .await;
+        self.give_back().await;
         Some(refused)
     }
 
-    /// The throttle subjects counted (name and client, then the account's
-    /// when counted): what a right password gives back.
-    pub fn subjects(&self) -> impl Iterator<Item = &[u8]> {
-        self.subjects.iter().map(Vec::as_slice)
+    /// The name-and-client subject: what a right password gives back (the
+    /// account's count stays, carried by the ticket).
+    pub fn pair(&self) -> Option<&[u8]> {
+        self.pair.as_deref()
     }
 
     /// The address's failure budget used, if any: given back by a right
@@ -199,15 +247,18 @@ impl Attempt {
         self.quota.as_deref()
     }
 
-    /// Gives back every count of an attempt that was never evaluated.
-    async fn give_back(self, store: &AuthStore) {
-        for subject in &self.subjects {
-            if let Err(e) = store.refund_login_attempt(subject).await {
+    /// Gives back every count of an attempt that was never evaluated,
+    /// except an account count its ticket carries: the ticket still does.
+    async fn give_back(&mut self) {
+        let (pair, account, quota) = (self.pair.take(), self.account.take(), self.quota.take());
+        let account = account.filter(|_| !self.carried);
+        for subject in pair.iter().chain(&account) {
+            if let Err(e) = self.store.refund_login_attempt(subject).await {
                 tracing::warn!(error = %e, "cannot give back a login attempt");
             }
         }
-        if let Some(quota) = &self.quota
-            && let Err(e) = store.refund_quota(quota).await
+        if let Some(quota) = &quota
+            && let Err(e) = self.store.refund_quota(quota).await
         {
             tracing::warn!(error = %e, "cannot give back a login attempt's budget");
         }
@@ -217,23 +268,48 @@ impl Attempt {
     /// counted; any other refusal or error (before evaluation, a ticket
     /// that died meanwhile, or one that rolled the outcome's transaction
     /// back) is given back. An Ok outcome has nothing left to settle: its
-    /// own transaction gave the counts back (BeginLogin's ticket) or
-    /// cleared them (a completed login). A commit whose answer was lost on
-    /// the way (an error, yet committed) is refunded once more here: one
-    /// wrong attempt of that name is forgotten, the rare cost of never
-    /// counting a right password.
+    /// own transaction gave the counts back (BeginLogin's ticket, but for
+    /// the account count the ticket carries) or cleared them (a completed
+    /// login). A commit whose answer was lost on the way (an error, yet
+    /// committed) is refunded once more here: one wrong attempt of that
+    /// name is forgotten, the rare cost of never counting a right password.
     ///
-    /// True when this wrong attempt locked the account (its count reached
-    /// the account-wide lock).
-    pub async fn settle<T>(self, store: &AuthStore, outcome: &Result<T, LoginError>) -> bool {
+    /// True when this attempt's count stays and locked the account (it
+    /// reached the account-wide lock).
+    pub async fn settle<T>(mut self, outcome: &Result<T, LoginError>) -> bool {
         match outcome {
-            Ok(_) => false,
-            Err(LoginError::Refused(refusal)) if refusal.is_wrong_credential() => self.reaches_account_lock,
+            Ok(_) => {
+                self.keep();
+                self.step == Step::Password && self.reaches_account_lock
+            }
+            Err(LoginError::Refused(refusal)) if refusal.is_wrong_credential() => {
+                self.keep();
+                self.reaches_account_lock
+            }
             Err(_) => {
-                self.give_back(store).await;
+                self.give_back().await;
                 false
             }
         }
+    }
+}
+
+impl Drop for Attempt {
+    fn drop(&mut self) {
+        if self.quota.is_none() && self.pair.is_none() && self.account.is_none() {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        let mut unsettled = Attempt {
+            store: self.store.clone(),
+            step: self.step,
+            quota: self.quota.take(),
+            pair: self.pair.take(),
+            account: self.account.take(),
+            carried: self.carried,
+            reaches_account_lock: false,
+        };
+        runtime.spawn(async move { unsettled.give_back().await });
     }
 }
 

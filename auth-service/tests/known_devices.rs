@@ -46,6 +46,9 @@ backend_tests!(
     failures_from_one_address_are_limited_per_hour_whatever_the_names,
     device_tokens_belong_to_one_account_and_end_with_its_credentials,
     audit_rows_carry_addresses_and_an_accounts_history_outlives_its_name,
+    a_lock_set_between_the_owners_password_and_code_does_not_refuse_the_code,
+    a_login_begun_and_never_finished_counts_once_against_the_account,
+    an_attempt_dropped_before_its_answer_gives_its_counts_back,
 );
 
 fn ip(a: u8, b: u8, c: u8) -> IpAddr {
@@ -100,6 +103,18 @@ async fn account_locked_until(db: &Db, username: &str) -> Option<i64> {
     })
     .unwrap();
     until.flatten().filter(|until| *until > chrono::Utc::now().timestamp())
+}
+
+/// The account-wide count of failures of `username`.
+async fn account_failures(db: &Db, username: &str) -> i64 {
+    let failures: Option<i64> = on_db!(db, pool => {
+        sqlx::query_scalar("SELECT CAST(failures AS SIGNED) FROM login_throttle WHERE subject = ?")
+            .bind(throttle::account_subject(username))
+            .fetch_optional(pool)
+            .await
+    })
+    .unwrap();
+    failures.unwrap_or(0)
 }
 
 async fn count(db: &Db, sql: &str) -> i64 {
@@ -650,4 +665,101 @@ async fn audit_rows_carry_addresses_and_an_accounts_history_outlives_its_name(ba
         count(&db, "SELECT COUNT(*) FROM audit_events WHERE client_addr IS NULL AND event <> 'key.rotated'")
             .await;
     assert_eq!(without, 0);
+}
+
+/// Strangers lock the account while the owner, on a new address, is between
+/// the password and the code: the owner's first code is evaluated on the
+/// count the ticket carries, not refused; a second code on a ticket is
+/// throttled like a password.
+async fn a_lock_set_between_the_owners_password_and_code_does_not_refuse_the_code(backend: Backend) {
+    let stack = TestStack::start_auth_with(backend, |config| {
+        config.login.max_failed_logins = 3;
+        config.login.account_lock_secs = 600;
+    })
+    .await;
+    let (_, secret) = enrolled(&stack, "owner").await;
+    let db = stack.db.open().await;
+    let owner = ip(6, 0, 1);
+    let ticket = begin_from(&stack, owner, "owner", PASSWORD, "").await.unwrap().login_ticket;
+    assert_eq!(account_failures(&db, "owner").await, 1, "the ticket carries one account count");
+    for n in 0..2 {
+        let err = begin_from(&stack, ip(6, 1, n), "owner", "wrong password!", "").await.unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated);
+    }
+    assert!(account_locked_until(&db, "owner").await.is_some(), "three counts lock it");
+    retry_delay(&begin_from(&stack, ip(6, 1, 9), "owner", "wrong password!", "").await.unwrap_err());
+
+    let done = complete_from(&stack, owner, &ticket, &totp_code(&secret, 1)).await.expect("the owner's code");
+    assert!(!done.access_token.is_empty() && !done.device_token.is_empty());
+    assert_eq!(account_locked_until(&db, "owner").await, None, "a completed login lifts the lock");
+    assert_eq!(account_failures(&db, "owner").await, 0);
+
+    // A ticket's first wrong code stays counted; its next code meets the lock.
+    let other = ip(6, 2, 1);
+    let ticket = begin_from(&stack, other, "owner", PASSWORD, "").await.unwrap().login_ticket;
+    let wrong = complete_from(&stack, other, &ticket, "000000").await.unwrap_err();
+    assert_eq!(wrong.code(), Code::Unauthenticated, "{wrong:?}");
+    assert_eq!(account_failures(&db, "owner").await, 1);
+    let err = begin_from(&stack, ip(6, 2, 2), "owner", "wrong password!", "").await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    let err = begin_from(&stack, ip(6, 2, 3), "owner", "wrong password!", "").await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    assert!(account_locked_until(&db, "owner").await.is_some());
+    retry_delay(&complete_from(&stack, other, &ticket, &totp_code(&secret, 2)).await.unwrap_err());
+    assert_eq!(account_failures(&db, "owner").await, 3, "a refused code is not counted");
+}
+
+/// A right password from an unrecognised client keeps its account count
+/// until the login completes: tickets never used count like failures, so
+/// that knowing the password buys no more guesses at the code than one
+/// per count.
+async fn a_login_begun_and_never_finished_counts_once_against_the_account(backend: Backend) {
+    let stack = TestStack::start_auth_with(backend, |config| {
+        config.login.max_failed_logins = 3;
+        config.login.account_lock_secs = 600;
+    })
+    .await;
+    let (first, _) = enrolled(&stack, "owner").await;
+    let db = stack.db.open().await;
+    for n in 0..3 {
+        begin_from(&stack, ip(7, 0, n), "owner", PASSWORD, "").await.expect("the right password");
+        assert_eq!(account_failures(&db, "owner").await, i64::from(n) + 1);
+    }
+    assert!(account_locked_until(&db, "owner").await.is_some());
+    retry_delay(&begin_from(&stack, ip(7, 0, 9), "owner", PASSWORD, "").await.unwrap_err());
+    // The pair counts (name and address) were given back: one address's
+    // right passwords do not slow it.
+    let pairs = count(&db, "SELECT COALESCE(CAST(SUM(failures) AS SIGNED), 0) FROM login_throttle").await;
+    assert_eq!(pairs, 3, "only the account's count");
+    // A known device is not held up.
+    begin_from(&stack, ip(7, 1, 1), "owner", PASSWORD, &first.device_token).await.expect("known device");
+}
+
+/// An attempt dropped before its outcome (the call cancelled) gives its
+/// counts back; one settled as wrong keeps them.
+async fn an_attempt_dropped_before_its_answer_gives_its_counts_back(backend: Backend) {
+    let stack = TestStack::start_auth(backend).await;
+    let db = stack.db.open().await;
+    let store = auth_service::store::AuthStore::new(db.clone());
+    let policy = TestStack::auth_config(&stack.db).login;
+    let caller = throttle::Caller { client: auth_service::client::Client::Address(ip(8, 0, 1)), device: None };
+    let now = chrono::Utc::now().timestamp();
+    let admit = || throttle::admit(&store, &policy, "owner", caller, throttle::Step::Password, now);
+    let budget_used =
+        || count(&db, "SELECT COALESCE(CAST(SUM(used) AS SIGNED), 0) FROM client_quotas");
+
+    let attempt = admit().await.unwrap();
+    assert_eq!((account_failures(&db, "owner").await, budget_used().await), (1, 1));
+    drop(attempt);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while (account_failures(&db, "owner").await, budget_used().await) != (0, 0) {
+        assert!(Instant::now() < deadline, "the dropped attempt's counts were never given back");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let attempt = admit().await.unwrap();
+    let wrong: Result<(), _> = Err(auth_service::refusal::Refusal::BadCredentials.into());
+    assert!(!attempt.settle(&wrong).await);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!((account_failures(&db, "owner").await, budget_used().await), (1, 1), "a wrong one stays");
 }

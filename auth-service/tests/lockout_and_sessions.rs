@@ -245,6 +245,7 @@ async fn a_hundred_failures_from_unknown_clients_lock_the_account_to_them_but_no
     // The completed login proved the owner: the account's count is cleared.
     assert_eq!(account_throttle(&db, &account).await, (0, 0));
     begin(&mut auth, "192.0.2.77", "target", PASSWORD).await.expect("unlocked by the owner's login");
+    assert_eq!(account_throttle(&db, &account).await.0, 1, "the unrecognised client's ticket carries a count");
     // The replaced token is no longer a known device's: its failure counts
     // against the account.
     let replaced =
@@ -252,7 +253,7 @@ async fn a_hundred_failures_from_unknown_clients_lock_the_account_to_them_but_no
             .await
             .unwrap_err();
     assert_eq!(replaced.code(), Code::Unauthenticated);
-    assert_eq!(account_throttle(&db, &account).await.0, 1);
+    assert_eq!(account_throttle(&db, &account).await.0, 2);
 
     // The operator's command says whether there was a lock to lift.
     assert_eq!(
