@@ -108,7 +108,7 @@ impl Accounts {
     /// it; false when no lock was in force.
     pub async fn unlock(&self, target: &Target, now: DateTime<Utc>) -> Result<bool, ApiError> {
         let subject = throttle::account_subject(&target.username);
-        let unlocked = self.store.clear_account_lock(&subject, now.timestamp()).await?;
+        let unlocked = self.store.clear_account_lock(&subject, target.user_id, now.timestamp()).await?;
         if unlocked {
             self.record(Event::AccountUnlocked, target, None).await;
         }

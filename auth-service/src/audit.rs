@@ -40,6 +40,8 @@ pub enum Event {
     RoleRevoked,
     SessionsRevoked,
     RefreshTokenReused,
+    /// A rotated refresh token redeemed again within its reuse grace.
+    RefreshTokenRedeemedAgain,
     KeyRotated,
     KeyWithdrawn,
 }
@@ -65,6 +67,7 @@ impl Event {
             Event::RoleRevoked => "role.revoked",
             Event::SessionsRevoked => "sessions.revoked",
             Event::RefreshTokenReused => "session.refresh_token_reused",
+            Event::RefreshTokenRedeemedAgain => "session.refresh_token_redeemed_again",
             Event::KeyRotated => "key.rotated",
             Event::KeyWithdrawn => "key.withdrawn",
         }

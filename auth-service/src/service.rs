@@ -677,6 +677,12 @@ impl AuthState {
                 match self.unused_successor(&old_hash, &successor_sealed, now).await? {
                     Some(successor) => {
                         tracing::info!(user_id, "a refresh token redeemed again within its reuse grace");
+                        // Audited with the address: a replay within the
+                        // grace shows here, beside the owner's refresh.
+                        let entry = Entry::new(Event::RefreshTokenRedeemedAgain, Actor::Owner)
+                            .user(user_id)
+                            .client(client);
+                        audit::record(&self.store, entry.detail("answered with the same successor")).await;
                         (user_id, successor)
                     }
                     // Its successor was rotated in turn: whoever holds the

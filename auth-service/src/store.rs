@@ -782,8 +782,15 @@ impl AuthStore {
     }
 
     /// Forgets the account-wide count of `account_subject` and lifts its
-    /// lock; whether a lock was in force at `now_unix`.
-    pub async fn clear_account_lock(&self, account_subject: &[u8], now_unix: i64) -> Result<bool, ApiError> {
+    /// lock; whether a lock was in force at `now_unix`. The lock columns of
+    /// `users` (before migration 0010), which replicas of the previous
+    /// version still read during a rolling upgrade, are cleared with it.
+    pub async fn clear_account_lock(
+        &self,
+        account_subject: &[u8],
+        user_id: i64,
+        now_unix: i64,
+    ) -> Result<bool, ApiError> {
         retry_conflicts(move || async move {
             on_db!(&self.db, pool => async {
                 let mut tx = pool.begin_write().await?;
@@ -798,8 +805,19 @@ impl AuthStore {
                     .bind(account_subject)
                     .execute(&mut *tx)
                     .await?;
+                let locked_before = sqlx::query(
+                    "UPDATE users SET failed_logins = 0, locked_at = NULL WHERE id = ? AND locked_at IS NOT NULL",
+                )
+                .bind(user_id)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+                sqlx::query("UPDATE users SET failed_logins = 0 WHERE id = ? AND failed_logins <> 0")
+                    .bind(user_id)
+                    .execute(&mut *tx)
+                    .await?;
                 tx.commit().await?;
-                Ok::<bool, ApiError>(locked.is_some())
+                Ok::<bool, ApiError>(locked.is_some() || locked_before == 1)
             }
             .await)
         })

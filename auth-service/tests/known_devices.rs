@@ -49,6 +49,7 @@ backend_tests!(
     a_lock_set_between_the_owners_password_and_code_does_not_refuse_the_code,
     a_login_begun_and_never_finished_counts_once_against_the_account,
     an_attempt_dropped_before_its_answer_gives_its_counts_back,
+    unlocking_clears_the_lock_a_replica_of_the_previous_version_set,
 );
 
 fn ip(a: u8, b: u8, c: u8) -> IpAddr {
@@ -742,11 +743,11 @@ async fn an_attempt_dropped_before_its_answer_gives_its_counts_back(backend: Bac
     let db = stack.db.open().await;
     let store = auth_service::store::AuthStore::new(db.clone());
     let policy = TestStack::auth_config(&stack.db).login;
-    let caller = throttle::Caller { client: auth_service::client::Client::Address(ip(8, 0, 1)), device: None };
+    let caller =
+        throttle::Caller { client: auth_service::client::Client::Address(ip(8, 0, 1)), device: None };
     let now = chrono::Utc::now().timestamp();
     let admit = || throttle::admit(&store, &policy, "owner", caller, throttle::Step::Password, now);
-    let budget_used =
-        || count(&db, "SELECT COALESCE(CAST(SUM(used) AS SIGNED), 0) FROM client_quotas");
+    let budget_used = || count(&db, "SELECT COALESCE(CAST(SUM(used) AS SIGNED), 0) FROM client_quotas");
 
     let attempt = admit().await.unwrap();
     assert_eq!((account_failures(&db, "owner").await, budget_used().await), (1, 1));
@@ -762,4 +763,32 @@ async fn an_attempt_dropped_before_its_answer_gives_its_counts_back(backend: Bac
     assert!(!attempt.settle(&wrong).await);
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!((account_failures(&db, "owner").await, budget_used().await), (1, 1), "a wrong one stays");
+}
+
+/// During a rolling upgrade, replicas of the previous version still lock
+/// an account in `users.locked_at` (and count in `users.failed_logins`):
+/// `unlock-user` lifts that lock too, and says there was one.
+async fn unlocking_clears_the_lock_a_replica_of_the_previous_version_set(backend: Backend) {
+    let stack = TestStack::start_auth(backend).await;
+    enrolled(&stack, "owner").await;
+    let db = stack.db.open().await;
+    let old_columns = || {
+        count(
+            &db,
+            "SELECT CAST(failed_logins AS SIGNED) + (locked_at IS NOT NULL) * 1000 FROM users WHERE username = 'owner'",
+        )
+    };
+    on_db!(&db, pool => {
+        sqlx::query("UPDATE users SET failed_logins = 100, locked_at = ? WHERE username = 'owner'")
+            .bind(chrono::Utc::now())
+            .execute(pool)
+            .await
+            .map(drop)
+    })
+    .unwrap();
+    assert_eq!(old_columns().await, 1100);
+    let config = TestStack::auth_config(&stack.db);
+    assert!(auth_service::unlock_user(&config, "owner").await.unwrap(), "a lock was in force");
+    assert_eq!(old_columns().await, 0, "lifted and forgotten");
+    assert!(!auth_service::unlock_user(&config, "owner").await.unwrap(), "nothing left to lift");
 }

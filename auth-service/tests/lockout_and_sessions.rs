@@ -245,7 +245,11 @@ async fn a_hundred_failures_from_unknown_clients_lock_the_account_to_them_but_no
     // The completed login proved the owner: the account's count is cleared.
     assert_eq!(account_throttle(&db, &account).await, (0, 0));
     begin(&mut auth, "192.0.2.77", "target", PASSWORD).await.expect("unlocked by the owner's login");
-    assert_eq!(account_throttle(&db, &account).await.0, 1, "the unrecognised client's ticket carries a count");
+    assert_eq!(
+        account_throttle(&db, &account).await.0,
+        1,
+        "the unrecognised client's ticket carries a count"
+    );
     // The replaced token is no longer a known device's: its failure counts
     // against the account.
     let replaced =
@@ -578,6 +582,17 @@ async fn six_parallel_refreshes_of_one_token_get_the_same_successor(backend: Bac
     let sealed = rows[0].0.as_ref().expect("the successor is kept, sealed, for the grace");
     assert!(!sealed.windows(successor.len()).any(|w| w == successor.as_bytes()), "sealed, not plain");
     assert!(rows.iter().all(|(_, revoked)| !revoked), "nothing revoked");
+    let again: Vec<Option<String>> = on_db!(&db, pool => {
+        sqlx::query_scalar("SELECT client_addr FROM audit_events WHERE event = 'session.refresh_token_redeemed_again'")
+            .fetch_all(pool)
+            .await
+    })
+    .unwrap();
+    assert_eq!(
+        again,
+        vec![Some("127.0.0.1".to_owned()); 5],
+        "each redeem within the grace is audited with its address"
+    );
 
     // The session goes on with the successor; the sweeper forgets the
     // sealed copy once the grace is over.
