@@ -156,8 +156,9 @@ pub struct Limits {
     pub max_streaming_calls_per_client: u32,
 
     /// A response the client leaves unread this long (the HTTP/2 flow
-    /// control window closed, or the socket not read) closes its
-    /// connection, and with it every call the client held there. A unary
+    /// control window closed, or the socket not read) is ended: its HTTP/2
+    /// stream is reset, while the connection's other calls go on (an
+    /// HTTP/1.1 connection, one response at a time, is closed). A unary
     /// call's response must also be sent within REQUEST_TIMEOUT_SECS.
     #[arg(long, env = "WRITE_TIMEOUT_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     pub write_timeout_secs: u64,

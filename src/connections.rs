@@ -3,9 +3,9 @@
 //! connection, calls and long-lived streams in flight, each shared fairly
 //! between client addresses, header sizes, and time for handshakes,
 //! headers, calls, unread responses and idleness). tonic's `Server` exposes
-//! neither a connection cap, nor the HTTP/1 timeouts, nor a way to cut a
-//! client that stops reading, so connections are served here with hyper's
-//! auto (HTTP/1.1 + HTTP/2) builder.
+//! neither a connection cap, nor the HTTP/1 timeouts, nor a way to end a
+//! response its client stops reading, so connections are served here with
+//! hyper's auto (HTTP/1.1 + HTTP/2) builder.
 
 use std::{
     collections::HashMap,
@@ -23,7 +23,7 @@ use std::{
 
 use hyper::body::Incoming;
 use hyper_util::{
-    rt::{TokioExecutor, TokioIo, TokioTimer},
+    rt::{TokioIo, TokioTimer},
     server::conn::auto,
 };
 use tokio::{
@@ -296,8 +296,8 @@ struct Conn {
     idle_since_ms: AtomicU64,
     evict: Notify,
     /// Responses waiting for the client to read them (by a number of their
-    /// own), each with the instant after which the connection is cut.
-    unread: Mutex<HashMap<u64, Instant>>,
+    /// own), each with the instant after which it is stopped, and how.
+    unread: Mutex<HashMap<u64, (Instant, Arc<StreamStop>)>>,
     next_response: AtomicU64,
     /// Wakes the connection task when a response starts waiting while none
     /// did (the task may be asleep until an idle deadline minutes away).
@@ -305,14 +305,90 @@ struct Conn {
 }
 
 impl Conn {
-    fn unread(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Instant>> {
+    fn unread(&self) -> std::sync::MutexGuard<'_, HashMap<u64, (Instant, Arc<StreamStop>)>> {
         self.unread.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// When the first response left unread too long makes the connection
-    /// be cut.
-    fn cut_at(&self) -> Option<Instant> {
-        self.unread().values().min().copied()
+    /// When the next response left unread reaches its limit.
+    fn next_limit(&self) -> Option<Instant> {
+        self.unread().values().map(|(limit, _)| *limit).min()
+    }
+
+    /// Stops every response unread past its limit: an HTTP/2 stream alone
+    /// (its task ends, h2 resets it), the other calls on the connection go
+    /// on. False when one of them can only be stopped with the whole
+    /// connection (HTTP/1.1: one response per connection anyway).
+    fn stop_overdue(&self, now: Instant) -> bool {
+        let mut unread = self.unread();
+        let mut streams_only = true;
+        unread.retain(|_, (limit, stop)| {
+            if *limit > now {
+                return true;
+            }
+            streams_only &= stop.stop();
+            false
+        });
+        streams_only
+    }
+}
+
+/// How the connection task ends one HTTP/2 stream's task: hyper spawns a
+/// task per stream through [`StreamExecutor`], which races it against this.
+#[derive(Default)]
+struct StreamStop {
+    /// Set once the stream's task races against `notify`.
+    attached: std::sync::atomic::AtomicBool,
+    notify: Notify,
+}
+
+impl StreamStop {
+    /// Ends the stream's task; false when no task races against this.
+    fn stop(&self) -> bool {
+        if !self.attached.load(Ordering::Acquire) {
+            return false;
+        }
+        tracing::debug!("resetting a stream whose client stopped reading its response");
+        self.notify.notify_one();
+        true
+    }
+}
+
+std::thread_local! {
+    /// The stop of the stream whose task hyper spawns next. hyper's HTTP/2
+    /// server calls the service (`ConnService::call`, which sets it) and
+    /// then spawns the stream's task (`StreamExecutor::execute`, which takes
+    /// it) in one step on one thread: this is the only way from one to the
+    /// other, as hyper's executor sees only an opaque future.
+    static NEXT_STREAM_STOP: std::cell::RefCell<Option<Arc<StreamStop>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Spawns hyper's tasks on tokio; a stream's task races against the stop
+/// its call left in [`NEXT_STREAM_STOP`]. Dropping a stream's task drops
+/// its h2 handles, and h2 then resets the stream (RST_STREAM CANCEL): one
+/// stalled response ends without its connection. (hyper offers no way to
+/// reset a stream whose window the client keeps shut: it polls the body
+/// only once there is room to send.)
+#[derive(Clone, Copy, Debug)]
+struct StreamExecutor;
+
+impl<F> hyper::rt::Executor<F> for StreamExecutor
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    fn execute(&self, task: F) {
+        let stop = NEXT_STREAM_STOP.with(|next| next.borrow_mut().take());
+        let Some(stop) = stop else {
+            tokio::spawn(task);
+            return;
+        };
+        stop.attached.store(true, Ordering::Release);
+        tokio::spawn(async move {
+            tokio::select! {
+                () = task => {}
+                () = stop.notify.notified() => {}
+            }
+        });
     }
 }
 
@@ -423,12 +499,13 @@ impl Drop for CallOnConn {
 /// for a frame, and from each frame it gives until hyper asks for the next.
 /// (hyper asks for the next frame only once the client's flow-control
 /// window or the socket has room.) Waiting on the service for data to send
-/// is not waiting for the client. The connection task cuts a connection
-/// whose response waited past its limit ([`serve_http`]).
+/// is not waiting for the client. The connection task stops a response
+/// that waited past its limit ([`Conn::stop_overdue`], from [`serve_http`]).
 struct Unread {
     inner: Body,
     call: CallOnConn,
     id: u64,
+    stop: Arc<StreamStop>,
     /// How long the client may leave a frame unread.
     patience: Duration,
     /// The unary call's deadline: no frame is sent after it, and no wait
@@ -437,9 +514,15 @@ struct Unread {
 }
 
 impl Unread {
-    fn new(inner: Body, call: CallOnConn, patience: Duration, deadline: Option<Instant>) -> Self {
+    fn new(
+        inner: Body,
+        call: CallOnConn,
+        stop: Arc<StreamStop>,
+        patience: Duration,
+        deadline: Option<Instant>,
+    ) -> Self {
         let id = call.conn.next_response.fetch_add(1, Ordering::Relaxed);
-        let body = Unread { inner, call, id, patience, deadline };
+        let body = Unread { inner, call, id, stop, patience, deadline };
         body.waiting();
         body
     }
@@ -451,7 +534,7 @@ impl Unread {
         if unread.is_empty() {
             self.call.conn.unread_started.notify_one();
         }
-        unread.insert(self.id, limit);
+        unread.insert(self.id, (limit, self.stop.clone()));
     }
 }
 
@@ -521,11 +604,15 @@ where
         let deadline = (!is_long_lived(request.uri().path()))
             .then(|| Instant::now() + self.request_timeout + Duration::from_secs(1));
         let patience = self.write_timeout;
+        let stop = Arc::new(StreamStop::default());
+        if request.version() == http::Version::HTTP_2 {
+            NEXT_STREAM_STOP.with(|next| *next.borrow_mut() = Some(stop.clone()));
+        }
         let mut inner = self.inner.clone();
         Box::pin(async move {
             std::future::poll_fn(|cx| inner.poll_ready(cx)).await?;
             let response = inner.call(request.map(Body::new)).await?;
-            Ok(response.map(|body| Body::new(Unread::new(body, on_conn, patience, deadline))))
+            Ok(response.map(|body| Body::new(Unread::new(body, on_conn, stop, patience, deadline))))
         })
     }
 }
@@ -534,7 +621,7 @@ where
 struct Shared<S> {
     service: S,
     tls: Option<ServerTls>,
-    http: auto::Builder<TokioExecutor>,
+    http: auto::Builder<StreamExecutor>,
     registry: Arc<Registry>,
     handshake_timeout: Duration,
     idle_timeout: Duration,
@@ -542,8 +629,8 @@ struct Shared<S> {
     request_timeout: Duration,
 }
 
-fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
-    let mut http = auto::Builder::new(TokioExecutor::new());
+fn http_builder(limits: &Limits) -> auto::Builder<StreamExecutor> {
+    let mut http = auto::Builder::new(StreamExecutor);
 
     http.http1()
         .timer(TokioTimer::new())
@@ -683,13 +770,15 @@ async fn serve_http<S, IO, I>(
     // covers a stopping server).
     let mut closing: Option<Instant> = None;
     loop {
-        // A response left unread past its limit cuts the connection, also
-        // while it drains: its client has stopped reading.
-        let cut_at = conn.cut_at();
-        if cut_at.is_some_and(|cut_at| cut_at <= Instant::now()) {
-            tracing::debug!("closing a connection whose client stopped reading its responses");
+        // A response left unread past its limit is stopped, also while the
+        // connection drains: its client has stopped reading it. An HTTP/2
+        // stream is reset alone; otherwise the connection is cut.
+        let now = Instant::now();
+        if conn.next_limit().is_some_and(|limit| limit <= now) && !conn.stop_overdue(now) {
+            tracing::debug!("closing a connection whose client stopped reading its response");
             return;
         }
+        let cut_at = conn.next_limit();
         let busy = conn.calls.load(Ordering::Acquire) > 0;
         let idle_deadline = (!busy && closing.is_none()).then(|| {
             let idle_since = Duration::from_millis(conn.idle_since_ms.load(Ordering::Relaxed));

