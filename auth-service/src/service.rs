@@ -320,7 +320,7 @@ impl AuthState {
             expires_at,
         };
         let given_back: Vec<&[u8]> = attempt.pair().into_iter().collect();
-        self.store.create_ticket(&new_ticket, &given_back, attempt.quota(), now).await?;
+        self.store.create_ticket(&new_ticket, &given_back, now).await?;
         tracing::info!(
             user_id,
             enrolling = enrollment.is_some(),
@@ -492,7 +492,6 @@ impl AuthState {
             ticket_hash: &ticket_hash,
             user_id: ticket.user_id,
             throttle_subjects: &cleared,
-            quota: attempt.quota(),
             device_hash: caller.device,
         };
         let succeeded = match &intent {

@@ -284,8 +284,6 @@ pub struct CompletingLogin<'a> {
     /// Whose failed attempts a completed login clears (the name's subjects
     /// in `throttle.rs`: with this client, and the account's).
     pub throttle_subjects: &'a [&'a [u8]],
-    /// The client address's failure budget this attempt used: given back.
-    pub quota: Option<&'a [u8]>,
     /// The known device the ticket's BeginLogin came from: its token is
     /// replaced.
     pub device_hash: Option<&'a [u8]>,
@@ -428,14 +426,12 @@ impl AuthStore {
     }
 
     /// Stores a login ticket and gives back the attempt's counts (a right
-    /// password is no failure: `throttle_subjects`, and the address's
-    /// failure budget `quota`), in one transaction: one commit instead of
-    /// several on every login.
+    /// password is no failure: `throttle_subjects`), in one transaction:
+    /// one commit instead of several on every login.
     pub async fn create_ticket(
         &self,
         ticket: &NewTicket<'_>,
         throttle_subjects: &[&[u8]],
-        quota: Option<&[u8]>,
         now: DateTime<Utc>,
     ) -> Result<(), ApiError> {
         retry_conflicts(move || async move {
@@ -456,9 +452,6 @@ impl AuthStore {
             .await?;
             for subject in throttle_subjects {
                 sqlx::query(REFUND_ATTEMPT_SQL).bind(subject).execute(&mut *tx).await?;
-            }
-            if let Some(quota) = quota {
-                sqlx::query(REFUND_QUOTA_SQL).bind(quota).execute(&mut *tx).await?;
             }
             Ok(tx.commit().await?)
         }
@@ -606,7 +599,7 @@ impl AuthStore {
         device: Option<&NewDevice>,
         now: DateTime<Utc>,
     ) -> Result<Completion, sqlx::Error> {
-        let &CompletingLogin { ticket_hash, user_id, throttle_subjects, quota, device_hash } = login;
+        let &CompletingLogin { ticket_hash, user_id, throttle_subjects, device_hash } = login;
         on_db!(&self.db, pool => {
             let mut tx = pool.begin_write().await?;
             // The attempt was counted on the ticket before its code was
@@ -747,9 +740,6 @@ impl AuthStore {
             // deletes the row after a day without attempts.
             for subject in throttle_subjects {
                 sqlx::query(CLEAR_THROTTLE_SQL).bind(now).bind(subject).execute(&mut *tx).await?;
-            }
-            if let Some(quota) = quota {
-                sqlx::query(REFUND_QUOTA_SQL).bind(quota).execute(&mut *tx).await?;
             }
             // The row is this transaction's already (its factor was spent).
             sqlx::query("UPDATE users SET last_login_at = ? WHERE id = ?")
@@ -1052,6 +1042,26 @@ impl AuthStore {
             },
         )
         .await
+    }
+
+    /// When `subject`'s quota of `limit` an hour is spent: the unix time its
+    /// window ends, None while uses are left. A read only.
+    pub async fn quota_spent_until(
+        &self,
+        subject: &[u8],
+        limit: i64,
+        now_unix: i64,
+    ) -> Result<Option<i64>, ApiError> {
+        let window_ended = now_unix - QUOTA_WINDOW_SECS;
+        let window: Option<(i64, i64)> = on_db!(&self.db, pool => {
+            sqlx::query_as("SELECT window_start, CAST(used AS SIGNED) FROM client_quotas WHERE subject = ?")
+                .bind(subject)
+                .fetch_optional(pool)
+                .await
+        })?;
+        Ok(window.and_then(|(start, used)| {
+            (start > window_ended && used >= limit).then_some(start + QUOTA_WINDOW_SECS)
+        }))
     }
 
     /// Gives back one use of a quota (a call that turned out not to count).

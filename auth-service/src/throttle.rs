@@ -4,7 +4,11 @@
 //! 1. the client's address, whatever the names: an hourly budget of
 //!    failures (`LOGIN_FAILURES_PER_CLIENT_PER_HOUR`, in `client_quotas`),
 //!    which bounds the work, audit rows and throttle rows one address can
-//!    cause with made-up names;
+//!    cause with made-up names. Unlike 2 and 3 it is read before and
+//!    counted once an attempt turns out wrong: a right attempt (nearly
+//!    every one) then writes nothing here, and attempts already in flight
+//!    when it fills (at most the address's share of the hashing queue)
+//!    still finish;
 //! 2. the normalised username, known or not, and the client: the client's
 //!    address, or the device token of one of the account's earlier logins
 //!    when BeginLogin sent one ([`LADDER`]: a stranger's guesses hold up
@@ -129,8 +133,10 @@ pub enum Step {
 pub struct Attempt {
     store: AuthStore,
     step: Step,
-    /// The address's failure budget, when there is one.
-    quota: Option<Vec<u8>>,
+    /// The address's failure budget and its size, when there is one:
+    /// counted if the attempt turns out wrong.
+    quota: Option<(Vec<u8>, i64)>,
+    now_unix: i64,
     /// The name-and-client subject, once counted.
     pair: Option<Vec<u8>>,
     /// The account's subject, when this attempt is counted on it (an
@@ -164,14 +170,14 @@ pub async fn admit(
     step: Step,
     now_unix: i64,
 ) -> Result<Attempt, LoginError> {
-    let mut attempt = Attempt::nothing(store, step);
+    let mut attempt = Attempt::nothing(store, step, now_unix);
     let budget = i64::from(policy.login_failures_per_client_per_hour);
     if budget > 0 {
         let subject = login_failures_subject(caller.client);
-        match store.admit_quota(&subject, budget, now_unix).await? {
-            Admission::Admitted => attempt.quota = Some(subject),
-            Admission::RefusedUntil(until) => return Err(throttled(until, now_unix)),
+        if let Some(until) = store.quota_spent_until(&subject, budget, now_unix).await? {
+            return Err(throttled(until, now_unix));
         }
+        attempt.quota = Some((subject, budget));
     }
     let pair = match caller.device {
         Some(device) => device_subject(raw_username, device),
@@ -202,10 +208,11 @@ pub async fn admit(
 }
 
 impl Attempt {
-    fn nothing(store: &AuthStore, step: Step) -> Attempt {
+    fn nothing(store: &AuthStore, step: Step, now_unix: i64) -> Attempt {
         Attempt {
             store: store.clone(),
             step,
+            now_unix,
             quota: None,
             pair: None,
             account: None,
@@ -241,26 +248,25 @@ impl Attempt {
         self.pair.as_deref()
     }
 
-    /// The address's failure budget used, if any: given back by a right
-    /// password or a completed login.
-    pub fn quota(&self) -> Option<&[u8]> {
-        self.quota.as_deref()
-    }
-
     /// Gives back every count of an attempt that was never evaluated,
     /// except an account count its ticket carries: the ticket still does.
     async fn give_back(&mut self) {
-        let (pair, account, quota) = (self.pair.take(), self.account.take(), self.quota.take());
+        let (pair, account) = (self.pair.take(), self.account.take());
+        self.quota = None;
         let account = account.filter(|_| !self.carried);
         for subject in pair.iter().chain(&account) {
             if let Err(e) = self.store.refund_login_attempt(subject).await {
                 tracing::warn!(error = %e, "cannot give back a login attempt");
             }
         }
-        if let Some(quota) = &quota
-            && let Err(e) = self.store.refund_quota(quota).await
+    }
+
+    /// Counts a wrong attempt against the address's failure budget.
+    async fn count_failure(&mut self) {
+        if let Some((subject, budget)) = self.quota.take()
+            && let Err(e) = self.store.admit_quota(&subject, budget, self.now_unix).await
         {
-            tracing::warn!(error = %e, "cannot give back a login attempt's budget");
+            tracing::warn!(error = %e, "cannot count a failed login against its address");
         }
     }
 
@@ -283,6 +289,7 @@ impl Attempt {
                 self.step == Step::Password && self.reaches_account_lock
             }
             Err(LoginError::Refused(refusal)) if refusal.is_wrong_credential() => {
+                self.count_failure().await;
                 self.keep();
                 self.reaches_account_lock
             }
@@ -303,6 +310,7 @@ impl Drop for Attempt {
         let mut unsettled = Attempt {
             store: self.store.clone(),
             step: self.step,
+            now_unix: self.now_unix,
             quota: self.quota.take(),
             pair: self.pair.take(),
             account: self.account.take(),

@@ -210,9 +210,19 @@ async fn the_owner_logs_in_from_a_known_device_while_1000_addresses_fail_against
     for status in &refused {
         assert!(retry_delay(status) <= Duration::from_secs(3600));
     }
-    // The server saw 1,000 addresses: each has its own failure budget.
-    let budgets = count(&db, "SELECT COUNT(*) FROM client_quotas").await;
-    assert!(budgets >= 1000, "{budgets} addresses");
+    // Each address whose attempt was evaluated has its own failure budget,
+    // with that one failure in it; a refused attempt spent none.
+    let spent: Vec<Vec<u8>> = on_db!(&db, pool => {
+        sqlx::query_scalar("SELECT subject FROM client_quotas WHERE used = 1").fetch_all(pool).await
+    })
+    .unwrap();
+    let flood_budgets = (0..1000u32)
+        .map(|n| {
+            throttle::login_failures_subject(auth_service::client::Client::Address(client_address(n + 100)))
+        })
+        .filter(|subject| spent.contains(subject))
+        .count();
+    assert_eq!(flood_budgets, evaluated, "one budget per failing address");
     // Only the evaluated attempts were hashed and audited.
     assert_eq!(begin_outcome(metrics, "rejected").await as usize, evaluated);
     let audited =
@@ -737,7 +747,8 @@ async fn a_login_begun_and_never_finished_counts_once_against_the_account(backen
 }
 
 /// An attempt dropped before its outcome (the call cancelled) gives its
-/// counts back; one settled as wrong keeps them.
+/// counts back; one settled as wrong keeps them, and only then uses the
+/// address's failure budget.
 async fn an_attempt_dropped_before_its_answer_gives_its_counts_back(backend: Backend) {
     let stack = TestStack::start_auth(backend).await;
     let db = stack.db.open().await;
@@ -750,13 +761,14 @@ async fn an_attempt_dropped_before_its_answer_gives_its_counts_back(backend: Bac
     let budget_used = || count(&db, "SELECT COALESCE(CAST(SUM(used) AS SIGNED), 0) FROM client_quotas");
 
     let attempt = admit().await.unwrap();
-    assert_eq!((account_failures(&db, "owner").await, budget_used().await), (1, 1));
+    assert_eq!((account_failures(&db, "owner").await, budget_used().await), (1, 0));
     drop(attempt);
     let deadline = Instant::now() + Duration::from_secs(10);
-    while (account_failures(&db, "owner").await, budget_used().await) != (0, 0) {
+    while account_failures(&db, "owner").await != 0 {
         assert!(Instant::now() < deadline, "the dropped attempt's counts were never given back");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    assert_eq!(budget_used().await, 0, "nothing evaluated, nothing spent");
 
     let attempt = admit().await.unwrap();
     let wrong: Result<(), _> = Err(auth_service::refusal::Refusal::BadCredentials.into());

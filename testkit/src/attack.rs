@@ -406,7 +406,7 @@ pub async fn observe_health(addr: SocketAddr, from: IpAddr, until: std::time::In
     let mut calls = 0u32;
     while std::time::Instant::now() < until {
         let started = std::time::Instant::now();
-        if client.is_none() || calls % 10 == 0 {
+        if client.is_none() || calls.is_multiple_of(10) {
             match connect().await {
                 Ok(fresh) => client = Some(fresh),
                 Err(status) => observed.failures.push(status),

@@ -92,20 +92,9 @@ enum Via {
     Writer,
 }
 
-/// A fresh database on the cluster and replicas on it, connected `via`.
+/// A fresh database on the cluster and replicas on it, connected `via`,
+/// with `envs` set in every replica.
 async fn replicas_on(
-    galera: &Galera,
-    name: &str,
-    auth: usize,
-    product: usize,
-    logs: &std::path::Path,
-    via: Via,
-) -> (Replicas, String) {
-    replicas_with(galera, name, auth, product, logs, via, &[]).await
-}
-
-/// As [`replicas_on`], with `envs` set in every replica.
-async fn replicas_with(
     galera: &Galera,
     name: &str,
     auth: usize,
@@ -137,7 +126,8 @@ async fn replicas_with(
 
 async fn replicas_started_together_migrate_once(galera: &Galera, logs: &std::path::Path) {
     for round in 0..3 {
-        let (replicas, url) = replicas_on(galera, &format!("start{round}"), 3, 3, logs, Via::Nodes).await;
+        let (replicas, url) =
+            replicas_on(galera, &format!("start{round}"), 3, 3, logs, Via::Nodes, &[]).await;
         let db = Db::connect(&url).await.unwrap();
         assert_eq!(migrate::schema_state(&db).await.unwrap(), SchemaState::Current);
         let versions: Vec<(i64, bool)> = on_db!(&db, p => {
@@ -161,7 +151,7 @@ fn product(name: &str, stock: i64) -> Option<Product> {
 }
 
 async fn stock_taken_through_the_writer_adds_up(galera: &Galera, logs: &std::path::Path) {
-    let (replicas, url) = replicas_on(galera, "stock", 2, 3, logs, Via::Writer).await;
+    let (replicas, url) = replicas_on(galera, "stock", 2, 3, logs, Via::Writer, &[]).await;
     let token = replicas.login(&url, "operator", true).await.access_token;
     let mut first = replicas.product_client(0).await;
     let created = first
@@ -243,7 +233,7 @@ async fn recorded_stock_levels(url: &str) -> String {
 }
 
 async fn a_ticket_and_a_code_are_spent_once_across_nodes(galera: &Galera, logs: &std::path::Path) {
-    let (replicas, _) = replicas_on(galera, "codes", 2, 1, logs, Via::Nodes).await;
+    let (replicas, _) = replicas_on(galera, "codes", 2, 1, logs, Via::Nodes, &[]).await;
     let (username, password) = ("dave", "correct horse battery");
     replicas
         .auth_client(0)
@@ -296,7 +286,7 @@ async fn a_refresh_token_redeemed_on_two_nodes_revokes_the_login(galera: &Galera
     // Without the reuse grace: two redemptions at once are then reuse
     // (with it, both would get the same successor).
     let no_grace = [("REFRESH_REUSE_GRACE_SECS", "0".to_owned())];
-    let (replicas, url) = replicas_with(galera, "refresh", 2, 1, logs, Via::Nodes, &no_grace).await;
+    let (replicas, url) = replicas_on(galera, "refresh", 2, 1, logs, Via::Nodes, &no_grace).await;
     for attempt in 0..6 {
         let login = replicas.login(&url, &format!("erin{attempt}"), false).await;
         // A normal rotation first, so that the family has history.
@@ -342,7 +332,7 @@ async fn a_refresh_token_redeemed_on_two_nodes_revokes_the_login(galera: &Galera
 }
 
 async fn a_create_retried_on_every_replica_makes_one_product(galera: &Galera, logs: &std::path::Path) {
-    let (replicas, url) = replicas_on(galera, "create", 2, 3, logs, Via::Writer).await;
+    let (replicas, url) = replicas_on(galera, "create", 2, 3, logs, Via::Writer, &[]).await;
     let token = replicas.login(&url, "operator", true).await.access_token;
     for round in 0..10 {
         let request_id = uuid(round);
@@ -378,7 +368,7 @@ async fn a_create_retried_on_every_replica_makes_one_product(galera: &Galera, lo
 }
 
 async fn a_write_is_read_at_once_on_another_node(galera: &Galera, logs: &std::path::Path) {
-    let (replicas, url) = replicas_on(galera, "read", 1, 3, logs, Via::Nodes).await;
+    let (replicas, url) = replicas_on(galera, "read", 1, 3, logs, Via::Nodes, &[]).await;
     // What makes this hold: every session the services open on a Galera
     // node waits for the writes the cluster committed before its statements.
     let db = Db::connect(&galera.url(3, "")).await.unwrap();
@@ -419,7 +409,7 @@ async fn a_write_is_read_at_once_on_another_node(galera: &Galera, logs: &std::pa
 /// module's comment.)
 async fn conflicting_writes_on_three_nodes_are_rerun_not_refused(galera: &Galera, logs: &std::path::Path) {
     const PER_NODE: usize = 30;
-    let (replicas, url) = replicas_on(galera, "conflicts", 1, 3, logs, Via::Nodes).await;
+    let (replicas, url) = replicas_on(galera, "conflicts", 1, 3, logs, Via::Nodes, &[]).await;
     let token = replicas.login(&url, "operator", true).await.access_token;
     let created = replicas
         .product_client(0)
