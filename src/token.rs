@@ -19,8 +19,14 @@ pub const DEFAULT_AUDIENCE: &str = "storegate";
 pub const ACCESS_TOKEN_TTL_SECS: i64 = 15 * 60;
 /// Clock skew tolerated on exp/nbf between the services' machines.
 pub const CLOCK_LEEWAY_SECS: u64 = 60;
-/// The role that may change the catalogue.
+/// The role that may do everything: change the catalogue in every way, and
+/// administer accounts.
 pub const ADMIN_ROLE: &str = "admin";
+/// May create products and update them, but not delete them or adjust
+/// their stock (a catalogue import, a content editor).
+pub const CATALOGUE_EDITOR_ROLE: &str = "catalogue-editor";
+/// May only adjust stock (an order or warehouse service).
+pub const STOCK_KEEPER_ROLE: &str = "stock-keeper";
 
 /// The claims of an access token.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]

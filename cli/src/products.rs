@@ -33,7 +33,7 @@ pub enum ProductsCommand {
     },
     /// Show one product.
     Get { id: i64 },
-    /// Create a product (needs the admin role).
+    /// Create a product (needs the admin or catalogue-editor role).
     Create {
         #[arg(long)]
         name: String,
@@ -48,7 +48,7 @@ pub enum ProductsCommand {
         #[arg(long, default_value = "")]
         request_id: String,
     },
-    /// Change the given fields of a product (needs the admin role).
+    /// Change the given fields of a product (needs the admin or catalogue-editor role).
     Update {
         id: i64,
         #[arg(long)]
@@ -69,7 +69,7 @@ pub enum ProductsCommand {
         #[arg(long, default_value = "")]
         etag: String,
     },
-    /// Add to (or, negative, take from) the stock atomically (needs the admin role).
+    /// Add to (or, negative, take from) the stock atomically (needs the admin or stock-keeper role).
     AdjustStock {
         id: i64,
         #[arg(allow_hyphen_values = true)]

@@ -11,7 +11,7 @@ use storegate::{
         ListProductsRequest, ListProductsResponse, Product, UpdateProductRequest,
         product_service_server::ProductService,
     },
-    token::{ADMIN_ROLE, Claims},
+    token::{ADMIN_ROLE, CATALOGUE_EDITOR_ROLE, Claims, STOCK_KEEPER_ROLE},
 };
 use tonic::{Request, Response, Status};
 
@@ -51,10 +51,43 @@ fn claims<T>(request: &Request<T>) -> Result<&Claims, ApiError> {
     request.extensions().get::<Claims>().ok_or(ApiError::Unauthenticated("access token is missing"))
 }
 
-fn require_admin<T>(request: &Request<T>) -> Result<Option<i64>, ApiError> {
+/// A change to the catalogue, and the roles that allow it: least privilege
+/// for the services that call product-service (README, "Roles"). Reads need
+/// only a valid token, whatever its roles.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Change {
+    Create,
+    Update,
+    Delete,
+    AdjustStock,
+}
+
+impl Change {
+    /// The roles any one of which allows this change.
+    pub fn allowed_roles(self) -> &'static [&'static str] {
+        match self {
+            Change::Create | Change::Update => &[ADMIN_ROLE, CATALOGUE_EDITOR_ROLE],
+            Change::Delete => &[ADMIN_ROLE],
+            Change::AdjustStock => &[ADMIN_ROLE, STOCK_KEEPER_ROLE],
+        }
+    }
+
+    fn refusal(self) -> &'static str {
+        match self {
+            Change::Create => "creating a product needs the admin or catalogue-editor role",
+            Change::Update => "updating a product needs the admin or catalogue-editor role",
+            Change::Delete => "deleting a product needs the admin role",
+            Change::AdjustStock => "adjusting stock needs the admin or stock-keeper role",
+        }
+    }
+}
+
+/// The caller's user id (None for a subject that is no user) once its
+/// token holds a role that allows `change`; PERMISSION_DENIED otherwise.
+fn require_role<T>(request: &Request<T>, change: Change) -> Result<Option<i64>, ApiError> {
     let claims = claims(request)?;
-    if !claims.has_role(ADMIN_ROLE) {
-        return Err(ApiError::PermissionDenied("changing the catalogue needs the admin role"));
+    if !change.allowed_roles().iter().any(|role| claims.has_role(role)) {
+        return Err(ApiError::PermissionDenied(change.refusal()));
     }
     Ok(claims.user_id())
 }
@@ -206,7 +239,7 @@ const STALE_ETAG: &str = "the product has changed since that etag; read it again
 
 impl ProductApi {
     async fn create(&self, request: Request<CreateProductRequest>) -> Result<Product, ApiError> {
-        let user_id = require_admin(&request)?;
+        let user_id = require_role(&request, Change::Create)?;
         let caller = caller(&request)?;
         let req = request.into_inner();
         let product = req.product.ok_or_else(|| ApiError::invalid("product", "is required"))?;
@@ -223,7 +256,7 @@ impl ProductApi {
     }
 
     async fn adjust_stock(&self, request: Request<AdjustStockRequest>) -> Result<Product, ApiError> {
-        let user_id = require_admin(&request)?;
+        let user_id = require_role(&request, Change::AdjustStock)?;
         let caller = caller(&request)?;
         let req = request.into_inner();
         if req.delta == 0 || req.delta.unsigned_abs() > MAX_STOCK as u64 {
@@ -313,7 +346,7 @@ impl ProductApi {
     }
 
     async fn update(&self, request: Request<UpdateProductRequest>) -> Result<Product, ApiError> {
-        let user_id = require_admin(&request)?;
+        let user_id = require_role(&request, Change::Update)?;
         let req = request.into_inner();
         let product = req.product.as_ref().ok_or_else(|| ApiError::invalid("product", "is required"))?;
         let paths = paths_to_update(&req, product)?;
@@ -333,7 +366,7 @@ impl ProductApi {
     }
 
     async fn delete(&self, request: Request<DeleteProductRequest>) -> Result<(), ApiError> {
-        require_admin(&request)?;
+        require_role(&request, Change::Delete)?;
         let req = request.into_inner();
         let version = match req.etag.as_str() {
             "" => None,

@@ -9,8 +9,8 @@ use storegate::{
     pb::{
         auth::v1::CompleteLoginRequest,
         product::v1::{
-            CreateProductRequest, DeleteProductRequest, GetProductRequest, ListProductsRequest, Product,
-            UpdateProductRequest,
+            AdjustStockRequest, CreateProductRequest, DeleteProductRequest, GetProductRequest,
+            ListProductsRequest, Product, UpdateProductRequest,
         },
     },
 };
@@ -22,6 +22,7 @@ backend_tests!(
     the_seed_flow_from_registration_to_every_product_rpc,
     calls_without_a_valid_token_are_unauthenticated,
     signed_in_users_read_but_only_admins_write,
+    each_role_makes_exactly_the_changes_the_role_table_allows,
     bad_product_fields_are_all_reported_and_nothing_is_written,
     missing_products_are_not_found,
     listing_pages_through_every_product_exactly_once,
@@ -692,4 +693,84 @@ async fn health_and_reflection_are_served(backend: Backend) {
         assert_eq!(status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
     }
     stack.stop().await;
+}
+
+/// The role table of the README: admin every change; catalogue-editor
+/// creates and updates; stock-keeper adjusts stock; any signed-in caller
+/// reads. A refused change is PERMISSION_DENIED and changes nothing.
+async fn each_role_makes_exactly_the_changes_the_role_table_allows(backend: Backend) {
+    use product_service::service::Change;
+    let stack = TestStack::start(backend).await;
+    let admin = stack.admin_token("root").await;
+    let db = stack.db.open().await;
+    let table: [(&str, &[Change]); 4] = [
+        ("admin", &[Change::Create, Change::Update, Change::AdjustStock, Change::Delete]),
+        ("catalogue-editor", &[Change::Create, Change::Update]),
+        ("stock-keeper", &[Change::AdjustStock]),
+        ("", &[]),
+    ];
+    for (role, allowed) in table {
+        let roles: Vec<&str> = [role].into_iter().filter(|r| !r.is_empty()).collect();
+        let token = stack
+            .token_with_roles(&format!("caller-{}", if role.is_empty() { "none" } else { role }), &roles)
+            .await;
+        let mut products = stack.products().await;
+        for change in [Change::Create, Change::Update, Change::AdjustStock, Change::Delete] {
+            let target = create(&stack, &admin, product("Kettle", "30.00", 5)).await;
+            let before = count_products(&db).await;
+            let outcome = match change {
+                Change::Create => products
+                    .create_product(bearer(
+                        CreateProductRequest {
+                            product: Some(product("Mug", "4.00", 1)),
+                            request_id: String::new(),
+                        },
+                        &token,
+                    ))
+                    .await
+                    .map(drop),
+                Change::Update => products
+                    .update_product(bearer(
+                        UpdateProductRequest {
+                            product: Some(Product {
+                                id: target.id,
+                                name: "Kettle II".into(),
+                                ..Default::default()
+                            }),
+                            update_mask: mask(&["name"]),
+                        },
+                        &token,
+                    ))
+                    .await
+                    .map(drop),
+                Change::AdjustStock => products
+                    .adjust_stock(bearer(
+                        AdjustStockRequest { id: target.id, delta: -1, request_id: String::new() },
+                        &token,
+                    ))
+                    .await
+                    .map(drop),
+                Change::Delete => products
+                    .delete_product(bearer(
+                        DeleteProductRequest { id: target.id, etag: String::new() },
+                        &token,
+                    ))
+                    .await
+                    .map(drop),
+            };
+            let after = products
+                .get_product(bearer(GetProductRequest { id: target.id }, &token))
+                .await
+                .map(|r| r.into_inner());
+            if allowed.contains(&change) {
+                outcome.unwrap_or_else(|e| panic!("{role:?} may {change:?}: {e:?}"));
+            } else {
+                let err = outcome.expect_err(&format!("{role:?} may not {change:?}"));
+                assert_eq!(err.code(), Code::PermissionDenied, "{role:?} {change:?}: {err:?}");
+                assert!(err.message().contains("role"), "the message names what is needed: {err:?}");
+                assert_eq!(after.expect("reads need no role"), target, "{role:?} {change:?} changed nothing");
+                assert_eq!(count_products(&db).await, before);
+            }
+        }
+    }
 }

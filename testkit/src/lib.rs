@@ -343,9 +343,19 @@ impl TestStack {
 
     /// An admin's access token: registers, grants admin, logs in.
     pub async fn admin_token(&self, username: &str) -> String {
+        self.token_with_roles(username, &["admin"]).await
+    }
+
+    /// The access token of a new user holding `roles`: registers, grants
+    /// them, logs in.
+    pub async fn token_with_roles(&self, username: &str, roles: &[&str]) -> String {
         let password = "correct horse battery";
         self.register(username, password).await;
-        auth_service::grant_role(&Self::auth_config(&self.db), username, "admin").await.expect("grant admin");
+        for role in roles {
+            auth_service::grant_role(&Self::auth_config(&self.db), username, role)
+                .await
+                .expect("grant a role");
+        }
         self.enroll(username, password).await.0.access_token
     }
 
