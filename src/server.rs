@@ -170,13 +170,63 @@ pub type HttpGets = Arc<
     dyn Fn(http::request::Parts) -> BoxFuture<http::Response<tonic::body::Body>, Infallible> + Send + Sync,
 >;
 
-/// Sends GET and HEAD requests under `/.well-known/` to [`HttpGets`] and
-/// everything else on. Outermost, since tonic-web answers any HTTP/1.1
-/// request that is not gRPC-Web with 400.
+/// A plain HTTP POST a server answers beside gRPC (auth-service: the OAuth
+/// 2.0 token endpoint), given the request's head and its whole body.
+pub type HttpPost = Arc<
+    dyn Fn(http::request::Parts, bytes::Bytes) -> BoxFuture<http::Response<tonic::body::Body>, Infallible>
+        + Send
+        + Sync,
+>;
+
+/// The plain HTTP a server answers beside gRPC.
+#[derive(Clone, Default)]
+pub struct HttpRoutes {
+    /// GET and HEAD under `/.well-known/`.
+    pub gets: Option<HttpGets>,
+    /// POSTs to exactly these paths.
+    pub posts: Vec<(&'static str, HttpPost)>,
+}
+
+/// The most a plain HTTP POST's body may hold: an OAuth 2.0 token request
+/// is a few hundred bytes, a signed client assertion a few kilobytes.
+pub const MAX_HTTP_POST_BYTES: usize = 16 * 1024;
+
+/// Sends GET and HEAD requests under `/.well-known/` and POSTs to the
+/// routes' paths to [`HttpRoutes`], and everything else on. Outermost,
+/// since tonic-web answers any HTTP/1.1 request that is not gRPC-Web with
+/// 400.
 #[derive(Clone)]
 struct WithHttpGets<S> {
     inner: S,
     gets: Option<HttpGets>,
+    posts: Vec<(&'static str, HttpPost)>,
+    /// How long a POST's body may take to arrive.
+    body_timeout: Duration,
+}
+
+/// Reads a POST's whole body, within `MAX_HTTP_POST_BYTES` and `timeout`,
+/// and hands it to `post`; 413 or 408 in plain text otherwise.
+async fn answer_post(
+    post: HttpPost,
+    request: http::Request<tonic::body::Body>,
+    timeout: Duration,
+) -> http::Response<tonic::body::Body> {
+    use http_body_util::BodyExt as _;
+    let (parts, body) = request.into_parts();
+    let plain = |status: http::StatusCode, text: &'static str| {
+        let mut response = http::Response::new(tonic::body::Body::new(http_body_util::Full::new(
+            bytes::Bytes::from_static(text.as_bytes()),
+        )));
+        *response.status_mut() = status;
+        response.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        response
+    };
+    let limited = http_body_util::Limited::new(body, MAX_HTTP_POST_BYTES);
+    match tokio::time::timeout(timeout, limited.collect()).await {
+        Ok(Ok(collected)) => post(parts, collected.to_bytes()).await.unwrap_or_else(|never| match never {}),
+        Ok(Err(_)) => plain(http::StatusCode::PAYLOAD_TOO_LARGE, "the request body is too large or broken\n"),
+        Err(_) => plain(http::StatusCode::REQUEST_TIMEOUT, "the request body did not arrive in time\n"),
+    }
 }
 
 impl<S> Service<http::Request<tonic::body::Body>> for WithHttpGets<S>
@@ -197,6 +247,12 @@ where
     }
 
     fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        if request.method() == Method::POST
+            && let Some((_, post)) = self.posts.iter().find(|(path, _)| request.uri().path() == *path)
+        {
+            let answer = answer_post(post.clone(), request, self.body_timeout);
+            return Box::pin(async move { Ok(answer.await) });
+        }
         let get = matches!(*request.method(), Method::GET | Method::HEAD)
             && request.uri().path().starts_with("/.well-known/");
         match &self.gets {
@@ -308,7 +364,7 @@ pub async fn serve(
     config: &CommonConfig,
     start: impl Future<Output = anyhow::Result<Started>>,
     shutdown: impl Future<Output = ()>,
-    http_gets: Option<HttpGets>,
+    http: HttpRoutes,
 ) -> anyhow::Result<()> {
     // The start-up, the lifecycle and the server are large futures (debug
     // builds): on the heap, so that a caller awaiting `serve` in place (a
@@ -366,7 +422,12 @@ pub async fn serve(
         // Innermost: sees gRPC-Web calls already translated to gRPC.
         metrics.layer().layer(CallLimits::new(routes.routes().prepare(), limits)),
     ));
-    let service = WithHttpGets { inner: grpc, gets: http_gets };
+    let service = WithHttpGets {
+        inner: grpc,
+        gets: http.gets,
+        posts: http.posts,
+        body_timeout: Duration::from_secs(limits.request_timeout_secs),
+    };
     let server = connections::serve(listener, tls, limits, service, lifecycle);
     tokio::select! {
         () = Box::pin(server) => {}

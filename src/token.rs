@@ -32,7 +32,8 @@ pub const STOCK_KEEPER_ROLE: &str = "stock-keeper";
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct Claims {
     pub iss: String,
-    /// The user id, as a decimal string.
+    /// The user id, as a decimal string; `svc:<client_id>` for a service
+    /// account.
     pub sub: String,
     pub aud: String,
     pub exp: i64,
@@ -45,6 +46,13 @@ pub struct Claims {
     /// The username at issue time, for display only (sub is the identity).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub preferred_username: Option<String>,
+    /// The OAuth 2.0 client the token was issued to (RFC 9068): only in a
+    /// service account's tokens, whose `sub` is then `svc:<client_id>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
+    /// The authorized party (OpenID Connect): the same client id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub azp: Option<String>,
 }
 
 impl Claims {
@@ -247,6 +255,8 @@ mod tests {
             jti: "abc".into(),
             roles: vec![ADMIN_ROLE.into()],
             preferred_username: Some("alice".into()),
+            client_id: None,
+            azp: None,
         }
     }
 

@@ -69,7 +69,9 @@ impl AdminApi {
             .map_err(|e| ApiError::Internal(anyhow::Error::new(e)))?;
         let claims =
             self.verifier.verify(&keys, token).map_err(|_| ApiError::Unauthenticated(NEEDS_TOKEN))?;
-        let user_id = claims.user_id().ok_or(ApiError::Unauthenticated(NEEDS_TOKEN))?;
+        let user_id = claims.user_id().ok_or(ApiError::PermissionDenied(
+            "AdminService is for people: a service account cannot call it",
+        ))?;
         if !claims.has_role(ADMIN_ROLE) {
             return Err(ApiError::PermissionDenied(NEEDS_ADMIN));
         }

@@ -53,10 +53,33 @@ pub enum Client {
 impl Client {
     /// The caller of `request`.
     pub fn of<T>(request: &Request<T>, trusted: &TrustedProxies) -> Client {
-        let Some(peer) = request.remote_addr().map(|a| canonical(a.ip())) else {
+        let forwarded = request.metadata().get("x-forwarded-for").and_then(|v| v.to_str().ok());
+        Self::from_peer(request.remote_addr(), forwarded, trusted)
+    }
+
+    /// The caller of a plain HTTP request (the token endpoint), by the
+    /// connection details the server put in its extensions.
+    pub fn of_parts(parts: &http::request::Parts, trusted: &TrustedProxies) -> Client {
+        use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+        let peer =
+            parts.extensions.get::<TcpConnectInfo>().and_then(TcpConnectInfo::remote_addr).or_else(|| {
+                parts
+                    .extensions
+                    .get::<TlsConnectInfo<TcpConnectInfo>>()
+                    .and_then(|i| i.get_ref().remote_addr())
+            });
+        let forwarded = parts.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok());
+        Self::from_peer(peer, forwarded, trusted)
+    }
+
+    fn from_peer(
+        peer: Option<std::net::SocketAddr>,
+        forwarded: Option<&str>,
+        trusted: &TrustedProxies,
+    ) -> Client {
+        let Some(peer) = peer.map(|a| canonical(a.ip())) else {
             return Client::Unknown;
         };
-        let forwarded = request.metadata().get("x-forwarded-for").and_then(|v| v.to_str().ok());
         Client::Address(client_address(peer, forwarded, trusted))
     }
 }

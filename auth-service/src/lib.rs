@@ -14,8 +14,10 @@ pub mod password;
 pub mod recovery;
 pub mod refusal;
 pub mod service;
+pub mod service_accounts;
 pub mod store;
 pub mod throttle;
+pub mod token_endpoint;
 pub mod totp;
 pub mod well_known;
 
@@ -78,6 +80,7 @@ pub async fn run(
     let api = Gate::default();
     let admin_api = Gate::default();
     let well_known = well_known::WellKnown::default();
+    let token_endpoint = token_endpoint::TokenEndpoint::default();
     let (mut routes, health) = storegate::server::base_routes(storegate::pb::AUTH_FILE_DESCRIPTOR_SET)?;
     routes.add_service(api.clone());
     routes.add_service(admin_api.clone());
@@ -112,6 +115,14 @@ pub async fn run(
             config.public_url.clone(),
             config.common.tls_cert_file.is_some(),
         );
+        token_endpoint.open(
+            state.store.clone(),
+            state.keys.clone(),
+            state.issuer.clone(),
+            state.audience.clone(),
+            state.policy.trusted_proxies.clone(),
+            state.policy.login_failures_per_client_per_hour,
+        );
         let admin = admin_api::AdminApi::new(
             state.store.clone(),
             state.keys.clone(),
@@ -135,8 +146,11 @@ pub async fn run(
         Ok(Started { db, db_health, also_ready: None, background })
     };
     let name = <AuthServiceServer<AuthApi> as tonic::server::NamedService>::NAME;
-    let gets = Some(well_known.http_gets());
-    storegate::server::serve(routes, health, name, &metrics, listener, &config.common, start, shutdown, gets)
+    let http = storegate::server::HttpRoutes {
+        gets: Some(well_known.http_gets()),
+        posts: vec![(token_endpoint::TOKEN_PATH, token_endpoint.http_post())],
+    };
+    storegate::server::serve(routes, health, name, &metrics, listener, &config.common, start, shutdown, http)
         .await
 }
 
@@ -197,7 +211,7 @@ fn load_master_key(config: &AuthConfig) -> anyhow::Result<MasterKey> {
 
 /// Opens the store for an admin command (migrating or waiting for the
 /// schema, like the server).
-async fn admin_store(config: &AuthConfig) -> anyhow::Result<AuthStore> {
+pub(crate) async fn admin_store(config: &AuthConfig) -> anyhow::Result<AuthStore> {
     Ok(AuthStore::new(config.common.open_database().await?))
 }
 

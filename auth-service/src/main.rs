@@ -1,6 +1,9 @@
 //! The auth-service binary: serves the API, or runs an admin command.
 
-use auth_service::AuthConfig;
+use auth_service::{
+    AuthConfig,
+    service_accounts::{DEFAULT_SECRET_GRACE_SECS, Output, commands as service_account},
+};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -21,30 +24,50 @@ enum Command {
     /// MIGRATE_ON_START=false). Safe to run while services run or migrate.
     Migrate,
     /// Give a user a role (e.g. `admin`, which may change the catalogue).
-    GrantRole { username: String, role: String },
+    GrantRole {
+        username: String,
+        role: String,
+    },
     /// Take a role away and end the user's sessions; access tokens already
     /// issued keep it until they expire (at most 15 minutes).
-    RevokeRole { username: String, role: String },
+    RevokeRole {
+        username: String,
+        role: String,
+    },
     /// End every session of a user (their refresh tokens stop working).
-    RevokeSessions { username: String },
+    RevokeSessions {
+        username: String,
+    },
     /// Lift the account-wide lock set after MAX_FAILED_LOGINS consecutive
     /// failed logins from unrecognised clients, and forget those failures.
-    UnlockUser { username: String },
+    UnlockUser {
+        username: String,
+    },
     /// Every account: state (active, enrolling, locked, disabled), roles,
     /// live sessions, last login.
     ListUsers,
     /// One account in detail.
-    ShowUser { username: String },
+    ShowUser {
+        username: String,
+    },
     /// No login or refresh for this account until enable-user; its sessions
     /// end now.
-    DisableUser { username: String },
+    DisableUser {
+        username: String,
+    },
     /// Let a disabled account log in again.
-    EnableUser { username: String },
+    EnableUser {
+        username: String,
+    },
     /// Delete an account (its sessions end; products keep its id).
-    DeleteUser { username: String },
+    DeleteUser {
+        username: String,
+    },
     /// Forget an account's second factor and end its sessions: the next
     /// login enrolls a new authenticator.
-    ResetTotp { username: String },
+    ResetTotp {
+        username: String,
+    },
     /// The audit trail of security events, newest first.
     AuditLog {
         /// Only the events of the account that has this name now.
@@ -59,7 +82,9 @@ enum Command {
     },
     /// Withdraw a signing key at once: it leaves the JWK Set and signs
     /// nothing more (a new key takes over if it was signing).
-    RevokeKey { kid: String },
+    RevokeKey {
+        kid: String,
+    },
     /// Add a new signing key: published at once, used for signing after
     /// --activate-after-secs, when the current key retires.
     RotateKeys {
@@ -67,6 +92,48 @@ enum Command {
         /// every verifier has the new key before the first token it signs.
         #[arg(long, default_value_t = 600)]
         activate_after_secs: u64,
+    },
+    /// Create a service account (a backend service's identity: no password,
+    /// no second factor) and print its client_id and client_secret, the
+    /// secret this once.
+    CreateServiceAccount {
+        name: String,
+        /// A role it holds (repeat for more); none: it may only read.
+        #[arg(long = "role")]
+        roles: Vec<String>,
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Every service account: client_id, state, roles.
+    ListServiceAccounts {
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// One service account in detail.
+    ShowServiceAccount {
+        name: String,
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Issue a new client secret; the old one keeps working for the grace.
+    RotateServiceSecret {
+        name: String,
+        /// How long the old secret keeps working (seconds, at most 30 days).
+        #[arg(long, default_value_t = DEFAULT_SECRET_GRACE_SECS)]
+        grace_secs: u64,
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// No new token for this service account until enable-service-account.
+    DisableServiceAccount {
+        name: String,
+    },
+    EnableServiceAccount {
+        name: String,
+    },
+    /// Delete a service account with its roles and secrets.
+    DeleteServiceAccount {
+        name: String,
     },
 }
 
@@ -115,5 +182,22 @@ async fn main() -> anyhow::Result<()> {
             let activate_after = std::time::Duration::from_secs(activate_after_secs);
             auth_service::rotate_keys(&cli.config, activate_after).await.map(drop)
         }
+        Command::CreateServiceAccount { name, roles, output } => {
+            service_account::create(&cli.config, &name, &roles, output).await.map(drop)
+        }
+        Command::ListServiceAccounts { output } => service_account::list(&cli.config, output).await.map(drop),
+        Command::ShowServiceAccount { name, output } => {
+            service_account::show(&cli.config, &name, output).await.map(drop)
+        }
+        Command::RotateServiceSecret { name, grace_secs, output } => {
+            service_account::rotate_secret(&cli.config, &name, grace_secs, output).await.map(drop)
+        }
+        Command::DisableServiceAccount { name } => {
+            service_account::set_disabled(&cli.config, &name, true).await.map(drop)
+        }
+        Command::EnableServiceAccount { name } => {
+            service_account::set_disabled(&cli.config, &name, false).await.map(drop)
+        }
+        Command::DeleteServiceAccount { name } => service_account::delete(&cli.config, &name).await,
     }
 }

@@ -636,6 +636,8 @@ impl AuthState {
             jti: random_token(),
             roles: self.store.roles(user_id).await?,
             preferred_username: Some(username.to_owned()),
+            client_id: None,
+            azp: None,
         };
         Ok(self.keys.sign(&claims).await?)
     }

@@ -11,6 +11,9 @@ use storegate::{
 };
 
 mod audit;
+mod service_accounts;
+
+pub use service_accounts::ServiceAccount;
 
 /// A wrong code is allowed this many times per ticket; then the ticket dies.
 pub const MAX_WRONG_CODES_PER_TICKET: i32 = 5;
@@ -1456,7 +1459,7 @@ impl AuthStore {
                     + quotas.rows_affected()
                     + keys.rows_affected(),
             )
-        })?)
+        })? + self.sweep_service_secrets(now).await?)
     }
 
     /// The key to sign with now: the newest one already active and not yet

@@ -90,10 +90,12 @@ impl Published {
             "issuer": self.issuer,
             "jwks_uri": format!("{base}{JWKS_PATH}"),
             "id_token_signing_alg_values_supported": ["EdDSA"],
-            "token_endpoint_auth_signing_alg_values_supported": ["EdDSA"],
             "subject_types_supported": ["public"],
             "response_types_supported": [],
-            "claims_supported": ["iss", "sub", "aud", "exp", "iat", "jti", "roles"],
+            "claims_supported": ["iss", "sub", "aud", "exp", "iat", "jti", "roles", "client_id", "azp"],
+            "token_endpoint": format!("{base}{}", crate::token_endpoint::TOKEN_PATH),
+            "grant_types_supported": [crate::token_endpoint::GRANT_TYPE],
+            "token_endpoint_auth_methods_supported": crate::token_endpoint::AUTH_METHODS,
         })
     }
 }

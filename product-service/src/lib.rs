@@ -107,8 +107,18 @@ pub async fn run(
         Ok(Started { db, db_health, also_ready: Some(also_ready), background })
     };
     let name = <ProductServiceServer<service::ProductApi> as tonic::server::NamedService>::NAME;
-    storegate::server::serve(routes, health, name, &metrics, listener, &config.common, start, shutdown, None)
-        .await
+    storegate::server::serve(
+        routes,
+        health,
+        name,
+        &metrics,
+        listener,
+        &config.common,
+        start,
+        shutdown,
+        storegate::server::HttpRoutes::default(),
+    )
+    .await
 }
 
 /// Counts the products afresh (`product-service recount-products`), after
