@@ -8,6 +8,7 @@ pub mod connections;
 pub mod db;
 pub mod db_health;
 pub mod error;
+pub mod http_client;
 pub mod keyed_limit;
 pub mod metrics;
 pub mod migrate;
@@ -19,6 +20,7 @@ pub mod sqlite_writes;
 pub mod telemetry;
 pub mod tls;
 pub mod token;
+pub mod token_source;
 
 /// Generated code for `proto/storegate/**`.
 pub mod pb {

@@ -51,6 +51,8 @@ fn signed_token() -> (String, Jwks) {
         jti: random_token(),
         roles: vec!["admin".into()],
         preferred_username: Some("bench-user".into()),
+        client_id: None,
+        azp: None,
     };
     let mut header = Header::new(Algorithm::EdDSA);
     header.typ = Some(ACCESS_TOKEN_TYPE.into());

@@ -204,6 +204,8 @@ mod tests {
             jti: "j".into(),
             roles: vec![],
             preferred_username: None,
+            client_id: None,
+            azp: None,
         }
     }
 

@@ -66,6 +66,8 @@ fn claims(sub: &str) -> Claims {
         jti: "test-jti".into(),
         roles: vec!["admin".into()],
         preferred_username: None,
+        client_id: None,
+        azp: None,
     }
 }
 
