@@ -35,6 +35,14 @@ pub struct Endpoints {
     /// PEM private key of --client-cert-file.
     #[arg(long, global = true, env = "STOREGATE_CLIENT_KEY_FILE", requires = "client_cert_file")]
     pub client_key_file: Option<PathBuf>,
+    /// Act as this service account (OAuth 2.0 client credentials) instead
+    /// of the stored session. Its secret comes from STOREGATE_CLIENT_SECRET
+    /// or --client-secret-file, never from the command line.
+    #[arg(long, global = true, env = "STOREGATE_CLIENT_ID")]
+    pub client_id: Option<String>,
+    /// A file holding the service account's secret (its first line).
+    #[arg(long, global = true, env = "STOREGATE_CLIENT_SECRET_FILE", requires = "client_id")]
+    pub client_secret_file: Option<PathBuf>,
 }
 
 impl Endpoints {
@@ -42,11 +50,7 @@ impl Endpoints {
     /// does not speak it is an error, never a plaintext fallback: the
     /// password would travel in clear).
     async fn channel(&self, url: &str, what: &str) -> anyhow::Result<Channel> {
-        let tls = ClientTlsFiles {
-            ca: self.ca_file.clone(),
-            cert: self.client_cert_file.clone(),
-            key: self.client_key_file.clone(),
-        };
+        let tls = self.tls_files();
         let endpoint =
             storegate::tls::client_endpoint(url, what, &tls)?.connect_timeout(Duration::from_secs(5));
         let secure = url.starts_with("https://");
@@ -69,6 +73,47 @@ impl Endpoints {
     pub async fn products(&self) -> anyhow::Result<ProductServiceClient<Traced>> {
         let channel = self.channel(&self.product_url, "PRODUCT_SERVICE_URL").await?;
         Ok(ProductServiceClient::with_interceptor(channel, storegate::telemetry::propagate as Propagate))
+    }
+
+    /// The service account's token (with --client-id), from the token
+    /// endpoint of AUTH_SERVICE_URL, as a session of its own that is never
+    /// stored.
+    pub async fn service_session(&self, client_id: &str) -> anyhow::Result<Session> {
+        let secret = match &self.client_secret_file {
+            Some(file) => std::fs::read_to_string(file)
+                .with_context(|| format!("cannot read the client secret file {}", file.display()))?
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_owned(),
+            None => std::env::var("STOREGATE_CLIENT_SECRET")
+                .context("--client-id needs STOREGATE_CLIENT_SECRET or --client-secret-file")?,
+        };
+        let credentials = storegate::token_source::ClientCredentials {
+            token_url: format!("{}/oauth2/token", self.auth_url.trim_end_matches('/')),
+            client_id: client_id.to_owned(),
+            client_secret: secret.into(),
+            scope: None,
+        };
+        let source = storegate::token_source::TokenSource::new(credentials, &self.tls_files())?;
+        let bearer = source.bearer().await?;
+        let token = bearer.to_str()?.trim_start_matches("Bearer ").to_owned();
+        Ok(Session {
+            username: client_id.to_owned(),
+            access_token: token,
+            refresh_token: String::new(),
+            expires_at: unix_now() + 60,
+            devices: Default::default(),
+        })
+    }
+
+    fn tls_files(&self) -> ClientTlsFiles {
+        ClientTlsFiles {
+            ca: self.ca_file.clone(),
+            cert: self.client_cert_file.clone(),
+            key: self.client_key_file.clone(),
+        }
     }
 
     /// The stored session, refreshed first if its access token is about to

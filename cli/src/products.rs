@@ -84,6 +84,10 @@ fn print_product(out: &Output, product: &Product) {
 }
 
 pub async fn run(endpoints: &Endpoints, out: &Output, command: ProductsCommand) -> anyhow::Result<()> {
+    if let Some(client_id) = &endpoints.client_id {
+        let session = endpoints.service_session(client_id).await?;
+        return run_as(endpoints, out, &command, &session).await;
+    }
     let session = endpoints.session().await?;
     match run_as(endpoints, out, &command, &session).await {
         // The token was refused although it looked fresh (revoked key, clock

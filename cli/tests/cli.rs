@@ -12,7 +12,8 @@ use storegate_testkit::{Backend, TestStack, backend_tests, totp_code};
 backend_tests!(
     the_cli_registers_logs_in_and_runs_the_catalogue,
     the_first_login_draws_the_qr_code_in_the_terminal,
-    the_cli_changes_the_password_ends_sessions_and_resets_two_factor
+    the_cli_changes_the_password_ends_sessions_and_resets_two_factor,
+    the_cli_acts_as_a_service_account_with_its_secret_from_the_environment_or_a_file
 );
 
 struct Cli {
@@ -315,4 +316,66 @@ async fn the_cli_changes_the_password_ends_sessions_and_resets_two_factor(backen
         .await
         .json();
     assert_eq!(again["recovery_codes"].as_array().unwrap().len(), 10, "enrolled afresh");
+}
+
+/// `--client-id` with the secret from STOREGATE_CLIENT_SECRET or a file:
+/// the token endpoint's token, never a stored session; the account's roles
+/// hold (a stock-keeper adjusts stock, cannot create).
+async fn the_cli_acts_as_a_service_account_with_its_secret_from_the_environment_or_a_file(backend: Backend) {
+    use auth_service::service_accounts::{Output, commands};
+    let stack = TestStack::start(backend).await;
+    let config = TestStack::auth_config(&stack.db);
+    let svc =
+        commands::create(&config, "warehouse", &["stock-keeper".to_owned()], Output::Json).await.unwrap();
+    let admin = stack.admin_token("root").await;
+    let created = stack
+        .products()
+        .await
+        .create_product(storegate_testkit::bearer(
+            storegate::pb::product::v1::CreateProductRequest {
+                product: Some(storegate::pb::product::v1::Product {
+                    name: "Crate".into(),
+                    price: "3.00".into(),
+                    stock: 5,
+                    ..Default::default()
+                }),
+                request_id: String::new(),
+            },
+            &admin,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let cli = Cli::new(&stack);
+    let id = created.id.to_string();
+
+    let mut command = cli.command(&[
+        "--json",
+        "--client-id",
+        &svc.client_id,
+        "products",
+        "adjust-stock",
+        &id,
+        "-2",
+    ]);
+    command.env("STOREGATE_CLIENT_SECRET", &svc.client_secret);
+    let output = tokio::task::spawn_blocking(move || command.output().unwrap()).await.unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout} {}", String::from_utf8_lossy(&output.stderr));
+    let adjusted: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(adjusted["stock"], 3);
+    assert!(!cli.session_file().exists(), "a service account's token is never stored");
+
+    let secret_file = cli.config_dir.with_extension("secret");
+    std::fs::write(&secret_file, format!("{}\n", svc.client_secret)).unwrap();
+    let file = secret_file.to_str().unwrap();
+    let denied = cli
+        .run(&["--client-id", &svc.client_id, "--client-secret-file", file, "products", "delete", &id], "")
+        .await;
+    assert_ne!(denied.code, 0);
+    assert!(denied.stderr.contains("deleting a product needs the admin role"), "{}", denied.stderr);
+    let wrong = cli.run(&["--client-id", &svc.client_id, "products", "get", &id], "").await;
+    assert_ne!(wrong.code, 0, "no secret given");
+    assert!(wrong.stderr.contains("STOREGATE_CLIENT_SECRET"), "{}", wrong.stderr);
+    let _ = std::fs::remove_file(&secret_file);
 }
