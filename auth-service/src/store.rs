@@ -92,6 +92,13 @@ const ADMIT_QUOTA_SQL: &str = "UPDATE client_quotas SET \
      window_start = CASE WHEN window_start <= ? THEN ? ELSE window_start END \
      WHERE subject = ? AND (window_start <= ? OR used < ?)";
 
+/// When a quota's window (started at `start`, `used` times) is spent: the
+/// unix time it ends; None when it ended (before `window_ended`) or has uses
+/// left.
+fn spent_until(start: i64, used: i64, window_ended: i64, limit: i64) -> Option<i64> {
+    (start > window_ended && used >= limit).then_some(start + QUOTA_WINDOW_SECS)
+}
+
 /// Whether a counted call may go ahead.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Admission {
@@ -1024,17 +1031,10 @@ impl AuthStore {
                 .await
             },
             || async move {
-                let window: Option<(i64, i64)> = on_db!(&self.db, pool => {
-                    sqlx::query_as("SELECT window_start, CAST(used AS SIGNED) FROM client_quotas WHERE subject = ?")
-                        .bind(subject)
-                        .fetch_optional(pool)
-                        .await
-                })?;
                 // Spent only when full: a row a parallel call created after
                 // our UPDATE found none is counted on the next round.
-                Ok(window.map(|(start, used)| {
-                    (start > window_ended && used >= limit).then_some(start + QUOTA_WINDOW_SECS)
-                }))
+                let window = self.quota_window(subject).await?;
+                Ok(window.map(|(start, used)| spent_until(start, used, window_ended, limit)))
             },
             || {
                 self.create_counter_row(
@@ -1056,15 +1056,18 @@ impl AuthStore {
         now_unix: i64,
     ) -> Result<Option<i64>, ApiError> {
         let window_ended = now_unix - QUOTA_WINDOW_SECS;
-        let window: Option<(i64, i64)> = on_db!(&self.db, pool => {
+        let window = self.quota_window(subject).await?;
+        Ok(window.and_then(|(start, used)| spent_until(start, used, window_ended, limit)))
+    }
+
+    /// A quota's window: when it started, and the uses counted in it.
+    async fn quota_window(&self, subject: &[u8]) -> Result<Option<(i64, i64)>, ApiError> {
+        Ok(on_db!(&self.db, pool => {
             sqlx::query_as("SELECT window_start, CAST(used AS SIGNED) FROM client_quotas WHERE subject = ?")
                 .bind(subject)
                 .fetch_optional(pool)
                 .await
-        })?;
-        Ok(window.and_then(|(start, used)| {
-            (start > window_ended && used >= limit).then_some(start + QUOTA_WINDOW_SECS)
-        }))
+        })?)
     }
 
     /// Gives back one use of a quota (a call that turned out not to count).

@@ -9,12 +9,12 @@ use std::time::Duration;
 use auth_service::service_accounts::{Output, commands};
 use storegate::{
     pb::product::v1::{
-        AdjustStockRequest, CreateProductRequest, GetProductRequest, Product,
+        AdjustStockRequest, CreateProductRequest, GetProductRequest,
         product_service_client::ProductServiceClient,
     },
     token_source::{ClientCredentials, TokenSource},
 };
-use storegate_testkit::{Backend, TestStack, backend_tests, bearer};
+use storegate_testkit::{Backend, TestStack, backend_tests};
 use tonic::Code;
 use tower_layer::Layer as _;
 
@@ -39,24 +39,7 @@ async fn concurrent_calls_share_one_fetch_and_the_token_is_renewed_before_it_end
     let svc =
         commands::create(&config, "warehouse", &["stock-keeper".to_owned()], Output::Json).await.unwrap();
     let admin = stack.admin_token("root").await;
-    let kettle = stack
-        .products()
-        .await
-        .create_product(bearer(
-            CreateProductRequest {
-                product: Some(Product {
-                    name: "Kettle".into(),
-                    price: "9.99".into(),
-                    stock: 100,
-                    ..Default::default()
-                }),
-                request_id: String::new(),
-            },
-            &admin,
-        ))
-        .await
-        .unwrap()
-        .into_inner();
+    let kettle = stack.create_product(&admin, "Kettle", "9.99", 100).await;
 
     // Tokens live 900 s; a margin of 898 s renews each after 2 s.
     let source = source(&stack, &svc.client_id, &svc.client_secret, Duration::from_secs(898));

@@ -328,36 +328,12 @@ async fn the_cli_acts_as_a_service_account_with_its_secret_from_the_environment_
     let svc =
         commands::create(&config, "warehouse", &["stock-keeper".to_owned()], Output::Json).await.unwrap();
     let admin = stack.admin_token("root").await;
-    let created = stack
-        .products()
-        .await
-        .create_product(storegate_testkit::bearer(
-            storegate::pb::product::v1::CreateProductRequest {
-                product: Some(storegate::pb::product::v1::Product {
-                    name: "Crate".into(),
-                    price: "3.00".into(),
-                    stock: 5,
-                    ..Default::default()
-                }),
-                request_id: String::new(),
-            },
-            &admin,
-        ))
-        .await
-        .unwrap()
-        .into_inner();
+    let created = stack.create_product(&admin, "Crate", "3.00", 5).await;
     let cli = Cli::new(&stack);
     let id = created.id.to_string();
 
-    let mut command = cli.command(&[
-        "--json",
-        "--client-id",
-        &svc.client_id,
-        "products",
-        "adjust-stock",
-        &id,
-        "-2",
-    ]);
+    let mut command =
+        cli.command(&["--json", "--client-id", &svc.client_id, "products", "adjust-stock", &id, "-2"]);
     command.env("STOREGATE_CLIENT_SECRET", &svc.client_secret);
     let output = tokio::task::spawn_blocking(move || command.output().unwrap()).await.unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);

@@ -346,6 +346,32 @@ impl TestStack {
         self.token_with_roles(username, &["admin"]).await
     }
 
+    /// Creates a product through the API with `token` (a role that may).
+    pub async fn create_product(
+        &self,
+        token: &str,
+        name: &str,
+        price: &str,
+        stock: i64,
+    ) -> storegate::pb::product::v1::Product {
+        let product = storegate::pb::product::v1::Product {
+            name: name.into(),
+            price: price.into(),
+            stock,
+            ..Default::default()
+        };
+        let request = storegate::pb::product::v1::CreateProductRequest {
+            product: Some(product),
+            request_id: String::new(),
+        };
+        self.products()
+            .await
+            .create_product(bearer(request, token))
+            .await
+            .expect("create a product")
+            .into_inner()
+    }
+
     /// The access token of a new user holding `roles`: registers, grants
     /// them, logs in.
     pub async fn token_with_roles(&self, username: &str, roles: &[&str]) -> String {
