@@ -369,3 +369,104 @@ fn json(status: StatusCode, body: &serde_json::Value) -> http::Response<Body> {
     headers.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
     response
 }
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn headers(pairs: &[(&str, &[u8])]) -> http::HeaderMap {
+        let mut map = http::HeaderMap::new();
+        for (name, value) in pairs {
+            if let Ok(value) = HeaderValue::from_bytes(value) {
+                map.append(http::HeaderName::from_bytes(name.as_bytes()).unwrap(), value);
+            }
+        }
+        map
+    }
+
+    const FORM_TYPE: &[u8] = b"application/x-www-form-urlencoded";
+
+    #[test]
+    fn both_secret_methods_decode_to_the_same_request() {
+        let basic = format!("Basic {}", STANDARD.encode("svc_a%3Ab:s%25ecret"));
+        let from_header = decode(
+            &headers(&[("content-type", FORM_TYPE), ("authorization", basic.as_bytes())]),
+            b"grant_type=client_credentials&scope=stock-keeper",
+        )
+        .unwrap();
+        let from_form = decode(
+            &headers(&[("content-type", FORM_TYPE)]),
+            b"grant_type=client_credentials&client_id=svc_a%3Ab&client_secret=s%25ecret&scope=stock-keeper",
+        )
+        .unwrap();
+        assert_eq!(
+            (from_header.client_id.as_str(), from_header.client_secret.as_str()),
+            ("svc_a:b", "s%ecret")
+        );
+        assert_eq!(
+            (from_form.client_id, from_form.client_secret, from_form.scope),
+            (from_header.client_id, from_header.client_secret, from_header.scope)
+        );
+        assert!(from_header.basic && !from_form.basic);
+    }
+
+    fn any_pair() -> impl Strategy<Value = (String, String)> {
+        let name = prop_oneof![
+            Just("grant_type".to_owned()),
+            Just("client_id".to_owned()),
+            Just("client_secret".to_owned()),
+            Just("scope".to_owned()),
+            Just("client_assertion".to_owned()),
+            "[a-z_%]{0,12}",
+        ];
+        let value = prop_oneof![Just("client_credentials".to_owned()), "[ -~]{0,24}", ".{0,8}"];
+        (name, value)
+    }
+
+    proptest! {
+        /// Whatever a client sends, the decoder answers: a request with
+        /// credentials, or one of RFC 6749's errors with 400 or 401; a
+        /// repeated parameter is never accepted.
+        #[test]
+        fn any_form_and_header_is_decoded_or_refused_as_the_rfc_says(
+            pairs in proptest::collection::vec(any_pair(), 0..6),
+            raw_tail in proptest::collection::vec(any::<u8>(), 0..16),
+            content_type in prop_oneof![Just(FORM_TYPE.to_vec()), proptest::collection::vec(any::<u8>(), 0..24)],
+            authorization in proptest::option::of(prop_oneof![
+                "[ -~]{0,40}".prop_map(|s| s.into_bytes()),
+                "[ -~]{0,30}".prop_map(|s| format!("Basic {}", STANDARD.encode(s)).into_bytes()),
+            ]),
+        ) {
+            let mut body = form_urlencoded::Serializer::new(String::new())
+                .extend_pairs(pairs.iter().map(|(n, v)| (n.as_str(), v.as_str())))
+                .finish()
+                .into_bytes();
+            body.extend_from_slice(&raw_tail);
+            let mut head: Vec<(&str, &[u8])> = vec![("content-type", &content_type)];
+            if let Some(value) = &authorization {
+                head.push(("authorization", value));
+            }
+            let names: Vec<_> = form_urlencoded::parse(&body).map(|(n, _)| n.into_owned()).collect();
+            let repeated = names.iter().enumerate().any(|(i, n)| names[..i].contains(n));
+            match decode(&headers(&head), &body) {
+                Ok(request) => {
+                    prop_assert!(!repeated);
+                    prop_assert!(!request.client_id.is_empty() && !request.client_secret.is_empty());
+                }
+                Err(error) => {
+                    prop_assert!(matches!(error.status, StatusCode::BAD_REQUEST | StatusCode::UNAUTHORIZED));
+                    prop_assert!([
+                        "invalid_request",
+                        "invalid_client",
+                        "unsupported_grant_type",
+                        "invalid_scope",
+                    ]
+                    .contains(&error.error));
+                    prop_assert!(!error.description.is_empty());
+                }
+            }
+        }
+    }
+}
