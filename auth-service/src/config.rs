@@ -80,7 +80,8 @@ pub struct LoginPolicy {
     #[arg(long, env = "ACCOUNT_LOCK_SECS", default_value_t = 900, value_parser = clap::value_parser!(u32).range(1..=86_400))]
     pub account_lock_secs: u32,
 
-    /// Failed logins (wrong passwords and codes, any names) one client
+    /// Failed logins (wrong passwords and codes, any names) and failed
+    /// client authentications at the token endpoint that one client
     /// address may make an hour; 0 for no limit.
     #[arg(long, env = "LOGIN_FAILURES_PER_CLIENT_PER_HOUR", default_value_t = 100)]
     pub login_failures_per_client_per_hour: u32,
