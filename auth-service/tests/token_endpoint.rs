@@ -6,7 +6,6 @@
 //! wrong secrets per address. Real servers, SQLite and MySQL.
 
 use std::{
-    collections::HashMap,
     net::{IpAddr, SocketAddr},
     time::Duration,
 };
@@ -23,8 +22,10 @@ use storegate::{
         product::v1::{AdjustStockRequest, CreateProductRequest, GetProductRequest, Product},
     },
 };
-use storegate_testkit::{Backend, TestStack, backend_tests, bearer};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use storegate_testkit::{
+    Backend, TestStack, backend_tests, bearer,
+    http1::{HttpResponse, exchange, get},
+};
 use tonic::Code;
 
 backend_tests!(
@@ -34,13 +35,12 @@ backend_tests!(
     wrong_secrets_are_throttled_per_address_and_never_lock_the_service_out,
 );
 
-struct HttpResponse {
-    status: u16,
-    headers: HashMap<String, String>,
-    body: String,
+trait Answer {
+    fn json(&self) -> serde_json::Value;
+    fn oauth_error(&self) -> (u16, String);
 }
 
-impl HttpResponse {
+impl Answer for HttpResponse {
     fn json(&self) -> serde_json::Value {
         serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("{e}: {}", self.body))
     }
@@ -53,33 +53,17 @@ impl HttpResponse {
     }
 }
 
-/// An HTTP/1.1 POST from the local address `from`, as curl sends it.
+/// An HTTP/1.1 POST to the token endpoint from the local address `from`.
 async fn post(addr: SocketAddr, from: IpAddr, headers: &[(&str, &str)], body: &[u8]) -> HttpResponse {
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.bind(SocketAddr::new(from, 0)).unwrap();
-    let mut stream = socket.connect(addr).await.unwrap();
-    let mut head = format!(
-        "POST /oauth2/token HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\ncontent-length: {}\r\n",
-        body.len()
-    );
+    let stream = socket.connect(addr).await.unwrap();
+    let mut head =
+        format!("POST /oauth2/token HTTP/1.1\r\nhost: {addr}\r\ncontent-length: {}\r\n", body.len());
     for (name, value) in headers {
         head.push_str(&format!("{name}: {value}\r\n"));
     }
-    head.push_str("\r\n");
-    stream.write_all(head.as_bytes()).await.unwrap();
-    // The server may answer before it has read a body it refuses.
-    let _ = stream.write_all(body).await;
-    let mut raw = Vec::new();
-    let _ = stream.read_to_end(&mut raw).await;
-    let text = String::from_utf8(raw).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or_else(|| panic!("no HTTP answer: {text:?}"));
-    let mut lines = head.lines();
-    let status = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
-    let headers = lines
-        .filter_map(|line| line.split_once(':'))
-        .map(|(name, value)| (name.to_ascii_lowercase(), value.trim().to_owned()))
-        .collect();
-    HttpResponse { status, headers, body: body.to_owned() }
+    exchange(stream, &head, body).await
 }
 
 const FORM: (&str, &str) = ("content-type", "application/x-www-form-urlencoded");
@@ -199,17 +183,7 @@ async fn a_service_token_works_for_exactly_the_rpcs_of_its_roles(backend: Backen
     assert_eq!(widened.oauth_error(), (400, "invalid_scope".to_owned()));
 
     // The discovery document names the endpoint.
-    let discovery: serde_json::Value = {
-        let mut stream = tokio::net::TcpStream::connect(stack.auth_addr).await.unwrap();
-        let request = format!(
-            "GET /.well-known/openid-configuration HTTP/1.1\r\nhost: {}\r\nconnection: close\r\n\r\n",
-            stack.auth_addr
-        );
-        stream.write_all(request.as_bytes()).await.unwrap();
-        let mut raw = String::new();
-        stream.read_to_string(&mut raw).await.unwrap();
-        serde_json::from_str(raw.split_once("\r\n\r\n").unwrap().1).unwrap()
-    };
+    let discovery = get(stack.auth_addr, "/.well-known/openid-configuration", &[]).await.json();
     assert_eq!(discovery["token_endpoint"], format!("http://{}/oauth2/token", stack.auth_addr));
     assert_eq!(discovery["grant_types_supported"], serde_json::json!(["client_credentials"]));
     assert_eq!(

@@ -5,50 +5,19 @@
 //! MySQL.
 
 use std::{
-    collections::HashMap,
     io::{BufRead as _, BufReader, Write as _},
-    net::SocketAddr,
     path::PathBuf,
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use storegate::pb::auth::v1::{CompleteLoginRequest, GetJwksRequest};
-use storegate_testkit::{Backend, TestStack, backend_tests, totp_code};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use storegate_testkit::{Backend, TestStack, backend_tests, http1::get, totp_code};
 
 backend_tests!(
     discovery_and_the_key_set_are_served_over_plain_http,
     a_javascript_verifier_given_only_the_discovery_url_checks_real_tokens,
 );
-
-struct HttpResponse {
-    status: u16,
-    headers: HashMap<String, String>,
-    body: String,
-}
-
-/// An HTTP/1.1 GET of `path` at `addr`, as curl sends it.
-async fn get(addr: SocketAddr, path: &str, extra: &[(&str, &str)]) -> HttpResponse {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let mut head = format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n");
-    for (name, value) in extra {
-        head.push_str(&format!("{name}: {value}\r\n"));
-    }
-    head.push_str("\r\n");
-    stream.write_all(head.as_bytes()).await.unwrap();
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).await.unwrap();
-    let text = String::from_utf8(raw).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap();
-    let mut lines = head.lines();
-    let status = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
-    let headers = lines
-        .filter_map(|line| line.split_once(':'))
-        .map(|(name, value)| (name.to_ascii_lowercase(), value.trim().to_owned()))
-        .collect();
-    HttpResponse { status, headers, body: body.to_owned() }
-}
 
 fn json(text: &str) -> serde_json::Value {
     serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text}"))

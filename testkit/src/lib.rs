@@ -435,6 +435,7 @@ pub mod catalogue;
 pub mod certs;
 pub mod from_address;
 pub mod grpc_web;
+pub mod http1;
 pub mod observe;
 pub mod otlp;
 pub mod process;
