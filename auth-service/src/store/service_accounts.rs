@@ -120,18 +120,12 @@ impl AuthStore {
         secret_hash: &[u8],
         now: DateTime<Utc>,
     ) -> Result<Option<ServiceAccount>, ApiError> {
-        let sql = format!(
-            "SELECT {} FROM service_accounts JOIN service_account_secrets s ON s.account_id = service_accounts.id \
-             WHERE service_accounts.client_id = ? AND s.secret_hash = ? \
-             AND (s.expires_at IS NULL OR s.expires_at > ?) AND service_accounts.disabled_at IS NULL",
-            ACCOUNT_COLUMNS
-                .split(", ")
-                .map(|c| format!("service_accounts.{c}"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
+        const SQL: &str = "SELECT a.id, a.name, a.client_id, a.created_at, a.disabled_at \
+             FROM service_accounts a JOIN service_account_secrets s ON s.account_id = a.id \
+             WHERE a.client_id = ? AND s.secret_hash = ? \
+             AND (s.expires_at IS NULL OR s.expires_at > ?) AND a.disabled_at IS NULL";
         let account: Option<ServiceAccount> = on_db!(&self.db, pool => {
-            sqlx::query_as(&sql).bind(client_id).bind(secret_hash).bind(now).fetch_optional(pool).await
+            sqlx::query_as(SQL).bind(client_id).bind(secret_hash).bind(now).fetch_optional(pool).await
         })?;
         let Some(mut account) = account else { return Ok(None) };
         account.roles = self.service_account_roles(account.id).await?;
